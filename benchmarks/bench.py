@@ -1,0 +1,178 @@
+"""`sdrt bench WORK_DIR --reference MODEL_DIR`: sdrt backends against eager diffusers, one run.
+
+Same weights (the export of MODEL_DIR), same latents, same prompt, same GPU, same process. For
+each configuration: warm-up, then `runs` timed generations; medians and p90 of end to end and per
+stage (CUDA events on the working stream), images/s, peak memory, PSNR against the reference
+image. Results: JSON records + markdown table + PNG plot under --out.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import sdrt
+from sdrt import manifest as mf
+from sdrt.engine import cuda
+from sdrt.errors import UserError
+
+PROMPT, NEGATIVE, GUIDANCE = "a photo of an astronaut riding a horse on mars", "blurry", 7.5
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"--sizes {text!r}: give HxW[,HxW...], e.g. 512x512") from None
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--{what} {text!r}: give comma-separated integers") from None
+    if any(v <= 0 for v in values):
+        raise UserError(f"--{what} {text!r}: values must be positive")
+    return values
+
+
+def available_backends(manifest: dict) -> list[str]:
+    from sdrt.engine.ort_backend import cuda_ep_available
+    names = []
+    if cuda.available():
+        names += [n for n in ("tensorrt", "tensorrt-rtx") if manifest.get("engines", {}).get(n)]
+        if cuda_ep_available():
+            names.append("onnxruntime-cuda")
+    return names or ["onnxruntime-cpu"]
+
+
+def device_name() -> str:
+    if cuda.available():
+        return cuda.device_name()
+    return f"cpu ({platform.machine()}, {__import__('os').cpu_count()} cores)"
+
+
+def stats(values: list[float]) -> tuple[float, float]:
+    return float(np.median(values)), float(np.percentile(values, 90))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def peak_mem_mb(baseline: int) -> float | None:
+    if cuda.available():
+        return (cuda.mem_used_bytes() - baseline) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def latents_for(cfg, batch, h, w) -> np.ndarray:
+    shape = (batch, cfg.latent_channels, h // cfg.vae_factor, w // cfg.vae_factor)
+    return np.random.default_rng(1234).standard_normal(shape, dtype=np.float32)
+
+
+def bench_reference(ref, cfg, configs, a) -> dict:
+    out = {}
+    for i, (h, w, batch) in enumerate(configs, 1):
+        lat = latents_for(cfg, batch, h, w)
+        say(f"[reference {i}/{len(configs)}] diffusers eager {h}x{w} batch {batch}: warm-up ...")
+        for _ in range(a.warmup):
+            ref.run(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, lat)
+        runs = []
+        for r in range(a.runs):
+            say(f"[reference {i}/{len(configs)}] {h}x{w} batch {batch}: run {r + 1}/{a.runs}")
+            image, t = ref.run(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, lat)
+            runs.append(t)
+        out[(h, w, batch)] = {"image": image, "e2e_ms": stats([t["e2e_ms"] for t in runs]),
+                              "unet_step_ms": float(np.median([t["unet_step_ms"] for t in runs])),
+                              "peak_mem_mb": runs[-1]["peak_mem_mb"]}
+    return out
+
+
+def bench_backend(name, work_dir, cfg, configs, refs, a, versions) -> list[dict]:
+    from sdrt.engine.pipeline import Pipeline
+    baseline = cuda.mem_used_bytes() if cuda.available() else 0
+    t = time.perf_counter()
+    pipe = Pipeline(work_dir, backend=name)
+    load_s = time.perf_counter() - t
+    records = []
+    for i, (h, w, batch) in enumerate(configs, 1):
+        lat = latents_for(cfg, batch, h, w)
+        say(f"[{name} {i}/{len(configs)}] {h}x{w} batch {batch}: warm-up (plan, graphs) ...")
+        for _ in range(a.warmup):
+            pipe.generate(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, batch, latents=lat)
+        runs = []
+        for r in range(a.runs):
+            say(f"[{name} {i}/{len(configs)}] {h}x{w} batch {batch}: run {r + 1}/{a.runs}")
+            runs.append(pipe.generate(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, batch, latents=lat))
+        e2e, e2e_p90 = stats([r.timings["total_ms"] for r in runs])
+        step, step_p90 = stats([s for r in runs for s in r.timings["steps_ms"]])
+        ref = refs.get((h, w, batch))
+        records.append({
+            "device": device_name(), "backend": name, "precision": pipe.manifest["precision"],
+            "height": h, "width": w, "steps": a.steps, "batch": batch, "runs": a.runs,
+            "e2e_ms": e2e, "e2e_p90_ms": e2e_p90, "unet_step_ms": step, "unet_step_p90_ms": step_p90,
+            "text_encoder_ms": float(np.median([r.timings["text_encoder_ms"] for r in runs])),
+            "vae_ms": float(np.median([r.timings["vae_ms"] for r in runs])),
+            "tokenize_ms": float(np.median([r.timings["tokenize_ms"] for r in runs])),
+            "images_per_s": batch / (e2e / 1e3),
+            "peak_mem_mb": peak_mem_mb(baseline), "load_s": load_s,
+            "engine_build_s": _build_seconds(pipe.manifest, name),
+            "reference_e2e_ms": ref["e2e_ms"][0] if ref else None,
+            "reference_e2e_p90_ms": ref["e2e_ms"][1] if ref else None,
+            "reference_unet_step_ms": ref["unet_step_ms"] if ref else None,
+            "reference_peak_mem_mb": ref["peak_mem_mb"] if ref else None,
+            "speedup_e2e": ref["e2e_ms"][0] / e2e if ref else None,
+            "psnr_vs_reference": psnr(runs[-1].images, ref["image"]) if ref else None,
+            "versions": versions})
+    return records
+
+
+def _build_seconds(manifest: dict, backend: str) -> float | None:
+    built = manifest.get("engines", {}).get(backend)
+    return sum(e.get("build_s", 0) for e in built.values()) if built else None
+
+
+def versions() -> dict:
+    out = {"sdrt": sdrt.__version__, "python": platform.python_version()}
+    for mod in ("numpy", "onnxruntime", "tensorrt", "tensorrt_rtx", "torch", "diffusers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # not installed (or broken): absent from the record
+            pass
+    return out
+
+
+def main(a) -> None:
+    from sdrt.benchmarks import report
+    manifest = mf.load(a.work_dir)
+    cfg = mf.config(manifest)
+    sizes, batches = parse_sizes(a.sizes), parse_ints(a.batches, "batches")
+    if a.steps <= 0 or a.runs <= 0 or a.warmup < 0:
+        raise UserError("--steps and --runs must be positive, --warmup not negative")
+    configs = [(h, w, b) for h, w in sizes for b in batches]
+    names = available_backends(manifest) if a.backends == "available" else a.backends.split(",")
+    refs = {}
+    if not a.no_reference:
+        from sdrt.benchmarks.reference import Reference
+        from sdrt.export.pipeline_folder import read_model_index
+        read_model_index(a.reference)
+        ref = Reference(a.reference)
+        refs = bench_reference(ref, cfg, configs, a)
+        ref.close()
+    v = versions()
+    records = [r for name in names for r in bench_backend(name, a.work_dir, cfg, configs, refs, a, v)]
+    paths = report.write(records, a.out)
+    print(report.table(records))
+    for p in paths:
+        print(f"wrote {p}")

@@ -1,0 +1,83 @@
+"""Benchmark records -> JSON, markdown table and PNG plot (all written atomically)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from sdrt.manifest import write_json_atomic
+
+COLUMNS = [("backend", "backend", "{}"), ("size", None, "{}"), ("batch", "batch", "{}"),
+           ("e2e ms", "e2e_ms", "{:.1f}"), ("ref e2e ms", "reference_e2e_ms", "{:.1f}"),
+           ("speedup", "speedup_e2e", "{:.2f}x"), ("step ms", "unet_step_ms", "{:.2f}"),
+           ("ref step ms", "reference_unet_step_ms", "{:.2f}"), ("text enc ms", "text_encoder_ms", "{:.2f}"),
+           ("vae ms", "vae_ms", "{:.1f}"), ("img/s", "images_per_s", "{:.2f}"),
+           ("peak MB", "peak_mem_mb", "{:.0f}"), ("PSNR dB", "psnr_vs_reference", "{:.1f}")]
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in records:
+        cells = []
+        for _, key, fmt in COLUMNS:
+            v = f"{r['height']}x{r['width']}x{r['steps']} steps" if key is None else r.get(key)
+            cells.append("-" if v is None else fmt.format(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    if records:
+        lines.append(f"\ndevice: {records[0]['device']}; versions: "
+                     + ", ".join(f"{k} {v}" for k, v in records[0]["versions"].items()))
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for backend in sorted({r["backend"] for r in records}):
+        rs = sorted((r for r in records if r["backend"] == backend), key=lambda r: r["batch"])
+        axes[0].plot([r["batch"] for r in rs], [r["e2e_ms"] for r in rs], "o-", label=f"sdrt {backend}")
+        axes[1].plot([r["batch"] for r in rs], [r["images_per_s"] for r in rs], "o-", label=f"sdrt {backend}")
+    ref = sorted({(r["batch"], r["reference_e2e_ms"]) for r in records if r.get("reference_e2e_ms")})
+    if ref:
+        axes[0].plot([b for b, _ in ref], [ms for _, ms in ref], "s--", color="gray", label="diffusers eager")
+        axes[1].plot([b for b, _ in ref], [b / (ms / 1e3) for b, ms in ref], "s--", color="gray",
+                     label="diffusers eager")
+    r0 = records[0]
+    axes[0].set(xlabel="batch", ylabel="end to end ms (median)",
+                title=f"{r0['height']}x{r0['width']}, {r0['steps']} DDIM steps")
+    axes[1].set(xlabel="batch", ylabel="images / s", title=r0["device"])
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        plt.close(fig)
+
+
+def write(records: list[dict], out_dir: Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = re.sub(r"[^A-Za-z0-9]+", "-", records[0]["device"]).strip("-").lower()
+    stem = out_dir / f"bench-{device}-{time.strftime('%Y%m%d-%H%M%S')}"
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
+    write_json_atomic(paths[0], {"records": records})
+    fd, tmp = tempfile.mkstemp(suffix=".md", dir=out_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(table(records) + "\n")
+    os.replace(tmp, paths[1])
+    plot(records, paths[2])
+    return paths
+
+
+def load(path: Path) -> list[dict]:
+    return json.loads(Path(path).read_text())["records"]

@@ -1,0 +1,118 @@
+"""Pick and open a backend. Each adapter (ort_backend, trt_backend) only loads models and binds
+buffers; the stream, the buffers, CUDA graphs and the loop are shared and live here and in
+pipeline.py.
+
+    backend.runner(model, dims, graphs) -> loaded model with .bind(buffers, shapes) -> binding.run()
+    backend.launcher(binding)           -> a function that runs one step (a graph launch on GPU)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdrt import manifest as mf
+from sdrt.contract import RUNTIME_MODELS, Dims, Model
+from sdrt.engine import cuda
+from sdrt.errors import UserError
+
+NAMES = ("tensorrt", "tensorrt-rtx", "onnxruntime-cuda", "onnxruntime-cpu")
+
+
+def open_backend(name: str, work_dir: Path, manifest: dict):
+    if name == "auto":
+        name = pick_auto(manifest)
+    if name not in NAMES:
+        raise UserError(f"unknown backend {name!r}: choose auto or one of {', '.join(NAMES)}")
+    if name == "onnxruntime-cpu":
+        return OrtCpu(work_dir)
+    if not cuda.available():
+        raise UserError(f"backend {name} needs an NVIDIA GPU with cuda-python installed "
+                        "(pip install 'sdrt[onnxruntime-gpu]'); none was found: use --backend onnxruntime-cpu")
+    if name == "onnxruntime-cuda":
+        return OrtCuda(work_dir)
+    return Trt(name, work_dir, manifest)
+
+
+def pick_auto(manifest: dict) -> str:
+    """TensorRT engines if built and runnable, else ONNX Runtime CUDA, else ONNX Runtime CPU."""
+    from sdrt.engine.ort_backend import cuda_ep_available
+    if cuda.available():
+        for name in ("tensorrt", "tensorrt-rtx"):
+            if manifest.get("engines", {}).get(name) and _importable(name.replace("-", "_")):
+                return name
+        if cuda_ep_available():
+            return "onnxruntime-cuda"
+    return "onnxruntime-cpu"
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+class OrtCpu:
+    device, stream = "cpu", None
+
+    def __init__(self, work_dir: Path):
+        from sdrt.engine.ort_backend import OrtBackend
+        self.ort, self.work_dir, self.cache = OrtBackend("cpu"), work_dir, {}
+        self.name = self.ort.name
+
+    def runner(self, model: Model, dims: Dims, graphs: bool = False):
+        if model.name not in self.cache:  # dynamic shapes: one session serves every plan
+            self.cache[model.name] = self.ort.load(model, mf.onnx_path(self.work_dir, model), dims)
+        return self.cache[model.name]
+
+    def launcher(self, binding):
+        return binding.run
+
+
+class OrtCuda(OrtCpu):
+    """Sessions per shape plan (static shapes), ORT captures and replays the step graphs itself."""
+    device = "cuda"
+
+    def __init__(self, work_dir: Path):
+        from sdrt.engine.ort_backend import OrtBackend
+        self.stream = cuda.Stream()
+        self.ort, self.work_dir, self.cache = OrtBackend("cuda", self.stream), work_dir, {}
+        self.name = self.ort.name
+
+    def runner(self, model: Model, dims: Dims, graphs: bool = False):
+        key = (model.name, dims)
+        if key not in self.cache:
+            self.cache[key] = self.ort.load(model, mf.onnx_path(self.work_dir, model), dims, graphs)
+        return self.cache[key]
+
+
+class Trt:
+    """TensorRT or TensorRT-RTX engines; we capture the step graphs ourselves."""
+    device = "cuda"
+
+    def __init__(self, name: str, work_dir: Path, manifest: dict):
+        from sdrt.engine.engine_cache import check_engine
+        from sdrt.engine.trt_backend import TrtBackend
+        self.stream = cuda.Stream()
+        self.trt = TrtBackend(name, self.stream.ptr)
+        self.name = self.trt.name
+        built = manifest.get("engines", {}).get(name, {})
+        if not built:
+            raise UserError(f"no {name} engines in {work_dir}: run `sdrt build {work_dir} --backend {name}`")
+        models = mf.models(manifest)
+        self.models = {}
+        for m in RUNTIME_MODELS:
+            if m in built:
+                plan = check_engine(work_dir, name, m)
+                self.models[m] = self.trt.load(models[m], plan)
+        # one activation block for all engines: they run one after another on one stream
+        self.trt.share_activation_memory(list(self.models.values()), cuda.malloc)
+
+    def runner(self, model: Model, dims: Dims, graphs: bool = False):
+        if model.name not in self.models:
+            flag = " --no-guidance" if model.name == "denoise_step" else ""
+            raise UserError(f"no {self.name} engine for {model.name}: run `sdrt build ... --backend "
+                            f"{self.name}{flag}` (guidance > 1 needs denoise_step_cfg, <= 1 denoise_step)")
+        return self.models[model.name]
+
+    def launcher(self, binding):
+        binding.run()                         # TensorRT wants one plain enqueue before capture
+        self.stream.sync()
+        return cuda.Graph(self.stream, binding.run).launch

@@ -1,0 +1,61 @@
+"""Buffers allocated once per shape plan and bound once: host (numpy) for CPU backends, device
+(cudaMalloc) for GPU ones. Same interface, so the loop does not care which."""
+from __future__ import annotations
+
+import numpy as np
+
+from sdrt.engine import cuda
+
+
+class HostBuffer:
+    device = "cpu"
+
+    def __init__(self, shape: tuple, dtype: str, stream=None):
+        self.array = np.zeros(shape, dtype)
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+    @property
+    def ptr(self) -> int:
+        return self.array.ctypes.data
+
+    def write(self, values: np.ndarray) -> None:
+        np.copyto(self.array, _checked(self, values))
+
+    def read(self) -> np.ndarray:
+        return self.array.copy()
+
+    def copy_from(self, other: "HostBuffer") -> None:
+        np.copyto(self.array, other.array)
+
+
+class DeviceBuffer:
+    device = "cuda"
+
+    def __init__(self, shape: tuple, dtype: str, stream: cuda.Stream):
+        self.shape, self.dtype, self.stream = tuple(shape), np.dtype(dtype), stream
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        self.ptr = cuda.malloc(self.nbytes)
+
+    def write(self, values: np.ndarray) -> None:
+        cuda.copy_htod(self.ptr, _checked(self, values), self.stream)
+
+    def read(self) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        cuda.copy_dtoh(out, self.ptr, self.stream)
+        return out
+
+    def copy_from(self, other: "DeviceBuffer") -> None:
+        cuda.copy_dtod(self.ptr, other.ptr, self.nbytes, self.stream)
+
+    def __del__(self):
+        try:
+            cuda.free(self.ptr)
+        except Exception:  # interpreter shutdown: the driver frees everything anyway
+            pass
+
+
+def _checked(buf, values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values)
+    if values.shape != buf.shape:
+        raise ValueError(f"buffer holds {buf.shape}, got {values.shape}")
+    return np.ascontiguousarray(values, dtype=buf.dtype)

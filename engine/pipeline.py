@@ -1,0 +1,162 @@
+"""Text to image: prompt -> token ids -> embeddings -> latents -> image, over any backend.
+
+    ids     = tokenize([negative] * B + [prompt] * B)          (CFG: unconditional rows first)
+    emb     = text_encoder(ids)
+    x_T     = N(0, I) from the seed, or the given latents
+    for i in range(steps): launch(step graph i % 2)             UNet + CFG + DDIM, in one graph
+    image   = vae_decoder(x_0)
+
+All buffers of a shape plan are allocated once and bound once. The step graph reads its per-step
+values from a device table (`step_table[step_index]`) and writes `step_index + 1`; two bindings
+ping-pong latents and index, so one captured CUDA graph per direction serves every step, with no
+host sync and no re-binding inside the loop.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sdrt import manifest as mf
+from sdrt.contract import Dims, check_size
+from sdrt.engine import backends, scheduler
+from sdrt.engine.buffers import DeviceBuffer, HostBuffer
+from sdrt.engine.timing import Clock
+from sdrt.engine.tokenizer import ClipTokenizer
+from sdrt.errors import UserError
+
+
+@dataclass
+class Result:
+    images: np.ndarray                        # uint8 [B, H, W, 3]
+    timings: dict = field(default_factory=dict)
+
+    def pil(self) -> list:
+        from PIL import Image
+        return [Image.fromarray(a) for a in self.images]
+
+
+@dataclass
+class Plan:
+    """Everything bound for one (batch, size, guidance) shape."""
+    dims: Dims
+    buf: dict
+    text: object
+    steps: list                               # two launch functions: even and odd steps
+    vae: object
+
+
+class Pipeline:
+    def __init__(self, work_dir: Path, backend: str = "auto"):
+        self.work_dir = Path(work_dir)
+        self.manifest = mf.load(self.work_dir)
+        self.config = mf.config(self.manifest)
+        self.models = mf.models(self.manifest)
+        self.tokenizer = ClipTokenizer.from_dir(self.work_dir / "tokenizer")
+        self.scheduler = scheduler.DDIMConfig.from_json(self.work_dir / "scheduler" / "scheduler_config.json")
+        self.backend = backends.open_backend(backend, self.work_dir, self.manifest)
+        self.plans: dict[Dims, Plan] = {}
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def generate(self, prompt, negative="", steps=50, guidance=7.5, height=None, width=None,
+                 batch=1, seed=None, latents=None) -> Result:
+        t0 = time.perf_counter()
+        dims = self.dims(steps, height, width, batch, guidance)
+        x_T = self.initial_latents(dims, seed, latents)
+        rows = [negative] * batch + [prompt] * batch if dims.cfg else [prompt] * batch
+        ids = self.tokenizer.encode(rows, self.config.text_len)
+        t_tok = time.perf_counter()
+
+        plan = self.plan(dims)
+        buf, clock = plan.buf, Clock(self.backend.stream)
+        buf["input_ids"].write(ids)
+        buf["latents_0"].write(x_T)
+        buf["step_index_0"].write(np.zeros(1, np.int32))
+        buf["step_table"].write(scheduler.step_table(self.scheduler, steps, guidance))
+        clock.mark("start")
+        plan.text.run()
+        clock.mark("text_encoder")
+        for i in range(steps):
+            plan.steps[i % 2]()
+            clock.mark("step")
+        if steps % 2:                          # x_0 landed in the odd buffer; the VAE reads latents_0
+            buf["latents_0"].copy_from(buf["latents_1"])
+        plan.vae.run()
+        clock.mark("vae")
+        image = buf["image"].read()            # the one sync
+        return Result(to_uint8(image), self.timings(clock, t0, t_tok))
+
+    def dims(self, steps, height, width, batch, guidance) -> Dims:
+        height = height or self.config.default_size
+        width = width or self.config.default_size
+        if not isinstance(steps, int) or steps <= 0:
+            raise UserError(f"steps must be a positive integer, got {steps}")
+        if steps > self.scheduler.num_train_timesteps:
+            raise UserError(f"steps {steps} exceeds the scheduler's {self.scheduler.num_train_timesteps} timesteps")
+        if not isinstance(batch, int) or batch <= 0:
+            raise UserError(f"batch must be a positive integer, got {batch}")
+        check_size(height, width, self.config.vae_factor)
+        return Dims(batch, height, width, cfg=guidance > 1.0, vae_factor=self.config.vae_factor)
+
+    def initial_latents(self, dims: Dims, seed, latents) -> np.ndarray:
+        shape = (dims.batch, self.config.latent_channels, dims["latent_h"], dims["latent_w"])
+        if latents is None:   # DDIM's init_noise_sigma is 1: x_T ~ N(0, I)
+            return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        latents = np.asarray(latents)
+        if latents.shape != shape:
+            raise UserError(f"latents have shape {list(latents.shape)}, expected {list(shape)} "
+                            f"for batch {dims.batch} at {dims.height}x{dims.width}")
+        if not np.issubdtype(latents.dtype, np.floating) or not np.all(np.isfinite(latents)):
+            raise UserError("latents must be finite floating-point values")
+        return latents.astype(np.float32)
+
+    def plan(self, dims: Dims) -> Plan:
+        if dims not in self.plans:
+            self.plans[dims] = self.make_plan(dims)
+        return self.plans[dims]
+
+    def make_plan(self, dims: Dims) -> Plan:
+        be = self.backend
+        step = self.models["denoise_step_cfg" if dims.cfg else "denoise_step"]
+        te, vae = self.models["text_encoder"], self.models["vae_decoder"]
+        Buffer = DeviceBuffer if be.device == "cuda" else HostBuffer
+        shapes = {**te.shapes(dims), **step.shapes(dims), **vae.shapes(dims)}
+        dtypes = {t.name: t.dtype for m in (te, step, vae) for t in m.tensors}
+        new = lambda name, key=None: Buffer(shapes[key or name], dtypes[key or name], be.stream)
+        buf = {n: new(n) for n in ("input_ids", "text_embeddings", "step_table", "image")}
+        for k in (0, 1):
+            buf[f"latents_{k}"] = new(f"latents_{k}", "latents")
+            buf[f"step_index_{k}"] = new(f"step_index_{k}", "step_index")
+
+        text = be.runner(te, dims).bind({n: buf[n] for n in ("input_ids", "text_embeddings")}, te.shapes(dims))
+        step_runner = be.runner(step, dims, graphs=True)
+        steps = []
+        for k in (0, 1):                      # even steps: 0 -> 1, odd steps: 1 -> 0
+            b = step_runner.bind({"latents": buf[f"latents_{k}"], "latents_next": buf[f"latents_{1 - k}"],
+                                  "step_index": buf[f"step_index_{k}"],
+                                  "step_index_next": buf[f"step_index_{1 - k}"],
+                                  "text_embeddings": buf["text_embeddings"],
+                                  "step_table": buf["step_table"]}, step.shapes(dims))
+            steps.append(b)
+        vae_b = be.runner(vae, dims).bind({"latents": buf["latents_0"], "image": buf["image"]}, vae.shapes(dims))
+        return Plan(dims, buf, text, [be.launcher(b) for b in steps], vae_b)
+
+    def timings(self, clock: Clock, t0: float, t_tok: float) -> dict:
+        stages = clock.durations_ms()
+        steps = [ms for label, ms in stages if label == "step"]
+        t = {label: ms for label, ms in stages if label != "step"}
+        return {"backend": self.backend.name, "tokenize_ms": (t_tok - t0) * 1e3,
+                "text_encoder_ms": t["text_encoder"], "steps_ms": steps,
+                "unet_step_ms": float(np.median(steps)), "denoise_ms": float(sum(steps)),
+                "vae_ms": t["vae"], "total_ms": (time.perf_counter() - t0) * 1e3}
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """[-1, 1] NCHW float -> [0, 255] NHWC uint8, as diffusers' postprocess (round half up)."""
+    x = np.clip(image.astype(np.float32) / 2 + 0.5, 0, 1)
+    return (x.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)

@@ -1,0 +1,119 @@
+"""Compose the whole denoising step graph: UNet + classifier-free guidance + DDIM update.
+
+    row      = step_table[step_index]                         per-step values, one row per step
+    t, g     = row.timestep, row.guidance
+    m        = UNet(concat(x, x), t, emb)  -> ε_uncond + g (ε_cond - ε_uncond)     (CFG)
+    x̂0       = clip(c_x0_x x + c_x0_m m)                      DDIM eq. 12, "predicted x0"
+    ε̂        = c_eps_x x + c_eps_m m                          "direction pointing to x_t"
+    x_{t-1}  = sqrt(ᾱ_prev) x̂0 + sqrt(1 - ᾱ_prev) ε̂
+    step_index_next = step_index + 1
+
+The coefficients (sdrt.engine.scheduler.step_table) make epsilon, v and sample prediction one
+linear form. The UNet's initializers are not copied: the step graph points at the UNet's external
+data file, so the weights exist once on disk. Guidance math and latents stay FP32.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.contract import STEP_COLUMNS, Model
+
+P = "sdrt_step/"  # prefix for everything this module adds to the UNet graph
+
+
+def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    base = onnx.load(str(unet_path), load_external_data=False)
+    g = base.graph
+    f_type = TensorProto.FLOAT16 if unet.tensor("sample").dtype == "float16" else TensorProto.FLOAT
+    guidance = step.name.endswith("_cfg")
+    opset = next(o.version for o in base.opset_import if o.domain in ("", "ai.onnx"))
+
+    def node(op, inputs, outputs, **attrs):
+        return helper.make_node(op, [_n(i) for i in inputs], [_n(o) for o in outputs],
+                                name=P + outputs[0], **attrs)
+
+    col = {c: P + c for c in STEP_COLUMNS}
+    pre = [node("Gather", ["step_table", "step_index"], ["row"], axis=0),           # [1, 9]
+           helper.make_node("Split", [P + "row", P + "ones9"], list(col.values()), axis=1,
+                            name=P + "split_row"),
+           node("Reshape", [col["timestep"], "one"], ["timestep"]),
+           node("Identity", ["text_embeddings"], ["encoder_hidden_states"])]
+    if guidance:  # one UNet call at batch 2B: [uncond; cond] rows match the embeddings' order
+        pre.append(node("Concat", ["latents", "latents"], ["x2"], axis=0))
+        pre.append(node("Cast", ["x2"], ["sample"], to=f_type))
+    else:
+        pre.append(node("Cast", ["latents"], ["sample"], to=f_type))
+
+    post = [node("Cast", ["noise_pred"], ["m_raw"], to=TensorProto.FLOAT)]
+    if guidance:  # ε = ε_uncond + g (ε_cond - ε_uncond)
+        halves = {"num_outputs": 2} if opset >= 18 else {}  # equal halves, either opset's way
+        post += [helper.make_node("Split", [P + "m_raw"], [P + "m_uncond", P + "m_cond"], axis=0,
+                                  name=P + "split_cfg", **halves),
+                 node("Sub", ["m_cond", "m_uncond"], ["m_delta"]),
+                 node("Mul", ["m_delta", col["guidance"]], ["m_scaled"]),
+                 node("Add", ["m_uncond", "m_scaled"], ["m"])]
+    else:
+        post.append(node("Identity", ["m_raw"], ["m"]))
+    post += _linear("x0_lin", col["c_x0_x"], col["c_x0_m"], node)
+    post += [node("Min", ["x0_lin", col["clip"]], ["x0_hi"]),
+             node("Neg", [col["clip"]], ["neg_clip"]),
+             node("Max", ["x0_hi", "neg_clip"], ["x0"])]
+    post += _linear("eps", col["c_eps_x"], col["c_eps_m"], node)
+    post += [node("Mul", ["x0", col["sqrt_alpha_prev"]], ["a_x0"]),
+             node("Mul", ["eps", col["sqrt_one_minus_alpha_prev"]], ["b_eps"]),
+             helper.make_node("Add", [P + "a_x0", P + "b_eps"], ["latents_next"], name=P + "latents_next"),
+             helper.make_node("Add", ["step_index", P + "one_i32"], ["step_index_next"], name=P + "step_next")]
+
+    consts = [numpy_helper.from_array(np.array([1], np.int64), P + "one"),
+              numpy_helper.from_array(np.array([1], np.int32), P + "one_i32"),
+              numpy_helper.from_array(np.ones(len(STEP_COLUMNS), np.int64), P + "ones9")]
+    unet_io = {t.name for t in unet.inputs} | {t.name for t in unet.outputs}
+    # The UNet's graph inputs become internal tensors fed by `pre`; its output feeds `post`.
+    old_inputs = [i for i in g.input if i.name not in unet_io]
+    del g.input[:]
+    g.input.extend(old_inputs + [_value_info(t) for t in step.inputs])
+    del g.output[:]
+    g.output.extend(_value_info(t) for t in step.outputs)
+    nodes = pre + list(g.node) + post
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(consts)
+    g.name = step.name
+    _rename_unet_io(g, unet)
+    onnx.save_model(base, str(out_path))
+
+
+def _linear(out, ca, cb, node):
+    """out = ca * x + cb * m"""
+    return [node("Mul", ["latents", ca], [out + "_x"]), node("Mul", ["m", cb], [out + "_m"]),
+            node("Add", [out + "_x", out + "_m"], [out])]
+
+
+def _n(name: str) -> str:
+    """Tensors named by this module live under P, but for graph I/O, the UNet's I/O and
+    already-prefixed column names."""
+    if name.startswith(P) or name in ("latents", "step_table", "step_index", "text_embeddings"):
+        return name
+    return P + name
+
+
+def _rename_unet_io(g, unet: Model) -> None:
+    """The UNet's own I/O names (sample, timestep, ...) are now internal: map them to P+name."""
+    names = {t.name: P + t.name for t in unet.inputs + unet.outputs}
+    for n in g.node:
+        if n.name.startswith(P):
+            continue
+        n.input[:] = [names.get(i, i) for i in n.input]
+        n.output[:] = [names.get(o, o) for o in n.output]
+
+
+def _value_info(t):
+    from onnx import TensorProto, helper
+    dtype = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
+             "int32": TensorProto.INT32}[t.dtype]
+    return helper.make_tensor_value_info(t.name, dtype, list(t.shape))

@@ -1,0 +1,167 @@
+"""`sdrt export MODEL_DIR WORK_DIR`: pipeline folder -> validated ONNX + manifest.
+
+The work folder is written beside its final place and renamed in at the end, so a failed export
+leaves nothing (and a previous export stays intact until the new one is complete).
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import sdrt
+from sdrt import manifest as mf
+from sdrt.contract import Dims, ModelConfig, all_models
+from sdrt.errors import UserError
+from sdrt.export import compose_step, pipeline_folder, to_onnx, validate
+
+BASE_MODELS = ("text_encoder", "unet", "vae_decoder")
+STEP_MODELS = ("denoise_step_cfg", "denoise_step")
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def check_work_dir(work_dir: Path) -> None:
+    if work_dir.exists() and not (work_dir / mf.NAME).is_file():
+        if work_dir.is_dir() and not any(work_dir.iterdir()):
+            return
+        raise UserError(f"{work_dir} exists and is not a previous sdrt export: choose a new WORK_DIR")
+
+
+def validation_dims(cfg: ModelConfig) -> Dims:
+    """A shape other than the traced one, small enough for 2 CPU cores."""
+    h = max(cfg.sample_size // 2, 4)
+    return Dims(batch=1, height=h * cfg.vae_factor, width=(h + 4) * cfg.vae_factor, cfg=True,
+                vae_factor=cfg.vae_factor)
+
+
+def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int = 18) -> Path:
+    model_dir, work_dir = Path(model_dir), Path(work_dir)
+    if precision not in ("fp16", "fp32"):
+        raise UserError(f"unknown --precision {precision!r}: use fp16 or fp32")
+    if opset < 17:
+        raise UserError(f"--opset {opset} is too old: sdrt exports opset 17 or newer")
+    check_work_dir(work_dir)
+    pipeline_folder.read_model_index(model_dir)
+    tmp = _make_temp_dir(work_dir)
+    try:
+        _export_into(model_dir, tmp, precision, opset)
+        _swap_in(tmp, work_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return work_dir
+
+
+def _export_into(model_dir: Path, out: Path, precision: str, opset: int) -> None:
+    t0 = time.perf_counter()
+    say(f"loading {model_dir} ...")
+    folder = pipeline_folder.load(model_dir)
+    cfg = folder.config
+    models = all_models(cfg, precision)
+    (out / "onnx").mkdir()
+    vdims = validation_dims(cfg)
+    records = {}
+    for i, name in enumerate(BASE_MODELS + STEP_MODELS, 1):
+        model, path = models[name], out / "onnx" / models[name].onnx
+        t = time.perf_counter()
+        say(f"[{i}/{len(models)}] {name}: exporting {precision} ...")
+        if name in BASE_MODELS:
+            module = to_onnx.wrap(name, folder)
+            to_onnx.export(module, model, path, to_onnx.example_inputs(model, to_onnx.trace_dims(cfg.sample_size), cfg.vocab_size),
+                           precision, opset)
+            inputs = to_onnx.example_inputs(model, vdims, cfg.vocab_size, seed=1)
+            ref = validate.run_torch(module, model, inputs)
+        else:
+            compose_step.compose(out / "onnx" / models["unet"].onnx, models["unet"], model, path)
+            inputs, ref = _step_reference(folder, model, vdims, model_dir)
+        say(f"[{i}/{len(models)}] {name}: validating on ONNX Runtime CPU ...")
+        record = validate.check(model, validate.run_onnx(path, inputs), ref, precision)
+        records[name] = {"contract": model.to_json(), "sha256": mf.onnx_sha256(path),
+                         "bytes": _onnx_bytes(path), "validation": record,
+                         "export_s": round(time.perf_counter() - t, 2)}
+        say(f"[{i}/{len(models)}] {name}: rel L2 error {record['rel_l2']:.2e} "
+            f"(tolerance {record['tolerance']:.0e}), {time.perf_counter() - t:.1f} s")
+    shutil.copytree(model_dir / "tokenizer", out / "tokenizer")
+    (out / "scheduler").mkdir()
+    shutil.copy(model_dir / "scheduler" / "scheduler_config.json", out / "scheduler")
+    mf.write_json_atomic(out / mf.NAME, {
+        "format": mf.FORMAT, "precision": precision, "opset": opset,
+        "config": cfg.to_json(), "models": records, "engines": {},
+        "source": {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
+        "versions": _versions(), "export_s": round(time.perf_counter() - t0, 1)})
+    say(f"export done in {time.perf_counter() - t0:.1f} s")
+
+
+def _step_reference(folder, step, dims: Dims, model_dir: Path):
+    """Inputs for a denoise-step graph and the expected output from torch UNet + numpy DDIM."""
+    import torch
+
+    from sdrt.engine import scheduler
+    guidance = step.name.endswith("_cfg")
+    d = Dims(dims.batch, dims.height, dims.width, cfg=guidance, vae_factor=dims.vae_factor)
+    sched = scheduler.DDIMConfig.from_json(model_dir / "scheduler" / "scheduler_config.json")
+    table = scheduler.step_table(sched, 50, 7.5 if guidance else 1.0)
+    k = 10
+    inputs = to_onnx.example_inputs(step, d, folder.config.vocab_size, seed=2)
+    inputs["step_table"], inputs["step_index"] = table, np.array([k], np.int32)
+    x = inputs["latents"]
+    emb = torch.from_numpy(inputs["text_embeddings"].astype(np.float32))
+    sample = torch.from_numpy(np.concatenate([x, x]) if guidance else x)
+    with torch.no_grad():
+        m = folder.unet(sample, torch.tensor([float(table[k, 0])]), emb, return_dict=False)[0].numpy()
+    if guidance:
+        uncond, cond = np.split(m, 2)
+        m = uncond + table[k, -1] * (cond - uncond)
+    return inputs, [scheduler.apply_step(table[k], x, m), np.array([k + 1], np.int32)]
+
+
+def _onnx_bytes(path: Path) -> int:
+    data = path.parent / (path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _component_hashes(model_dir: Path) -> dict:
+    out = {}
+    for comp in pipeline_folder.COMPONENTS:
+        files = sorted(p for p in (model_dir / comp).rglob("*") if p.is_file())
+        out[comp] = mf.sha256_bytes("".join(p.name + mf.sha256_file(p) for p in files).encode())
+    return out
+
+
+def _versions() -> dict:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+    return {"sdrt": sdrt.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def _make_temp_dir(work_dir: Path) -> Path:
+    parent = work_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{work_dir.name}.tmp.", dir=parent))
+    except OSError as e:
+        raise UserError(f"cannot write to {parent}: {e.strerror}") from None
+
+
+def _swap_in(tmp: Path, work_dir: Path) -> None:
+    """Replace a previous export (or nothing) with the finished one."""
+    old = None
+    if work_dir.exists():
+        old = work_dir.with_name(f".{work_dir.name}.old.{time.time_ns()}")
+        work_dir.rename(old)
+    tmp.rename(work_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+

@@ -1,0 +1,110 @@
+"""`sdrt init DIR --arch tiny|sd15`: random-weight pipeline folders in the diffusers layout.
+
+No real weights can be fetched here, so tests, the demo and speed work run on these. `sd15` has
+SD 1.5's exact shapes (UNet 859.5 M parameters, CLIP ViT-L/14 text encoder, 4-channel VAE with
+factor 8); `tiny` has the same structure, scaled down to run in seconds on a CPU. Both load with
+diffusers' `StableDiffusionPipeline.from_pretrained`.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from sdrt.errors import UserError
+
+# SD 1.5's scheduler, as DDIM wants it (the original folder ships PNDM with the same betas).
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                      beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
+                      clip_sample=False, prediction_type="epsilon", timestep_spacing="leading")
+
+ARCHS = {
+    "sd15": dict(
+        vocab_size=49408,
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                  projection_dim=768),
+        unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                  block_out_channels=(320, 640, 1280, 1280),
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  cross_attention_dim=768, attention_head_dim=8),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=512,
+                 block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                 down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4),
+        dtype="float16",  # as SD 1.5's fp16 variant; exporting FP32 upcasts
+    ),
+    "tiny": dict(
+        vocab_size=1000,
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                  projection_dim=32),
+        unet=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                  block_out_channels=(32, 64),
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                  cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+                 block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32,
+                 down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4),
+        dtype="float32",
+    ),
+}
+
+
+def build_pipeline(arch: str, seed: int = 0):
+    """A diffusers StableDiffusionPipeline with random weights of the given architecture."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = ARCHS[arch]
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(vocab_size=spec["vocab_size"], bos_token_id=spec["vocab_size"] - 2,
+                                 eos_token_id=spec["vocab_size"] - 1, pad_token_id=spec["vocab_size"] - 1,
+                                 **spec["text"])
+    dtype = getattr(torch, spec["dtype"])
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer = _tokenizer(Path(tok_dir), spec["vocab_size"])
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL(**spec["vae"]).to(dtype).eval(),
+        text_encoder=CLIPTextModel(text_config).to(dtype).eval(),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**spec["unet"]).to(dtype).eval(),
+        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _tokenizer(tmp: Path, vocab_size: int):
+    from transformers import CLIPTokenizer
+
+    from sdrt.export.clip_vocab import write_clip_tokenizer
+    write_clip_tokenizer(tmp, vocab_size)
+    return CLIPTokenizer.from_pretrained(tmp)
+
+
+def init(out_dir: Path, arch: str, seed: int = 0, force: bool = False) -> Path:
+    """Write the pipeline folder atomically: a temp folder beside it, renamed at the end."""
+    out_dir = Path(out_dir)
+    if arch not in ARCHS:
+        raise UserError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    if out_dir.exists() and not force:
+        raise UserError(f"{out_dir} already exists: choose a new folder or pass --force to replace it")
+    parent = out_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
+    except OSError as e:
+        raise UserError(f"cannot write to {parent}: {e.strerror}") from None
+    try:
+        pipe = build_pipeline(arch, seed)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

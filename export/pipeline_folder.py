@@ -1,0 +1,80 @@
+"""Read a diffusers pipeline folder: check it is one sdrt supports, load its torch modules."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdrt.contract import ModelConfig
+from sdrt.errors import UserError
+
+COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+SUPPORTED = ("StableDiffusionPipeline",)
+
+
+@dataclass
+class PipelineFolder:
+    path: Path
+    config: ModelConfig
+    text_encoder: object
+    unet: object
+    vae: object
+
+
+def read_model_index(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder: give a diffusers pipeline folder (with model_index.json)")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"{path} is not a diffusers pipeline folder: it has no model_index.json")
+    try:
+        data = json.loads(index.read_text())
+    except ValueError as e:
+        raise UserError(f"{index} is not valid JSON ({e})") from None
+    name = data.get("_class_name", "?")
+    if "XL" in name:
+        raise UserError(f"{path} is an SDXL pipeline ({name}): sdrt supports Stable Diffusion 1.x/2.x "
+                        "(StableDiffusionPipeline) only")
+    if name not in SUPPORTED:
+        raise UserError(f"{path} holds a {name}: sdrt supports {', '.join(SUPPORTED)} only")
+    for comp in COMPONENTS:
+        if comp not in data or data[comp] in (None, [None, None]) or not (path / comp).is_dir():
+            raise UserError(f"{path} is missing its {comp}/ component: a Stable Diffusion folder needs "
+                            f"{', '.join(COMPONENTS)}")
+    return data
+
+
+def load(path: Path) -> PipelineFolder:
+    """Load the three torch modules in float32 (the reference for validation and fp32 export)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    path = Path(path)
+    read_model_index(path)
+    try:
+        # eager attention traces to plain MatMul/Softmax; sdpa's mask handling traces poorly
+        text = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch.float32,
+                                             attn_implementation="eager")
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"cannot load the models in {path}: {str(e).splitlines()[0]}") from None
+    return PipelineFolder(path, model_config(text, unet, vae), text.eval(), unet.eval(), vae.eval())
+
+
+def model_config(text, unet, vae) -> ModelConfig:
+    u, v, t = unet.config, vae.config, text.config
+    if u.in_channels != v.latent_channels or u.out_channels != v.latent_channels:
+        raise UserError(f"UNet has {u.in_channels} input channels for a {v.latent_channels}-channel VAE: "
+                        "inpainting and other conditioned UNets are not supported")
+    if u.cross_attention_dim != t.hidden_size:
+        raise UserError(f"UNet cross-attention dim {u.cross_attention_dim} != text encoder width "
+                        f"{t.hidden_size}: this pipeline is not supported")
+    if getattr(u, "addition_embed_type", None) or getattr(u, "class_embed_type", None):
+        raise UserError("UNet has extra conditioning (class/addition embeddings): not supported")
+    return ModelConfig(text_len=t.max_position_embeddings, text_dim=t.hidden_size,
+                       vocab_size=t.vocab_size, latent_channels=v.latent_channels,
+                       vae_factor=2 ** (len(v.block_out_channels) - 1),
+                       scaling_factor=float(v.scaling_factor), sample_size=int(u.sample_size))

@@ -1,0 +1,127 @@
+"""torch modules -> ONNX files, one per contract model, then graph cleanup.
+
+FP16 is traced from the fp16 module itself, so the graph is strongly typed FP16 end to end
+(TensorRT 11 takes nothing else); the only FP32 islands are those the contract asks for (latents
+and image at the model boundary, the timestep) and those torch keeps itself (the timestep
+sinusoid).
+"""
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+from sdrt.contract import Dims, Model
+
+TWO_GB = 2 ** 31 - 1
+
+
+def _modules():
+    import torch
+
+    class TextEncoder(torch.nn.Module):
+        """int32 token ids -> last hidden state (what SD conditions on)."""
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids):
+            return self.m(input_ids.long(), return_dict=False)[0]
+
+    class UNet(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.m(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    class VaeDecoder(torch.nn.Module):
+        """fp32 latents -> fp32 image in [-1, 1], with 1/scaling_factor folded in."""
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+            self.inv_scale = 1.0 / m.config.scaling_factor
+
+        def forward(self, latents):
+            dtype = next(self.m.parameters()).dtype
+            return self.m.decode((latents * self.inv_scale).to(dtype), return_dict=False)[0].float()
+
+    return TextEncoder, UNet, VaeDecoder
+
+
+def wrap(name: str, folder) -> object:
+    """The torch module that computes contract model `name` (float32, eval)."""
+    TextEncoder, UNet, VaeDecoder = _modules()
+    return {"text_encoder": lambda: TextEncoder(folder.text_encoder),
+            "unet": lambda: UNet(folder.unet),
+            "vae_decoder": lambda: VaeDecoder(folder.vae)}[name]()
+
+
+def trace_dims(sample_size: int) -> Dims:
+    """Shapes to trace at. The latent size is deliberately not a multiple of the UNet's
+    downsampling, so diffusers forwards skip-connection sizes to its upsamplers and the graph
+    takes any latent size (images in multiples of the VAE factor, not of 64)."""
+    h = max(sample_size // 4, 2) + 1
+    return Dims(batch=1, height=h, width=h + 2, cfg=True, vae_factor=1)
+
+
+def example_inputs(model: Model, dims: Dims, vocab_size: int, seed: int = 0) -> dict:
+    """Random inputs of the contract's names, shapes and dtypes (numpy)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    out = {}
+    for t in model.inputs:
+        shape = t.resolve(dims)
+        if t.name == "input_ids":
+            ids = rng.integers(0, vocab_size - 2, size=shape)
+            ids[:, 0] = vocab_size - 2
+            ids[:, -1] = vocab_size - 1
+            out[t.name] = ids.astype(np.int32)
+        elif t.name == "timestep":
+            out[t.name] = np.array([rng.integers(1, 1000)], dtype=np.float32)
+        else:
+            out[t.name] = rng.standard_normal(shape).astype(t.dtype)
+    return out
+
+
+def export(module, model: Model, out_path: Path, inputs: dict, precision: str, opset: int) -> None:
+    """Trace `module` to out_path (weights over 2 GB, and the UNet's always, to one .data file)."""
+    import torch
+
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    module = module.to(dtype)
+    args = tuple(torch.from_numpy(inputs[t.name]).to(_torch_dtype(t.dtype)) for t in model.inputs)
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=opset,
+                              input_names=[t.name for t in model.inputs],
+                              output_names=[t.name for t in model.outputs],
+                              dynamic_axes=model.dynamic_axes(), do_constant_folding=True)
+        cleanup_and_save(raw, out_path, external=model.name == "unet")
+    module.float()
+
+
+def cleanup_and_save(src: Path, dst: Path, external: bool) -> None:
+    """Constant folding, dead-node removal, topological sort (graphsurgeon), shape inference."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(onnx.load(str(src)))
+    graph.fold_constants(error_ok=True).cleanup().toposort()
+    model = gs.export_onnx(graph)
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size < TWO_GB:
+        model = onnx.shape_inference.infer_shapes(model)
+    if external or size >= TWO_GB:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dst))
+
+
+def _torch_dtype(name: str):
+    import torch
+    return {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32}[name]

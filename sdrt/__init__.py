@@ -1,0 +1,2 @@
+"""sdrt: Stable Diffusion inference engine."""
+__version__ = "0.1.0"

@@ -1,0 +1,133 @@
+"""The `sdrt` command. Each subcommand imports only what it needs: `generate` never loads torch."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sdrt.errors import UserError
+
+BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime-cuda", "onnxruntime-cpu")
+
+
+def cmd_init(a):
+    from sdrt.export.init_models import init
+    out = init(a.dir, a.arch, seed=a.seed, force=a.force)
+    print(f"wrote {a.arch} pipeline to {out}")
+
+
+def cmd_export(a):
+    from sdrt.export.export import export
+    out = export(a.model_dir, a.work_dir, precision=a.precision, opset=a.opset)
+    print(f"wrote {out}")
+
+
+def cmd_build(a):
+    from sdrt.export.build import build
+    build(a.work_dir, a.backend, height=a.height, width=a.width, batch=a.batch, dynamic=a.dynamic,
+          opt_level=a.opt_level, timing_cache=a.timing_cache, guidance=not a.no_guidance,
+          workspace_mb=a.workspace_mb)
+
+
+def cmd_generate(a):
+    from sdrt.engine.generate import main
+    main(a)
+
+
+def cmd_bench(a):
+    from sdrt.benchmarks.bench import main
+    main(a)
+
+
+def cmd_demo(a):
+    from sdrt.engine.demo import main
+    main(a)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference engine: "
+                                "diffusers folder -> ONNX -> TensorRT / ONNX Runtime")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("init", help="write a random-weight pipeline folder (tiny or SD 1.5 shaped)")
+    s.add_argument("dir", type=Path)
+    s.add_argument("--arch", choices=("tiny", "sd15"), default="tiny")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    s.set_defaults(fn=cmd_init)
+
+    s = sub.add_parser("export", help="export text encoder, UNet, VAE decoder to validated ONNX")
+    s.add_argument("model_dir", type=Path)
+    s.add_argument("work_dir", type=Path)
+    s.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+    s.add_argument("--opset", type=int, default=18)
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an export")
+    s.add_argument("work_dir", type=Path)
+    s.add_argument("--backend", required=True, help="tensorrt or tensorrt-rtx")
+    s.add_argument("--height", type=int)
+    s.add_argument("--width", type=int)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--dynamic", help="ranges min:opt:max, e.g. batch=1:1:4,height=256:512:768,width=256:512:768")
+    s.add_argument("--opt-level", type=int)
+    s.add_argument("--timing-cache", type=Path)
+    s.add_argument("--workspace-mb", type=int, help="builder memory limit (Jetson: keep it small)")
+    s.add_argument("--no-guidance", action="store_true", help="build the step for guidance <= 1 (no CFG)")
+    s.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("generate", help="text to image")
+    add_generate_args(s)
+    s.add_argument("--out", type=Path, default=Path("out.png"))
+    s.add_argument("--timings", action="store_true", help="print per-stage timings")
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("bench", help="benchmark sdrt backends against the eager diffusers pipeline")
+    s.add_argument("work_dir", type=Path)
+    s.add_argument("--reference", type=Path, required=True, help="the diffusers pipeline folder")
+    s.add_argument("--backends", default="available", help="comma list or 'available'")
+    s.add_argument("--sizes", default="512x512", help="comma list of HxW")
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--batches", default="1,4,8")
+    s.add_argument("--runs", type=int, default=5, help="timed runs per configuration")
+    s.add_argument("--warmup", type=int, default=1)
+    s.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    s.add_argument("--no-reference", action="store_true", help="skip the diffusers reference")
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("demo", help="the embedded default: tiny model on CPU -> PNG + timing table")
+    s.add_argument("--dir", type=Path, default=Path("sdrt-demo"))
+    s.add_argument("--prompt", default="a red fox in the snow, watercolor")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def add_generate_args(s) -> None:
+    s.add_argument("work_dir", type=Path)
+    s.add_argument("prompt")
+    s.add_argument("--negative", default="")
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--guidance", type=float, default=7.5)
+    s.add_argument("--height", type=int)
+    s.add_argument("--width", type=int)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--latents", type=Path, help=".npy of shape [B, C, H/f, W/f]")
+    s.add_argument("--backend", choices=BACKENDS, default="auto")
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except UserError as e:
+        print(f"sdrt {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sdrt {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The one I/O contract per model: names, dtypes, dynamic dims.
+
+Exporter (torch -> ONNX), builder (ONNX -> engine profiles) and runtime (buffers, bindings) all
+read the same `Model` objects, serialized into WORK_DIR/manifest.json. Nothing else names a tensor.
+
+Dims are symbolic strings resolved per run by `Dims`:
+  batch       images per call (B)
+  text_batch  rows of text embeddings: 2B with classifier-free guidance, else B
+  latent_h/w  latent height/width: image size / vae_factor
+  height/width  image size in pixels
+Fixed sizes (77 tokens, 768 hidden, 4 channels, ...) are plain ints taken from the model config.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from sdrt.errors import UserError
+
+STEP_TABLE_ROWS = 1000  # max denoising steps; the step table is padded to this (static shape)
+# Per-step table columns (see sdrt.engine.scheduler): one row per denoising step.
+STEP_COLUMNS = ("timestep", "c_x0_x", "c_x0_m", "c_eps_x", "c_eps_m",
+                "sqrt_alpha_prev", "sqrt_one_minus_alpha_prev", "clip", "guidance")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str                     # numpy name: float32 | float16 | int32
+    shape: tuple                   # ints and dim names
+
+    def resolve(self, dims: "Dims") -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    onnx: str                      # file name under WORK_DIR/onnx/
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+
+    @property
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.inputs + self.outputs
+
+    def tensor(self, name: str) -> Tensor:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no tensor {name!r}")
+
+    def shapes(self, dims: "Dims") -> dict[str, tuple[int, ...]]:
+        return {t.name: t.resolve(dims) for t in self.tensors}
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's dynamic_axes for this model."""
+        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+                for t in self.tensors if any(isinstance(d, str) for d in t.shape)}
+
+    def to_json(self) -> dict:
+        return {"onnx": self.onnx,
+                "inputs": [_tensor_json(t) for t in self.inputs],
+                "outputs": [_tensor_json(t) for t in self.outputs]}
+
+    @staticmethod
+    def from_json(name: str, d: dict) -> "Model":
+        return Model(name, d["onnx"], tuple(_tensor(t) for t in d["inputs"]),
+                     tuple(_tensor(t) for t in d["outputs"]))
+
+
+def _tensor_json(t: Tensor) -> dict:
+    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+
+
+def _tensor(d: dict) -> Tensor:
+    return Tensor(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The numbers of a pipeline that shape its tensors (read from the diffusers configs)."""
+    text_len: int = 77             # tokenizer / text encoder positions
+    text_dim: int = 768            # text encoder hidden size == UNet cross-attention dim
+    vocab_size: int = 49408
+    latent_channels: int = 4       # VAE latent channels == UNet in/out channels
+    vae_factor: int = 8            # image size / latent size
+    scaling_factor: float = 0.18215
+    sample_size: int = 64          # UNet's native latent size (512 px for SD 1.5)
+
+    @property
+    def default_size(self) -> int:
+        return self.sample_size * self.vae_factor
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> "ModelConfig":
+        return ModelConfig(**d)
+
+
+@dataclass(frozen=True)
+class Dims:
+    batch: int
+    height: int
+    width: int
+    cfg: bool = True               # classifier-free guidance doubles the text/UNet batch
+    vae_factor: int = 8
+
+    def __getitem__(self, name: str) -> int:
+        if name == "batch":
+            return self.batch
+        if name == "text_batch":
+            return 2 * self.batch if self.cfg else self.batch
+        if name == "latent_h":
+            return self.height // self.vae_factor
+        if name == "latent_w":
+            return self.width // self.vae_factor
+        if name == "height":
+            return self.height
+        if name == "width":
+            return self.width
+        raise KeyError(f"unknown dim {name!r}")
+
+
+def check_size(height: int, width: int, vae_factor: int) -> None:
+    """Image sizes the models accept: positive multiples of the VAE factor."""
+    for what, v in (("height", height), ("width", width)):
+        if v <= 0 or v % vae_factor:
+            raise UserError(f"{what} {v} must be a positive multiple of {vae_factor} "
+                            f"(the VAE factor of this model)")
+
+
+def text_encoder(cfg: ModelConfig, precision: str) -> Model:
+    return Model("text_encoder", "text_encoder.onnx",
+                 (Tensor("input_ids", "int32", ("text_batch", cfg.text_len)),),
+                 (Tensor("text_embeddings", _float(precision), ("text_batch", cfg.text_len, cfg.text_dim)),))
+
+
+def unet(cfg: ModelConfig, precision: str) -> Model:
+    f = _float(precision)
+    c = cfg.latent_channels
+    return Model("unet", "unet.onnx",
+                 (Tensor("sample", f, ("text_batch", c, "latent_h", "latent_w")),
+                  Tensor("timestep", "float32", (1,)),
+                  Tensor("encoder_hidden_states", f, ("text_batch", cfg.text_len, cfg.text_dim))),
+                 (Tensor("noise_pred", f, ("text_batch", c, "latent_h", "latent_w")),))
+
+
+def vae_decoder(cfg: ModelConfig, precision: str) -> Model:
+    # Latents and image cross the model boundary in float32 whatever the precision: the runtime
+    # keeps latents in fp32 and the casts live inside the graph.
+    return Model("vae_decoder", "vae_decoder.onnx",
+                 (Tensor("latents", "float32", ("batch", cfg.latent_channels, "latent_h", "latent_w")),),
+                 (Tensor("image", "float32", ("batch", 3, "height", "width")),))
+
+
+def denoise_step(cfg: ModelConfig, precision: str, guidance: bool) -> Model:
+    """One whole denoising step: UNet + classifier-free guidance + DDIM update.
+
+    Reads its per-step values from `step_table[step_index]` and writes `step_index + 1`, so the
+    same bound buffers (ping-ponged) and one captured CUDA graph serve every step.
+    """
+    c = cfg.latent_channels
+    latent = ("batch", c, "latent_h", "latent_w")
+    return Model("denoise_step_cfg" if guidance else "denoise_step",
+                 "denoise_step_cfg.onnx" if guidance else "denoise_step.onnx",
+                 (Tensor("latents", "float32", latent),
+                  Tensor("text_embeddings", _float(precision), ("text_batch", cfg.text_len, cfg.text_dim)),
+                  Tensor("step_table", "float32", (STEP_TABLE_ROWS, len(STEP_COLUMNS))),
+                  Tensor("step_index", "int32", (1,))),
+                 (Tensor("latents_next", "float32", latent),
+                  Tensor("step_index_next", "int32", (1,))))
+
+
+def all_models(cfg: ModelConfig, precision: str) -> dict[str, Model]:
+    models = [text_encoder(cfg, precision), unet(cfg, precision), vae_decoder(cfg, precision),
+              denoise_step(cfg, precision, guidance=True), denoise_step(cfg, precision, guidance=False)]
+    return {m.name: m for m in models}
+
+
+# What the runtime runs (the plain UNet is exported and validated, but served through the steps).
+RUNTIME_MODELS = ("text_encoder", "denoise_step_cfg", "denoise_step", "vae_decoder")
+
+
+def _float(precision: str) -> str:
+    if precision not in ("fp16", "fp32"):
+        raise UserError(f"unknown precision {precision!r}: use fp16 or fp32")
+    return "float16" if precision == "fp16" else "float32"

@@ -1,0 +1,90 @@
+"""WORK_DIR/manifest.json: what an export holds, read by builder and runtime alike.
+
+Layout of a work folder:
+  manifest.json            this file
+  onnx/*.onnx (+ .data)    one graph per model of sdrt.contract
+  tokenizer/               tokenizer files copied from the pipeline folder
+  scheduler/scheduler_config.json
+  engines/<backend>/*.plan built engines, keyed in manifest["engines"]
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from sdrt.contract import Model, ModelConfig
+from sdrt.errors import UserError
+
+FORMAT = 1
+NAME = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(work_dir: Path) -> dict:
+    work_dir = Path(work_dir)
+    path = work_dir / NAME
+    if not work_dir.is_dir():
+        raise UserError(f"{work_dir} is not a folder: give the WORK_DIR written by `sdrt export`")
+    if not path.is_file():
+        raise UserError(f"{work_dir} has no {NAME}: it is not an sdrt export (run `sdrt export` first)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable or corrupt ({e}): export again") from None
+    if data.get("format") != FORMAT or "models" not in data:
+        raise UserError(f"{path} is not an sdrt manifest of format {FORMAT}: export again")
+    return data
+
+
+def models(manifest: dict) -> dict[str, Model]:
+    return {name: Model.from_json(name, m["contract"]) for name, m in manifest["models"].items()}
+
+
+def config(manifest: dict) -> ModelConfig:
+    return ModelConfig.from_json(manifest["config"])
+
+
+def onnx_path(work_dir: Path, model: Model) -> Path:
+    return Path(work_dir) / "onnx" / model.onnx
+
+
+def onnx_sha256(path: Path) -> str:
+    """Content hash of an ONNX graph and every external data file it points at (export/build
+    side: needs the onnx package)."""
+    import onnx
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = sorted({e.value for t in proto.graph.initializer for e in t.external_data
+                        if e.key == "location"})
+    h = hashlib.sha256(sha256_file(path).encode())
+    for loc in locations:
+        h.update(loc.encode() + sha256_file(path.parent / loc).encode())
+    return h.hexdigest()

@@ -1,0 +1,46 @@
+"""Shared fixtures: one tiny random-weight pipeline and its FP32/FP16 exports per test session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from sdrt.export.init_models import init
+    return init(tmp_path_factory.mktemp("models") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tiny_dir, tmp_path_factory) -> Path:
+    from sdrt.export.export import export
+    return export(tiny_dir, tmp_path_factory.mktemp("work") / "tiny-fp32", precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16(tiny_dir, tmp_path_factory) -> Path:
+    from sdrt.export.export import export
+    return export(tiny_dir, tmp_path_factory.mktemp("work") / "tiny-fp16", precision="fp16")
+
+
+def run_cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """Run `sdrt ...` in a fresh interpreter, as a user would."""
+    return subprocess.run([sys.executable, "-m", "sdrt.cli", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=900)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """A user mistake: exit 2, one line on stderr naming the problem, no traceback."""
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(err.splitlines()) == 1, err
+    for w in words:
+        assert w.lower() in err.lower(), (w, err)

@@ -1,0 +1,164 @@
+"""sdrt init / sdrt export on the tiny pipeline (CPU)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import assert_user_error, run_cli
+from sdrt import manifest as mf
+from sdrt.contract import all_models
+from sdrt.export.validate import TOLERANCE
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_export_manifest_and_validation(precision, request):
+    work = request.getfixturevalue(f"tiny_{precision}")
+    data = mf.load(work)
+    assert data["precision"] == precision
+    expected = all_models(mf.config(data), precision)
+    assert set(data["models"]) == set(expected)
+    for name, model in expected.items():
+        rec = data["models"][name]
+        assert rec["contract"] == model.to_json()          # every input/output described
+        assert rec["validation"]["rel_l2"] <= TOLERANCE[precision]
+        assert rec["validation"]["tolerance"] == TOLERANCE[precision]
+        path = work / "onnx" / model.onnx
+        assert rec["sha256"] == mf.onnx_sha256(path)
+        proto = onnx.load(str(path), load_external_data=False)
+        assert [i.name for i in proto.graph.input] == [t.name for t in model.inputs]
+        assert [o.name for o in proto.graph.output] == [t.name for t in model.outputs]
+        assert proto.opset_import[0].version >= 17
+    assert (work / "tokenizer").is_dir()
+    assert json.loads((work / "scheduler" / "scheduler_config.json").read_text())["beta_end"] == 0.012
+    assert set(data["versions"]) >= {"torch", "diffusers", "onnx", "onnxruntime", "sdrt"}
+    assert set(data["source"]["sha256"]) == {"tokenizer", "text_encoder", "unet", "vae", "scheduler"}
+
+
+def test_fp16_graph_is_strongly_typed_fp16(tiny_fp16):
+    """Every weight of size is FP16 in the graph itself: TensorRT 11 builds it as typed."""
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        proto = onnx.load(str(tiny_fp16 / "onnx" / f"{name}.onnx"))
+        big = [t for t in proto.graph.initializer if np.prod(t.dims) >= 256]
+        assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big), name
+        assert {n.op_type for n in proto.graph.node} >= {"MatMul"}
+
+
+def test_step_graph_shares_unet_weights(tiny_fp16):
+    """The denoise-step graphs point at unet.onnx.data instead of copying the weights."""
+    proto = onnx.load(str(tiny_fp16 / "onnx" / "denoise_step_cfg.onnx"), load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"unet.onnx.data"}
+    assert (tiny_fp16 / "onnx" / "denoise_step_cfg.onnx").stat().st_size < 2 * (tiny_fp16 / "onnx" / "unet.onnx").stat().st_size
+
+
+def _save_with_diffusers(path, tokenizer_form):
+    """A folder written by diffusers' own save_pretrained, with PNDM as SD 1.5 ships it."""
+    from diffusers import PNDMScheduler
+    from sdrt.export.init_models import SD15_SCHEDULER, build_pipeline
+    pipe = build_pipeline("tiny", seed=3)
+    pipe.scheduler = PNDMScheduler(**{k: v for k, v in SD15_SCHEDULER.items()
+                                      if k in ("num_train_timesteps", "beta_start", "beta_end",
+                                               "beta_schedule", "steps_offset", "set_alpha_to_one")})
+    pipe.save_pretrained(path)
+    tok = path / "tokenizer"
+    from sdrt.export.clip_vocab import write_tokenizer_json
+    if tokenizer_form == "vocab":
+        if not (tok / "vocab.json").exists():  # transformers 5 saves tokenizer.json only
+            from sdrt.export.clip_vocab import write_clip_tokenizer
+            write_clip_tokenizer(tok, 1000)
+        (tok / "tokenizer.json").unlink(missing_ok=True)
+    else:
+        if not (tok / "tokenizer.json").exists():
+            write_tokenizer_json(tok)
+        for f in ("vocab.json", "merges.txt"):
+            (tok / f).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("form", ["vocab", "json"])
+def test_export_diffusers_saved_folder(form, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from sdrt.export.export import export
+    src = tmp_path / "saved"
+    _save_with_diffusers(src, form)
+    StableDiffusionPipeline.from_pretrained(src)  # diffusers itself loads it
+    work = export(src, tmp_path / "work", precision="fp32")
+    assert sorted(p.name for p in (work / "tokenizer").iterdir())
+    assert mf.load(work)["models"]["unet"]["validation"]["rel_l2"] < TOLERANCE["fp32"]
+
+
+def test_init_sd15_shapes_without_weights():
+    """sd15 has SD 1.5's exact shapes: 859.52 M UNet parameters, CLIP ViT-L/14, VAE factor 8."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from sdrt.export.init_models import ARCHS
+    spec = ARCHS["sd15"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**spec["unet"])
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+    assert spec["vocab_size"] == 49408 and spec["text"]["max_position_embeddings"] == 77
+    assert spec["text"]["hidden_size"] == 768 and spec["text"]["num_hidden_layers"] == 12
+    assert len(spec["vae"]["block_out_channels"]) == 4 and spec["vae"]["latent_channels"] == 4
+
+
+# ---- bad input: one clear line, exit 2, no traceback, nothing half-written ----
+
+def test_export_not_a_pipeline_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run_cli("export", tmp_path / "empty", tmp_path / "w"), "model_index.json")
+    assert_user_error(run_cli("export", tmp_path / "nope", tmp_path / "w"), "not a folder")
+    assert not (tmp_path / "w").exists()
+
+
+def test_export_missing_component(tiny_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    shutil.rmtree(broken / "vae")
+    assert_user_error(run_cli("export", broken, tmp_path / "w"), "missing", "vae")
+    assert not (tmp_path / "w").exists()
+
+
+def test_export_sdxl_is_refused(tiny_dir, tmp_path):
+    xl = tmp_path / "xl"
+    shutil.copytree(tiny_dir, xl)
+    index = json.loads((xl / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    (xl / "model_index.json").write_text(json.dumps(index))
+    assert_user_error(run_cli("export", xl, tmp_path / "w"), "SDXL")
+
+
+def test_export_refuses_foreign_output_folder(tiny_dir, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert_user_error(run_cli("export", tiny_dir, out), "not a previous sdrt export")
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_export_unwritable_path(tiny_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_user_error(run_cli("export", tiny_dir, blocker / "sub" / "w"), "cannot write")
+
+
+def test_failed_export_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
+    from sdrt.errors import UserError
+    from sdrt.export import export as ex
+    def boom(*a, **k):
+        raise UserError("validation failed on purpose")
+    monkeypatch.setattr(ex.validate, "check", boom)
+    with pytest.raises(UserError):
+        ex.export(tiny_dir, tmp_path / "w", precision="fp32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_init_refuses_existing_and_unknown_arch(tmp_path):
+    (tmp_path / "x").mkdir()
+    assert_user_error(run_cli("init", tmp_path / "x", "--arch", "tiny"), "already exists")
+    from sdrt.errors import UserError
+    from sdrt.export.init_models import init
+    with pytest.raises(UserError, match="unknown --arch"):
+        init(tmp_path / "y", "sdxl")

@@ -83,7 +83,9 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int) -> None
             inputs, ref = _step_reference(folder, model, vdims, model_dir)
         say(f"[{i}/{len(models)}] {name}: validating on ONNX Runtime CPU ...")
         record = validate.check(model, validate.run_onnx(path, inputs), ref, precision)
-        records[name] = {"contract": model.to_json(), "sha256": mf.onnx_sha256(path),
+        files = [path.name] + external_data_locations(path)  # the model's identity: these bytes
+        sha = mf.files_sha256(mf.model_files(out, {"models": {name: {"files": files}}}, name))
+        records[name] = {"contract": model.to_json(), "files": files, "sha256": sha,
                          "bytes": _onnx_bytes(path), "validation": record,
                          "export_s": round(time.perf_counter() - t, 2)}
         say(f"[{i}/{len(models)}] {name}: rel L2 error {record['rel_l2']:.2e} "
@@ -120,6 +122,14 @@ def _step_reference(folder, step, dims: Dims, model_dir: Path):
         uncond, cond = np.split(m, 2)
         m = uncond + table[k, -1] * (cond - uncond)
     return inputs, [scheduler.apply_step(table[k], x, m), np.array([k + 1], np.int32)]
+
+
+def external_data_locations(path: Path) -> list[str]:
+    """Sorted names of the external data files the graph's initializers point at."""
+    import onnx
+    proto = onnx.load(str(path), load_external_data=False)
+    return sorted({e.value for t in proto.graph.initializer for e in t.external_data
+                   if e.key == "location"})
 
 
 def _onnx_bytes(path: Path) -> int:

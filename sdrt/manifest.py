@@ -76,15 +76,30 @@ def onnx_path(work_dir: Path, model: Model) -> Path:
     return Path(work_dir) / "onnx" / model.onnx
 
 
-def onnx_sha256(path: Path) -> str:
-    """Content hash of an ONNX graph and every external data file it points at (export/build
-    side: needs the onnx package)."""
-    import onnx
-    path = Path(path)
-    proto = onnx.load(str(path), load_external_data=False)
-    locations = sorted({e.value for t in proto.graph.initializer for e in t.external_data
-                        if e.key == "location"})
-    h = hashlib.sha256(sha256_file(path).encode())
-    for loc in locations:
-        h.update(loc.encode() + sha256_file(path.parent / loc).encode())
+def model_files(work_dir: Path, manifest: dict, name: str) -> list[Path]:
+    """The files model `name` consists of, under WORK_DIR/onnx: its .onnx, then the external data
+    files it refers to, as `sdrt export` recorded them in manifest["models"][name]["files"]
+    (manifests without "files": the .onnx alone). UserError when any is missing."""
+    rec = manifest["models"][name]
+    names = rec.get("files") or [Model.from_json(name, rec["contract"]).onnx]
+    onnx_dir = Path(work_dir) / "onnx"
+    path = onnx_dir / names[0]
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the export is incomplete, export again")
+    files = [path]
+    for extra in names[1:]:
+        p = onnx_dir / extra
+        if not p.is_file():
+            raise UserError(f"{path} needs its external data {extra}, which is missing: export again")
+        files.append(p)
+    return files
+
+
+def files_sha256(files: list[Path], chunk: int = 1 << 22) -> str:
+    """sha256 over the bytes of `files` one after another (== sha256_file for a single file)."""
+    h = hashlib.sha256()
+    for p in files:
+        with open(p, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()

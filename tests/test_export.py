@@ -27,7 +27,8 @@ def test_export_manifest_and_validation(precision, request):
         assert rec["validation"]["rel_l2"] <= TOLERANCE[precision]
         assert rec["validation"]["tolerance"] == TOLERANCE[precision]
         path = work / "onnx" / model.onnx
-        assert rec["sha256"] == mf.onnx_sha256(path)
+        assert rec["sha256"] == mf.files_sha256(mf.model_files(work, data, name))
+        assert rec["files"][0] == model.onnx
         proto = onnx.load(str(path), load_external_data=False)
         assert [i.name for i in proto.graph.input] == [t.name for t in model.inputs]
         assert [o.name for o in proto.graph.output] == [t.name for t in model.outputs]

@@ -1,0 +1,142 @@
+"""TensorRT / TensorRT-RTX runtime adapter: deserialize plans, bind device buffers once, enqueue.
+
+Written against the documented TensorRT 10/11 and TensorRT-RTX 1.x Python API (same names in both;
+the few differences live in `_memory_size` and `_set_memory`). No torch: buffers come from
+sdrt.engine.buffers (anything with .ptr, .shape, .dtype).
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.contract import Model
+from sdrt.errors import UserError
+
+MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # backend name -> module
+
+
+def import_trt(name: str):
+    """(backend, module) for a backend name ("tensorrt-rtx") or module name ("tensorrt_rtx")."""
+    backend = {m: b for b, m in MODULES.items()}.get(name, name)
+    if backend not in MODULES:
+        raise UserError(f"unknown backend {name!r}: use one of {', '.join(MODULES)}")
+    try:
+        return backend, importlib.import_module(MODULES[backend])
+    except ImportError as e:
+        raise UserError(f"the {backend} backend needs the {MODULES[backend]} module ({e}): "
+                        f"pip install 'sdrt[{backend}]'") from None
+
+
+def _memory_size(engine) -> int:
+    # Scratch (activation) bytes one context needs, max over profiles: device_memory_size_v2
+    # since TRT 10.1 and in RTX (int64); TRT 10.0 has only device_memory_size.
+    if hasattr(engine, "device_memory_size_v2"):
+        return int(engine.device_memory_size_v2)
+    return int(engine.device_memory_size)
+
+
+def _set_memory(context, ptr: int, size: int) -> None:
+    # Hand a USER_MANAGED context its scratch block (256-byte aligned, >= _memory_size):
+    # set_device_memory(ptr, size) wraps setDeviceMemoryV2 (TRT >= 10.1, RTX); TRT 10.0 only has
+    # the write-only `device_memory` property (setDeviceMemory, no size).
+    if hasattr(context, "set_device_memory"):
+        context.set_device_memory(ptr, size)
+    else:
+        context.device_memory = ptr
+
+
+def check_profile(engine, model_name: str, name: str, shape: tuple) -> None:
+    """UserError unless `shape` lies within profile 0 of input `name` (min <= shape <= max)."""
+    prof = engine.get_tensor_profile_shape(name, 0)  # [min, opt, max] Dims of profile 0
+    lo, opt, hi = (tuple(d) for d in prof) if prof else (tuple(engine.get_tensor_shape(name)),) * 3
+    if len(shape) != len(lo) or any(not a <= s <= b for a, s, b in zip(lo, shape, hi)):
+        raise UserError(f"{model_name}: {name} shape {tuple(shape)} is outside the engine's profile "
+                        f"(min {lo}, opt {opt}, max {hi}): rebuild with `sdrt build` for this size, "
+                        f"or a --dynamic range that covers it")
+
+
+class TrtBackend:
+    device = "cuda"
+
+    def __init__(self, module_name: str, stream_handle: int):
+        self.name, self.trt = import_trt(module_name)
+        self.stream = int(stream_handle)  # cudaStream_t as int: execute_async_v3 enqueues here
+        self.logger = self.trt.Logger(self.trt.Logger.WARNING)  # TRT's stderr logger
+        self.runtime = self.trt.Runtime(self.logger)  # one IRuntime deserializes every plan
+
+    def load(self, model: Model, plan_path: Path) -> "TrtModel":
+        data = Path(plan_path).read_bytes()
+        if hasattr(self.runtime, "get_engine_validity"):  # RTX >= 1.1: header-only check
+            validity, diag = self.runtime.get_engine_validity(data)  # (EngineValidity, bitmask)
+            if validity == self.trt.EngineValidity.INVALID:
+                why = [k for k, v in self.trt.EngineInvalidityDiagnostics.__members__.items()
+                       if int(diag) & int(v)]
+                fix = ("rebuild it with `sdrt build`" if why and
+                       set(why) <= {"VERSION_MISMATCH", "MALFORMED_ENGINE"} else "see the log above")
+                raise UserError(f"engine {plan_path} cannot run here "
+                                f"({', '.join(why) or 'no usable GPU or driver?'}): {fix}")
+        engine = self.runtime.deserialize_cuda_engine(data)  # ICudaEngine, None on failure
+        if engine is None:
+            raise UserError(f"cannot load engine {plan_path} (see the {self.name} log above: "
+                            f"other version or GPU?): rebuild it with `sdrt build`")
+        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}  # I/O by name
+        if names != {t.name for t in model.tensors}:
+            raise UserError(f"engine {plan_path} has tensors {sorted(names)}, the contract of "
+                            f"{model.name} {sorted(t.name for t in model.tensors)}: rebuild it")
+        return TrtModel(self, model, engine)
+
+    def share_activation_memory(self, models: list, alloc) -> None:
+        """One scratch block, sized for the hungriest engine, for every context (they run one
+        after another on one stream). Call after load() and before any bind()."""
+        if any(m.bindings for m in models):
+            raise RuntimeError("share_activation_memory() must come before bind()")
+        size = max((_memory_size(m.engine) for m in models), default=0)
+        block = (int(alloc(size)) if size else 0, size)
+        for m in models:
+            m.activation = block
+
+
+class TrtModel:
+    def __init__(self, backend: TrtBackend, model: Model, engine):
+        self.backend, self.model, self.engine = backend, model, engine
+        self.activation = None  # (ptr, size) from share_activation_memory, else TRT allocates
+        self.bindings = []
+
+    def bind(self, buffers: dict, shapes: dict) -> "TrtBinding":
+        trt, eng = self.backend.trt, self.engine
+        if self.activation:  # context without its own scratch memory: we hand it the shared block
+            ctx = eng.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        else:  # STATIC (default): the context allocates its own scratch memory
+            ctx = eng.create_execution_context()
+        if ctx is None:
+            raise UserError(f"{self.model.name}: cannot create an execution context (GPU memory?)")
+        if self.activation:
+            _set_memory(ctx, *self.activation)
+        for t in self.model.inputs:
+            shape = tuple(shapes.get(t.name, buffers[t.name].shape))
+            check_profile(eng, self.model.name, t.name, shape)
+            ctx.set_input_shape(t.name, shape)  # fixes this context's shapes; outputs follow
+        for t in self.model.tensors:
+            buf = buffers[t.name]
+            want = tuple(ctx.get_tensor_shape(t.name))  # outputs resolved from the input shapes
+            dtype = np.dtype(trt.nptype(eng.get_tensor_dtype(t.name)))  # engine's I/O dtype
+            if tuple(buf.shape) != want or np.dtype(buf.dtype) != dtype:
+                raise UserError(f"{self.model.name}: buffer {t.name} is {tuple(buf.shape)} "
+                                f"{np.dtype(buf.dtype)}, the engine needs {want} {dtype}")
+            ctx.set_tensor_address(t.name, int(buf.ptr))  # device pointer, bound once
+        binding = TrtBinding(self.model.name, ctx, self.backend.stream, buffers)
+        self.bindings.append(binding)
+        return binding
+
+
+class TrtBinding:
+    def __init__(self, name: str, context, stream: int, buffers: dict):
+        self.name, self.context, self.stream = name, context, stream
+        self._keep = buffers  # the bound device memory lives as long as the binding
+
+    def run(self) -> None:
+        # Enqueue the whole engine on the stream (no sync); graph-capturable after one warm run.
+        if not self.context.execute_async_v3(self.stream):
+            raise RuntimeError(f"{self.name}: execute_async_v3 failed (see the TensorRT log)")

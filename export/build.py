@@ -1,0 +1,273 @@
+"""ONNX -> TensorRT / TensorRT-RTX engines (FP16 from the graph's own dtypes: strongly typed).
+
+    build(work_dir, "tensorrt-rtx")          static profile at the export's native size, batch 1
+    build(..., dynamic="batch=1:1:4,height=256:512:768,width=256:512:768")     min:opt:max ranges
+
+Writes WORK_DIR/engines/<backend>/<model>.plan (atomically) and records each engine in
+manifest["engines"][backend][model] with the key it was built for: ONNX hash, backend, version,
+GPU, profile and options (sdrt.engine.engine_cache: keys, and `check_engine`, which the runtime
+uses to refuse a plan whose key no longer holds); `build` skips models whose key still holds.
+
+One model at a time, builder/network/parser freed between models, optional workspace limit:
+sized for a Jetson as much as for a workstation.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from sdrt import manifest as mf
+from sdrt.contract import RUNTIME_MODELS, Dims, Model, check_size
+from sdrt.engine.engine_cache import KEY_FIELDS, _api, _current_hash, _first_change, _stat, engine_key
+from sdrt.engine.trt_backend import MODULES, import_trt
+from sdrt.errors import UserError
+
+DIMS = ("batch", "height", "width")  # what --dynamic may range over
+
+
+# ---- profiles -------------------------------------------------------------------------------------
+
+def parse_dynamic(spec: str | None, batch: int, height: int, width: int, vae_factor: int) -> dict:
+    """{"min"|"opt"|"max": {"batch", "height", "width"}} from "batch=1:2:4,height=256:512:768".
+
+    Dims the spec leaves out stay at the static values; "batch=2" alone means 2:2:2."""
+    ranges = {d: (v, v, v) for d, v in zip(DIMS, (batch, height, width))}
+    seen = set()
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not eq or name not in DIMS:
+            raise UserError(f"bad --dynamic item {item.strip()!r}: use name=min:opt:max with "
+                            f"name one of {', '.join(DIMS)}, e.g. batch=1:2:4,height=256:512:768")
+        if name in seen:
+            raise UserError(f"--dynamic gives {name} twice")
+        seen.add(name)
+        parts = value.split(":")
+        try:
+            nums = tuple(int(p) for p in parts)
+        except ValueError:
+            nums = ()
+        if len(nums) == 1:
+            nums = nums * 3
+        if len(nums) != 3:
+            raise UserError(f"bad --dynamic range {item.strip()!r}: give min:opt:max as integers")
+        if not 0 < nums[0] <= nums[1] <= nums[2]:
+            raise UserError(f"bad --dynamic range {item.strip()!r}: need 0 < min <= opt <= max")
+        ranges[name] = nums
+    for i in range(3):
+        if ranges["batch"][i] <= 0:
+            raise UserError(f"batch {ranges['batch'][i]} must be positive")
+        check_size(ranges["height"][i], ranges["width"][i], vae_factor)
+    return {k: {d: ranges[d][i] for d in DIMS} for i, k in enumerate(("min", "opt", "max"))}
+
+
+def profile_for(model: Model, ranges: dict, guidance: bool, vae_factor: int) -> dict:
+    """{input: {"min": [...], "opt": [...], "max": [...]}} via the contract's own dims."""
+    shapes = {k: model.shapes(Dims(**ranges[k], cfg=guidance, vae_factor=vae_factor))
+              for k in ("min", "opt", "max")}
+    return {t.name: {k: list(shapes[k][t.name]) for k in ("min", "opt", "max")} for t in model.inputs}
+
+
+# ---- building -------------------------------------------------------------------------------------
+
+def _logger(trt):
+    class Logger(trt.ILogger):
+        """Keeps errors for the one-line failure message; prints warnings and errors."""
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.errors.append(msg.strip())
+            if severity <= trt.ILogger.Severity.WARNING:
+                print(f"  [{trt.__name__}] {msg.strip()}", file=sys.stderr)
+    return Logger()
+
+
+def _progress_monitor(trt):
+    class Progress(trt.IProgressMonitor):
+        """Prints the builder's top two phase levels to stderr (called from builder threads)."""
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.lock, self.depth = threading.Lock(), {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            with self.lock:
+                d = self.depth[phase_name] = self.depth.get(parent_phase, -1) + 1 if parent_phase else 0
+                if d <= 1:
+                    print(f"  {'  ' * d}{phase_name} ({num_steps} steps)", file=sys.stderr, flush=True)
+
+        def step_complete(self, phase_name, step):
+            return True  # keep building
+
+        def phase_finish(self, phase_name):
+            with self.lock:
+                self.depth.pop(phase_name, None)
+    return Progress()
+
+
+def _serialize(builder, network, config):
+    """builder.build_serialized_network: IHostMemory, or None when the build failed."""
+    return builder.build_serialized_network(network, config)
+
+
+def _write_atomic(path: Path, data) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_network(network, model: Model, trt, path: Path) -> None:
+    """The parsed graph's I/O must be the contract's: names, ranks, dtypes."""
+    import numpy as np
+    got = {}
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        got[t.name] = (len(t.shape), np.dtype(trt.nptype(t.dtype)).name)
+    for i in range(network.num_outputs):
+        t = network.get_output(i)
+        got[t.name] = (len(t.shape), np.dtype(trt.nptype(t.dtype)).name)
+    want = {t.name: (len(t.shape), t.dtype) for t in model.tensors}
+    if got != want:
+        diff = sorted(set(got.items()) ^ set(want.items()))
+        raise UserError(f"{path} does not match the {model.name} contract (name, rank, dtype "
+                        f"differ: {diff}): export again")
+
+
+def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile: dict,
+               options: dict, cache_bytes: bytes | None, progress: bool):
+    """Parse + build one model: (plan bytes, build seconds, timing cache bytes or None)."""
+    logger = _logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(api["network_flags"])
+    parser = trt.OnnxParser(network, logger)
+    config = builder.create_builder_config()
+    monitor = _progress_monitor(trt) if progress and api["progress"] else None
+    cache = None
+    try:
+        t0 = time.perf_counter()
+        if not parser.parse_from_file(str(files[0])):  # resolves external data beside the file
+            e = parser.get_error(0)
+            where = f" at node {e.node()} {e.node_name()!r} ({e.node_operator()})" if e.node() >= 0 else ""
+            raise UserError(f"cannot parse {files[0]}{where}: {' '.join(e.desc().split())}: "
+                            f"export again")
+        _check_network(network, model, trt, files[0])
+        prof = builder.create_optimization_profile()
+        for name, p in profile.items():
+            prof.set_shape(name, p["min"], p["opt"], p["max"])  # min/opt/max for profile 0
+        if config.add_optimization_profile(prof) < 0:
+            raise UserError(f"{model.name}: TensorRT refused the profile {profile}")
+        if options["workspace_mb"] is not None:  # scratch memory the tactics may use
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options["workspace_mb"] << 20)
+        if options["opt_level"] is not None and api["opt_level"]:
+            config.builder_optimization_level = options["opt_level"]  # 0..5, TRT default 3
+        if monitor is not None:
+            config.progress_monitor = monitor
+        if cache_bytes is not None:  # shared timing cache: reuse kernel timings across builds
+            try:
+                cache = config.create_timing_cache(cache_bytes)
+            except Exception:  # damaged
+                cache = None
+            cache = cache or config.create_timing_cache(b"")  # none usable: start afresh
+            config.set_timing_cache(cache, ignore_mismatch=False)
+        try:
+            plan = _serialize(builder, network, config)
+        except (RuntimeError, MemoryError) as e:  # bindings may raise instead of returning None
+            logger.errors.append(str(e) or type(e).__name__)
+            plan = None
+        if plan is None:
+            first = " ".join(logger.errors[0].split()) if logger.errors else "no message"
+            raise UserError(f"building {model.name} failed ({first}): if it ran out "
+                            f"of memory, lower --workspace or build a smaller --dynamic profile")
+        new_cache = bytes(memoryview(cache.serialize())) if cache is not None else None
+        return plan, time.perf_counter() - t0, new_cache
+    finally:
+        del parser, network, config, builder, cache, monitor
+        gc.collect()
+
+
+def build(work_dir: Path, backend: str, height: int | None = None, width: int | None = None,
+          batch: int = 1, dynamic: str | None = None, opt_level: int | None = None,
+          timing_cache: Path | None = None, guidance: bool = True, workspace_mb: int | None = None,
+          progress: bool = True) -> dict:
+    """Build the runtime's engines; returns {"backend", "built", "up_to_date", "engines"}."""
+    work_dir = Path(work_dir)
+    if backend not in MODULES:
+        raise UserError(f"unknown backend {backend!r}: use one of {', '.join(MODULES)}")
+    man = mf.load(work_dir)
+    cfg = mf.config(man)
+    contracts = mf.models(man)
+    step = "denoise_step_cfg" if guidance else "denoise_step"
+    names = [n for n in RUNTIME_MODELS if n in ("text_encoder", step, "vae_decoder")]
+    for n in names:
+        if n not in contracts:
+            raise UserError(f"{work_dir} has no {n} model: export again"
+                            + (" (guidance off needs denoise_step)" if n == "denoise_step" else ""))
+    if opt_level is not None and not 0 <= opt_level <= 5:
+        raise UserError(f"opt level {opt_level} must be 0..5")
+    if workspace_mb is not None and workspace_mb <= 0:
+        raise UserError(f"workspace {workspace_mb} MB must be positive")
+    ranges = parse_dynamic(dynamic, batch, height or cfg.default_size, width or cfg.default_size,
+                           cfg.vae_factor)
+    backend, trt = import_trt(backend)
+    api = _api(trt, backend)
+    options = {"opt_level": opt_level, "precision": man.get("precision", "fp16"),
+               "strongly_typed": True, "workspace_mb": workspace_mb}
+    cache_bytes = loaded_cache = None
+    if timing_cache is not None and api["timing_cache"]:
+        timing_cache = Path(timing_cache)
+        cache_bytes = loaded_cache = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    elif timing_cache is not None:
+        print(f"timing cache {timing_cache} not used: {backend} has none", file=sys.stderr)
+    out_dir = work_dir / "engines" / backend
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"backend": backend, "built": [], "up_to_date": [], "engines": {}}
+    for name in names:
+        model = contracts[name]
+        entry = mf.load(work_dir).get("engines", {}).get(backend, {}).get(name)
+        onnx_hash, files = _current_hash(work_dir, man, name, entry)
+        profile = profile_for(model, ranges, guidance, cfg.vae_factor)
+        key = engine_key(backend, trt, onnx_hash, profile, options, api)
+        plan_path = out_dir / f"{name}.plan"
+        why = _first_change(entry.get("key") or {}, key, KEY_FIELDS) if entry else None
+        if (entry and why is None and plan_path.is_file()
+                and plan_path.stat().st_size == entry.get("size_bytes")):
+            print(f"{name}: up to date ({plan_path.relative_to(work_dir)})", file=sys.stderr)
+            result["up_to_date"].append(name)
+            result["engines"][name] = entry
+            continue
+        print(f"building {name} ({backend} {trt.__version__}{', ' + why if why else ''}) …",
+              file=sys.stderr, flush=True)
+        plan, seconds, cache_bytes2 = _build_one(trt, api, backend, model, files, profile, options,
+                                                 cache_bytes, progress)
+        if cache_bytes2 is not None:
+            cache_bytes = cache_bytes2
+        _write_atomic(plan_path, plan)
+        size = plan_path.stat().st_size
+        del plan
+        entry = {"file": str(plan_path.relative_to(work_dir)), "size_bytes": size,
+                 "build_s": round(seconds, 3), "key": key, "onnx_stat": _stat(files)}
+        latest = mf.load(work_dir)  # re-read: record only our entry
+        latest.setdefault("engines", {}).setdefault(backend, {})[name] = entry
+        mf.write_json_atomic(work_dir / mf.NAME, latest)
+        print(f"{name}: done in {seconds:.1f} s, {size / 2**20:.1f} MB", file=sys.stderr)
+        result["built"].append(name)
+        result["engines"][name] = entry
+    if cache_bytes and cache_bytes != loaded_cache:
+        _write_atomic(timing_cache, cache_bytes)
+    return result

@@ -15,7 +15,7 @@ class Reference:
         self.torch = torch
         self.cuda = torch.cuda.is_available()
         dtype = torch.float16 if self.cuda else torch.float32
-        pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype)
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to("cuda" if self.cuda else "cpu")

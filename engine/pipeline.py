@@ -92,8 +92,8 @@ class Pipeline:
         return Result(to_uint8(image), self.timings(clock, t0, t_tok))
 
     def dims(self, steps, height, width, batch, guidance) -> Dims:
-        height = height or self.config.default_size
-        width = width or self.config.default_size
+        height = self.config.default_size if height is None else height
+        width = self.config.default_size if width is None else width
         if not isinstance(steps, int) or steps <= 0:
             raise UserError(f"steps must be a positive integer, got {steps}")
         if steps > self.scheduler.num_train_timesteps:

@@ -193,7 +193,7 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
         if plan is None:
             first = " ".join(logger.errors[0].split()) if logger.errors else "no message"
             raise UserError(f"building {model.name} failed ({first}): if it ran out "
-                            f"of memory, lower --workspace or build a smaller --dynamic profile")
+                            f"of memory, lower --workspace-mb or build a smaller --dynamic profile")
         new_cache = bytes(memoryview(cache.serialize())) if cache is not None else None
         return plan, time.perf_counter() - t0, new_cache
     finally:

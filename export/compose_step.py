@@ -37,7 +37,7 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
         return helper.make_node(op, [_n(i) for i in inputs], [_n(o) for o in outputs],
                                 name=P + outputs[0], **attrs)
 
-    col = {c: P + c for c in STEP_COLUMNS}
+    col = {c: P + "col_" + c for c in STEP_COLUMNS}
     pre = [node("Gather", ["step_table", "step_index"], ["row"], axis=0),           # [1, 9]
            helper.make_node("Split", [P + "row", P + "ones9"], list(col.values()), axis=1,
                             name=P + "split_row"),

@@ -60,6 +60,8 @@ def build_pipeline(arch: str, seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from sdrt.export.pipeline_folder import quiet
+    quiet()
     spec = ARCHS[arch]
     torch.manual_seed(seed)
     text_config = CLIPTextConfig(vocab_size=spec["vocab_size"], bos_token_id=spec["vocab_size"] - 2,

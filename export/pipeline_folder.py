@@ -21,6 +21,15 @@ class PipelineFolder:
     vae: object
 
 
+def quiet() -> None:
+    """diffusers/transformers chatter (progress bars, casting notes) is not the user's business."""
+    import diffusers
+    import transformers
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+
+
 def read_model_index(path: Path) -> dict:
     path = Path(path)
     if not path.is_dir():
@@ -53,12 +62,13 @@ def load(path: Path) -> PipelineFolder:
 
     path = Path(path)
     read_model_index(path)
+    quiet()
     try:
         # eager attention traces to plain MatMul/Softmax; sdpa's mask handling traces poorly
-        text = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch.float32,
+        text = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32,
                                              attn_implementation="eager")
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(path / "vae", dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"cannot load the models in {path}: {str(e).splitlines()[0]}") from None
     return PipelineFolder(path, model_config(text, unet, vae), text.eval(), unet.eval(), vae.eval())

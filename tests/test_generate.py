@@ -16,7 +16,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def diffusers_images(model_dir, prompt, negative, steps, guidance, height, width, latents):
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=torch.float32)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt=[prompt] * len(latents), negative_prompt=[negative] * len(latents) if negative else None,

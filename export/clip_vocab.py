@@ -1,0 +1,87 @@
+"""A synthetic byte-level CLIP BPE tokenizer of any vocab size, for `sdrt init` (no real vocab can be
+downloaded). Same layout as OpenAI's CLIP vocab: 256 byte chars, the same with "</w>", one token per
+merge, then <|startoftext|> and <|endoftext|>; merges are lowercase letter pairs, triples, quads."""
+from __future__ import annotations
+
+import json
+from itertools import product
+from pathlib import Path
+from string import ascii_lowercase
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+END = "</w>"
+MIN_VOCAB = 512 + 2
+
+
+def bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable char table, in byte-level vocab order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(extra))]
+
+
+def letter_merges():
+    """Every (left, right) merge over lowercase letters, each right part word-internal then word-final:
+    a b, a b</w>, ..., ab c, ab c</w>, ..., abc d, abc d</w>, ... Each left part is an earlier merge."""
+    for n in (1, 2, 3):
+        for left in product(ascii_lowercase, repeat=n):
+            for right in ascii_lowercase:
+                yield "".join(left), right
+                yield "".join(left), right + END
+
+
+def clip_merges(n: int) -> list[tuple[str, str]]:
+    """The first n letter merges."""
+    merges = []
+    for pair in letter_merges():
+        if len(merges) == n:
+            break
+        merges.append(pair)
+    return merges
+
+
+def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """CLIP's vocab layout: bytes, bytes + </w>, merge results, then bos and eos."""
+    chars = bytes_to_unicode()
+    tokens = [*chars, *(c + END for c in chars), *(a + b for a, b in merges), BOS, EOS]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def tokenizer_config(model_max_length: int) -> dict:
+    """tokenizer_config.json as SD 1.5 ships it (pad is <|endoftext|>)."""
+    return {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length,
+            "do_lower_case": True, "add_prefix_space": False, "errors": "replace",
+            **special_tokens_map()}
+
+
+def special_tokens_map() -> dict:
+    return {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def write_clip_tokenizer(dir: Path, vocab_size: int, model_max_length: int = 77) -> Path:
+    """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json into dir."""
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"vocab_size {vocab_size} is too small: a CLIP vocab needs at least {MIN_VOCAB} tokens")
+    merges = clip_merges(vocab_size - MIN_VOCAB)
+    if len(merges) < vocab_size - MIN_VOCAB:
+        raise ValueError(f"vocab_size {vocab_size} is too large: at most {MIN_VOCAB + len(merges)} tokens")
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    write_json(dir / "vocab.json", clip_vocab(merges))
+    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_json(dir / "tokenizer_config.json", tokenizer_config(model_max_length))
+    write_json(dir / "special_tokens_map.json", special_tokens_map())
+    return dir
+
+
+def write_tokenizer_json(dir: Path) -> Path:
+    """Convert the vocab.json + merges.txt in dir to a tokenizer.json beside them."""
+    from sdrt.engine.tokenizer import ClipTokenizer
+    dir = Path(dir)
+    ClipTokenizer.from_dir(dir).backend.save(str(dir / "tokenizer.json"))
+    return dir / "tokenizer.json"

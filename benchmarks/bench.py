@@ -7,11 +7,9 @@ image. Results: JSON records + markdown table + PNG plot under --out.
 """
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 

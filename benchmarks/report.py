@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
-from sdrt.manifest import write_json_atomic
+from sdrt.fileio import atomic_path, write_atomic, write_json_atomic
 
 COLUMNS = [("backend", "backend", "{}"), ("size", None, "{}"), ("batch", "batch", "{}"),
            ("e2e ms", "e2e_ms", "{:.1f}"), ("ref e2e ms", "reference_e2e_ms", "{:.1f}"),
@@ -54,13 +52,10 @@ def plot(records: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
-        Path(tmp).unlink(missing_ok=True)
         plt.close(fig)
 
 
@@ -71,10 +66,7 @@ def write(records: list[dict], out_dir: Path) -> list[Path]:
     stem = out_dir / f"bench-{device}-{time.strftime('%Y%m%d-%H%M%S')}"
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
     write_json_atomic(paths[0], {"records": records})
-    fd, tmp = tempfile.mkstemp(suffix=".md", dir=out_dir)
-    with os.fdopen(fd, "w") as f:
-        f.write(table(records) + "\n")
-    os.replace(tmp, paths[1])
+    write_atomic(paths[1], table(records) + "\n")
     plot(records, paths[2])
     return paths
 

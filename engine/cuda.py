@@ -103,6 +103,12 @@ class Event:
     def ms_since(self, start: "Event") -> float:
         return float(check(rt().cudaEventElapsedTime(start.handle, self.handle)))
 
+    def __del__(self):
+        try:
+            rt().cudaEventDestroy(self.handle)
+        except Exception:  # interpreter shutdown
+            pass
+
 
 class Graph:
     """A CUDA graph captured from whatever `enqueue` puts on the stream, replayed by `launch`."""

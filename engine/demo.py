@@ -6,7 +6,6 @@ Steps already done (a folder from an earlier run) are reused.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from sdrt import manifest as mf
 

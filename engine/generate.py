@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.errors import UserError
+from sdrt.fileio import default_mode
 
 
 def load_latents(path: Path | None):
@@ -37,6 +38,7 @@ def save_images(images: list, paths: list[Path]) -> None:
             os.close(fd)
             temps.append(tmp)
             img.save(tmp, format="PNG")
+            default_mode(tmp)
         for tmp, path in zip(temps, paths):
             os.replace(tmp, path)
     except OSError as e:
@@ -48,7 +50,7 @@ def save_images(images: list, paths: list[Path]) -> None:
 
 def timing_table(t: dict) -> str:
     steps = t["steps_ms"]
-    rows = [("tokenize", t["tokenize_ms"]), ("text encoder", t["text_encoder_ms"]),
+    rows = [("setup (first call)", t["setup_ms"]), ("tokenize", t["tokenize_ms"]), ("text encoder", t["text_encoder_ms"]),
             (f"denoise ({len(steps)} steps)", t["denoise_ms"]),
             ("  per step (median)", t["unet_step_ms"]),
             ("  per step (min / max)", f"{min(steps):.2f} / {max(steps):.2f}"),

@@ -1,99 +1,187 @@
-"""CLIP tokenizer for the runtime: the `tokenizers` library, no transformers.
-
-Reads a diffusers `tokenizer/` folder in either form, `tokenizer.json` or `vocab.json` +
-`merges.txt`, and returns what CLIPTokenizer(padding="max_length", truncation=True) returns:
-    [bos] + BPE(prompt)[: max_length - 2] + [eos] + [pad] * rest
-"""
+"""The runtime's CLIP tokenizer: a diffusers `tokenizer/` folder -> int32 input ids, padded and truncated
+exactly as transformers' CLIPTokenizer(padding="max_length", truncation=True) does. No torch, no
+transformers: the `tokenizers` library does the BPE."""
 from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
 
 from sdrt.errors import UserError
 
-# CLIP's pre-tokenization split (as transformers' CLIPConverter builds it)
-SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-DEFAULTS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+DEFAULT_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                  "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")
+
+
+@dataclass
+class Encoded:
+    """Token ids for a batch of prompts, and how many tokens each prompt lost to truncation."""
+    ids: np.ndarray          # int32 [len(prompts), max_length]
+    dropped: list[int]       # tokens cut from each prompt; 0 where it fit
+
+    @property
+    def truncated(self) -> list[bool]:
+        return [n > 0 for n in self.dropped]
 
 
 class ClipTokenizer:
-    def __init__(self, tokenizer, bos: int, eos: int, pad: int):
-        self.tok, self.bos, self.eos, self.pad = tokenizer, bos, eos, pad
-        self.truncated: list[int] = []          # prompts cut by the last encode()
+    """bos + BPE tokens + eos, truncated to max_length (eos kept last) and padded with the pad id."""
+
+    def __init__(self, backend: Tokenizer, bos_id: int, eos_id: int, pad_id: int, model_max_length: int = 77):
+        self.backend = backend
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.model_max_length = model_max_length
 
     @classmethod
-    def from_dir(cls, path: Path) -> "ClipTokenizer":
+    def from_dir(cls, path) -> "ClipTokenizer":
+        """Load a diffusers tokenizer folder: tokenizer.json, or vocab.json + merges.txt."""
         path = Path(path)
         try:
-            if (path / "tokenizer.json").is_file():
-                from tokenizers import Tokenizer
-                tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-            elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-                tok = _from_vocab_merges(path / "vocab.json", path / "merges.txt")
-            else:
-                raise UserError(f"{path} has no tokenizer: expected tokenizer.json or vocab.json + merges.txt")
-            special = {**DEFAULTS, **_special_tokens(path)}
-        except (OSError, ValueError, Exception) as e:
-            if isinstance(e, UserError):
-                raise
-            raise UserError(f"cannot read the tokenizer in {path} ({str(e).splitlines()[0][:200]}): "
-                            "the files are corrupt, export again") from None
-        tok.no_truncation()
-        tok.no_padding()
-        ids = {k: tok.token_to_id(v) for k, v in special.items()}
-        missing = [special[k] for k, v in ids.items() if v is None]
-        if missing:
-            raise UserError(f"the tokenizer in {path} lacks the special tokens {missing}")
-        return cls(tok, ids["bos_token"], ids["eos_token"], ids["pad_token"])
+            config = read_config(path)
+            backend = load_backend(path, config["unk_token"])
+            add_special_tokens(backend, config, path)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"cannot read the tokenizer in {path} ({first_line(e)}): "
+                            "re-save the tokenizer folder with diffusers or transformers") from None
+        bos, eos, pad = (backend.token_to_id(token_content(config[key]))
+                         for key in ("bos_token", "eos_token", "pad_token"))
+        return cls(backend, bos, eos, pad, config["model_max_length"])
+
+    def encode_with_truncation(self, prompts: list[str], max_length: int) -> Encoded:
+        """Ids and truncation counts; warns once naming each truncated prompt's dropped tokens."""
+        if max_length < 2:
+            raise UserError(f"max_length must be at least 2 (bos + eos), got {max_length}")
+        ids = np.full((len(prompts), max_length), self.pad_id, np.int32)
+        dropped = []
+        for row, encoding in zip(ids, self.backend.encode_batch(list(prompts), add_special_tokens=False)):
+            body = encoding.ids[:max_length - 2]
+            row[:len(body) + 2] = [self.bos_id, *body, self.eos_id]
+            dropped.append(len(encoding.ids) - len(body))
+        warn_truncated(prompts, dropped, max_length)
+        return Encoded(ids, dropped)
 
     def encode(self, prompts: list[str], max_length: int) -> np.ndarray:
-        """int32 [len(prompts), max_length] token ids, truncated and padded like CLIPTokenizer."""
-        out = np.full((len(prompts), max_length), self.pad, np.int32)
-        self.truncated = []
-        for i, enc in enumerate(self.tok.encode_batch(list(prompts), add_special_tokens=False)):
-            ids = enc.ids
-            if len(ids) > max_length - 2:
-                self.truncated.append(i)
-                warnings.warn(f"prompt {i} is {len(ids) + 2} tokens long: the last "
-                              f"{len(ids) - (max_length - 2)} tokens were dropped (CLIP reads {max_length})",
-                              stacklevel=2)
-                ids = ids[: max_length - 2]
-            row = [self.bos, *ids, self.eos]
-            out[i, : len(row)] = row
-        return out
+        """int32 [len(prompts), max_length]: what CLIPTokenizer(..., padding="max_length",
+        max_length=max_length, truncation=True).input_ids returns."""
+        return self.encode_with_truncation(prompts, max_length).ids
 
 
-def _from_vocab_merges(vocab: Path, merges: Path):
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
-    lines = merges.read_text(encoding="utf-8").splitlines()
-    pairs = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-    tok = Tokenizer(BPE(vocab=json.loads(vocab.read_text(encoding="utf-8")), merges=pairs, dropout=None,
-                        continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False,
-                        unk_token=DEFAULTS["eos_token"]))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                           normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    return tok
+def read_config(path: Path) -> dict:
+    """Special tokens and model_max_length from tokenizer_config.json, overridden by
+    special_tokens_map.json as transformers does; CLIP's defaults where absent."""
+    tokenizer_config = read_json(path / "tokenizer_config.json")
+    config = {**DEFAULT_TOKENS, "model_max_length": 77, "added_tokens_decoder": {}}
+    config.update({k: v for k, v in tokenizer_config.items() if k in config and v is not None})
+    if not config["added_tokens_decoder"]:
+        special = read_json(path / "special_tokens_map.json")
+        config.update({k: v for k, v in special.items() if k in DEFAULT_TOKENS and v is not None})
+    config["model_max_length"] = int(config["model_max_length"])
+    return config
 
 
-def _special_tokens(path: Path) -> dict:
-    """bos/eos/pad names from tokenizer_config.json, then special_tokens_map.json."""
-    out = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        f = path / name
-        if f.is_file():
-            data = json.loads(f.read_text(encoding="utf-8"))
-            for key in DEFAULTS:
-                v = data.get(key)
-                if isinstance(v, dict):          # {"content": "<|endoftext|>", ...}
-                    v = v.get("content")
-                if isinstance(v, str):
-                    out[key] = v
-    return out
+def read_json(file: Path) -> dict:
+    """A JSON object, {} if the file is absent; UserError if it is not valid JSON."""
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{file} is not valid JSON ({first_line(e)}): re-save the tokenizer folder") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file} should hold a JSON object: re-save the tokenizer folder")
+    return data
+
+
+def load_backend(path: Path, unk) -> Tokenizer:
+    """tokenizer.json as saved, else CLIP's BPE pipeline built from vocab.json + merges.txt."""
+    if (path / "tokenizer.json").is_file():
+        backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+        backend.no_padding()
+        backend.no_truncation()
+        return backend
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        vocab = read_json(path / "vocab.json")
+        return clip_bpe(vocab, read_merges(path / "merges.txt", vocab), token_content(unk))
+    raise UserError(f"no tokenizer in {path}: expected tokenizer.json or vocab.json + merges.txt "
+                    "(a diffusers pipeline folder's tokenizer/)")
+
+
+def read_merges(file: Path, vocab: dict) -> list[tuple[str, str]]:
+    """merges.txt's pairs, checked against the vocab (`tokenizers` panics on a merge it cannot build)."""
+    lines = file.read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    for i, merge in enumerate(merges):
+        if len(merge) != 2 or any(t not in vocab for t in (*merge, "".join(merge))):
+            raise UserError(f"{file} merge {i + 1} ({' '.join(merge)!r}) does not fit vocab.json: "
+                            "the tokenizer files are corrupt or mismatched, re-save the tokenizer folder")
+    return merges
+
+
+def clip_bpe(vocab: dict, merges: list[tuple[str, str]], unk: str) -> Tokenizer:
+    """CLIP's tokenizer: NFC, collapsed whitespace, lowercase; CLIP's split regex then byte-level; BPE
+    with "</w>" ending each word."""
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, end_of_word_suffix="</w>",
+                            continuing_subword_prefix="", fuse_unk=False, dropout=None))
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return backend
+
+
+def add_special_tokens(backend: Tokenizer, config: dict, path: Path) -> None:
+    """Register bos/eos/unk/pad (and tokenizer_config's added_tokens_decoder) as special added tokens, so
+    that they match whole in prompts as in transformers (a "!" pad splits "!" off words)."""
+    known = {**{str(t.content): t for t in backend.get_added_tokens_decoder().values()},
+             **{t.content: t for t in map(added_token, sorted_by_id(config["added_tokens_decoder"]))}}
+    backend.add_special_tokens(list(known.values()))
+    named = [known.get(token_content(config[key])) or added_token(config[key]) for key in DEFAULT_TOKENS]
+    missing = [t.content for t in named if backend.token_to_id(t.content) is None]
+    if missing:
+        raise UserError(f"the tokenizer in {path} has no token {missing[0]!r} (named in its config): "
+                        "the tokenizer files are mismatched, re-save the tokenizer folder")
+    backend.add_special_tokens(named)
+
+
+def sorted_by_id(decoder: dict) -> list:
+    return [decoder[k] for k in sorted(decoder, key=int)]
+
+
+def added_token(value) -> AddedToken:
+    """A special AddedToken from a config value: a string, or a dict with content and flags."""
+    if isinstance(value, str):
+        return AddedToken(value, special=True, normalized=False)
+    flags = {k: value[k] for k in ADDED_TOKEN_FLAGS if k in value}
+    return AddedToken(value["content"], **{"normalized": False, **flags}, special=True)
+
+
+def token_content(value) -> str:
+    return value if isinstance(value, str) else value["content"]
+
+
+def warn_truncated(prompts: list[str], dropped: list[int], max_length: int) -> None:
+    """One warning per distinct truncated prompt, naming how many tokens were dropped."""
+    seen = set()
+    for prompt, n in zip(prompts, dropped):
+        if n and prompt not in seen:
+            seen.add(prompt)
+            warnings.warn(f"prompt truncated: CLIP takes {max_length} tokens, {n} were dropped "
+                          f"from {shorten(prompt)!r}", stacklevel=3)
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -14,9 +14,7 @@ sized for a Jetson as much as for a workstation.
 from __future__ import annotations
 
 import gc
-import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from sdrt.contract import RUNTIME_MODELS, Dims, Model, check_size
 from sdrt.engine.engine_cache import KEY_FIELDS, _api, _current_hash, _first_change, _stat, engine_key
 from sdrt.engine.trt_backend import MODULES, import_trt
 from sdrt.errors import UserError
+from sdrt.fileio import write_atomic, write_json_atomic
 
 DIMS = ("batch", "height", "width")  # what --dynamic may range over
 
@@ -117,19 +116,6 @@ def _progress_monitor(trt):
 def _serialize(builder, network, config):
     """builder.build_serialized_network: IHostMemory, or None when the build failed."""
     return builder.build_serialized_network(network, config)
-
-
-def _write_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_network(network, model: Model, trt, path: Path) -> None:
@@ -257,17 +243,17 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
                                                  cache_bytes, progress)
         if cache_bytes2 is not None:
             cache_bytes = cache_bytes2
-        _write_atomic(plan_path, plan)
+        write_atomic(plan_path, plan)
         size = plan_path.stat().st_size
         del plan
         entry = {"file": str(plan_path.relative_to(work_dir)), "size_bytes": size,
                  "build_s": round(seconds, 3), "key": key, "onnx_stat": _stat(files)}
         latest = mf.load(work_dir)  # re-read: record only our entry
         latest.setdefault("engines", {}).setdefault(backend, {})[name] = entry
-        mf.write_json_atomic(work_dir / mf.NAME, latest)
+        write_json_atomic(work_dir / mf.NAME, latest)
         print(f"{name}: done in {seconds:.1f} s, {size / 2**20:.1f} MB", file=sys.stderr)
         result["built"].append(name)
         result["engines"][name] = entry
     if cache_bytes and cache_bytes != loaded_cache:
-        _write_atomic(timing_cache, cache_bytes)
+        write_atomic(timing_cache, cache_bytes)
     return result

@@ -4,7 +4,7 @@ merge, then <|startoftext|> and <|endoftext|>; merges are lowercase letter pairs
 from __future__ import annotations
 
 import json
-from itertools import product
+from itertools import islice, product
 from pathlib import Path
 from string import ascii_lowercase
 
@@ -13,11 +13,12 @@ END = "</w>"
 MIN_VOCAB = 512 + 2
 
 
-def bytes_to_unicode() -> list[str]:
-    """GPT-2's byte -> printable char table, in byte-level vocab order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable char table; its order is the byte-level vocab order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     extra = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(extra))]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
 
 
 def letter_merges():
@@ -30,25 +31,15 @@ def letter_merges():
                 yield "".join(left), right + END
 
 
-def clip_merges(n: int) -> list[tuple[str, str]]:
-    """The first n letter merges."""
-    merges = []
-    for pair in letter_merges():
-        if len(merges) == n:
-            break
-        merges.append(pair)
-    return merges
-
-
 def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     """CLIP's vocab layout: bytes, bytes + </w>, merge results, then bos and eos."""
-    chars = bytes_to_unicode()
+    chars = list(bytes_to_unicode().values())
     tokens = [*chars, *(c + END for c in chars), *(a + b for a, b in merges), BOS, EOS]
     return {t: i for i, t in enumerate(tokens)}
 
 
 def tokenizer_config(model_max_length: int) -> dict:
-    """tokenizer_config.json as SD 1.5 ships it (pad is <|endoftext|>)."""
+    """tokenizer_config.json like SD 1.5's: CLIPTokenizer, pad <|endoftext|>."""
     return {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length,
             "do_lower_case": True, "add_prefix_space": False, "errors": "replace",
             **special_tokens_map()}
@@ -66,7 +57,7 @@ def write_clip_tokenizer(dir: Path, vocab_size: int, model_max_length: int = 77)
     """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json into dir."""
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"vocab_size {vocab_size} is too small: a CLIP vocab needs at least {MIN_VOCAB} tokens")
-    merges = clip_merges(vocab_size - MIN_VOCAB)
+    merges = list(islice(letter_merges(), vocab_size - MIN_VOCAB))
     if len(merges) < vocab_size - MIN_VOCAB:
         raise ValueError(f"vocab_size {vocab_size} is too large: at most {MIN_VOCAB + len(merges)} tokens")
     dir = Path(dir)
@@ -80,8 +71,11 @@ def write_clip_tokenizer(dir: Path, vocab_size: int, model_max_length: int = 77)
 
 
 def write_tokenizer_json(dir: Path) -> Path:
-    """Convert the vocab.json + merges.txt in dir to a tokenizer.json beside them."""
-    from sdrt.engine.tokenizer import ClipTokenizer
+    """Convert the vocab.json + merges.txt in dir to the tokenizer.json transformers' CLIPTokenizer builds."""
+    from transformers import CLIPTokenizer
     dir = Path(dir)
-    ClipTokenizer.from_dir(dir).backend.save(str(dir / "tokenizer.json"))
+    backend = CLIPTokenizer.from_pretrained(dir).backend_tokenizer
+    backend.no_padding()
+    backend.no_truncation()
+    backend.save(str(dir / "tokenizer.json"))
     return dir / "tokenizer.json"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import sdrt
 from sdrt import manifest as mf
 from sdrt.contract import Dims, ModelConfig, all_models
 from sdrt.errors import UserError
+from sdrt.fileio import temp_dir_beside, write_json_atomic
 from sdrt.export import compose_step, pipeline_folder, to_onnx, validate
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder")
@@ -49,7 +49,7 @@ def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int 
         raise UserError(f"--opset {opset} is too old: sdrt exports opset 17 or newer")
     check_work_dir(work_dir)
     pipeline_folder.read_model_index(model_dir)
-    tmp = _make_temp_dir(work_dir)
+    tmp = temp_dir_beside(work_dir)
     try:
         _export_into(model_dir, tmp, precision, opset)
         _swap_in(tmp, work_dir)
@@ -93,7 +93,7 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int) -> None
     shutil.copytree(model_dir / "tokenizer", out / "tokenizer")
     (out / "scheduler").mkdir()
     shutil.copy(model_dir / "scheduler" / "scheduler_config.json", out / "scheduler")
-    mf.write_json_atomic(out / mf.NAME, {
+    write_json_atomic(out / mf.NAME, {
         "format": mf.FORMAT, "precision": precision, "opset": opset,
         "config": cfg.to_json(), "models": records, "engines": {},
         "source": {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
@@ -154,15 +154,6 @@ def _versions() -> dict:
     return {"sdrt": sdrt.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__}
-
-
-def _make_temp_dir(work_dir: Path) -> Path:
-    parent = work_dir.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{work_dir.name}.tmp.", dir=parent))
-    except OSError as e:
-        raise UserError(f"cannot write to {parent}: {e.strerror}") from None
 
 
 def _swap_in(tmp: Path, work_dir: Path) -> None:

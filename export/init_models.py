@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from sdrt.errors import UserError
+from sdrt.fileio import temp_dir_beside
 
 # SD 1.5's scheduler, as DDIM wants it (the original folder ships PNDM with the same betas).
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -94,12 +95,7 @@ def init(out_dir: Path, arch: str, seed: int = 0, force: bool = False) -> Path:
         raise UserError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose a new folder or pass --force to replace it")
-    parent = out_dir.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
-    except OSError as e:
-        raise UserError(f"cannot write to {parent}: {e.strerror}") from None
+    tmp = temp_dir_beside(out_dir)
     try:
         pipe = build_pipeline(arch, seed)
         pipe.save_pretrained(tmp, safe_serialization=True)

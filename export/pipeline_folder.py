@@ -28,6 +28,7 @@ def quiet() -> None:
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
 
 
 def read_model_index(path: Path) -> dict:

@@ -6,7 +6,7 @@ float32 module: for an FP16 export the figure is the FP16 error itself.
 
 Tolerances (relative L2), documented in README:
   fp32: 1e-4  -- ORT and torch differ only in kernel summation order
-  fp16: 2e-2  -- fp16 rounding through 12..60 layers of random-weight models
+  fp16: 1e-2  -- fp16 rounding; measured 1.4e-5..5.8e-4 on tiny and sd15 (random weights)
 The measured values are recorded in manifest.json (models.<name>.validation).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from sdrt.contract import Model
 from sdrt.errors import UserError
 
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 
 
 def rel_l2(got: np.ndarray, ref: np.ndarray) -> float:

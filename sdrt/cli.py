@@ -116,7 +116,13 @@ def add_generate_args(s) -> None:
     s.add_argument("--backend", choices=BACKENDS, default="auto")
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"sdrt: warning: {message}\n"
+
+
 def main(argv=None) -> int:
+    import warnings
+    warnings.formatwarning = one_line_warning
     args = parser().parse_args(argv)
     try:
         args.fn(args)

@@ -18,6 +18,7 @@ import pytest
 from sdrt import contract, manifest as mf
 from sdrt.engine import cuda, engine_cache as EC
 from sdrt.errors import UserError
+from sdrt.fileio import write_json_atomic
 from sdrt.export import build as B
 from sdrt.export.export import external_data_locations
 
@@ -107,7 +108,7 @@ def make_export(work: Path) -> Path:
     models = {m.name: m for m in (contract.text_encoder(CFG, "fp16"), contract.vae_decoder(CFG, "fp16"),
                                   contract.denoise_step(CFG, "fp16", True))}
     files = {n: [m.onnx] + external_data_locations(onnx_dir / m.onnx) for n, m in models.items()}
-    mf.write_json_atomic(work / mf.NAME, {
+    write_json_atomic(work / mf.NAME, {
         "format": mf.FORMAT, "precision": "fp16", "config": CFG.to_json(),
         "models": {n: {"contract": m.to_json(), "files": files[n],
                        "sha256": mf.files_sha256([onnx_dir / f for f in files[n]])}
@@ -222,7 +223,7 @@ def test_shared_external_data_change_is_stale(work):
 def test_other_trt_version_is_stale_then_rebuilt(work):
     man = _manifest(work)
     man["engines"][RTX]["vae_decoder"]["key"]["trt_version"] = "0.9.0"
-    mf.write_json_atomic(work / mf.NAME, man)
+    write_json_atomic(work / mf.NAME, man)
     with pytest.raises(UserError, match=r"vae_decoder is stale: trt_version changed \(built for 0\.9\.0"):
         EC.check_engine(work, RTX, "vae_decoder")
     assert B.build(work, RTX, progress=False)["built"] == ["vae_decoder"]
@@ -324,7 +325,7 @@ def test_contract_mismatch(tmp_path):
     work = make_export(tmp_path / "w")
     man = _manifest(work)
     man["models"]["vae_decoder"]["contract"]["outputs"][0]["name"] = "pixels"
-    mf.write_json_atomic(work / mf.NAME, man)
+    write_json_atomic(work / mf.NAME, man)
     with pytest.raises(UserError, match="does not match the vae_decoder contract"):
         B.build(work, RTX, progress=False)
 

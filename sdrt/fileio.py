@@ -1,0 +1,56 @@
+"""Atomic writes: a temp file (or folder) beside the target, renamed in when complete, so a
+failure leaves the old file or nothing, never half of one. Results get the usual permissions
+(0666/0777 less the umask), not mkstemp's private 0600."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from sdrt.errors import UserError
+
+
+def default_mode(path: Path) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
+
+
+def temp_dir_beside(target: Path) -> Path:
+    """An empty hidden folder next to `target`, to be renamed onto it when complete."""
+    parent = Path(target).resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{Path(target).name}.tmp.", dir=parent))
+    except OSError as e:
+        raise UserError(f"cannot write to {parent}: {e.strerror}") from None
+    default_mode(tmp)
+    return tmp
+
+
+@contextmanager
+def atomic_path(path: Path, suffix: str = ""):
+    """Yields a temp path beside `path`; renamed onto `path` if the block completes."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        default_mode(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w" if isinstance(data, str) else "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=1) + "\n")

@@ -1,0 +1,41 @@
+"""`sdrt bench` on CPU with the tiny model: structure of the results, never speed."""
+from __future__ import annotations
+
+import json
+
+from conftest import assert_user_error, run_cli
+
+REQUIRED = {"device", "backend", "height", "width", "steps", "batch", "e2e_ms", "reference_e2e_ms",
+            "unet_step_ms", "reference_unet_step_ms", "text_encoder_ms", "vae_ms", "peak_mem_mb",
+            "images_per_s", "psnr_vs_reference", "versions"}
+
+
+def test_bench_cpu_tiny(tiny_dir, tiny_fp32, tmp_path):
+    out = tmp_path / "results"
+    p = run_cli("bench", tiny_fp32, "--reference", tiny_dir, "--sizes", "64x96", "--steps", "3",
+                "--batches", "1,2", "--runs", "2", "--warmup", "1", "--out", out)
+    assert p.returncode == 0, p.stderr
+    files = sorted(out.iterdir())
+    assert [f.suffix for f in files] == [".json", ".md", ".png"]
+    records = json.loads(files[0].read_text())["records"]
+    assert [(r["backend"], r["batch"]) for r in records] == [("onnxruntime-cpu", 1), ("onnxruntime-cpu", 2)]
+    for r in records:
+        assert REQUIRED <= set(r), REQUIRED - set(r)
+        assert (r["height"], r["width"], r["steps"]) == (64, 96, 3)
+        assert r["e2e_ms"] > 0 and r["reference_e2e_ms"] > 0 and r["images_per_s"] > 0
+        assert r["psnr_vs_reference"] >= 50          # same weights, same latents: same images
+        assert r["device"].startswith("cpu") and "onnxruntime" in r["versions"]
+    table = files[1].read_text()
+    assert "| onnxruntime-cpu |" in table and "device: cpu" in table
+    assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "[reference" in p.stderr and "run 2/2" in p.stderr      # progress shown
+
+
+def test_bench_bad_input(tiny_fp32, tmp_path):
+    assert_user_error(run_cli("bench", tiny_fp32, "--reference", tmp_path, "--no-reference",
+                              "--sizes", "64by64", "--out", tmp_path / "r"), "--sizes")
+    assert_user_error(run_cli("bench", tiny_fp32, "--reference", tmp_path, "--batches", "1,x",
+                              "--out", tmp_path / "r"), "--batches")
+    assert_user_error(run_cli("bench", tiny_fp32, "--reference", tmp_path, "--sizes", "64x64",
+                              "--out", tmp_path / "r"), "model_index.json")
+    assert not (tmp_path / "r").exists()

@@ -86,7 +86,7 @@ def _logger(trt):
         def log(self, severity, msg):
             if severity <= trt.ILogger.Severity.ERROR:
                 self.errors.append(msg.strip())
-            if severity <= trt.ILogger.Severity.WARNING:
+            if severity == trt.ILogger.Severity.WARNING:  # errors go into our one-line message
                 print(f"  [{trt.__name__}] {msg.strip()}", file=sys.stderr)
     return Logger()
 

@@ -97,11 +97,19 @@ def bench_reference(ref, cfg, configs, a) -> dict:
     return out
 
 
-def bench_backend(name, work_dir, cfg, configs, refs, a, versions) -> list[dict]:
+def variants(names: list[str], manifest: dict) -> list[tuple[str, bool]]:
+    """(backend, ort_fusion) pairs: ONNX Runtime backends run with and without onnx/ort/ when it
+    was exported, so the attention fusion is measured before/after in the same run."""
+    fused = bool(manifest.get("variants", {}).get("ort"))
+    return [(n, f) for n in names for f in ((False, True) if fused and n.startswith("onnxruntime") else (True,))]
+
+
+def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, a, versions) -> list[dict]:
     from sdrt.engine.pipeline import Pipeline
     baseline = cuda.mem_used_bytes() if cuda.available() else 0
     t = time.perf_counter()
-    pipe = Pipeline(work_dir, backend=name)
+    pipe = Pipeline(work_dir, backend=name, ort_fusion=ort_fusion)
+    name = pipe.backend_name
     load_s = time.perf_counter() - t
     records = []
     for i, (h, w, batch) in enumerate(configs, 1):
@@ -169,7 +177,8 @@ def main(a) -> None:
         refs = bench_reference(ref, cfg, configs, a)
         ref.close()
     v = versions()
-    records = [r for name in names for r in bench_backend(name, a.work_dir, cfg, configs, refs, a, v)]
+    records = [r for name, fused in variants(names, manifest)
+               for r in bench_backend(name, fused, a.work_dir, cfg, configs, refs, a, v)]
     paths = report.write(records, a.out)
     print(report.table(records))
     for p in paths:

@@ -17,18 +17,20 @@ from sdrt.errors import UserError
 NAMES = ("tensorrt", "tensorrt-rtx", "onnxruntime-cuda", "onnxruntime-cpu")
 
 
-def open_backend(name: str, work_dir: Path, manifest: dict):
+def open_backend(name: str, work_dir: Path, manifest: dict, ort_fusion: bool = True):
+    """ort_fusion: ONNX Runtime backends run onnx/ort/ (ORT's attention fusion) when exported."""
+    variant = "ort" if ort_fusion and manifest.get("variants", {}).get("ort") else None
     if name == "auto":
         name = pick_auto(manifest)
     if name not in NAMES:
         raise UserError(f"unknown backend {name!r}: choose auto or one of {', '.join(NAMES)}")
     if name == "onnxruntime-cpu":
-        return OrtCpu(work_dir)
+        return OrtCpu(work_dir, manifest, variant)
     if not cuda.available():
         raise UserError(f"backend {name} needs an NVIDIA GPU with cuda-python installed "
                         "(pip install 'sdrt[onnxruntime-gpu]'); none was found: use --backend onnxruntime-cpu")
     if name == "onnxruntime-cuda":
-        return OrtCuda(work_dir)
+        return OrtCuda(work_dir, manifest, variant)
     return Trt(name, work_dir, manifest)
 
 
@@ -52,14 +54,19 @@ def _importable(module: str) -> bool:
 class OrtCpu:
     device, stream = "cpu", None
 
-    def __init__(self, work_dir: Path):
+    def __init__(self, work_dir: Path, manifest: dict, variant: str | None, stream=None):
         from sdrt.engine.ort_backend import OrtBackend
-        self.ort, self.work_dir, self.cache = OrtBackend("cpu"), work_dir, {}
-        self.name = self.ort.name
+        self.stream = stream
+        self.ort = OrtBackend("cuda" if stream else "cpu", stream)
+        self.work_dir, self.manifest, self.variant, self.cache = work_dir, manifest, variant, {}
+        self.name = self.ort.name + ("+ort-fusion" if variant else "")
+
+    def path(self, model: Model) -> Path:
+        return mf.onnx_path(self.work_dir, model, self.manifest, self.variant)
 
     def runner(self, model: Model, dims: Dims, graphs: bool = False):
         if model.name not in self.cache:  # dynamic shapes: one session serves every plan
-            self.cache[model.name] = self.ort.load(model, mf.onnx_path(self.work_dir, model), dims)
+            self.cache[model.name] = self.ort.load(model, self.path(model), dims)
         return self.cache[model.name]
 
     def launcher(self, binding):
@@ -70,16 +77,13 @@ class OrtCuda(OrtCpu):
     """Sessions per shape plan (static shapes), ORT captures and replays the step graphs itself."""
     device = "cuda"
 
-    def __init__(self, work_dir: Path):
-        from sdrt.engine.ort_backend import OrtBackend
-        self.stream = cuda.Stream()
-        self.ort, self.work_dir, self.cache = OrtBackend("cuda", self.stream), work_dir, {}
-        self.name = self.ort.name
+    def __init__(self, work_dir: Path, manifest: dict, variant: str | None):
+        super().__init__(work_dir, manifest, variant, cuda.Stream())
 
     def runner(self, model: Model, dims: Dims, graphs: bool = False):
         key = (model.name, dims)
         if key not in self.cache:
-            self.cache[key] = self.ort.load(model, mf.onnx_path(self.work_dir, model), dims, graphs)
+            self.cache[key] = self.ort.load(model, self.path(model), dims, graphs)
         return self.cache[key]
 
 

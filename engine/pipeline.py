@@ -49,14 +49,14 @@ class Plan:
 
 
 class Pipeline:
-    def __init__(self, work_dir: Path, backend: str = "auto"):
+    def __init__(self, work_dir: Path, backend: str = "auto", ort_fusion: bool = True):
         self.work_dir = Path(work_dir)
         self.manifest = mf.load(self.work_dir)
         self.config = mf.config(self.manifest)
         self.models = mf.models(self.manifest)
         self.tokenizer = ClipTokenizer.from_dir(self.work_dir / "tokenizer")
         self.scheduler = scheduler.DDIMConfig.from_json(self.work_dir / "scheduler" / "scheduler_config.json")
-        self.backend = backends.open_backend(backend, self.work_dir, self.manifest)
+        self.backend = backends.open_backend(backend, self.work_dir, self.manifest, ort_fusion)
         self.plans: dict[Dims, Plan] = {}
 
     @property

@@ -41,7 +41,8 @@ def validation_dims(cfg: ModelConfig) -> Dims:
                 vae_factor=cfg.vae_factor)
 
 
-def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int = 18) -> Path:
+def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int = 18,
+           ort_fusion: bool = False) -> Path:
     model_dir, work_dir = Path(model_dir), Path(work_dir)
     if precision not in ("fp16", "fp32"):
         raise UserError(f"unknown --precision {precision!r}: use fp16 or fp32")
@@ -51,7 +52,7 @@ def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int 
     pipeline_folder.read_model_index(model_dir)
     tmp = temp_dir_beside(work_dir)
     try:
-        _export_into(model_dir, tmp, precision, opset)
+        _export_into(model_dir, tmp, precision, opset, ort_fusion)
         _swap_in(tmp, work_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -59,7 +60,7 @@ def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int 
     return work_dir
 
 
-def _export_into(model_dir: Path, out: Path, precision: str, opset: int) -> None:
+def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fusion: bool) -> None:
     t0 = time.perf_counter()
     say(f"loading {model_dir} ...")
     folder = pipeline_folder.load(model_dir)
@@ -81,24 +82,66 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int) -> None
         else:
             compose_step.compose(out / "onnx" / models["unet"].onnx, models["unet"], model, path)
             inputs, ref = _step_reference(folder, model, vdims, model_dir)
-        say(f"[{i}/{len(models)}] {name}: validating on ONNX Runtime CPU ...")
-        record = validate.check(model, validate.run_onnx(path, inputs), ref, precision)
-        files = [path.name] + external_data_locations(path)  # the model's identity: these bytes
-        sha = mf.files_sha256(mf.model_files(out, {"models": {name: {"files": files}}}, name))
-        records[name] = {"contract": model.to_json(), "files": files, "sha256": sha,
-                         "bytes": _onnx_bytes(path), "validation": record,
-                         "export_s": round(time.perf_counter() - t, 2)}
-        say(f"[{i}/{len(models)}] {name}: rel L2 error {record['rel_l2']:.2e} "
-            f"(tolerance {record['tolerance']:.0e}), {time.perf_counter() - t:.1f} s")
+        records[name] = _validated_record(out, name, model, path, inputs, ref, precision, t,
+                                          f"[{i}/{len(models)}]")
+    variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, vdims, model_dir)} \
+        if ort_fusion else {}
     shutil.copytree(model_dir / "tokenizer", out / "tokenizer")
     (out / "scheduler").mkdir()
     shutil.copy(model_dir / "scheduler" / "scheduler_config.json", out / "scheduler")
     write_json_atomic(out / mf.NAME, {
         "format": mf.FORMAT, "precision": precision, "opset": opset,
-        "config": cfg.to_json(), "models": records, "engines": {},
+        "config": cfg.to_json(), "models": records, "variants": variants, "engines": {},
         "source": {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
         "versions": _versions(), "export_s": round(time.perf_counter() - t0, 1)})
     say(f"export done in {time.perf_counter() - t0:.1f} s")
+
+
+def _validated_record(out: Path, name: str, model, path: Path, inputs: dict, ref: list,
+                      precision: str, t: float, tag: str) -> dict:
+    """Validate one graph on ORT CPU and describe it for the manifest."""
+    say(f"{tag} {name}: validating on ONNX Runtime CPU ...")
+    record = validate.check(model, validate.run_onnx(path, inputs), ref, precision)
+    rel = path.relative_to(out / "onnx")
+    files = [str(rel)] + [str(rel.parent / loc) for loc in external_data_locations(path)]
+    sha = mf.files_sha256(mf.model_files(out, {"models": {name: {"files": files}}}, name))
+    say(f"{tag} {name}: rel L2 error {record['rel_l2']:.2e} (tolerance {record['tolerance']:.0e}), "
+        f"{time.perf_counter() - t:.1f} s")
+    return {"contract": model.to_json(), "files": files, "sha256": sha, "bytes": _onnx_bytes(path),
+            "validation": record, "export_s": round(time.perf_counter() - t, 2)}
+
+
+def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, vdims: Dims,
+                        model_dir: Path) -> dict:
+    """onnx/ort/: the UNet with ONNX Runtime's attention fusion and the step graphs on top."""
+    from sdrt.export import ort_fusion
+    ort_dir = out / "onnx" / "ort"
+    ort_dir.mkdir()
+    t = time.perf_counter()
+    unet, module = models["unet"], to_onnx.wrap("unet", folder)
+    src = out / "onnx" / unet.onnx
+    if precision == "fp16":      # ORT fuses the FP32 graph, then converts
+        src = ort_dir / "fp32" / unet.onnx
+        src.parent.mkdir()
+        fp32 = all_models(folder.config, "fp32")["unet"]
+        say("[ort] unet: exporting fp32 for fusion ...")
+        to_onnx.export(module, fp32, src, to_onnx.example_inputs(
+            fp32, to_onnx.trace_dims(folder.config.sample_size), folder.config.vocab_size), "fp32", opset)
+    say("[ort] unet: fusing attention (onnxruntime.transformers) ...")
+    ops = ort_fusion.fuse_unet(src, ort_dir / unet.onnx, precision)
+    if src.parent != out / "onnx":
+        shutil.rmtree(src.parent)
+    inputs = to_onnx.example_inputs(unet, vdims, folder.config.vocab_size, seed=1)
+    records = {"unet": {**_validated_record(out, "unet", unet, ort_dir / unet.onnx, inputs,
+                                            validate.run_torch(module, unet, inputs), precision, t,
+                                            "[ort]"), "fused_ops": ops}}
+    for name in STEP_MODELS:
+        t, model = time.perf_counter(), models[name]
+        compose_step.compose(ort_dir / unet.onnx, unet, model, ort_dir / model.onnx)
+        inputs, ref = _step_reference(folder, model, vdims, model_dir)
+        records[name] = _validated_record(out, name, model, ort_dir / model.onnx, inputs, ref,
+                                          precision, t, "[ort]")
+    return records
 
 
 def _step_reference(folder, step, dims: Dims, model_dir: Path):

@@ -18,7 +18,7 @@ def cmd_init(a):
 
 def cmd_export(a):
     from sdrt.export.export import export
-    out = export(a.model_dir, a.work_dir, precision=a.precision, opset=a.opset)
+    out = export(a.model_dir, a.work_dir, precision=a.precision, opset=a.opset, ort_fusion=a.ort_fusion)
     print(f"wrote {out}")
 
 
@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("work_dir", type=Path)
     s.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
     s.add_argument("--opset", type=int, default=18)
+    s.add_argument("--ort-fusion", action="store_true",
+                   help="also write onnx/ort/: the UNet with ONNX Runtime's attention fusion (ORT backends use it)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an export")

@@ -56,8 +56,11 @@ def config(manifest: dict) -> ModelConfig:
     return ModelConfig.from_json(manifest["config"])
 
 
-def onnx_path(work_dir: Path, model: Model) -> Path:
-    return Path(work_dir) / "onnx" / model.onnx
+def onnx_path(work_dir: Path, model: Model, manifest: dict | None = None, variant: str | None = None) -> Path:
+    """The graph of `model`: onnx/<file>, or the variant's (e.g. onnx/ort/<file>) when asked for
+    and exported."""
+    rec = (manifest or {}).get("variants", {}).get(variant, {}).get(model.name) if variant else None
+    return Path(work_dir) / "onnx" / (rec["files"][0] if rec else model.onnx)
 
 
 def model_files(work_dir: Path, manifest: dict, name: str) -> list[Path]:

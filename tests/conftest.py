@@ -26,8 +26,9 @@ def tiny_fp32(tiny_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_fp16(tiny_dir, tmp_path_factory) -> Path:
+    """FP16, with the ONNX Runtime attention-fused variant (onnx/ort/) as well."""
     from sdrt.export.export import export
-    return export(tiny_dir, tmp_path_factory.mktemp("work") / "tiny-fp16", precision="fp16")
+    return export(tiny_dir, tmp_path_factory.mktemp("work") / "tiny-fp16", precision="fp16", ort_fusion=True)
 
 
 def run_cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:

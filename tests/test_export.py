@@ -56,6 +56,22 @@ def test_step_graph_shares_unet_weights(tiny_fp16):
     assert (tiny_fp16 / "onnx" / "denoise_step_cfg.onnx").stat().st_size < 2 * (tiny_fp16 / "onnx" / "unet.onnx").stat().st_size
 
 
+def test_ort_fusion_variant(tiny_fp16):
+    """onnx/ort/: ORT's attention fusion (NumPy-2 crash mended), validated like the rest."""
+    data = mf.load(tiny_fp16)
+    variant = data["variants"]["ort"]
+    assert set(variant) == {"unet", "denoise_step_cfg", "denoise_step"}
+    assert variant["unet"]["fused_ops"]["MultiHeadAttention"] >= 4
+    for name, rec in variant.items():
+        assert rec["validation"]["rel_l2"] <= TOLERANCE["fp16"]
+        assert rec["files"][0] == f"ort/{name}.onnx" and rec["files"][1:] == ["ort/unet.onnx.data"]
+        assert rec["sha256"] == mf.files_sha256([tiny_fp16 / "onnx" / f for f in rec["files"]])
+    proto = onnx.load(str(tiny_fp16 / "onnx" / "ort" / "denoise_step_cfg.onnx"), load_external_data=False)
+    assert any(n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft" for n in proto.graph.node)
+    assert [i.name for i in proto.graph.input] == [t.name for t in all_models(mf.config(data), "fp16")["denoise_step_cfg"].inputs]
+    assert not (tiny_fp16 / "onnx" / "ort" / "fp32").exists()     # the FP32 source is not kept
+
+
 def _save_with_diffusers(path, tokenizer_form):
     """A folder written by diffusers' own save_pretrained, with PNDM as SD 1.5 ships it."""
     from diffusers import PNDMScheduler

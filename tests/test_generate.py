@@ -62,6 +62,16 @@ def test_fp16_export_runs_close_to_fp32(tiny_fp16, tiny_fp32):
     assert psnr(a.images, b.images) > 30
 
 
+def test_ort_fused_variant_matches_plain(tiny_fp16):
+    lat = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    fused = Pipeline(tiny_fp16, "onnxruntime-cpu")                       # default: use onnx/ort/
+    plain = Pipeline(tiny_fp16, "onnxruntime-cpu", ort_fusion=False)
+    assert fused.backend_name == "onnxruntime-cpu+ort-fusion" and plain.backend_name == "onnxruntime-cpu"
+    a = fused.generate("a kite", steps=8, latents=lat, height=64, width=64)
+    b = plain.generate("a kite", steps=8, latents=lat, height=64, width=64)
+    assert psnr(a.images, b.images) > 35
+
+
 def test_cli_generate_batch_writes_all_images(tiny_fp32, tmp_path):
     out = tmp_path / "img.png"
     p = run_cli("generate", tiny_fp32, "a lighthouse", "--steps", "3", "--batch", "2", "--seed", "1",

@@ -1,0 +1,78 @@
+"""ONNX Runtime's own UNet fusions, for the ONNX Runtime backends (TensorRT keeps the plain graph:
+it fuses attention itself and cannot parse com.microsoft ops).
+
+The anchors saw onnxruntime.transformers' UNet attention fusion crash on a torch 2.x export, so
+attention ran unfused on the ORT CUDA path. The crash is not the export: ORT's
+FusionAttentionUnet.get_num_heads calls int() on a 1-element array, an error since NumPy 2.
+With that one method mended (`_patch_num_heads`), all attentions of sdrt's UNet fuse into
+com.microsoft MultiHeadAttention when Q/K/V may be packed (8 of 8 in the tiny UNet), half of them
+(4 of 8) when not.
+
+By default only fusions whose kernels also exist on ONNX Runtime CPU are enabled (unpacked MHA,
+LayerNorm/SkipLayerNorm, Gelu), so the fused graph is validated like every other export. Packed
+Q/K/V and the CUDA-only fusions (NhwcConv, GroupNorm, SkipGroupNorm, BiasSplitGelu) have no CPU
+kernels: `cuda_only=True` enables them, for a GPU session to validate on the CUDA EP and measure. ORT fuses the FP32 graph; FP16 is converted after
+(the timestep stays FP32, as the contract says).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+CUDA_ONLY = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
+             "enable_packed_qkv", "enable_packed_kv")
+
+
+def _patch_num_heads() -> None:
+    import fusion_attention_unet as fau  # ORT imports its fusion modules by bare name
+    import numpy as np
+
+    cls = fau.FusionAttentionUnet
+    if getattr(cls, "_sdrt_patched", False):
+        return
+    original = cls.get_num_heads
+
+    def get_num_heads(self, reshape_q, is_torch2=False):
+        if not is_torch2:
+            return original(self, reshape_q, is_torch2)
+        parent = self.model.get_parent(reshape_q, 1)   # Concat([0, 0, heads, head_dim])
+        if parent is not None and parent.op_type == "Concat" and len(parent.input) == 4:
+            value = self.model.get_constant_value(parent.input[2])
+            if isinstance(value, np.ndarray) and value.size == 1:
+                return max(int(value.reshape(-1)[0]), 0)
+        return 0
+
+    cls.get_num_heads = get_num_heads
+    cls._sdrt_patched = True
+
+
+def fuse_unet(src_fp32: Path, dst: Path, precision: str, cuda_only: bool = False) -> dict:
+    """Fuse src (an FP32 unet.onnx) into dst (+ dst.data); returns the fused op counts."""
+    import collections
+
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+    _patch_num_heads()
+    opts = FusionOptions("unet")
+    for flag in CUDA_ONLY:
+        setattr(opts, flag, cuda_only)
+    model = optimize_model(str(src_fp32), model_type="unet", num_heads=0, hidden_size=0, opt_level=0,
+                           optimization_options=opts, use_gpu=False)
+    if precision == "fp16":
+        model.convert_float_to_float16(keep_io_types=["timestep"])
+    model.save_model_to_file(str(dst), use_external_data_format=True, all_tensors_to_one_file=True)
+    _rename_data(dst)
+    ops = collections.Counter(n.op_type for n in model.model.graph.node)
+    return {op: ops[op] for op in ("MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization")}
+
+
+def _rename_data(dst: Path) -> None:
+    """ORT names the data file <model>.onnx.data already in recent versions; make sure of it."""
+    import onnx
+    proto = onnx.load(str(dst), load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    if locations and locations != {dst.name + ".data"}:
+        model = onnx.load(str(dst))
+        for loc in locations:
+            (dst.parent / loc).unlink(missing_ok=True)
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.name + ".data", size_threshold=1024)

@@ -2,8 +2,8 @@
 buffers; the stream, the buffers, CUDA graphs and the loop are shared and live here and in
 pipeline.py.
 
-    backend.runner(model, dims, graphs) -> loaded model with .bind(buffers, shapes) -> binding.run()
-    backend.launcher(binding)           -> a function that runs one step (a graph launch on GPU)
+    backend.runner(model, dims) -> loaded model with .bind(buffers, shapes) -> binding.run()
+    backend.launcher(binding)   -> a function that runs one step (a CUDA graph launch on GPU)
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def open_backend(name: str, work_dir: Path, manifest: dict, ort_fusion: bool = T
         return OrtCpu(work_dir, manifest, variant)
     if not cuda.available():
         raise UserError(f"backend {name} needs an NVIDIA GPU with cuda-python installed "
-                        "(pip install 'sdrt[onnxruntime-gpu]'); none was found: use --backend onnxruntime-cpu")
+                        f"(pip install 'sdrt[onnxruntime-gpu]'); none was found ({cuda.why_unavailable() or 'no device'}): "
+                        "use --backend onnxruntime-cpu")
     if name == "onnxruntime-cuda":
         return OrtCuda(work_dir, manifest, variant)
     return Trt(name, work_dir, manifest)
@@ -53,6 +54,7 @@ def _importable(module: str) -> bool:
 
 class OrtCpu:
     device, stream = "cpu", None
+    max_plans = None
 
     def __init__(self, work_dir: Path, manifest: dict, variant: str | None, stream=None):
         from sdrt.engine.ort_backend import OrtBackend
@@ -64,7 +66,7 @@ class OrtCpu:
     def path(self, model: Model) -> Path:
         return mf.onnx_path(self.work_dir, model, self.manifest, self.variant)
 
-    def runner(self, model: Model, dims: Dims, graphs: bool = False):
+    def runner(self, model: Model, dims: Dims):
         if model.name not in self.cache:  # dynamic shapes: one session serves every plan
             self.cache[model.name] = self.ort.load(model, self.path(model), dims)
         return self.cache[model.name]
@@ -72,24 +74,34 @@ class OrtCpu:
     def launcher(self, binding):
         return binding.run
 
+    def drop_plans(self) -> None:
+        self.cache.clear()
+
 
 class OrtCuda(OrtCpu):
-    """Sessions per shape plan (static shapes), ORT captures and replays the step graphs itself."""
+    """Sessions per shape plan (static shapes: every node on the CUDA EP, no Memcpy). Each plan
+    holds its own copy of the weights, so only the latest plan is kept."""
     device = "cuda"
+    max_plans = 1
 
     def __init__(self, work_dir: Path, manifest: dict, variant: str | None):
         super().__init__(work_dir, manifest, variant, cuda.Stream())
 
-    def runner(self, model: Model, dims: Dims, graphs: bool = False):
+    def runner(self, model: Model, dims: Dims):
         key = (model.name, dims)
         if key not in self.cache:
-            self.cache[key] = self.ort.load(model, self.path(model), dims, graphs)
+            self.cache[key] = self.ort.load(model, self.path(model), dims)
         return self.cache[key]
+
+    def launcher(self, binding):
+        # warm-ups grow ORT's arena and run cuDNN's algorithm search outside the capture
+        return cuda.capture_or_run(self.stream, binding.run, warmups=3)
 
 
 class Trt:
     """TensorRT or TensorRT-RTX engines; we capture the step graphs ourselves."""
     device = "cuda"
+    max_plans = None
 
     def __init__(self, name: str, work_dir: Path, manifest: dict):
         from sdrt.engine.engine_cache import check_engine
@@ -109,7 +121,7 @@ class Trt:
         # one activation block for all engines: they run one after another on one stream
         self.trt.share_activation_memory(list(self.models.values()), cuda.malloc)
 
-    def runner(self, model: Model, dims: Dims, graphs: bool = False):
+    def runner(self, model: Model, dims: Dims):
         if model.name not in self.models:
             flag = " --no-guidance" if model.name == "denoise_step" else ""
             raise UserError(f"no {self.name} engine for {model.name}: run `sdrt build ... --backend "
@@ -117,6 +129,9 @@ class Trt:
         return self.models[model.name]
 
     def launcher(self, binding):
-        binding.run()                         # TensorRT wants one plain enqueue before capture
-        self.stream.sync()
-        return cuda.Graph(self.stream, binding.run).launch
+        if not binding.capturable():
+            return binding.run
+        return cuda.capture_or_run(self.stream, binding.run, warmups=1)  # TRT: one enqueue first
+
+    def drop_plans(self) -> None:
+        pass

@@ -32,11 +32,21 @@ def check(result):
     return values[0] if len(values) == 1 else (tuple(values) or None)
 
 
+_why_unavailable = ""
+
+
 def available() -> bool:
+    """A CUDA device usable from cuda-python; else why_unavailable() says what stood in the way."""
+    global _why_unavailable
     try:
         return check(rt().cudaGetDeviceCount()) > 0
-    except Exception:  # no driver, no cuda-python, no device: all mean "no GPU here"
+    except Exception as e:  # no cuda-python, no driver, driver too old for this cuda-python...
+        _why_unavailable = str(e).splitlines()[0] if str(e) else type(e).__name__
         return False
+
+
+def why_unavailable() -> str:
+    return _why_unavailable
 
 
 def device_name() -> str:
@@ -110,6 +120,10 @@ class Event:
             pass
 
 
+def memset_zero(ptr: int, nbytes: int, stream: Stream) -> None:
+    check(rt().cudaMemsetAsync(ptr, 0, nbytes, stream.handle))
+
+
 class Graph:
     """A CUDA graph captured from whatever `enqueue` puts on the stream, replayed by `launch`."""
 
@@ -119,10 +133,36 @@ class Graph:
         check(rt().cudaStreamBeginCapture(stream.handle, mode))
         try:
             enqueue()
+        except BaseException:
+            rt().cudaStreamEndCapture(stream.handle)  # unchecked: the capture is broken anyway
+            raise
+        graph = check(rt().cudaStreamEndCapture(stream.handle))
+        try:
+            self.exec = check(rt().cudaGraphInstantiate(graph, 0))
         finally:
-            graph = check(rt().cudaStreamEndCapture(stream.handle))
-        self.graph = graph
-        self.exec = check(rt().cudaGraphInstantiate(graph, 0))
+            rt().cudaGraphDestroy(graph)               # the executable graph is all we keep
 
     def launch(self) -> None:
         check(rt().cudaGraphLaunch(self.exec, self.stream.handle))
+
+    def __del__(self):
+        try:
+            rt().cudaGraphExecDestroy(self.exec)
+        except Exception:  # never instantiated, or interpreter shutdown
+            pass
+
+
+def capture_or_run(stream: Stream, run, warmups: int):
+    """`run` as a replayable CUDA graph: `warmups` plain runs first (lazy initialisation, memory
+    pools, algorithm searches happen there, not in the capture), then one capture. If the work
+    cannot be captured (it syncs or allocates), plain `run` is returned with a warning."""
+    for _ in range(warmups):
+        run()
+    stream.sync()
+    try:
+        return Graph(stream, run).launch
+    except RuntimeError as e:
+        import warnings
+        warnings.warn(f"CUDA graph capture failed ({e}); running the step without a graph", stacklevel=2)
+        stream.sync()
+        return run

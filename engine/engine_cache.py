@@ -39,7 +39,10 @@ def _api(trt, backend: str) -> dict:
         gpu, cc = _cuda_device()
     return {"network_flags": flags, "timing_cache": not rtx, "gpu_name": gpu, "cc": cc,
             "opt_level": hasattr(trt.IBuilderConfig, "builder_optimization_level"),
-            "progress": hasattr(trt, "IProgressMonitor")}
+            "progress": hasattr(trt, "IProgressMonitor"),
+            # RTX (since 1.2) allows CUDA stream capture only for engines that allocate nothing
+            # themselves at run time: we hand them all memory (activation block, bound outputs)
+            "user_allocation": rtx and hasattr(trt.BuilderFlag, "REQUIRE_USER_ALLOCATION")}
 
 
 def _cuda_device() -> tuple[str, str]:

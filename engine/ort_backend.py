@@ -1,10 +1,10 @@
 """ONNX Runtime adapter (CPU and CUDA EP): sessions, and I/O bound once to sdrt's buffers.
 
 CUDA EP: every session runs on sdrt's stream (user_compute_stream) and never syncs on its own
-(disable_synchronize_execution_providers), so ORT calls queue behind each other like engine
-enqueues. The step sessions are made static (free-dimension overrides: no Memcpy nodes) and use
-ORT's own CUDA graph capture, one graph per binding (gpu_graph_id 0/1 for the two ping-pong
-directions).
+(disable_synchronize_execution_providers), so ORT runs queue behind each other like engine
+enqueues, and sdrt captures the step runs in its own CUDA graphs, as for TensorRT (ORT's
+enable_cuda_graph is not used: before microsoft/onnxruntime#28686 its replay synced the host
+after every launch). Sessions get static shapes (free-dimension overrides), so no Memcpy nodes.
 """
 from __future__ import annotations
 
@@ -37,12 +37,11 @@ class OrtBackend:
         self.ort = import_ort()
         self.device, self.stream = device, stream
         self.name = f"onnxruntime-{device}"
-        self.captures_own_graphs = device == "cuda"
         if device == "cuda" and not cuda_ep_available():
             raise UserError("onnxruntime-cuda: this ONNX Runtime has no CUDAExecutionProvider: "
                             "pip install 'sdrt[onnxruntime-gpu]' (and uninstall plain onnxruntime)")
 
-    def load(self, model: Model, path: Path, dims: Dims, graphs: bool = False) -> "OrtModel":
+    def load(self, model: Model, path: Path, dims: Dims) -> "OrtModel":
         ort = self.ort
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -53,21 +52,19 @@ class OrtBackend:
                 for d in t.shape:
                     if isinstance(d, str):
                         opts.add_free_dimension_override_by_name(d, dims[d])
-            cuda_opts = {"device_id": "0", "user_compute_stream": str(self.stream.ptr),
-                         "enable_cuda_graph": "1" if graphs else "0"}
+            cuda_opts = {"device_id": "0", "user_compute_stream": str(self.stream.ptr)}
             providers = [("CUDAExecutionProvider", cuda_opts)]
         try:
             sess = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile...)
             raise UserError(f"cannot load {path}: {str(e).splitlines()[0][:300]} "
                             "(missing or corrupt: run `sdrt export` again)") from None
-        return OrtModel(self, model, sess, graphs)
+        return OrtModel(self, model, sess)
 
 
 class OrtModel:
-    def __init__(self, backend: OrtBackend, model: Model, sess, graphs: bool):
-        self.backend, self.model, self.sess, self.graphs = backend, model, sess, graphs
-        self.n_bound = 0
+    def __init__(self, backend: OrtBackend, model: Model, sess):
+        self.backend, self.model, self.sess = backend, model, sess
 
     def bind(self, buffers: dict, shapes: dict) -> "OrtBinding":
         """Bind every I/O tensor of the model to its buffer, once."""
@@ -82,9 +79,6 @@ class OrtModel:
         opts = self.backend.ort.RunOptions()
         if dev == "cuda":
             opts.add_run_config_entry("disable_synchronize_execution_providers", "1")
-            if self.graphs:
-                opts.add_run_config_entry("gpu_graph_id", str(self.n_bound))
-        self.n_bound += 1
         return OrtBinding(self.sess, io, opts)
 
 

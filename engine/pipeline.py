@@ -121,6 +121,9 @@ class Pipeline:
 
     def plan(self, dims: Dims) -> Plan:
         if dims not in self.plans:
+            if self.backend.max_plans and len(self.plans) >= self.backend.max_plans:
+                self.plans.clear()             # free the old plan's buffers (and sessions) first
+                self.backend.drop_plans()
             self.plans[dims] = self.make_plan(dims)
         return self.plans[dims]
 
@@ -138,7 +141,7 @@ class Pipeline:
             buf[f"step_index_{k}"] = new(f"step_index_{k}", "step_index")
 
         text = be.runner(te, dims).bind({n: buf[n] for n in ("input_ids", "text_embeddings")}, te.shapes(dims))
-        step_runner = be.runner(step, dims, graphs=True)
+        step_runner = be.runner(step, dims)
         steps = []
         for k in (0, 1):                      # even steps: 0 -> 1, odd steps: 1 -> 0
             b = step_runner.bind({"latents": buf[f"latents_{k}"], "latents_next": buf[f"latents_{1 - k}"],

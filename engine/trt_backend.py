@@ -136,6 +136,11 @@ class TrtBinding:
         self.name, self.context, self.stream = name, context, stream
         self._keep = buffers  # the bound device memory lives as long as the binding
 
+    def capturable(self) -> bool:
+        """Whether this enqueue may be captured in a CUDA graph (TRT >= 10 / RTX report it)."""
+        check = getattr(self.context, "is_stream_capturable", None)
+        return True if check is None else bool(check(self.stream))
+
     def run(self) -> None:
         # Enqueue the whole engine on the stream (no sync); graph-capturable after one warm run.
         if not self.context.execute_async_v3(self.stream):

@@ -160,6 +160,8 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
             raise UserError(f"{model.name}: TensorRT refused the profile {profile}")
         if options["workspace_mb"] is not None:  # scratch memory the tactics may use
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options["workspace_mb"] << 20)
+        if options["require_user_allocation"]:  # graph-capturable RTX engine
+            config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
         if options["opt_level"] is not None and api["opt_level"]:
             config.builder_optimization_level = options["opt_level"]  # 0..5, TRT default 3
         if monitor is not None:
@@ -213,7 +215,8 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
     backend, trt = import_trt(backend)
     api = _api(trt, backend)
     options = {"opt_level": opt_level, "precision": man.get("precision", "fp16"),
-               "strongly_typed": True, "workspace_mb": workspace_mb}
+               "strongly_typed": True, "workspace_mb": workspace_mb,
+               "require_user_allocation": api["user_allocation"]}
     cache_bytes = loaded_cache = None
     if timing_cache is not None and api["timing_cache"]:
         timing_cache = Path(timing_cache)

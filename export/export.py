@@ -5,6 +5,7 @@ leaves nothing (and a previous export stays intact until the new one is complete
 """
 from __future__ import annotations
 
+import gc
 import shutil
 import sys
 import time
@@ -127,19 +128,23 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, v
         say("[ort] unet: exporting fp32 for fusion ...")
         to_onnx.export(module, fp32, src, to_onnx.example_inputs(
             fp32, to_onnx.trace_dims(folder.config.sample_size), folder.config.vocab_size), "fp32", opset)
+    # every torch reference first: the fusion of a 3.4 GB graph needs the memory the modules hold
+    unet_in = to_onnx.example_inputs(unet, vdims, folder.config.vocab_size, seed=1)
+    refs = {"unet": (unet_in, validate.run_torch(module, unet, unet_in))}
+    refs.update({n: _step_reference(folder, models[n], vdims, model_dir) for n in STEP_MODELS})
+    del module
+    folder.text_encoder = folder.unet = folder.vae = None
+    gc.collect()
     say("[ort] unet: fusing attention (onnxruntime.transformers) ...")
     ops = ort_fusion.fuse_unet(src, ort_dir / unet.onnx, precision)
     if src.parent != out / "onnx":
         shutil.rmtree(src.parent)
-    inputs = to_onnx.example_inputs(unet, vdims, folder.config.vocab_size, seed=1)
-    records = {"unet": {**_validated_record(out, "unet", unet, ort_dir / unet.onnx, inputs,
-                                            validate.run_torch(module, unet, inputs), precision, t,
-                                            "[ort]"), "fused_ops": ops}}
+    records = {"unet": {**_validated_record(out, "unet", unet, ort_dir / unet.onnx, *refs["unet"],
+                                            precision, t, "[ort]"), "fused_ops": ops}}
     for name in STEP_MODELS:
         t, model = time.perf_counter(), models[name]
         compose_step.compose(ort_dir / unet.onnx, unet, model, ort_dir / model.onnx)
-        inputs, ref = _step_reference(folder, model, vdims, model_dir)
-        records[name] = _validated_record(out, name, model, ort_dir / model.onnx, inputs, ref,
+        records[name] = _validated_record(out, name, model, ort_dir / model.onnx, *refs[name],
                                           precision, t, "[ort]")
     return records
 

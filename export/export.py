@@ -136,7 +136,7 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, v
     folder.text_encoder = folder.unet = folder.vae = None
     gc.collect()
     say("[ort] unet: fusing attention (onnxruntime.transformers) ...")
-    ops = ort_fusion.fuse_unet(src, ort_dir / unet.onnx, precision)
+    ops = ort_fusion.fuse_unet_in_subprocess(src, ort_dir / unet.onnx, precision)
     if src.parent != out / "onnx":
         shutil.rmtree(src.parent)
     records = {"unet": {**_validated_record(out, "unet", unet, ort_dir / unet.onnx, *refs["unet"],

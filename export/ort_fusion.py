@@ -76,3 +76,26 @@ def _rename_data(dst: Path) -> None:
             (dst.parent / loc).unlink(missing_ok=True)
         onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=dst.name + ".data", size_threshold=1024)
+
+
+def fuse_unet_in_subprocess(src_fp32: Path, dst: Path, precision: str) -> dict:
+    """fuse_unet in a child process: the optimizer holds several copies of a 3.4 GB graph, and
+    only a process exit hands that memory back before validation needs it."""
+    import json
+    import subprocess
+    import sys
+
+    from sdrt.errors import UserError
+    proc = subprocess.run([sys.executable, "-m", "sdrt.export.ort_fusion", str(src_fp32), str(dst), precision],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (f"killed by signal {-proc.returncode}: out of memory?" if proc.returncode < 0 else
+                (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1])
+        raise UserError(f"ONNX Runtime's UNet fusion failed ({last[:300]}); export without --ort-fusion")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    print(json.dumps(fuse_unet(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])))

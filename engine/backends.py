@@ -27,8 +27,9 @@ def open_backend(name: str, work_dir: Path, manifest: dict, ort_fusion: bool = T
     if name == "onnxruntime-cpu":
         return OrtCpu(work_dir, manifest, variant)
     if not cuda.available():
+        extra = "onnxruntime-gpu" if name == "onnxruntime-cuda" else name
         raise UserError(f"backend {name} needs an NVIDIA GPU with cuda-python installed "
-                        f"(pip install 'sdrt[onnxruntime-gpu]'); none was found ({cuda.why_unavailable() or 'no device'}): "
+                        f"(pip install 'sdrt[{extra}]'); none was found ({cuda.why_unavailable() or 'no device'}): "
                         "use --backend onnxruntime-cpu")
     if name == "onnxruntime-cuda":
         return OrtCuda(work_dir, manifest, variant)

@@ -1,15 +1,14 @@
 """`sdrt generate`: the CLI face of Pipeline.generate, writing PNGs atomically."""
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from sdrt.errors import UserError
-from sdrt.fileio import default_mode
+from sdrt.fileio import atomic_path
 
 
 def load_latents(path: Path | None):
@@ -29,23 +28,16 @@ def output_paths(out: Path, batch: int) -> list[Path]:
 
 
 def save_images(images: list, paths: list[Path]) -> None:
-    """All or nothing: every image goes to a temp file first, then all are renamed in."""
-    temps = []
+    """All or nothing: every image goes to a temp file first; all are renamed in only when every
+    one was written (the ExitStack closes the atomic paths together)."""
+    path = paths[0]
     try:
-        for img, path in zip(images, paths):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-            os.close(fd)
-            temps.append(tmp)
-            img.save(tmp, format="PNG")
-            default_mode(tmp)
-        for tmp, path in zip(temps, paths):
-            os.replace(tmp, path)
+        with ExitStack() as stack:
+            for img, path in zip(images, paths):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                img.save(stack.enter_context(atomic_path(path, ".png")), format="PNG")
     except OSError as e:
-        raise UserError(f"cannot write {paths[len(temps) - 1 if temps else 0]}: {e.strerror}") from None
-    finally:
-        for tmp in temps:
-            Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
 def timing_table(t: dict) -> str:

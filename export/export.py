@@ -105,10 +105,11 @@ def _validated_record(out: Path, name: str, model, path: Path, inputs: dict, ref
     record = validate.check(model, validate.run_onnx(path, inputs), ref, precision)
     rel = path.relative_to(out / "onnx")
     files = [str(rel)] + [str(rel.parent / loc) for loc in external_data_locations(path)]
-    sha = mf.files_sha256(mf.model_files(out, {"models": {name: {"files": files}}}, name))
+    paths = mf.model_files(out, {"models": {name: {"files": files}}}, name)
+    sha = mf.files_sha256(paths)
     say(f"{tag} {name}: rel L2 error {record['rel_l2']:.2e} (tolerance {record['tolerance']:.0e}), "
         f"{time.perf_counter() - t:.1f} s")
-    return {"contract": model.to_json(), "files": files, "sha256": sha, "bytes": _onnx_bytes(path),
+    return {"contract": model.to_json(), "files": files, "sha256": sha, "bytes": sum(p.stat().st_size for p in paths),
             "validation": record, "export_s": round(time.perf_counter() - t, 2)}
 
 
@@ -178,11 +179,6 @@ def external_data_locations(path: Path) -> list[str]:
     proto = onnx.load(str(path), load_external_data=False)
     return sorted({e.value for t in proto.graph.initializer for e in t.external_data
                    if e.key == "location"})
-
-
-def _onnx_bytes(path: Path) -> int:
-    data = path.parent / (path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def _component_hashes(model_dir: Path) -> dict:

@@ -11,8 +11,9 @@ com.microsoft MultiHeadAttention when Q/K/V may be packed (8 of 8 in the tiny UN
 By default only fusions whose kernels also exist on ONNX Runtime CPU are enabled (unpacked MHA,
 LayerNorm/SkipLayerNorm, Gelu), so the fused graph is validated like every other export. Packed
 Q/K/V and the CUDA-only fusions (NhwcConv, GroupNorm, SkipGroupNorm, BiasSplitGelu) have no CPU
-kernels: `cuda_only=True` enables them, for a GPU session to validate on the CUDA EP and measure. ORT fuses the FP32 graph; FP16 is converted after
-(the timestep stays FP32, as the contract says).
+kernels: `cuda_only=True` enables them, for a GPU session to validate on the CUDA EP and
+measure. ORT fuses the FP32 graph; FP16 is converted after (the timestep stays FP32, as the
+contract says).
 """
 from __future__ import annotations
 
@@ -60,22 +61,8 @@ def fuse_unet(src_fp32: Path, dst: Path, precision: str, cuda_only: bool = False
     if precision == "fp16":
         model.convert_float_to_float16(keep_io_types=["timestep"])
     model.save_model_to_file(str(dst), use_external_data_format=True, all_tensors_to_one_file=True)
-    _rename_data(dst)
     ops = collections.Counter(n.op_type for n in model.model.graph.node)
     return {op: ops[op] for op in ("MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization")}
-
-
-def _rename_data(dst: Path) -> None:
-    """ORT names the data file <model>.onnx.data already in recent versions; make sure of it."""
-    import onnx
-    proto = onnx.load(str(dst), load_external_data=False)
-    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
-    if locations and locations != {dst.name + ".data"}:
-        model = onnx.load(str(dst))
-        for loc in locations:
-            (dst.parent / loc).unlink(missing_ok=True)
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=dst.name + ".data", size_threshold=1024)
 
 
 def fuse_unet_in_subprocess(src_fp32: Path, dst: Path, precision: str) -> dict:

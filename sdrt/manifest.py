@@ -20,12 +20,8 @@ FORMAT = 1
 NAME = "manifest.json"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: Path) -> str:
+    return files_sha256([Path(path)])
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -28,6 +28,7 @@ def test_export_manifest_and_validation(precision, request):
         assert rec["validation"]["tolerance"] == TOLERANCE[precision]
         path = work / "onnx" / model.onnx
         assert rec["sha256"] == mf.files_sha256(mf.model_files(work, data, name))
+        assert rec["bytes"] == sum(p.stat().st_size for p in mf.model_files(work, data, name))
         assert rec["files"][0] == model.onnx
         proto = onnx.load(str(path), load_external_data=False)
         assert [i.name for i in proto.graph.input] == [t.name for t in model.inputs]

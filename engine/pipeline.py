@@ -66,7 +66,8 @@ class Pipeline:
     def generate(self, prompt, negative="", steps=50, guidance=7.5, height=None, width=None,
                  batch=1, seed=None, latents=None) -> Result:
         t0 = time.perf_counter()
-        dims = self.dims(steps, height, width, batch, guidance)
+        dims = self.dims(height, width, batch, guidance)
+        table = scheduler.step_table(self.scheduler, steps, guidance)   # also checks steps
         x_T = self.initial_latents(dims, seed, latents)
         rows = [negative] * batch + [prompt] * batch if dims.cfg else [prompt] * batch
         ids = self.tokenizer.encode(rows, self.config.text_len)
@@ -79,7 +80,7 @@ class Pipeline:
         buf["input_ids"].write(ids)
         buf["latents_0"].write(x_T)
         buf["step_index_0"].write(np.zeros(1, np.int32))
-        buf["step_table"].write(scheduler.step_table(self.scheduler, steps, guidance))
+        buf["step_table"].write(table)
         clock.mark("start")
         plan.text.run()
         clock.mark("text_encoder")
@@ -95,13 +96,9 @@ class Pipeline:
         timings["setup_ms"] = (t_plan - t_tok) * 1e3 if fresh else 0.0  # buffers, bindings, graphs
         return Result(to_uint8(image), timings)
 
-    def dims(self, steps, height, width, batch, guidance) -> Dims:
+    def dims(self, height, width, batch, guidance) -> Dims:
         height = self.config.default_size if height is None else height
         width = self.config.default_size if width is None else width
-        if not isinstance(steps, int) or steps <= 0:
-            raise UserError(f"steps must be a positive integer, got {steps}")
-        if steps > self.scheduler.num_train_timesteps:
-            raise UserError(f"steps {steps} exceeds the scheduler's {self.scheduler.num_train_timesteps} timesteps")
         if not isinstance(batch, int) or batch <= 0:
             raise UserError(f"batch must be a positive integer, got {batch}")
         check_size(height, width, self.config.vae_factor)

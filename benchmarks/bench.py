@@ -1,6 +1,8 @@
-"""`sdrt bench WORK_DIR --reference MODEL_DIR`: sdrt backends against eager diffusers, one run.
+"""`sdrt bench WORK_DIR [WORK_DIR ...] --reference MODEL_DIR`: sdrt against eager diffusers, one run.
 
-Same weights (the export of MODEL_DIR), same latents, same prompt, same GPU, same process. For
+Same weights (exports of MODEL_DIR), same latents, same prompt, same GPU, same process. Several
+exports of one model (e.g. --attention op and decomposed, FP16 and FP32) are measured side by side
+against the one reference: a before/after in one run. For
 each configuration: warm-up, then `runs` timed generations; medians and p90 of end to end and per
 stage (CUDA events on the working stream), images/s, peak memory, PSNR against the reference
 image. Results: JSON records + markdown table + PNG plot under --out.
@@ -126,6 +128,7 @@ def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, a, versions) -
         ref = refs.get((h, w, batch))
         records.append({
             "device": device_name(), "backend": name, "precision": pipe.manifest["precision"],
+            "attention": pipe.manifest.get("attention", "decomposed"), "export": work_dir.name,
             "height": h, "width": w, "steps": a.steps, "batch": batch, "runs": a.runs,
             "e2e_ms": e2e, "e2e_p90_ms": e2e_p90, "unet_step_ms": step, "unet_step_p90_ms": step_p90,
             "text_encoder_ms": float(np.median([r.timings["text_encoder_ms"] for r in runs])),
@@ -159,15 +162,24 @@ def versions() -> dict:
     return out
 
 
+def load_exports(work_dirs: list) -> list[dict]:
+    """The manifests of the exports to compare: all of one model, or the comparison is void."""
+    manifests = [mf.load(w) for w in work_dirs]
+    for w, m in zip(work_dirs[1:], manifests[1:]):
+        if m.get("source", {}).get("sha256") != manifests[0].get("source", {}).get("sha256"):
+            raise UserError(f"{w} is an export of another model than {work_dirs[0]}: "
+                            f"compare exports of one MODEL_DIR")
+    return manifests
+
+
 def main(a) -> None:
     from sdrt.benchmarks import report
-    manifest = mf.load(a.work_dir)
-    cfg = mf.config(manifest)
+    manifests = load_exports(a.work_dirs)
+    cfg = mf.config(manifests[0])
     sizes, batches = parse_sizes(a.sizes), parse_ints(a.batches, "batches")
     if a.steps <= 0 or a.runs <= 0 or a.warmup < 0:
         raise UserError("--steps and --runs must be positive, --warmup not negative")
     configs = [(h, w, b) for h, w in sizes for b in batches]
-    names = available_backends(manifest) if a.backends == "available" else a.backends.split(",")
     refs = {}
     if not a.no_reference:
         from sdrt.benchmarks.reference import Reference
@@ -177,8 +189,11 @@ def main(a) -> None:
         refs = bench_reference(ref, cfg, configs, a)
         ref.close()
     v = versions()
-    records = [r for name, fused in variants(names, manifest)
-               for r in bench_backend(name, fused, a.work_dir, cfg, configs, refs, a, v)]
+    records = []
+    for work_dir, manifest in zip(a.work_dirs, manifests):
+        names = available_backends(manifest) if a.backends == "available" else a.backends.split(",")
+        records += [r for name, fused in variants(names, manifest)
+                    for r in bench_backend(name, fused, work_dir, cfg, configs, refs, a, v)]
     paths = report.write(records, a.out)
     print(report.table(records))
     for p in paths:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sdrt.fileio import atomic_path, write_atomic, write_json_atomic
 
-COLUMNS = [("backend", "backend", "{}"), ("size", None, "{}"), ("batch", "batch", "{}"),
+COLUMNS = [("backend", "backend", "{}"), ("export", "export_label", "{}"), ("size", None, "{}"), ("batch", "batch", "{}"),
            ("e2e ms", "e2e_ms", "{:.1f}"), ("ref e2e ms", "reference_e2e_ms", "{:.1f}"),
            ("speedup", "speedup_e2e", "{:.2f}x"), ("step ms", "unet_step_ms", "{:.2f}"),
            ("ref step ms", "reference_unet_step_ms", "{:.2f}"), ("text enc ms", "text_encoder_ms", "{:.2f}"),
@@ -21,7 +21,8 @@ def table(records: list[dict]) -> str:
     for r in records:
         cells = []
         for _, key, fmt in COLUMNS:
-            v = f"{r['height']}x{r['width']}x{r['steps']} steps" if key is None else r.get(key)
+            v = (f"{r['height']}x{r['width']}x{r['steps']} steps" if key is None else
+                 export_label(r) if key == "export_label" else r.get(key))
             cells.append("-" if v is None else fmt.format(v))
         lines.append("| " + " | ".join(cells) + " |")
     if records:
@@ -30,15 +31,22 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def export_label(r: dict) -> str:
+    """What distinguishes one export of the model from another: precision and attention form."""
+    return f"{r.get('precision', '?')}, attention {r.get('attention', 'decomposed')}"
+
+
 def plot(records: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for backend in sorted({r["backend"] for r in records}):
-        rs = sorted((r for r in records if r["backend"] == backend), key=lambda r: r["batch"])
-        axes[0].plot([r["batch"] for r in rs], [r["e2e_ms"] for r in rs], "o-", label=f"sdrt {backend}")
-        axes[1].plot([r["batch"] for r in rs], [r["images_per_s"] for r in rs], "o-", label=f"sdrt {backend}")
+    for backend, label in sorted({(r["backend"], export_label(r)) for r in records}):
+        rs = sorted((r for r in records if (r["backend"], export_label(r)) == (backend, label)),
+                    key=lambda r: r["batch"])
+        name = f"sdrt {backend} ({label})"
+        axes[0].plot([r["batch"] for r in rs], [r["e2e_ms"] for r in rs], "o-", label=name)
+        axes[1].plot([r["batch"] for r in rs], [r["images_per_s"] for r in rs], "o-", label=name)
     ref = sorted({(r["batch"], r["reference_e2e_ms"]) for r in records if r.get("reference_e2e_ms")})
     if ref:
         axes[0].plot([b for b, _ in ref], [ms for _, ms in ref], "s--", color="gray", label="diffusers eager")

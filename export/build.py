@@ -24,6 +24,7 @@ from sdrt.contract import RUNTIME_MODELS, Dims, Model, check_size
 from sdrt.engine.engine_cache import KEY_FIELDS, _api, _current_hash, _first_change, _stat, engine_key
 from sdrt.engine.trt_backend import MODULES, import_trt
 from sdrt.errors import UserError
+from sdrt.export import attention
 from sdrt.fileio import write_atomic, write_json_atomic
 
 DIMS = ("batch", "height", "width")  # what --dynamic may range over
@@ -135,6 +136,17 @@ def _check_network(network, model: Model, trt, path: Path) -> None:
                         f"differ: {diff}): export again")
 
 
+def check_attention_support(trt, backend: str, form: str) -> None:
+    """TensorRT parses ONNX's Attention op from 10.14 on: say so before a long parse fails."""
+    if form != "op" or backend != "tensorrt":
+        return
+    version = tuple(int(x) for x in trt.__version__.split(".")[:2] if x.isdigit())
+    if version < attention.TRT_FIRST:
+        raise UserError(f"this export writes attention as ONNX's Attention op, which TensorRT parses from "
+                        f"{'.'.join(map(str, attention.TRT_FIRST))} on (installed: {trt.__version__}): "
+                        f"export again with --attention decomposed")
+
+
 def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile: dict,
                options: dict, cache_bytes: bytes | None, progress: bool):
     """Parse + build one model: (plan bytes, build seconds, timing cache bytes or None)."""
@@ -150,8 +162,9 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
         if not parser.parse_from_file(str(files[0])):  # resolves external data beside the file
             e = parser.get_error(0)
             where = f" at node {e.node()} {e.node_name()!r} ({e.node_operator()})" if e.node() >= 0 else ""
-            raise UserError(f"cannot parse {files[0]}{where}: {' '.join(e.desc().split())}: "
-                            f"export again")
+            fix = ("export again with --attention decomposed" if e.node() >= 0 and e.node_operator() == "Attention"
+                   else "export again")
+            raise UserError(f"cannot parse {files[0]}{where}: {' '.join(e.desc().split())}: {fix}")
         _check_network(network, model, trt, files[0])
         prof = builder.create_optimization_profile()
         for name, p in profile.items():
@@ -213,6 +226,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
     ranges = parse_dynamic(dynamic, batch, height or cfg.default_size, width or cfg.default_size,
                            cfg.vae_factor)
     backend, trt = import_trt(backend)
+    check_attention_support(trt, backend, man.get("attention", "decomposed"))
     api = _api(trt, backend)
     options = {"opt_level": opt_level, "precision": man.get("precision", "fp16"),
                "strongly_typed": True, "workspace_mb": workspace_mb,

@@ -18,7 +18,7 @@ from sdrt import manifest as mf
 from sdrt.contract import Dims, ModelConfig, all_models
 from sdrt.errors import UserError
 from sdrt.fileio import temp_dir_beside, write_json_atomic
-from sdrt.export import compose_step, pipeline_folder, to_onnx, validate
+from sdrt.export import attention, compose_step, pipeline_folder, to_onnx, validate
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder")
 STEP_MODELS = ("denoise_step_cfg", "denoise_step")
@@ -42,18 +42,23 @@ def validation_dims(cfg: ModelConfig) -> Dims:
                 vae_factor=cfg.vae_factor)
 
 
-def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int = 18,
-           ort_fusion: bool = False) -> Path:
+def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int | None = None,
+           ort_fusion: bool = False, attention_form: str = "op") -> Path:
+    """opset None: 23 for attention_form "op" (ONNX's Attention op), 18 for "decomposed"."""
     model_dir, work_dir = Path(model_dir), Path(work_dir)
     if precision not in ("fp16", "fp32"):
         raise UserError(f"unknown --precision {precision!r}: use fp16 or fp32")
+    if attention_form not in attention.FORMS:
+        attention.check(attention_form, 0)
+    opset = attention.default_opset(attention_form) if opset is None else opset
     if opset < 17:
         raise UserError(f"--opset {opset} is too old: sdrt exports opset 17 or newer")
+    attention.check(attention_form, opset)
     check_work_dir(work_dir)
     pipeline_folder.read_model_index(model_dir)
     tmp = temp_dir_beside(work_dir)
     try:
-        _export_into(model_dir, tmp, precision, opset, ort_fusion)
+        _export_into(model_dir, tmp, precision, opset, ort_fusion, attention_form)
         _swap_in(tmp, work_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -61,7 +66,8 @@ def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int 
     return work_dir
 
 
-def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fusion: bool) -> None:
+def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fusion: bool,
+                 form: str) -> None:
     t0 = time.perf_counter()
     say(f"loading {model_dir} ...")
     folder = pipeline_folder.load(model_dir)
@@ -77,7 +83,7 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fus
         if name in BASE_MODELS:
             module = to_onnx.wrap(name, folder)
             to_onnx.export(module, model, path, to_onnx.example_inputs(model, to_onnx.trace_dims(cfg.sample_size), cfg.vocab_size),
-                           precision, opset)
+                           precision, opset, form)
             inputs = to_onnx.example_inputs(model, vdims, cfg.vocab_size, seed=1)
             ref = validate.run_torch(module, model, inputs)
         else:
@@ -85,13 +91,15 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fus
             inputs, ref = _step_reference(folder, model, vdims, model_dir)
         records[name] = _validated_record(out, name, model, path, inputs, ref, precision, t,
                                           f"[{i}/{len(models)}]")
+        if name in BASE_MODELS:
+            records[name]["attention_ops"] = attention.count_ops(onnx_graph(path))
     variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, vdims, model_dir)} \
         if ort_fusion else {}
     shutil.copytree(model_dir / "tokenizer", out / "tokenizer")
     (out / "scheduler").mkdir()
     shutil.copy(model_dir / "scheduler" / "scheduler_config.json", out / "scheduler")
     write_json_atomic(out / mf.NAME, {
-        "format": mf.FORMAT, "precision": precision, "opset": opset,
+        "format": mf.FORMAT, "precision": precision, "opset": opset, "attention": form,
         "config": cfg.to_json(), "models": records, "variants": variants, "engines": {},
         "source": {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
         "versions": _versions(), "export_s": round(time.perf_counter() - t0, 1)})
@@ -115,20 +123,22 @@ def _validated_record(out: Path, name: str, model, path: Path, inputs: dict, ref
 
 def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, vdims: Dims,
                         model_dir: Path) -> dict:
-    """onnx/ort/: the UNet with ONNX Runtime's attention fusion and the step graphs on top."""
+    """onnx/ort/: the UNet with ONNX Runtime's attention fusion and the step graphs on top.
+    ORT's optimizer fuses the decomposed FP32 graph, so that is what it is given."""
     from sdrt.export import ort_fusion
     ort_dir = out / "onnx" / "ort"
     ort_dir.mkdir()
     t = time.perf_counter()
     unet, module = models["unet"], to_onnx.wrap("unet", folder)
     src = out / "onnx" / unet.onnx
-    if precision == "fp16":      # ORT fuses the FP32 graph, then converts
+    if precision == "fp16" or attention.count_ops(onnx_graph(src))["Attention"]:
         src = ort_dir / "fp32" / unet.onnx
         src.parent.mkdir()
         fp32 = all_models(folder.config, "fp32")["unet"]
-        say("[ort] unet: exporting fp32 for fusion ...")
+        say("[ort] unet: exporting fp32, decomposed attention, for fusion ...")
         to_onnx.export(module, fp32, src, to_onnx.example_inputs(
-            fp32, to_onnx.trace_dims(folder.config.sample_size), folder.config.vocab_size), "fp32", opset)
+            fp32, to_onnx.trace_dims(folder.config.sample_size), folder.config.vocab_size), "fp32",
+            min(opset, attention.TRACE_OPSET_MAX), "decomposed")
     # every torch reference first: the fusion of a 3.4 GB graph needs the memory the modules hold
     unet_in = to_onnx.example_inputs(unet, vdims, folder.config.vocab_size, seed=1)
     refs = {"unet": (unet_in, validate.run_torch(module, unet, unet_in))}
@@ -173,10 +183,15 @@ def _step_reference(folder, step, dims: Dims, model_dir: Path):
     return inputs, [scheduler.apply_step(table[k], x, m), np.array([k + 1], np.int32)]
 
 
+def onnx_graph(path: Path):
+    """The graph without its weights."""
+    import onnx
+    return onnx.load(str(path), load_external_data=False)
+
+
 def external_data_locations(path: Path) -> list[str]:
     """Sorted names of the external data files the graph's initializers point at."""
-    import onnx
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = onnx_graph(path)
     return sorted({e.value for t in proto.graph.initializer for e in t.external_data
                    if e.key == "location"})
 

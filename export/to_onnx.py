@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from sdrt.contract import Dims, Model
+from sdrt.export import attention
 
 TWO_GB = 2 ** 31 - 1
 
@@ -85,8 +86,10 @@ def example_inputs(model: Model, dims: Dims, vocab_size: int, seed: int = 0) -> 
     return out
 
 
-def export(module, model: Model, out_path: Path, inputs: dict, precision: str, opset: int) -> None:
-    """Trace `module` to out_path (weights over 2 GB, and the UNet's always, to one .data file)."""
+def export(module, model: Model, out_path: Path, inputs: dict, precision: str, opset: int,
+           attention_form: str = "op") -> None:
+    """Trace `module` to out_path (weights over 2 GB, and the UNet's always, to one .data file),
+    attention written as `attention_form` (sdrt.export.attention)."""
     import torch
 
     dtype = torch.float16 if precision == "fp16" else torch.float32
@@ -94,22 +97,26 @@ def export(module, model: Model, out_path: Path, inputs: dict, precision: str, o
     args = tuple(torch.from_numpy(inputs[t.name]).to(_torch_dtype(t.dtype)) for t in model.inputs)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), attention.attention_form(attention_form):
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=opset,
+            torch.onnx.export(module, args, str(raw), dynamo=False,
+                              opset_version=attention.trace_opset(attention_form, opset),
                               input_names=[t.name for t in model.inputs],
                               output_names=[t.name for t in model.outputs],
                               dynamic_axes=model.dynamic_axes(), do_constant_folding=True)
-        cleanup_and_save(raw, out_path, external=model.name == "unet")
+        cleanup_and_save(raw, out_path, external=model.name == "unet", opset=opset)
     module.float()
 
 
-def cleanup_and_save(src: Path, dst: Path, external: bool) -> None:
-    """Constant folding, dead-node removal, topological sort (graphsurgeon), shape inference."""
+def cleanup_and_save(src: Path, dst: Path, external: bool, opset: int) -> None:
+    """Final opset, constant folding, dead-node removal, topological sort (graphsurgeon), shape
+    inference."""
     import onnx
     import onnx_graphsurgeon as gs
 
-    graph = gs.import_onnx(onnx.load(str(src)))
+    model = onnx.load(str(src))
+    attention.declare_opset(model, opset)
+    graph = gs.import_onnx(model)
     graph.fold_constants(error_ok=True).cleanup().toposort()
     model = gs.export_onnx(graph)
     size = sum(t.ByteSize() for t in model.graph.initializer)

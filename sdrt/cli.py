@@ -18,7 +18,8 @@ def cmd_init(a):
 
 def cmd_export(a):
     from sdrt.export.export import export
-    out = export(a.model_dir, a.work_dir, precision=a.precision, opset=a.opset, ort_fusion=a.ort_fusion)
+    out = export(a.model_dir, a.work_dir, precision=a.precision, opset=a.opset, ort_fusion=a.ort_fusion,
+                 attention_form=a.attention)
     print(f"wrote {out}")
 
 
@@ -60,7 +61,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("model_dir", type=Path)
     s.add_argument("work_dir", type=Path)
     s.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
-    s.add_argument("--opset", type=int, default=18)
+    s.add_argument("--attention", default="op",
+                   help="op: one ONNX Attention op per attention (opset 23; ORT CUDA, TensorRT >= 10.14, RTX); "
+                        "decomposed: MatMul/Softmax/MatMul (TensorRT < 10.14, e.g. JetPack 6)")
+    s.add_argument("--opset", type=int, help="default 23 with --attention op, 18 with decomposed")
     s.add_argument("--ort-fusion", action="store_true",
                    help="also write onnx/ort/: the UNet with ONNX Runtime's attention fusion (ORT backends use it)")
     s.set_defaults(fn=cmd_export)
@@ -85,7 +89,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("bench", help="benchmark sdrt backends against the eager diffusers pipeline")
-    s.add_argument("work_dir", type=Path)
+    s.add_argument("work_dirs", type=Path, nargs="+", metavar="WORK_DIR",
+                   help="one export, or several of the same model to compare (e.g. --attention op vs decomposed)")
     s.add_argument("--reference", type=Path, required=True, help="the diffusers pipeline folder")
     s.add_argument("--backends", default="available", help="comma list or 'available'")
     s.add_argument("--sizes", default="512x512", help="comma list of HxW")

@@ -25,6 +25,14 @@ def tiny_fp32(tiny_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_fp32_decomposed(tiny_dir, tmp_path_factory) -> Path:
+    """FP32 with attention as torch decomposes it (MatMul/Softmax/MatMul), opset 18."""
+    from sdrt.export.export import export
+    return export(tiny_dir, tmp_path_factory.mktemp("work") / "tiny-fp32-dec", precision="fp32",
+                  attention_form="decomposed")
+
+
+@pytest.fixture(scope="session")
 def tiny_fp16(tiny_dir, tmp_path_factory) -> Path:
     """FP16, with the ONNX Runtime attention-fused variant (onnx/ort/) as well."""
     from sdrt.export.export import export

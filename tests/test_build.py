@@ -522,17 +522,52 @@ def test_timing_cache_saved_and_reloaded(tmp_path, monkeypatch):
 
 @needs_rtx
 @pytest.mark.slow
-def test_real_tiny_export_builds(request, tmp_path):
+def test_real_tiny_export_builds(tiny_fp16, tmp_path):
     """The exporter's real graphs (tiny random pipeline, FP16) build with RTX and check clean."""
-    pytest.importorskip("sdrt.export.export", reason="the exporter (sdrt.export.export) is not there yet")
-    try:
-        export = request.getfixturevalue("tiny_fp16")
-    except ModuleNotFoundError as e:  # the exporter's parts still landing
-        pytest.skip(f"exporter incomplete: {e}")
     work = tmp_path / "work"
-    shutil.copytree(export, work)
+    shutil.copytree(tiny_fp16, work)
     result = B.build(work, RTX, progress=False)
     assert sorted(result["built"]) == ["denoise_step_cfg", "text_encoder", "vae_decoder"]
     for name in result["built"]:
         EC.check_engine(work, RTX, name)
     assert B.build(work, RTX, progress=False)["built"] == []
+
+
+def _layer_types(trt, path: Path) -> list[str]:
+    logger = trt.Logger(trt.Logger.ERROR)
+    network = trt.Builder(logger).create_network(0)
+    assert trt.OnnxParser(network, logger).parse_from_file(str(path))
+    return [str(network.get_layer(i).type).rsplit(".", 1)[-1] for i in range(network.num_layers)]
+
+
+@needs_rtx
+@pytest.mark.parametrize("name", ["denoise_step_cfg", "vae_decoder"])
+def test_attention_op_parses_to_fused_attention_layers(tiny_fp16, name):
+    """Every ONNX Attention node of the export becomes one IAttention (no MatMul/Softmax chain)."""
+    import tensorrt_rtx
+    man = mf.load(tiny_fp16)
+    expected = man["models"]["unet" if name.startswith("denoise") else name]["attention_ops"]["Attention"]
+    types = _layer_types(tensorrt_rtx, tiny_fp16 / "onnx" / f"{name}.onnx")
+    assert expected > 0 and types.count("ATTENTION_INPUT") == expected
+    assert "SOFTMAX" not in types
+
+
+class _FakeTrt:
+    def __init__(self, version):
+        self.__version__ = version
+
+
+@pytest.mark.parametrize("version, backend, form, refused", [
+    ("10.3.0.30", "tensorrt", "op", True),          # JetPack 6
+    ("10.13.3", "tensorrt", "op", True),
+    ("10.14.1", "tensorrt", "op", False),
+    ("11.0.0", "tensorrt", "op", False),
+    ("10.3.0.30", "tensorrt", "decomposed", False),
+    ("1.7.1.116", "tensorrt-rtx", "op", False),
+])
+def test_attention_op_needs_tensorrt_10_14(version, backend, form, refused):
+    if refused:
+        with pytest.raises(UserError, match="--attention decomposed"):
+            B.check_attention_support(_FakeTrt(version), backend, form)
+    else:
+        B.check_attention_support(_FakeTrt(version), backend, form)

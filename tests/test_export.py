@@ -73,6 +73,52 @@ def test_ort_fusion_variant(tiny_fp16):
     assert not (tiny_fp16 / "onnx" / "ort" / "fp32").exists()     # the FP32 source is not kept
 
 
+def _attention_modules(tiny_dir) -> dict:
+    """How many attention layers the tiny UNet and VAE have (diffusers' Attention modules)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention
+    count = lambda m: sum(isinstance(x, Attention) for x in m.modules())
+    return {"unet": count(UNet2DConditionModel.from_pretrained(tiny_dir / "unet")),
+            "vae_decoder": count(AutoencoderKL.from_pretrained(tiny_dir / "vae").decoder)}
+
+
+def test_attention_forms(tiny_dir, tiny_fp32, tiny_fp32_decomposed):
+    """--attention op (default): one ONNX Attention node per attention layer, opset 23, no Softmax
+    left; --attention decomposed: torch's MatMul/Softmax/MatMul at opset 18."""
+    layers = _attention_modules(tiny_dir)
+    op, dec = mf.load(tiny_fp32), mf.load(tiny_fp32_decomposed)
+    assert (op["attention"], op["opset"], dec["attention"], dec["opset"]) == ("op", 23, "decomposed", 18)
+    for name, n in layers.items():
+        assert n > 0
+        assert op["models"][name]["attention_ops"] == {"Attention": n, "Softmax": 0}
+        assert dec["models"][name]["attention_ops"] == {"Attention": 0, "Softmax": n}
+        for work, version in ((tiny_fp32, 23), (tiny_fp32_decomposed, 18)):
+            path = work / "onnx" / f"{name}.onnx"
+            proto = onnx.load(str(path), load_external_data=False)
+            assert {(o.domain, o.version) for o in proto.opset_import} == {("", version)}
+            onnx.checker.check_model(str(path), full_check=True)
+    step = onnx.load(str(tiny_fp32 / "onnx" / "denoise_step_cfg.onnx"), load_external_data=False)
+    assert sum(n.op_type == "Attention" for n in step.graph.node) == layers["unet"]
+
+
+def test_attention_op_tracing_leaves_torch_as_it_was(tiny_dir):
+    """The Attention symbolic is registered only while tracing: torch's own SDPA export is back after."""
+    import torch
+    from sdrt.export import attention
+    f = lambda q: torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    q = torch.randn(1, 2, 4, 8)
+    class M(torch.nn.Module):
+        def forward(self, q):
+            return f(q)
+    import io
+    for form, op in (("op", "Attention"), ("decomposed", "Softmax"), ("op", "Attention"), ("decomposed", "Softmax")):
+        buf = io.BytesIO()
+        with attention.attention_form(form):
+            torch.onnx.export(M(), (q,), buf, dynamo=False, opset_version=20)
+        ops = {n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node}
+        assert op in ops and ({"Attention", "Softmax"} - {op}).isdisjoint(ops), (form, ops)
+
+
 def _save_with_diffusers(path, tokenizer_form):
     """A folder written by diffusers' own save_pretrained, with PNDM as SD 1.5 ships it."""
     from diffusers import PNDMScheduler
@@ -171,6 +217,16 @@ def test_failed_export_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(UserError):
         ex.export(tiny_dir, tmp_path / "w", precision="fp32")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--attention", "op", "--opset", "18"], ["--attention op needs --opset 23", "decomposed"]),
+    (["--attention", "flash"], ["unknown --attention", "decomposed"]),
+    (["--attention", "decomposed", "--opset", "16"], ["too old"]),
+])
+def test_export_bad_attention_options(tiny_dir, tmp_path, args, words):
+    assert_user_error(run_cli("export", tiny_dir, tmp_path / "w", *args), *words)
+    assert not (tmp_path / "w").exists()
 
 
 def test_init_refuses_existing_and_unknown_arch(tmp_path):

@@ -62,6 +62,15 @@ def test_fp16_export_runs_close_to_fp32(tiny_fp16, tiny_fp32):
     assert psnr(a.images, b.images) > 30
 
 
+def test_attention_forms_give_the_same_images(tiny_fp32, tiny_fp32_decomposed):
+    """ONNX's Attention op computes what torch's MatMul/Softmax/MatMul does (FP32, ORT CPU)."""
+    lat = np.random.default_rng(3).standard_normal((1, 4, 8, 12)).astype(np.float32)
+    a = Pipeline(tiny_fp32, "onnxruntime-cpu").generate("a lighthouse", steps=6, latents=lat, height=64, width=96)
+    b = Pipeline(tiny_fp32_decomposed, "onnxruntime-cpu").generate("a lighthouse", steps=6, latents=lat,
+                                                                    height=64, width=96)
+    assert psnr(a.images, b.images) >= 50, psnr(a.images, b.images)
+
+
 def test_ort_fused_variant_matches_plain(tiny_fp16):
     lat = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
     fused = Pipeline(tiny_fp16, "onnxruntime-cpu")                       # default: use onnx/ort/

@@ -29,9 +29,12 @@ def say(msg: str) -> None:
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     try:
-        return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
+        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
     except ValueError:
-        raise UserError(f"--sizes {text!r}: give HxW[,HxW...], e.g. 512x512") from None
+        sizes = []
+    if not sizes or any(len(s) != 2 for s in sizes):
+        raise UserError(f"--sizes {text!r}: give HxW[,HxW...], e.g. 512x512")
+    return sizes
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -136,6 +139,8 @@ def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, a, versions) -
             "tokenize_ms": float(np.median([r.timings["tokenize_ms"] for r in runs])),
             "images_per_s": batch / (e2e / 1e3),
             "peak_mem_mb": peak_mem_mb(baseline), "load_s": load_s,
+            "activation_mb": (pipe.backend.activation_bytes / 2 ** 20
+                              if pipe.backend.activation_bytes is not None else None),
             "engine_build_s": _build_seconds(pipe.manifest, name),
             "reference_e2e_ms": ref["e2e_ms"][0] if ref else None,
             "reference_e2e_p90_ms": ref["e2e_ms"][1] if ref else None,

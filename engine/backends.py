@@ -56,6 +56,7 @@ def _importable(module: str) -> bool:
 class OrtCpu:
     device, stream = "cpu", None
     max_plans = None
+    activation_bytes = None   # ONNX Runtime plans its arenas itself: no figure before running
 
     def __init__(self, work_dir: Path, manifest: dict, variant: str | None, stream=None):
         from sdrt.engine.ort_backend import OrtBackend
@@ -121,6 +122,7 @@ class Trt:
                 self.models[m] = self.trt.load(models[m], plan)
         # one activation block for all engines: they run one after another on one stream
         self.trt.share_activation_memory(list(self.models.values()), cuda.malloc)
+        self.activation_bytes = self.trt.activation_bytes   # TensorRT's own figure, for `sdrt bench`
 
     def runner(self, model: Model, dims: Dims):
         if model.name not in self.models:

@@ -93,6 +93,7 @@ class TrtBackend:
         if any(m.bindings for m in models):
             raise RuntimeError("share_activation_memory() must come before bind()")
         size = max((_memory_size(m.engine) for m in models), default=0)
+        self.activation_bytes = size
         block = (int(alloc(size)) if size else 0, size)
         for m in models:
             m.activation = block

@@ -40,6 +40,11 @@ def cmd_bench(a):
     main(a)
 
 
+def cmd_memory(a):
+    from sdrt.benchmarks.memory import main
+    main(a)
+
+
 def cmd_demo(a):
     from sdrt.engine.demo import main
     main(a)
@@ -101,6 +106,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     s.add_argument("--no-reference", action="store_true", help="skip the diffusers reference")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("memory", help="GPU memory a generation needs, and a Jetson budget (no GPU needed)")
+    s.add_argument("work_dirs", type=Path, nargs="+", metavar="WORK_DIR")
+    s.add_argument("--sizes", default="512x512", help="comma list of HxW")
+    s.add_argument("--batches", default="1,4")
+    s.add_argument("--backend", default="tensorrt", help="whose built engine sizes to use when present")
+    s.add_argument("--out", type=Path, help="write the table here (.md) and the figures beside it (.json)")
+    s.set_defaults(fn=cmd_memory)
 
     s = sub.add_parser("demo", help="the embedded default: tiny model on CPU -> PNG + timing table")
     s.add_argument("--dir", type=Path, default=Path("sdrt-demo"))

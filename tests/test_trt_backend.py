@@ -239,6 +239,7 @@ def test_shared_activation_memory(monkeypatch, plan):
     asked = []
     be.share_activation_memory(models, lambda n: asked.append(n) or 0xA000)
     assert asked == [5000]  # one block, the largest need
+    assert be.activation_bytes == 5000   # what `sdrt bench` records as TensorRT's activation memory
     for m in models:
         m.bind(bufs(), {})
         m.bind(bufs(), {})  # ping-pong bindings share it too

@@ -97,6 +97,7 @@ def bench_reference(ref, cfg, configs, a) -> dict:
             image, t = ref.run(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, lat)
             runs.append(t)
         out[(h, w, batch)] = {"image": image, "e2e_ms": stats([t["e2e_ms"] for t in runs]),
+                              "what": ref.description,
                               "unet_step_ms": float(np.median([t["unet_step_ms"] for t in runs])),
                               "peak_mem_mb": runs[-1]["peak_mem_mb"]}
     return out
@@ -146,6 +147,7 @@ def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, a, versions) -
             "reference_e2e_p90_ms": ref["e2e_ms"][1] if ref else None,
             "reference_unet_step_ms": ref["unet_step_ms"] if ref else None,
             "reference_peak_mem_mb": ref["peak_mem_mb"] if ref else None,
+            "reference": ref["what"] if ref else None,
             "speedup_e2e": ref["e2e_ms"][0] / e2e if ref else None,
             "psnr_vs_reference": psnr(runs[-1].images, ref["image"]) if ref else None,
             "versions": versions})

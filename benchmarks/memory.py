@@ -151,6 +151,9 @@ def table(estimates: list[dict]) -> str:
                f"{e['io_bytes'] / MB:.0f}", f"{e['total_bytes'] / MB:.0f}"]
         row += [f"{(JETSONS[d] - e['total_bytes']) / MB:.0f}" for d in devices]
         lines.append("| " + " | ".join(row) + " |")
+    lines.append("\nAn estimate from the export's graphs (sdrt.benchmarks.memory), not a measurement. total = "
+                 "weights + the largest activation block (shared by the engines) + io; left = the device's "
+                 "nominal memory - total, which must still hold the OS, the CUDA context and the application.")
     return "\n".join(lines)
 
 

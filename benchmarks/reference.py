@@ -12,9 +12,14 @@ class Reference:
     def __init__(self, model_dir: Path):
         import torch
         from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+        diffusers_logging.disable_progress_bar()   # sdrt bench prints its own progress
+        transformers_logging.disable_progress_bar()
         self.torch = torch
         self.cuda = torch.cuda.is_available()
         dtype = torch.float16 if self.cuda else torch.float32
+        self.description = "diffusers eager " + ("FP16, SDPA" if self.cuda else "FP32, CPU")
         pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)

@@ -26,6 +26,8 @@ def table(records: list[dict]) -> str:
             cells.append("-" if v is None else fmt.format(v))
         lines.append("| " + " | ".join(cells) + " |")
     if records:
+        if records[0].get("reference"):
+            lines.append(f"\nreference (ref columns): {records[0]['reference']}, same process, latents and prompt")
         lines.append(f"\ndevice: {records[0]['device']}; versions: "
                      + ", ".join(f"{k} {v}" for k, v in records[0]["versions"].items()))
     return "\n".join(lines)

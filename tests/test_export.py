@@ -101,7 +101,8 @@ def test_attention_forms(tiny_dir, tiny_fp32, tiny_fp32_decomposed):
     assert sum(n.op_type == "Attention" for n in step.graph.node) == layers["unet"]
 
 
-def test_attention_op_tracing_leaves_torch_as_it_was(tiny_dir):
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # torch's notice on its TorchScript exporter
+def test_attention_op_tracing_leaves_torch_as_it_was():
     """The Attention symbolic is registered only while tracing: torch's own SDPA export is back after."""
     import torch
     from sdrt.export import attention

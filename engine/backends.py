@@ -7,6 +7,7 @@ pipeline.py.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from sdrt import manifest as mf
@@ -80,6 +81,18 @@ class OrtCpu:
         self.cache.clear()
 
 
+ORT_CUDA_ATTENTION = (1, 25)   # first onnxruntime-gpu with a CUDA kernel for ONNX's Attention op
+
+
+def warn_if_attention_on_cpu(ort_version: str, attention_form: str | None) -> None:
+    """Older ORT places the Attention op on the CPU: it still runs, slowly and without a graph."""
+    from sdrt.engine.engine_cache import major_minor
+    if attention_form == "op" and major_minor(ort_version) < ORT_CUDA_ATTENTION:
+        warnings.warn(f"onnxruntime {ort_version} has no CUDA kernel for ONNX's Attention op (it runs on the "
+                      f"CPU, and the step cannot be captured): install onnxruntime-gpu>=1.25 or export with "
+                      f"--attention decomposed")
+
+
 class OrtCuda(OrtCpu):
     """Sessions per shape plan (static shapes: every node on the CUDA EP, no Memcpy). Each plan
     holds its own copy of the weights, so only the latest plan is kept."""
@@ -88,6 +101,7 @@ class OrtCuda(OrtCpu):
 
     def __init__(self, work_dir: Path, manifest: dict, variant: str | None):
         super().__init__(work_dir, manifest, variant, cuda.Stream())
+        warn_if_attention_on_cpu(self.ort.ort.__version__, manifest.get("attention"))
 
     def runner(self, model: Model, dims: Dims):
         key = (model.name, dims)

@@ -23,8 +23,13 @@ _ENV_FIELDS = KEY_FIELDS[:5]  # what check_engine compares besides the profile
 
 # ---- the one place for differences between TensorRT 10, TensorRT 11 and TensorRT-RTX ----------
 
+def major_minor(version: str) -> tuple[int, ...]:
+    """"10.14.1.48" -> (10, 14); "1.25.0" -> (1, 25)."""
+    return tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+
+
 def _api(trt, backend: str) -> dict:
-    major = int(trt.__version__.split(".")[0])
+    major = major_minor(trt.__version__)[0]
     rtx = backend == "tensorrt-rtx"
     # TensorRT 10 infers precision unless the network is STRONGLY_TYPED (then the ONNX dtypes rule,
     # and FP16/BF16 builder flags are refused). TRT 11 and RTX are always strongly typed: the flag

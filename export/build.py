@@ -21,7 +21,8 @@ from pathlib import Path
 
 from sdrt import manifest as mf
 from sdrt.contract import RUNTIME_MODELS, Dims, Model, check_size
-from sdrt.engine.engine_cache import KEY_FIELDS, _api, _current_hash, _first_change, _stat, engine_key
+from sdrt.engine.engine_cache import (KEY_FIELDS, _api, _current_hash, _first_change, _stat, engine_key,
+                                      major_minor)
 from sdrt.engine.trt_backend import MODULES, import_trt
 from sdrt.errors import UserError
 from sdrt.export import attention
@@ -140,8 +141,7 @@ def check_attention_support(trt, backend: str, form: str) -> None:
     """TensorRT parses ONNX's Attention op from 10.14 on: say so before a long parse fails."""
     if form != "op" or backend != "tensorrt":
         return
-    version = tuple(int(x) for x in trt.__version__.split(".")[:2] if x.isdigit())
-    if version < attention.TRT_FIRST:
+    if major_minor(trt.__version__) < attention.TRT_FIRST:
         raise UserError(f"this export writes attention as ONNX's Attention op, which TensorRT parses from "
                         f"{'.'.join(map(str, attention.TRT_FIRST))} on (installed: {trt.__version__}): "
                         f"export again with --attention decomposed")

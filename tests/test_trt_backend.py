@@ -284,3 +284,17 @@ def test_real_rtx_module_loads(tmp_path):
     with pytest.raises(UserError):
         be.load(MODEL, p)
 
+
+
+@pytest.mark.parametrize("version, form, warns", [
+    ("1.24.4", "op", True), ("1.25.1", "op", False), ("1.31.1", "op", False),
+    ("1.24.4", "decomposed", False), ("1.24.4", None, False)])
+def test_ort_cuda_warns_when_attention_would_run_on_cpu(version, form, warns):
+    import warnings
+    from sdrt.engine.backends import warn_if_attention_on_cpu
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_attention_on_cpu(version, form)
+    assert bool(caught) == warns
+    if warns:
+        assert "onnxruntime-gpu>=1.25" in str(caught[0].message) and "--attention decomposed" in str(caught[0].message)

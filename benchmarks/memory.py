@@ -12,7 +12,8 @@ Per runtime model (text encoder, denoise step, VAE decoder) at a given size and 
                A fused Attention op counts as its output alone, so comparing an `--attention op`
                export with a `decomposed` one shows what the fused kernel keeps out of memory (the
                [B·heads, tokens, tokens] score matrices);
-  io           the contract's bound buffers (latents ping-pong, embeddings, image, step table).
+  io           the buffers the runtime binds once per plan (latents and step index ping-pong,
+               ids, embeddings, step table, image), each counted once as `make_plan` shares them.
 The total is weights of all three + the largest activation block (sdrt's TensorRT path gives the
 three engines one shared activation block, since they never run at once) + io. What is left of the
 device's memory must hold the OS, the CUDA context and the application: measure that part on the
@@ -28,6 +29,7 @@ import numpy as np
 from sdrt import manifest as mf
 from sdrt.contract import Dims, Model, check_size
 from sdrt.errors import UserError
+from sdrt.export.to_onnx import onnx_graph
 
 MODELS = ("text_encoder", "denoise_step_cfg", "vae_decoder")
 # Nominal DRAM shared by CPU and GPU (NVIDIA's module specifications).
@@ -40,15 +42,15 @@ def _itemsize(elem_type: int) -> int:
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
 
 
-def graph_for_shapes(path: Path, model: Model, dims: Dims):
-    """The graph without weight data, inputs fixed to `dims`, ready for shape inference.
-
-    Weights become graph inputs of their own shape (shape inference needs no values for them),
-    and each ONNX Attention node becomes Identity(query): its output has the query's shape
+def graph_for_shapes(graph, model: Model, dims: Dims):
+    """A copy of `graph` (loaded without weight data), inputs fixed to `dims`, ready for shape
+    inference. Weights become graph inputs of their own shape (shape inference needs no values for
+    them), and each ONNX Attention node becomes Identity(query): its output has the query's shape
     (sdrt's exporter writes it so) and ORT's symbolic inference mistakes it for com.microsoft's."""
     import onnx
     from onnx import helper
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(graph)
     del proto.graph.value_info[:]
     small = []
     for t in proto.graph.initializer:
@@ -85,29 +87,34 @@ def tensor_bytes(proto) -> dict[str, int]:
     return out
 
 
-def activation_peak(proto, sizes: dict[str, int]) -> tuple[int, int]:
-    """(peak bytes of intermediates alive at once in node order, tensors of unknown size)."""
-    boundary = {v.name for v in proto.graph.input} | {v.name for v in proto.graph.output}
+def activation_peak(graph, sizes: dict[str, int]) -> tuple[int, int]:
+    """(peak bytes of intermediates alive at once in node order, tensors of unknown size).
+
+    `graph` is the export's own graph (not the shape-inference copy, whose Attention nodes lost
+    their K and V inputs): a tensor lives from its node to its last reader; one nobody reads
+    dies with its node. Inputs, outputs and weights are not activations."""
+    boundary = ({v.name for v in graph.graph.input} | {v.name for v in graph.graph.output}
+                | {t.name for t in graph.graph.initializer})
     last_use = {}
-    for k, node in enumerate(proto.graph.node):
+    for k, node in enumerate(graph.graph.node):
         for name in node.input:
             last_use[name] = k
     live = peak = unknown = 0
-    for k, node in enumerate(proto.graph.node):
-        for name in node.output:
-            if name and name not in boundary:
-                unknown += name not in sizes
-                live += sizes.get(name, 0)
+    for k, node in enumerate(graph.graph.node):
+        made = [n for n in node.output if n and n not in boundary]
+        unknown += sum(n not in sizes for n in made)
+        live += sum(sizes.get(n, 0) for n in made)
         peak = max(peak, live)
-        for name in set(node.input):
-            if last_use.get(name) == k and name in sizes and name not in boundary:
-                live -= sizes[name]
+        dead = {n for n in node.input if last_use.get(n) == k} | {n for n in made if n not in last_use}
+        live -= sum(sizes.get(n, 0) for n in dead if n not in boundary)
     return peak, unknown
 
 
-def io_bytes(model: Model, dims: Dims) -> int:
-    shapes = model.shapes(dims)
-    return sum(int(np.prod(shapes[t.name])) * np.dtype(t.dtype).itemsize for t in model.tensors)
+def io_bytes(models: list[Model], dims: Dims) -> int:
+    """The plan's bound buffers: one per tensor name across the models (make_plan shares
+    `latents` between the step and the VAE, `text_embeddings` between text encoder and step)."""
+    tensors = {t.name: (m.shapes(dims)[t.name], t.dtype) for m in models for t in m.tensors}
+    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in tensors.values())
 
 
 def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str = "tensorrt") -> dict:
@@ -122,30 +129,30 @@ def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str =
     engines = man.get("engines", {}).get(backend, {})
     out = {}
     for name in MODELS:
-        model = contracts[name]
-        proto = graph_for_shapes(work_dir / "onnx" / model.onnx, model, dims)
-        peak, unknown = activation_peak(proto, tensor_bytes(proto))
+        files = mf.model_files(work_dir, man, name)          # one line if a file is missing
+        graph = onnx_graph(files[0])
+        peak, unknown = activation_peak(graph, tensor_bytes(graph_for_shapes(graph, contracts[name], dims)))
         engine = engines.get(name)
-        onnx_bytes = sum(f.stat().st_size for f in mf.model_files(work_dir, man, name))
-        out[name] = {"weights_bytes": engine["size_bytes"] if engine else onnx_bytes,
+        out[name] = {"weights_bytes": engine["size_bytes"] if engine else sum(f.stat().st_size for f in files),
                      "weights_from": f"{backend} engine" if engine else "onnx",
-                     "activation_bytes": peak, "io_bytes": io_bytes(model, dims), "unknown_tensors": unknown}
+                     "activation_bytes": peak, "unknown_tensors": unknown}
     weights = sum(m["weights_bytes"] for m in out.values())
     act = max(m["activation_bytes"] for m in out.values())
-    io = sum(m["io_bytes"] for m in out.values())
+    io = io_bytes([contracts[n] for n in MODELS], dims)
     return {"export": work_dir.name, "precision": man["precision"], "attention": man.get("attention", "decomposed"),
             "height": height, "width": width, "batch": batch, "models": out,
             "weights_bytes": weights, "activation_bytes": act, "io_bytes": io, "total_bytes": weights + act + io}
 
 
 def table(estimates: list[dict]) -> str:
+    from sdrt.benchmarks.report import export_label
     devices = list(JETSONS)
     head = ["export", "size", "batch", "weights MB", "text enc act MB", "step act MB", "vae act MB",
             "io MB", "total MB"] + [f"left on {d} MB" for d in devices]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in estimates:
         m = e["models"]
-        row = [f"{e['precision']}, attention {e['attention']}", f"{e['height']}x{e['width']}", str(e["batch"]),
+        row = [export_label(e), f"{e['height']}x{e['width']}", str(e["batch"]),
                f"{e['weights_bytes'] / MB:.0f}", f"{m['text_encoder']['activation_bytes'] / MB:.0f}",
                f"{m['denoise_step_cfg']['activation_bytes'] / MB:.0f}", f"{m['vae_decoder']['activation_bytes'] / MB:.0f}",
                f"{e['io_bytes'] / MB:.0f}", f"{e['total_bytes'] / MB:.0f}"]
@@ -163,9 +170,14 @@ def main(a) -> None:
     sizes, batches = parse_sizes(a.sizes), parse_ints(a.batches, "batches")
     if a.out is not None and Path(a.out).suffix != ".md":
         raise UserError(f"--out {a.out}: give a .md path (a .json with the figures is written beside it)")
+    if a.out is not None and not Path(a.out).parent.is_dir():
+        raise UserError(f"--out {a.out}: folder {Path(a.out).parent} does not exist")
     for work_dir in a.work_dirs:       # every mistake before any work
+        man = mf.load(work_dir)
         for h, w in sizes:
-            check_size(h, w, mf.config(mf.load(work_dir)).vae_factor)
+            check_size(h, w, mf.config(man).vae_factor)
+        for name in MODELS:
+            mf.model_files(work_dir, man, name)
     estimates = []
     for work_dir in a.work_dirs:
         for h, w in sizes:

@@ -34,8 +34,9 @@ def table(records: list[dict]) -> str:
 
 
 def export_label(r: dict) -> str:
-    """What distinguishes one export of the model from another: precision and attention form."""
-    return f"{r.get('precision', '?')}, attention {r.get('attention', 'decomposed')}"
+    """Which export: its folder name, precision and attention form."""
+    name = f"{r['export']}: " if r.get("export") else ""
+    return f"{name}{r.get('precision', '?')}, attention {r.get('attention', 'decomposed')}"
 
 
 def plot(records: list[dict], path: Path) -> None:

@@ -65,6 +65,7 @@ class TrtBackend:
         self.stream = int(stream_handle)  # cudaStream_t as int: execute_async_v3 enqueues here
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)  # TRT's stderr logger
         self.runtime = self.trt.Runtime(self.logger)  # one IRuntime deserializes every plan
+        self.activation_bytes = 0  # the shared activation block, once share_activation_memory ran
 
     def load(self, model: Model, plan_path: Path) -> "TrtModel":
         data = Path(plan_path).read_bytes()

@@ -18,10 +18,11 @@ parse the Attention op.
 
 The TorchScript exporter stops at opset 20, so the graph is traced at 20 with Attention written by
 the symbolic below and then declared opset 23 (`declare_opset`). That is sound for what SD's
-graphs contain: every op they use that changed between 20 and 23 (Cast, ConstantOfShape, Conv,
-Cos, Sin, Equal, InstanceNormalization, Reshape, Shape, Transpose, Unsqueeze, Resize) changed only
-by new types or new modes, never the meaning of the old ones; and the export is validated against
-torch after this step like any other.
+graphs contain: every op they use that changed between 20 and 23 (`CHANGED_20_TO_23`) changed only
+by new types (Cast also by a `saturate` attribute that concerns float8 alone), never the meaning of
+the old ones; a test checks that the exported graphs use no other changed op, and the export is
+validated against torch after this step like any other. SDPA calls that are not 4-D fall back to
+torch's own decomposition.
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ import contextlib
 from sdrt.errors import UserError
 
 FORMS = ("op", "decomposed")
-OP_OPSET = 23            # Attention's first opset
+OP_OPSET = 23            # Attention's first opset, and the only one the op form is declared at
 TRACE_OPSET_MAX = 20     # the TorchScript exporter's last opset
+CHANGED_20_TO_23 = {"Cast", "ConstantOfShape", "Conv", "Cos", "Identity", "InstanceNormalization", "Reshape",
+                    "Shape", "Sin", "Transpose", "Unsqueeze"}   # new types only (see above)
 TRT_FIRST = (10, 14)     # first TensorRT whose ONNX parser takes Attention
 _SDPA = "aten::scaled_dot_product_attention"
 
@@ -44,9 +47,12 @@ def check(form: str, opset: int) -> None:
     if form not in FORMS:
         raise UserError(f"unknown --attention {form!r}: use op (one ONNX Attention op, opset 23) "
                         f"or decomposed (MatMul/Softmax/MatMul, for TensorRT before 10.14)")
-    if form == "op" and opset < OP_OPSET:
-        raise UserError(f"--attention op needs --opset {OP_OPSET} or newer (ONNX's Attention op); "
+    if form == "op" and opset != OP_OPSET:
+        raise UserError(f"--attention op needs --opset {OP_OPSET} (ONNX's Attention op as sdrt writes it); "
                         f"use --attention decomposed for opset {opset}")
+    if form == "decomposed" and not 17 <= opset <= TRACE_OPSET_MAX:
+        raise UserError(f"--opset {opset}: --attention decomposed exports opset 17 to {TRACE_OPSET_MAX} "
+                        f"(torch's TorchScript exporter); opset {OP_OPSET} is --attention op")
 
 
 def trace_opset(form: str, opset: int) -> int:
@@ -56,11 +62,14 @@ def trace_opset(form: str, opset: int) -> int:
 
 def _symbolic():
     from torch.onnx import symbolic_helper as sh
+    from torch.onnx import symbolic_opset14
 
     @sh.parse_args("v", "v", "v", "v", "f", "b", "v", "b")
-    def sdpa(g, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-        if dropout_p or enable_gqa:
-            raise RuntimeError("sdrt's Attention export takes eval-mode SDPA without GQA")
+    def sdpa(g, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+             enable_gqa=False):   # enable_gqa: torch >= 2.5
+        if sh._get_tensor_rank(query) != 4 or dropout_p or enable_gqa:   # not SD's form: torch's own
+            return symbolic_opset14.scaled_dot_product_attention(
+                g, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         inputs = [query, key, value] + ([] if sh._is_none(attn_mask) else [attn_mask])
         attrs = {"is_causal_i": 1} if is_causal else {}
         if not sh._is_none(scale):  # default, as in torch: 1/sqrt(head_dim)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.contract import STEP_COLUMNS, Model
+from sdrt.export.to_onnx import onnx_graph
 
 P = "sdrt_step/"  # prefix for everything this module adds to the UNet graph
 
@@ -27,7 +28,7 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    base = onnx.load(str(unet_path), load_external_data=False)
+    base = onnx_graph(unet_path)
     g = base.graph
     f_type = TensorProto.FLOAT16 if unet.tensor("sample").dtype == "float16" else TensorProto.FLOAT
     guidance = step.name.endswith("_cfg")

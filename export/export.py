@@ -92,7 +92,7 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fus
         records[name] = _validated_record(out, name, model, path, inputs, ref, precision, t,
                                           f"[{i}/{len(models)}]")
         if name in BASE_MODELS:
-            records[name]["attention_ops"] = attention.count_ops(onnx_graph(path))
+            records[name]["attention_ops"] = attention.count_ops(to_onnx.onnx_graph(path))
     variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, vdims, model_dir)} \
         if ort_fusion else {}
     shutil.copytree(model_dir / "tokenizer", out / "tokenizer")
@@ -131,7 +131,7 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, v
     t = time.perf_counter()
     unet, module = models["unet"], to_onnx.wrap("unet", folder)
     src = out / "onnx" / unet.onnx
-    if precision == "fp16" or attention.count_ops(onnx_graph(src))["Attention"]:
+    if precision == "fp16" or attention.count_ops(to_onnx.onnx_graph(src))["Attention"]:
         src = ort_dir / "fp32" / unet.onnx
         src.parent.mkdir()
         fp32 = all_models(folder.config, "fp32")["unet"]
@@ -183,15 +183,9 @@ def _step_reference(folder, step, dims: Dims, model_dir: Path):
     return inputs, [scheduler.apply_step(table[k], x, m), np.array([k + 1], np.int32)]
 
 
-def onnx_graph(path: Path):
-    """The graph without its weights."""
-    import onnx
-    return onnx.load(str(path), load_external_data=False)
-
-
 def external_data_locations(path: Path) -> list[str]:
     """Sorted names of the external data files the graph's initializers point at."""
-    proto = onnx_graph(path)
+    proto = to_onnx.onnx_graph(path)
     return sorted({e.value for t in proto.graph.initializer for e in t.external_data
                    if e.key == "location"})
 

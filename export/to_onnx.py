@@ -129,6 +129,12 @@ def cleanup_and_save(src: Path, dst: Path, external: bool, opset: int) -> None:
         onnx.save_model(model, str(dst))
 
 
+def onnx_graph(path: Path):
+    """The graph without its weights."""
+    import onnx
+    return onnx.load(str(path), load_external_data=False)
+
+
 def _torch_dtype(name: str):
     import torch
     return {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32}[name]

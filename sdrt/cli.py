@@ -111,7 +111,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("work_dirs", type=Path, nargs="+", metavar="WORK_DIR")
     s.add_argument("--sizes", default="512x512", help="comma list of HxW")
     s.add_argument("--batches", default="1,4")
-    s.add_argument("--backend", default="tensorrt", help="whose built engine sizes to use when present")
+    s.add_argument("--backend", default="tensorrt", choices=("tensorrt", "tensorrt-rtx"),
+                   help="whose built engine sizes to use when present (else the ONNX weights)")
     s.add_argument("--out", type=Path, help="write the table here (.md) and the figures beside it (.json)")
     s.set_defaults(fn=cmd_memory)
 

@@ -31,7 +31,8 @@ def test_bench_cpu_tiny(tiny_dir, tiny_fp32, tiny_fp32_decomposed, tmp_path):
         assert r["psnr_vs_reference"] >= 50          # same weights, same latents: same images
         assert r["device"].startswith("cpu") and "onnxruntime" in r["versions"]
     table = files[1].read_text()
-    assert "| onnxruntime-cpu | fp32, attention op |" in table and "attention decomposed" in table
+    assert f"| onnxruntime-cpu | {tiny_fp32.name}: fp32, attention op |" in table
+    assert f"{tiny_fp32_decomposed.name}: fp32, attention decomposed" in table
     assert "device: cpu" in table
     assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "[reference" in p.stderr and "run 2/2" in p.stderr      # progress shown

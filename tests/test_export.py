@@ -220,8 +220,43 @@ def test_failed_export_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_opset_23_declaration_covers_every_changed_op(tiny_fp32, tiny_fp16):
+    """Traced at 20, declared 23: every op of the graphs whose schema changed in between must be
+    one known to have changed by new types only (attention.CHANGED_20_TO_23)."""
+    import onnx.defs
+    from sdrt.export import attention
+    for work in (tiny_fp32, tiny_fp16):
+        for path in (work / "onnx").glob("*.onnx"):
+            ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node if not n.domain}
+            changed = {op for op in ops - {"Attention"}
+                       if onnx.defs.get_schema(op, 20).since_version != onnx.defs.get_schema(op, 23).since_version}
+            assert changed <= attention.CHANGED_20_TO_23, (path.name, changed - attention.CHANGED_20_TO_23)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_non_4d_attention_falls_back_to_torch(tmp_path):
+    """SDPA on 3-D tensors is not SD's form: exported as torch decomposes it, and still correct."""
+    import io
+    import onnxruntime as ort
+    import torch
+    from sdrt.export import attention
+    class M(torch.nn.Module):
+        def forward(self, q):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    q = torch.randn(2, 5, 8)
+    buf = io.BytesIO()
+    with attention.attention_form("op"):
+        torch.onnx.export(M(), (q,), buf, dynamo=False, opset_version=20)
+    proto = onnx.load_from_string(buf.getvalue())
+    assert "Attention" not in {n.op_type for n in proto.graph.node}
+    got = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"]).run(None, {proto.graph.input[0].name: q.numpy()})[0]
+    assert np.allclose(got, M()(q).numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize("args, words", [
     (["--attention", "op", "--opset", "18"], ["--attention op needs --opset 23", "decomposed"]),
+    (["--attention", "op", "--opset", "24"], ["--attention op needs --opset 23"]),
+    (["--attention", "decomposed", "--opset", "23"], ["17 to 20"]),
     (["--attention", "flash"], ["unknown --attention", "decomposed"]),
     (["--attention", "decomposed", "--opset", "16"], ["too old"]),
 ])

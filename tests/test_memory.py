@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -28,6 +29,28 @@ def test_activation_peak_golden():
     assert memory.activation_peak(proto, {"a": 4096}) == (4096, 2)   # b, c unknown: reported
 
 
+def test_activation_peak_attention_unread_and_repeated_inputs():
+    """An Attention node frees its K and V at their last use even though shape inference sees
+    Identity(query); an output nobody reads dies with its node; Mul(x, x) frees x once."""
+    from onnx import TensorProto, helper
+    vi = lambda n, s: helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+    shape = [1, 2, 16, 8]                              # [B, heads, tokens, head_dim]: 1 KiB each
+    nodes = [helper.make_node("Relu", ["x"], ["q"]), helper.make_node("Relu", ["x"], ["k"]),
+             helper.make_node("Relu", ["x"], ["v"]), helper.make_node("Relu", ["x"], ["unread"]),
+             helper.make_node("Attention", ["q", "k", "v"], ["o"]),
+             helper.make_node("Mul", ["o", "o"], ["sq"]), helper.make_node("Relu", ["sq"], ["y"])]
+    graph = helper.make_model(helper.make_graph(nodes, "attn", [vi("x", shape)], [vi("y", shape)]),
+                              opset_imports=[helper.make_opsetid("", 23)])
+    from sdrt.contract import Dims, Model, Tensor
+    model = Model("m", "m.onnx", (Tensor("x", "float32", tuple(shape)),), (Tensor("y", "float32", tuple(shape)),))
+    sizes = memory.tensor_bytes(memory.graph_for_shapes(graph, model, Dims(1, 8, 8)))
+    assert {n: sizes[n] for n in ("q", "k", "v", "unread", "o", "sq")} == dict.fromkeys(
+        ("q", "k", "v", "unread", "o", "sq"), 1024)
+    # q, k, v alive + unread (dies at once): peak 4 KiB at "unread"; then q, k, v + o = 4 KiB
+    assert memory.activation_peak(graph, sizes) == (4 * 1024, 0)
+    assert [n.op_type for n in graph.graph.node][4] == "Attention"   # the export's graph untouched
+
+
 def test_attention_op_keeps_scores_out_of_memory(tiny_fp32, tiny_fp32_decomposed):
     """The decomposed graph materializes softmax(QK^T) ([B*heads, T, T]); the Attention op does not."""
     op = memory.estimate(tiny_fp32, 64, 64, 2)
@@ -36,15 +59,18 @@ def test_attention_op_keeps_scores_out_of_memory(tiny_fp32, tiny_fp32_decomposed
         assert all(m["unknown_tensors"] == 0 for m in e["models"].values())
         assert e["total_bytes"] == e["weights_bytes"] + e["activation_bytes"] + e["io_bytes"]
         assert e["activation_bytes"] == max(m["activation_bytes"] for m in e["models"].values())
+    for name in memory.MODELS:   # the fused op never needs more than the chain it replaces
+        assert op["models"][name]["activation_bytes"] <= dec["models"][name]["activation_bytes"], name
     step_op = op["models"]["denoise_step_cfg"]["activation_bytes"]
     step_dec = dec["models"]["denoise_step_cfg"]["activation_bytes"]
     tokens = (64 // 8) * (64 // 8)
     assert step_dec - step_op >= 2 * 2 * tokens * tokens * 4   # at least one [2B, T, T] fp32 score matrix
     assert op["models"]["denoise_step_cfg"]["weights_from"] == "onnx"
     assert op["weights_bytes"] == pytest.approx(dec["weights_bytes"], rel=0.05)
-    # io: latents ping-pong, embeddings, step table... exactly the contract's buffers
-    io = op["models"]["vae_decoder"]["io_bytes"]
-    assert io == 2 * 4 * 8 * 8 * 4 + 2 * 3 * 64 * 64 * 4
+    # io: what make_plan binds: ids, embeddings, latents x2, step index x2, step table, image
+    ids, emb = 2 * 2 * 77 * 4, 2 * 2 * 77 * 32 * 4
+    latents, table, image = 2 * 4 * 8 * 8 * 4, 1000 * 9 * 4, 2 * 3 * 64 * 64 * 4
+    assert op["io_bytes"] == ids + emb + 2 * latents + 2 * 4 + table + image
 
 
 def test_memory_cli(tiny_fp32, tiny_fp32_decomposed, tmp_path):
@@ -59,3 +85,8 @@ def test_memory_cli(tiny_fp32, tiny_fp32_decomposed, tmp_path):
     assert_user_error(run_cli("memory", tiny_fp32, "--sizes", "60x64"), "multiple of 8")
     assert_user_error(run_cli("memory", tiny_fp32, "--sizes", "64x64x3"), "--sizes")
     assert_user_error(run_cli("memory", tmp_path / "nope"), "nope")
+    assert_user_error(run_cli("memory", tiny_fp32, "--out", tmp_path / "no" / "x.md"), "does not exist")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_fp32, broken)
+    (broken / "onnx" / "vae_decoder.onnx").unlink()
+    assert_user_error(run_cli("memory", broken), "vae_decoder")

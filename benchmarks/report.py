@@ -8,7 +8,19 @@ from pathlib import Path
 
 from sdrt.fileio import atomic_path, write_atomic, write_json_atomic
 
-COLUMNS = [("backend", "backend", "{}"), ("export", "export_label", "{}"), ("size", None, "{}"), ("batch", "batch", "{}"),
+
+def export_label(r: dict) -> str:
+    """Which export: its folder name, precision and attention form."""
+    name = f"{r['export']}: " if r.get("export") else ""
+    return f"{name}{r.get('precision', '?')}, attention {r.get('attention', 'decomposed')}"
+
+
+def size_label(r: dict) -> str:
+    return f"{r['height']}x{r['width']}x{r['steps']} steps"
+
+
+# (header, record key or function of the record, format)
+COLUMNS = [("backend", "backend", "{}"), ("export", export_label, "{}"), ("size", size_label, "{}"), ("batch", "batch", "{}"),
            ("e2e ms", "e2e_ms", "{:.1f}"), ("ref e2e ms", "reference_e2e_ms", "{:.1f}"),
            ("speedup", "speedup_e2e", "{:.2f}x"), ("step ms", "unet_step_ms", "{:.2f}"),
            ("ref step ms", "reference_unet_step_ms", "{:.2f}"), ("text enc ms", "text_encoder_ms", "{:.2f}"),
@@ -21,8 +33,7 @@ def table(records: list[dict]) -> str:
     for r in records:
         cells = []
         for _, key, fmt in COLUMNS:
-            v = (f"{r['height']}x{r['width']}x{r['steps']} steps" if key is None else
-                 export_label(r) if key == "export_label" else r.get(key))
+            v = key(r) if callable(key) else r.get(key)
             cells.append("-" if v is None else fmt.format(v))
         lines.append("| " + " | ".join(cells) + " |")
     if records:
@@ -31,12 +42,6 @@ def table(records: list[dict]) -> str:
         lines.append(f"\ndevice: {records[0]['device']}; versions: "
                      + ", ".join(f"{k} {v}" for k, v in records[0]["versions"].items()))
     return "\n".join(lines)
-
-
-def export_label(r: dict) -> str:
-    """Which export: its folder name, precision and attention form."""
-    name = f"{r['export']}: " if r.get("export") else ""
-    return f"{name}{r.get('precision', '?')}, attention {r.get('attention', 'decomposed')}"
 
 
 def plot(records: list[dict], path: Path) -> None:

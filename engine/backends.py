@@ -136,7 +136,11 @@ class Trt:
                 self.models[m] = self.trt.load(models[m], plan)
         # one activation block for all engines: they run one after another on one stream
         self.trt.share_activation_memory(list(self.models.values()), cuda.malloc)
-        self.activation_bytes = self.trt.activation_bytes   # TensorRT's own figure, for `sdrt bench`
+
+    @property
+    def activation_bytes(self) -> int:
+        """TensorRT's own figure for the shared activation block (for `sdrt bench`)."""
+        return self.trt.activation_bytes
 
     def runner(self, model: Model, dims: Dims):
         if model.name not in self.models:

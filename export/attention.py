@@ -39,25 +39,27 @@ TRT_FIRST = (10, 14)     # first TensorRT whose ONNX parser takes Attention
 _SDPA = "aten::scaled_dot_product_attention"
 
 
-def default_opset(form: str) -> int:
-    return OP_OPSET if form == "op" else 18
-
-
-def check(form: str, opset: int) -> None:
+def resolve_opset(form: str, opset: int | None) -> int:
+    """The opset to export `form` at: the form's default when None, else `opset` once checked."""
     if form not in FORMS:
         raise UserError(f"unknown --attention {form!r}: use op (one ONNX Attention op, opset 23) "
                         f"or decomposed (MatMul/Softmax/MatMul, for TensorRT before 10.14)")
+    if opset is None:
+        return OP_OPSET if form == "op" else 18
+    if opset < 17:
+        raise UserError(f"--opset {opset} is too old: sdrt exports opset 17 or newer")
     if form == "op" and opset != OP_OPSET:
         raise UserError(f"--attention op needs --opset {OP_OPSET} (ONNX's Attention op as sdrt writes it); "
                         f"use --attention decomposed for opset {opset}")
-    if form == "decomposed" and not 17 <= opset <= TRACE_OPSET_MAX:
+    if form == "decomposed" and opset > TRACE_OPSET_MAX:
         raise UserError(f"--opset {opset}: --attention decomposed exports opset 17 to {TRACE_OPSET_MAX} "
                         f"(torch's TorchScript exporter); opset {OP_OPSET} is --attention op")
+    return opset
 
 
-def trace_opset(form: str, opset: int) -> int:
-    """The opset torch.onnx traces at; `declare_opset` then sets the final one."""
-    return min(opset, TRACE_OPSET_MAX) if form == "op" else opset
+def trace_opset(opset: int) -> int:
+    """The opset torch.onnx traces at (its last is 20); `declare_opset` then sets `opset`."""
+    return min(opset, TRACE_OPSET_MAX)
 
 
 def _symbolic():

@@ -48,12 +48,7 @@ def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int 
     model_dir, work_dir = Path(model_dir), Path(work_dir)
     if precision not in ("fp16", "fp32"):
         raise UserError(f"unknown --precision {precision!r}: use fp16 or fp32")
-    if attention_form not in attention.FORMS:
-        attention.check(attention_form, 0)
-    opset = attention.default_opset(attention_form) if opset is None else opset
-    if opset < 17:
-        raise UserError(f"--opset {opset} is too old: sdrt exports opset 17 or newer")
-    attention.check(attention_form, opset)
+    opset = attention.resolve_opset(attention_form, opset)
     check_work_dir(work_dir)
     pipeline_folder.read_model_index(model_dir)
     tmp = temp_dir_beside(work_dir)
@@ -93,7 +88,7 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fus
                                           f"[{i}/{len(models)}]")
         if name in BASE_MODELS:
             records[name]["attention_ops"] = attention.count_ops(to_onnx.onnx_graph(path))
-    variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, vdims, model_dir)} \
+    variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, form, vdims, model_dir)} \
         if ort_fusion else {}
     shutil.copytree(model_dir / "tokenizer", out / "tokenizer")
     (out / "scheduler").mkdir()
@@ -121,7 +116,7 @@ def _validated_record(out: Path, name: str, model, path: Path, inputs: dict, ref
             "validation": record, "export_s": round(time.perf_counter() - t, 2)}
 
 
-def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, vdims: Dims,
+def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, form: str, vdims: Dims,
                         model_dir: Path) -> dict:
     """onnx/ort/: the UNet with ONNX Runtime's attention fusion and the step graphs on top.
     ORT's optimizer fuses the decomposed FP32 graph, so that is what it is given."""
@@ -131,7 +126,7 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, v
     t = time.perf_counter()
     unet, module = models["unet"], to_onnx.wrap("unet", folder)
     src = out / "onnx" / unet.onnx
-    if precision == "fp16" or attention.count_ops(to_onnx.onnx_graph(src))["Attention"]:
+    if precision == "fp16" or form == "op":
         src = ort_dir / "fp32" / unet.onnx
         src.parent.mkdir()
         fp32 = all_models(folder.config, "fp32")["unet"]

@@ -100,7 +100,7 @@ def export(module, model: Model, out_path: Path, inputs: dict, precision: str, o
         with warnings.catch_warnings(), torch.no_grad(), attention.attention_form(attention_form):
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, str(raw), dynamo=False,
-                              opset_version=attention.trace_opset(attention_form, opset),
+                              opset_version=attention.trace_opset(opset),
                               input_names=[t.name for t in model.inputs],
                               output_names=[t.name for t in model.outputs],
                               dynamic_axes=model.dynamic_axes(), do_constant_folding=True)

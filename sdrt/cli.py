@@ -7,7 +7,6 @@ from pathlib import Path
 
 from sdrt.errors import UserError
 
-BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime-cuda", "onnxruntime-cpu")
 
 
 def cmd_init(a):
@@ -134,7 +133,9 @@ def add_generate_args(s) -> None:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--seed", type=int)
     s.add_argument("--latents", type=Path, help=".npy of shape [B, C, H/f, W/f]")
-    s.add_argument("--backend", choices=BACKENDS, default="auto")
+    # checked by open_backend, so a wrong name is one line like every other mistake
+    s.add_argument("--backend", default="auto",
+                   help="auto, tensorrt, tensorrt-rtx, onnxruntime-cuda or onnxruntime-cpu")
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:

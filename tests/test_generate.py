@@ -112,6 +112,7 @@ def test_runtime_never_imports_torch(tiny_fp32, tmp_path):
     (["--batch", "0"], ["batch"]),
     (["--backend", "tensorrt"], ["tensorrt"]),
     (["--backend", "onnxruntime-cuda"], ["gpu"]),
+    (["--backend", "foo"], ["unknown backend 'foo'", "onnxruntime-cpu"]),
 ])
 def test_generate_bad_input(tiny_fp32, tmp_path, args, words):
     out = tmp_path / "o.png"

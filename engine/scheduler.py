@@ -16,6 +16,12 @@ Every prediction type is linear in (x_t, m):
 so one row of coefficients per step (sdrt.contract.STEP_COLUMNS) drives one graph for all three.
 With clip_sample, x̂0 is clipped but ε̂ is not re-derived from it (diffusers'
 use_clipped_model_output=False).
+
+Image-to-image and inpainting start part-way (diffusers' get_timesteps): of the `steps` timesteps,
+the first steps - int(steps·strength) are skipped, and the image latents x0 are noised to the
+first kept timestep with the forward process q(x_t | x0) (DDPM eq. 4; diffusers' add_noise):
+    x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε
+The step table stays that of all `steps`; the runtime starts its step counter at the first kept row.
 """
 from __future__ import annotations
 
@@ -205,12 +211,17 @@ def step_table(cfg: DDIMConfig, steps: int, guidance: float) -> np.ndarray:
     prev = ts - cfg.num_train_timesteps // steps
     final = 1.0 if cfg.set_alpha_to_one else a[0]
     a_prev = np.where(prev >= 0, a[np.maximum(prev, 0)], final)            # ᾱ_{t-1}
+    # inpainting with a 4-channel UNet re-noises the known region to the next timestep of the
+    # schedule after each step (the last step blends in the clean x0: ᾱ := 1)
+    a_next = np.append(a[ts[1:]], 1.0)
     columns = dict(timestep=ts.astype(np.float64),
                    **_coefficients(cfg.prediction_type, a[ts]),
                    sqrt_alpha_prev=np.sqrt(a_prev),
                    sqrt_one_minus_alpha_prev=np.sqrt(1 - a_prev),
                    clip=cfg.clip_sample_range if cfg.clip_sample else NO_CLIP,
-                   guidance=guidance)
+                   guidance=guidance,
+                   sqrt_alpha_next=np.sqrt(a_next),
+                   sqrt_one_minus_alpha_next=np.sqrt(1 - a_next))
     rows = np.stack([np.broadcast_to(np.asarray(columns[c], np.float64), ts.shape) for c in STEP_COLUMNS], 1)
     bad = ~np.isfinite(rows).all(1)
     if bad.any():
@@ -231,3 +242,21 @@ def apply_step(row: np.ndarray, x: np.ndarray, m: np.ndarray) -> np.ndarray:
     x0 = np.clip(r["c_x0_x"] * x + r["c_x0_m"] * m, -r["clip"], r["clip"])   # x̂0, clipped
     eps = r["c_eps_x"] * x + r["c_eps_m"] * m                                # ε̂ (not re-derived)
     return r["sqrt_alpha_prev"] * x0 + r["sqrt_one_minus_alpha_prev"] * eps  # eq. 12, σ_t = 0
+
+
+def start_index(steps: int, strength: float) -> int:
+    """The first step run for `strength` (diffusers' get_timesteps): steps - int(steps·strength).
+    UserError when strength is outside (0, 1] or leaves no step to run."""
+    if not _is_number(strength) or not 0 < strength <= 1:
+        raise UserError(f"strength {strength!r} must be in (0, 1]: the share of the steps that are run")
+    kept = min(int(steps * strength), steps)
+    if kept < 1:
+        raise UserError(f"strength {strength:g} with {steps} steps leaves no step to run "
+                        f"(int({steps} x {strength:g}) = 0): raise --strength or --steps")
+    return steps - kept
+
+
+def add_noise(cfg: DDIMConfig, steps: int, index: int, x0: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε at t = the timestep of step `index` (float32)."""
+    a = alphas_cumprod(cfg)[timesteps(cfg, steps)[index]]
+    return (np.float32(np.sqrt(a)) * x0 + np.float32(np.sqrt(1 - a)) * noise).astype(np.float32)

@@ -2,11 +2,18 @@
 
     row      = step_table[step_index]                         per-step values, one row per step
     t, g     = row.timestep, row.guidance
-    m        = UNet(concat(x, x), t, emb)  -> ε_uncond + g (ε_cond - ε_uncond)     (CFG)
+    m        = UNet(concat(u, u), t, emb)  -> ε_uncond + g (ε_cond - ε_uncond)     (CFG)
     x̂0       = clip(c_x0_x x + c_x0_m m)                      DDIM eq. 12, "predicted x0"
     ε̂        = c_eps_x x + c_eps_m m                          "direction pointing to x_t"
     x_{t-1}  = sqrt(ᾱ_prev) x̂0 + sqrt(1 - ᾱ_prev) ε̂
     step_index_next = step_index + 1
+
+The UNet input u and the output differ per variant (sdrt.contract.STEP_VARIANTS), one function each:
+    plain    u = x_t                                    latents_next = x_{t-1}
+    concat   u = concat(x_t, mask, masked-image latents) (9-channel inpainting UNet)
+    blend    u = x_t, then the known region (mask 0) is put back, re-noised to the next timestep:
+             latents_next = (1 - mask) (sqrt(ᾱ_next) x0_img + sqrt(1 - ᾱ_next) ε) + mask x_{t-1}
+The mask, image latents and noise are graph inputs bound once per call, not copied per step.
 
 The coefficients (sdrt.engine.scheduler.step_table) make epsilon, v and sample prediction one
 linear form. The UNet's initializers are not copied: the step graph points at the UNet's external
@@ -18,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.contract import STEP_COLUMNS, Model
+from sdrt.contract import STEP_COLUMNS, STEP_EXTRA_INPUTS, Model
 from sdrt.export.to_onnx import onnx_graph
 
 P = "sdrt_step/"  # prefix for everything this module adds to the UNet graph
@@ -32,6 +39,7 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
     g = base.graph
     f_type = TensorProto.FLOAT16 if unet.tensor("sample").dtype == "float16" else TensorProto.FLOAT
     guidance = step.name.endswith("_cfg")
+    variant = step_variant(step)
     opset = next(o.version for o in base.opset_import if o.domain in ("", "ai.onnx"))
 
     def node(op, inputs, outputs, **attrs):
@@ -39,16 +47,17 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
                                 name=P + outputs[0], **attrs)
 
     col = {c: P + "col_" + c for c in STEP_COLUMNS}
-    pre = [node("Gather", ["step_table", "step_index"], ["row"], axis=0),           # [1, 9]
-           helper.make_node("Split", [P + "row", P + "ones9"], list(col.values()), axis=1,
+    pre = [node("Gather", ["step_table", "step_index"], ["row"], axis=0),           # [1, columns]
+           helper.make_node("Split", [P + "row", P + "ones"], list(col.values()), axis=1,
                             name=P + "split_row"),
            node("Reshape", [col["timestep"], "one"], ["timestep"]),
            node("Identity", ["text_embeddings"], ["encoder_hidden_states"])]
+    pre += unet_input_concat(node) if variant == "concat" else unet_input_plain(node)
     if guidance:  # one UNet call at batch 2B: [uncond; cond] rows match the embeddings' order
-        pre.append(node("Concat", ["latents", "latents"], ["x2"], axis=0))
-        pre.append(node("Cast", ["x2"], ["sample"], to=f_type))
+        pre.append(node("Concat", ["u", "u"], ["u2"], axis=0))
+        pre.append(node("Cast", ["u2"], ["sample"], to=f_type))
     else:
-        pre.append(node("Cast", ["latents"], ["sample"], to=f_type))
+        pre.append(node("Cast", ["u"], ["sample"], to=f_type))
 
     post = [node("Cast", ["noise_pred"], ["m_raw"], to=TensorProto.FLOAT)]
     if guidance:  # ε = ε_uncond + g (ε_cond - ε_uncond)
@@ -67,12 +76,16 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
     post += _linear("eps", col["c_eps_x"], col["c_eps_m"], node)
     post += [node("Mul", ["x0", col["sqrt_alpha_prev"]], ["a_x0"]),
              node("Mul", ["eps", col["sqrt_one_minus_alpha_prev"]], ["b_eps"]),
-             helper.make_node("Add", [P + "a_x0", P + "b_eps"], ["latents_next"], name=P + "latents_next"),
-             helper.make_node("Add", ["step_index", P + "one_i32"], ["step_index_next"], name=P + "step_next")]
+             node("Add", ["a_x0", "b_eps"], ["x_prev"])]
+    post += blend_known_region(node, col) if variant == "blend" else \
+        [helper.make_node("Identity", [P + "x_prev"], ["latents_next"], name=P + "latents_next")]
+    post.append(helper.make_node("Add", ["step_index", P + "one_i32"], ["step_index_next"],
+                                 name=P + "step_next"))
 
     consts = [numpy_helper.from_array(np.array([1], np.int64), P + "one"),
               numpy_helper.from_array(np.array([1], np.int32), P + "one_i32"),
-              numpy_helper.from_array(np.ones(len(STEP_COLUMNS), np.int64), P + "ones9")]
+              numpy_helper.from_array(np.array([1], np.float32), P + "one_f"),
+              numpy_helper.from_array(np.ones(len(STEP_COLUMNS), np.int64), P + "ones")]
     unet_io = {t.name for t in unet.inputs} | {t.name for t in unet.outputs}
     # The UNet's graph inputs become internal tensors fed by `pre`; its output feeds `post`.
     old_inputs = [i for i in g.input if i.name not in unet_io]
@@ -89,6 +102,41 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
     onnx.save_model(base, str(out_path))
 
 
+def step_variant(step: Model) -> str:
+    """plain, blend or concat, from the step's extra inputs (sdrt.contract.STEP_EXTRA_INPUTS)."""
+    names = tuple(t.name for t in step.inputs[4:])
+    return next(v for v, extra in STEP_EXTRA_INPUTS.items() if extra == names)
+
+
+def unet_input_plain(node):
+    """u = x_t"""
+    return [node("Identity", ["latents"], ["u"])]
+
+
+def unet_input_concat(node):
+    """u = concat(x_t, mask, masked-image latents) on channels: the 9-channel inpainting UNet."""
+    return [node("Concat", ["latents", "mask", "masked_image_latents"], ["u"], axis=1)]
+
+
+def blend_known_region(node, col):
+    """4-channel inpainting, after the DDIM update (diffusers: init_latents_proper):
+        x_known       = sqrt(ᾱ_next) x0_img + sqrt(1 - ᾱ_next) ε      q(x_next | x0_img), ε fixed
+        latents_next  = (1 - mask) x_known + mask x_{t-1}             mask 1 = repaint
+    ᾱ_next is that of the next timestep of the schedule, 1 after the last step (x_known = x0_img)."""
+    return [node("Mul", ["image_latents", col["sqrt_alpha_next"]], ["known_a"]),
+            node("Mul", ["noise", col["sqrt_one_minus_alpha_next"]], ["known_b"]),
+            node("Add", ["known_a", "known_b"], ["x_known"]),
+            node("Sub", ["one_f", "mask"], ["keep"]),
+            node("Mul", ["keep", "x_known"], ["kept"]),
+            node("Mul", ["mask", "x_prev"], ["repainted"]),
+            helper_add("kept", "repainted", "latents_next")]
+
+
+def helper_add(a, b, out):
+    from onnx import helper
+    return helper.make_node("Add", [P + a, P + b], [out], name=P + out)
+
+
 def _linear(out, ca, cb, node):
     """out = ca * x + cb * m"""
     return [node("Mul", ["latents", ca], [out + "_x"]), node("Mul", ["m", cb], [out + "_m"]),
@@ -98,7 +146,8 @@ def _linear(out, ca, cb, node):
 def _n(name: str) -> str:
     """Tensors named by this module live under P, but for graph I/O, the UNet's I/O and
     already-prefixed column names."""
-    if name.startswith(P) or name in ("latents", "step_table", "step_index", "text_embeddings"):
+    if name.startswith(P) or name in ("latents", "step_table", "step_index", "text_embeddings", "mask",
+                                      "image_latents", "noise", "masked_image_latents"):
         return name
     return P + name
 

@@ -15,13 +15,17 @@ import numpy as np
 
 import sdrt
 from sdrt import manifest as mf
-from sdrt.contract import Dims, ModelConfig, all_models
+from sdrt.contract import STEP_COLUMNS, Dims, ModelConfig, all_models, step_models
 from sdrt.errors import UserError
 from sdrt.fileio import temp_dir_beside, write_json_atomic
 from sdrt.export import attention, compose_step, pipeline_folder, to_onnx, validate
 
-BASE_MODELS = ("text_encoder", "unet", "vae_decoder")
-STEP_MODELS = ("denoise_step_cfg", "denoise_step")
+BASE_MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+def step_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """The step graphs of this UNet's export (sdrt.contract.step_variants)."""
+    return tuple(m.name for m in step_models(cfg, "fp32"))
 
 
 def say(msg: str) -> None:
@@ -71,13 +75,14 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fus
     (out / "onnx").mkdir()
     vdims = validation_dims(cfg)
     records = {}
-    for i, name in enumerate(BASE_MODELS + STEP_MODELS, 1):
+    for i, name in enumerate(BASE_MODELS + step_names(cfg), 1):
         model, path = models[name], out / "onnx" / models[name].onnx
         t = time.perf_counter()
         say(f"[{i}/{len(models)}] {name}: exporting {precision} ...")
         if name in BASE_MODELS:
             module = to_onnx.wrap(name, folder)
-            to_onnx.export(module, model, path, to_onnx.example_inputs(model, to_onnx.trace_dims(cfg.sample_size), cfg.vocab_size),
+            trace = to_onnx.trace_dims(cfg.sample_size, cfg.vae_factor if name == "vae_encoder" else 1)
+            to_onnx.export(module, model, path, to_onnx.example_inputs(model, trace, cfg.vocab_size),
                            precision, opset, form)
             inputs = to_onnx.example_inputs(model, vdims, cfg.vocab_size, seed=1)
             ref = validate.run_torch(module, model, inputs)
@@ -137,7 +142,7 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
     # every torch reference first: the fusion of a 3.4 GB graph needs the memory the modules hold
     unet_in = to_onnx.example_inputs(unet, vdims, folder.config.vocab_size, seed=1)
     refs = {"unet": (unet_in, validate.run_torch(module, unet, unet_in))}
-    refs.update({n: _step_reference(folder, models[n], vdims, model_dir) for n in STEP_MODELS})
+    refs.update({n: _step_reference(folder, models[n], vdims, model_dir) for n in step_names(folder.config)})
     del module
     folder.text_encoder = folder.unet = folder.vae = None
     gc.collect()
@@ -147,7 +152,7 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
         shutil.rmtree(src.parent)
     records = {"unet": {**_validated_record(out, "unet", unet, ort_dir / unet.onnx, *refs["unet"],
                                             precision, t, "[ort]"), "fused_ops": ops}}
-    for name in STEP_MODELS:
+    for name in step_names(folder.config):
         t, model = time.perf_counter(), models[name]
         compose_step.compose(ort_dir / unet.onnx, unet, model, ort_dir / model.onnx)
         records[name] = _validated_record(out, name, model, ort_dir / model.onnx, *refs[name],
@@ -156,26 +161,37 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
 
 
 def _step_reference(folder, step, dims: Dims, model_dir: Path):
-    """Inputs for a denoise-step graph and the expected output from torch UNet + numpy DDIM."""
+    """Inputs for a denoise-step graph and the expected output from torch UNet + numpy DDIM (+ the
+    variant's inpainting inputs and blend, written out here independently of the graph)."""
     import torch
 
     from sdrt.engine import scheduler
+    from sdrt.export.compose_step import step_variant
     guidance = step.name.endswith("_cfg")
+    variant = step_variant(step)
     d = Dims(dims.batch, dims.height, dims.width, cfg=guidance, vae_factor=dims.vae_factor)
     sched = scheduler.DDIMConfig.from_json(model_dir / "scheduler" / "scheduler_config.json")
     table = scheduler.step_table(sched, 50, 7.5 if guidance else 1.0)
     k = 10
     inputs = to_onnx.example_inputs(step, d, folder.config.vocab_size, seed=2)
     inputs["step_table"], inputs["step_index"] = table, np.array([k], np.int32)
+    if "mask" in inputs:  # a binary mask, as the runtime feeds it
+        inputs["mask"] = (inputs["mask"] > 0).astype(np.float32)
     x = inputs["latents"]
+    u = np.concatenate([x, inputs["mask"], inputs["masked_image_latents"]], 1) if variant == "concat" else x
     emb = torch.from_numpy(inputs["text_embeddings"].astype(np.float32))
-    sample = torch.from_numpy(np.concatenate([x, x]) if guidance else x)
+    sample = torch.from_numpy(np.concatenate([u, u]) if guidance else u)
     with torch.no_grad():
         m = folder.unet(sample, torch.tensor([float(table[k, 0])]), emb, return_dict=False)[0].numpy()
     if guidance:
         uncond, cond = np.split(m, 2)
-        m = uncond + table[k, -1] * (cond - uncond)
-    return inputs, [scheduler.apply_step(table[k], x, m), np.array([k + 1], np.int32)]
+        m = uncond + table[k, STEP_COLUMNS.index("guidance")] * (cond - uncond)
+    x_prev = scheduler.apply_step(table[k], x, m)
+    if variant == "blend":
+        r = dict(zip(STEP_COLUMNS, table[k]))
+        known = r["sqrt_alpha_next"] * inputs["image_latents"] + r["sqrt_one_minus_alpha_next"] * inputs["noise"]
+        x_prev = (1 - inputs["mask"]) * known + inputs["mask"] * x_prev
+    return inputs, [x_prev, np.array([k + 1], np.int32)]
 
 
 def external_data_locations(path: Path) -> list[str]:

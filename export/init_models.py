@@ -1,9 +1,12 @@
-"""`sdrt init DIR --arch tiny|sd15`: random-weight pipeline folders in the diffusers layout.
+"""`sdrt init DIR --arch tiny|sd15|tiny-inpaint|sd15-inpaint`: random-weight pipeline folders in
+the diffusers layout.
 
 No real weights can be fetched here, so tests, the demo and speed work run on these. `sd15` has
 SD 1.5's exact shapes (UNet 859.5 M parameters, CLIP ViT-L/14 text encoder, 4-channel VAE with
 factor 8); `tiny` has the same structure, scaled down to run in seconds on a CPU. Both load with
-diffusers' `StableDiffusionPipeline.from_pretrained`.
+diffusers' `StableDiffusionPipeline.from_pretrained`. The `-inpaint` archs are the same with a
+9-channel UNet (latents, mask, masked-image latents; SD 1.5 inpainting's layout), saved as a
+`StableDiffusionInpaintPipeline`.
 """
 from __future__ import annotations
 
@@ -55,15 +58,29 @@ ARCHS = {
 }
 
 
+def _inpaint(base: str) -> dict:
+    spec = dict(ARCHS[base])
+    spec["unet"] = {**spec["unet"], "in_channels": 9}   # latents 4 + mask 1 + masked-image latents 4
+    spec["pipeline"] = "StableDiffusionInpaintPipeline"
+    return spec
+
+
+ARCHS["tiny-inpaint"] = _inpaint("tiny")
+ARCHS["sd15-inpaint"] = _inpaint("sd15")
+
+
 def build_pipeline(arch: str, seed: int = 0):
-    """A diffusers StableDiffusionPipeline with random weights of the given architecture."""
+    """A diffusers StableDiffusionPipeline (or StableDiffusionInpaintPipeline for the -inpaint
+    archs) with random weights of the given architecture."""
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sdrt.export.pipeline_folder import quiet
     quiet()
     spec = ARCHS[arch]
+    pipeline_class = getattr(diffusers, spec.get("pipeline", "StableDiffusionPipeline"))
     torch.manual_seed(seed)
     text_config = CLIPTextConfig(vocab_size=spec["vocab_size"], bos_token_id=spec["vocab_size"] - 2,
                                  eos_token_id=spec["vocab_size"] - 1, pad_token_id=spec["vocab_size"] - 1,
@@ -71,7 +88,7 @@ def build_pipeline(arch: str, seed: int = 0):
     dtype = getattr(torch, spec["dtype"])
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer = _tokenizer(Path(tok_dir), spec["vocab_size"])
-    return StableDiffusionPipeline(
+    return pipeline_class(
         vae=AutoencoderKL(**spec["vae"]).to(dtype).eval(),
         text_encoder=CLIPTextModel(text_config).to(dtype).eval(),
         tokenizer=tokenizer,

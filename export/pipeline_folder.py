@@ -9,7 +9,7 @@ from sdrt.contract import ModelConfig
 from sdrt.errors import UserError
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
-SUPPORTED = ("StableDiffusionPipeline",)
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline")
 
 
 @dataclass
@@ -77,15 +77,17 @@ def load(path: Path) -> PipelineFolder:
 
 def model_config(text, unet, vae) -> ModelConfig:
     u, v, t = unet.config, vae.config, text.config
-    if u.in_channels != v.latent_channels or u.out_channels != v.latent_channels:
-        raise UserError(f"UNet has {u.in_channels} input channels for a {v.latent_channels}-channel VAE: "
-                        "inpainting and other conditioned UNets are not supported")
+    c = v.latent_channels
+    if u.in_channels not in (c, 2 * c + 1) or u.out_channels != c:
+        raise UserError(f"UNet has {u.in_channels} input / {u.out_channels} output channels for a {c}-channel "
+                        f"VAE: sdrt supports {c} in (text-to-image) or {2 * c + 1} in (inpainting: latents, "
+                        f"mask, masked-image latents), {c} out")
     if u.cross_attention_dim != t.hidden_size:
         raise UserError(f"UNet cross-attention dim {u.cross_attention_dim} != text encoder width "
                         f"{t.hidden_size}: this pipeline is not supported")
     if getattr(u, "addition_embed_type", None) or getattr(u, "class_embed_type", None):
         raise UserError("UNet has extra conditioning (class/addition embeddings): not supported")
     return ModelConfig(text_len=t.max_position_embeddings, text_dim=t.hidden_size,
-                       vocab_size=t.vocab_size, latent_channels=v.latent_channels,
+                       vocab_size=t.vocab_size, latent_channels=c, unet_channels=u.in_channels,
                        vae_factor=2 ** (len(v.block_out_channels) - 1),
                        scaling_factor=float(v.scaling_factor), sample_size=int(u.sample_size))

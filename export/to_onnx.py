@@ -48,23 +48,38 @@ def _modules():
             dtype = next(self.m.parameters()).dtype
             return self.m.decode((latents * self.inv_scale).to(dtype), return_dict=False)[0].float()
 
-    return TextEncoder, UNet, VaeDecoder
+    class VaeEncoder(torch.nn.Module):
+        """fp32 image in [-1, 1] -> fp32 latents: the posterior's mean times scaling_factor (diffusers'
+        sample_mode="argmax"; deterministic)."""
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+            self.scale = m.config.scaling_factor
+
+        def forward(self, image):
+            dtype = next(self.m.parameters()).dtype
+            mean = self.m.encode(image.to(dtype), return_dict=False)[0].mean
+            return (mean * self.scale).float()
+
+    return TextEncoder, UNet, VaeDecoder, VaeEncoder
 
 
 def wrap(name: str, folder) -> object:
     """The torch module that computes contract model `name` (float32, eval)."""
-    TextEncoder, UNet, VaeDecoder = _modules()
+    TextEncoder, UNet, VaeDecoder, VaeEncoder = _modules()
     return {"text_encoder": lambda: TextEncoder(folder.text_encoder),
             "unet": lambda: UNet(folder.unet),
-            "vae_decoder": lambda: VaeDecoder(folder.vae)}[name]()
+            "vae_decoder": lambda: VaeDecoder(folder.vae),
+            "vae_encoder": lambda: VaeEncoder(folder.vae)}[name]()
 
 
-def trace_dims(sample_size: int) -> Dims:
+def trace_dims(sample_size: int, vae_factor: int = 1) -> Dims:
     """Shapes to trace at. The latent size is deliberately not a multiple of the UNet's
     downsampling, so diffusers forwards skip-connection sizes to its upsamplers and the graph
-    takes any latent size (images in multiples of the VAE factor, not of 64)."""
+    takes any latent size (images in multiples of the VAE factor, not of 64). Models that take
+    images (the VAE encoder) need the real vae_factor."""
     h = max(sample_size // 4, 2) + 1
-    return Dims(batch=1, height=h, width=h + 2, cfg=True, vae_factor=1)
+    return Dims(batch=1, height=h * vae_factor, width=(h + 2) * vae_factor, cfg=True, vae_factor=vae_factor)
 
 
 def example_inputs(model: Model, dims: Dims, vocab_size: int, seed: int = 0) -> dict:

@@ -18,8 +18,12 @@ from sdrt.errors import UserError
 
 STEP_TABLE_ROWS = 1000  # max denoising steps; the step table is padded to this (static shape)
 # Per-step table columns (see sdrt.engine.scheduler): one row per denoising step.
+# The last two drive the inpainting blend (the known region re-noised to the next timestep); they
+# were appended, so exports with the first nine still run (the runtime writes the columns the
+# export's contract declares).
 STEP_COLUMNS = ("timestep", "c_x0_x", "c_x0_m", "c_eps_x", "c_eps_m",
-                "sqrt_alpha_prev", "sqrt_one_minus_alpha_prev", "clip", "guidance")
+                "sqrt_alpha_prev", "sqrt_one_minus_alpha_prev", "clip", "guidance",
+                "sqrt_alpha_next", "sqrt_one_minus_alpha_next")
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,9 @@ class ModelConfig:
     text_len: int = 77             # tokenizer / text encoder positions
     text_dim: int = 768            # text encoder hidden size == UNet cross-attention dim
     vocab_size: int = 49408
-    latent_channels: int = 4       # VAE latent channels == UNet in/out channels
+    latent_channels: int = 4       # VAE latent channels == UNet out channels
+    unet_channels: int = 4         # UNet in channels: 4, or 9 for inpainting UNets (latents, mask,
+                                   # masked-image latents)
     vae_factor: int = 8            # image size / latent size
     scaling_factor: float = 0.18215
     sample_size: int = 64          # UNet's native latent size (512 px for SD 1.5)
@@ -90,6 +96,11 @@ class ModelConfig:
     @property
     def default_size(self) -> int:
         return self.sample_size * self.vae_factor
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """A dedicated inpainting UNet: latents, mask and masked-image latents in, concatenated."""
+        return self.unet_channels == 2 * self.latent_channels + 1
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -141,7 +152,7 @@ def unet(cfg: ModelConfig, precision: str) -> Model:
     f = _float(precision)
     c = cfg.latent_channels
     return Model("unet", "unet.onnx",
-                 (Tensor("sample", f, ("text_batch", c, "latent_h", "latent_w")),
+                 (Tensor("sample", f, ("text_batch", cfg.unet_channels, "latent_h", "latent_w")),
                   Tensor("timestep", "float32", (1,)),
                   Tensor("encoder_hidden_states", f, ("text_batch", cfg.text_len, cfg.text_dim))),
                  (Tensor("noise_pred", f, ("text_batch", c, "latent_h", "latent_w")),))
@@ -155,32 +166,73 @@ def vae_decoder(cfg: ModelConfig, precision: str) -> Model:
                  (Tensor("image", "float32", ("batch", 3, "height", "width")),))
 
 
-def denoise_step(cfg: ModelConfig, precision: str, guidance: bool) -> Model:
-    """One whole denoising step: UNet + classifier-free guidance + DDIM update.
+def vae_encoder(cfg: ModelConfig, precision: str) -> Model:
+    """Image in [-1, 1] -> the posterior's mean times scaling_factor (deterministic: diffusers'
+    retrieve_latents(..., sample_mode="argmax")). The runtime encodes one image per call (batch 1)
+    and repeats its latents over the batch."""
+    return Model("vae_encoder", "vae_encoder.onnx",
+                 (Tensor("image", "float32", ("batch", 3, "height", "width")),),
+                 (Tensor("latents", "float32", ("batch", cfg.latent_channels, "latent_h", "latent_w")),))
+
+
+# Denoising step variants: what is fed to the UNet besides x_t, and what happens after DDIM.
+#   plain   text-to-image and image-to-image (4-channel UNet)
+#   blend   inpainting with a 4-channel UNet: the known region, re-noised to the next timestep,
+#           replaces the step's output outside the mask
+#   concat  inpainting with a 9-channel UNet: concat(x_t, mask, masked-image latents) in
+STEP_VARIANTS = ("plain", "blend", "concat")
+STEP_EXTRA_INPUTS = {"plain": (), "blend": ("mask", "image_latents", "noise"),
+                     "concat": ("mask", "masked_image_latents")}
+
+
+def step_name(variant: str, guidance: bool) -> str:
+    base = {"plain": "denoise_step", "blend": "denoise_step_blend", "concat": "denoise_step_inpaint"}[variant]
+    return base + ("_cfg" if guidance else "")
+
+
+def step_variants(cfg: ModelConfig) -> tuple[str, ...]:
+    """The step variants an export of this UNet has: a 9-channel UNet can only inpaint."""
+    return ("concat",) if cfg.inpainting_unet else ("plain", "blend")
+
+
+def denoise_step(cfg: ModelConfig, precision: str, guidance: bool, variant: str = "plain") -> Model:
+    """One whole denoising step: UNet + classifier-free guidance + DDIM update (+ the variant's
+    inpainting inputs, bound once per call).
 
     Reads its per-step values from `step_table[step_index]` and writes `step_index + 1`, so the
     same bound buffers (ping-ponged) and one captured CUDA graph serve every step.
     """
     c = cfg.latent_channels
     latent = ("batch", c, "latent_h", "latent_w")
-    return Model("denoise_step_cfg" if guidance else "denoise_step",
-                 "denoise_step_cfg.onnx" if guidance else "denoise_step.onnx",
+    extra = {"mask": Tensor("mask", "float32", ("batch", 1, "latent_h", "latent_w")),
+             "image_latents": Tensor("image_latents", "float32", latent),
+             "noise": Tensor("noise", "float32", latent),
+             "masked_image_latents": Tensor("masked_image_latents", "float32", latent)}
+    name = step_name(variant, guidance)
+    return Model(name, name + ".onnx",
                  (Tensor("latents", "float32", latent),
                   Tensor("text_embeddings", _float(precision), ("text_batch", cfg.text_len, cfg.text_dim)),
                   Tensor("step_table", "float32", (STEP_TABLE_ROWS, len(STEP_COLUMNS))),
-                  Tensor("step_index", "int32", (1,))),
+                  Tensor("step_index", "int32", (1,)))
+                 + tuple(extra[n] for n in STEP_EXTRA_INPUTS[variant]),
                  (Tensor("latents_next", "float32", latent),
                   Tensor("step_index_next", "int32", (1,))))
 
 
+def step_models(cfg: ModelConfig, precision: str) -> list[Model]:
+    return [denoise_step(cfg, precision, g, v) for v in step_variants(cfg) for g in (True, False)]
+
+
 def all_models(cfg: ModelConfig, precision: str) -> dict[str, Model]:
     models = [text_encoder(cfg, precision), unet(cfg, precision), vae_decoder(cfg, precision),
-              denoise_step(cfg, precision, guidance=True), denoise_step(cfg, precision, guidance=False)]
+              vae_encoder(cfg, precision), *step_models(cfg, precision)]
     return {m.name: m for m in models}
 
 
-# What the runtime runs (the plain UNet is exported and validated, but served through the steps).
-RUNTIME_MODELS = ("text_encoder", "denoise_step_cfg", "denoise_step", "vae_decoder")
+# What the runtime may run (the plain UNet is exported and validated, but served through the steps).
+RUNTIME_MODELS = ("text_encoder", "denoise_step_cfg", "denoise_step", "denoise_step_blend_cfg",
+                  "denoise_step_blend", "denoise_step_inpaint_cfg", "denoise_step_inpaint",
+                  "vae_encoder", "vae_decoder")
 
 
 def _float(precision: str) -> str:

@@ -1,4 +1,5 @@
-"""`sdrt generate`: the CLI face of Pipeline.generate, writing PNGs atomically."""
+"""`sdrt generate`: the CLI face of Pipeline.generate (text to image, image to image, inpainting),
+writing PNGs atomically."""
 from __future__ import annotations
 
 import sys
@@ -43,6 +44,7 @@ def save_images(images: list, paths: list[Path]) -> None:
 def timing_table(t: dict) -> str:
     steps = t["steps_ms"]
     rows = [("setup (first call)", t["setup_ms"]), ("tokenize", t["tokenize_ms"]), ("text encoder", t["text_encoder_ms"]),
+            ("vae encoder (image)", t["vae_encoder_ms"]),
             (f"denoise ({len(steps)} steps)", t["denoise_ms"]),
             ("  per step (median)", t["unet_step_ms"]),
             ("  per step (min / max)", f"{min(steps):.2f} / {max(steps):.2f}"),
@@ -58,9 +60,14 @@ def main(a) -> None:
     if a.out.suffix.lower() not in ("", ".png"):
         raise UserError(f"--out {a.out}: sdrt writes PNG files, give a .png path")
     latents = load_latents(a.latents)
+    if a.mask is not None and a.image is None:
+        raise UserError("--mask needs --image: inpainting repaints the white part of the mask in the image")
+    if a.strength is not None and a.image is None:
+        raise UserError("--strength needs --image (image to image or inpainting)")
     pipe = Pipeline(a.work_dir, backend=a.backend)
     result = pipe.generate(a.prompt, negative=a.negative, steps=a.steps, guidance=a.guidance,
-                           height=a.height, width=a.width, batch=a.batch, seed=a.seed, latents=latents)
+                           height=a.height, width=a.width, batch=a.batch, seed=a.seed, latents=latents,
+                           image=a.image, mask=a.mask, strength=a.strength, resize=a.resize)
     paths = output_paths(a.out, a.batch)
     save_images(result.pil(), paths)
     for p in paths:

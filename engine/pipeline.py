@@ -1,9 +1,14 @@
-"""Text to image: prompt -> token ids -> embeddings -> latents -> image, over any backend.
+"""Text to image, image to image, inpainting: prompt -> token ids -> embeddings; image -> latents;
+the loop; decode. Over any backend.
 
     ids     = tokenize([negative] * B + [prompt] * B)          (CFG: unconditional rows first)
     emb     = text_encoder(ids)
-    x_T     = N(0, I) from the seed, or the given latents
-    for i in range(steps): launch(step graph i % 2)             UNet + CFG + DDIM, in one graph
+    ε       = N(0, I) from the seed, or the given latents
+    text to image:   s = 0,                        x = ε
+    image to image:  s = steps - int(steps·strength), x = sqrt(ᾱ_s) vae_encoder(image) + sqrt(1-ᾱ_s) ε
+    inpainting:      as image to image (strength 1: x = ε); the step graph also reads the latent
+                     mask and the (masked-)image latents, bound once per call
+    for i in range(s, steps): launch(step graph i % 2)          UNet + CFG + DDIM, in one graph
     image   = vae_decoder(x_0)
 
 All buffers of a shape plan are allocated once and bound once. The step graph reads its per-step
@@ -20,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from sdrt import manifest as mf
-from sdrt.contract import Dims, check_size
-from sdrt.engine import backends, scheduler
+from sdrt.contract import Dims, check_size, step_name
+from sdrt.engine import backends, image_input, scheduler
 from sdrt.engine.buffers import DeviceBuffer, HostBuffer
 from sdrt.engine.timing import Clock
 from sdrt.engine.tokenizer import ClipTokenizer
@@ -40,12 +45,13 @@ class Result:
 
 @dataclass
 class Plan:
-    """Everything bound for one (batch, size, guidance) shape."""
+    """Everything bound for one (batch, size, guidance) shape and step variant."""
     dims: Dims
     buf: dict
     text: object
     steps: list                               # two launch functions: even and odd steps
     vae: object
+    encoder: object = None                    # vae_encoder at batch 1, for image inputs
 
 
 class Pipeline:
@@ -64,30 +70,43 @@ class Pipeline:
         return self.backend.name
 
     def generate(self, prompt, negative="", steps=50, guidance=7.5, height=None, width=None,
-                 batch=1, seed=None, latents=None) -> Result:
+                 batch=1, seed=None, latents=None, image=None, mask=None, strength=None,
+                 resize=False) -> Result:
+        """Text to image; with `image`, image to image (strength default 0.75); with `image` and
+        `mask` (white = repaint), inpainting (strength default 1.0)."""
         t0 = time.perf_counter()
+        source = self.source(image, mask, resize, height, width)
+        variant = self.variant(source)
+        if source is not None:
+            height, width = source.height, source.width
         dims = self.dims(height, width, batch, guidance)
         table = scheduler.step_table(self.scheduler, steps, guidance)   # also checks steps
-        x_T = self.initial_latents(dims, seed, latents)
+        strength = self.strength(source, strength)
+        start = scheduler.start_index(steps, strength) if source is not None else 0
+        noise = self.initial_latents(dims, seed, latents)              # ε (x_T for text to image)
         rows = [negative] * batch + [prompt] * batch if dims.cfg else [prompt] * batch
         ids = self.tokenizer.encode(rows, self.config.text_len)
         t_tok = time.perf_counter()
 
-        fresh = dims not in self.plans
-        plan = self.plan(dims)
+        key = (dims, variant)
+        fresh = key not in self.plans
+        plan = self.plan(dims, variant)
         t_plan = time.perf_counter()
         buf, clock = plan.buf, Clock(self.backend.stream)
         buf["input_ids"].write(ids)
-        buf["latents_0"].write(x_T)
-        buf["step_index_0"].write(np.zeros(1, np.int32))
-        buf["step_table"].write(table)
+        buf["step_index_0"].write(np.array([start], np.int32))
+        buf["step_table"].write(table[:, :buf["step_table"].shape[1]])  # older exports: fewer columns
         clock.mark("start")
         plan.text.run()
         clock.mark("text_encoder")
-        for i in range(steps):
+        x = noise if source is None else self.image_latents(plan, source, variant, noise, steps, start,
+                                                            strength)
+        clock.mark("vae_encoder")
+        buf["latents_0"].write(x)
+        for i in range(steps - start):
             plan.steps[i % 2]()
             clock.mark("step")
-        if steps % 2:                          # x_0 landed in the odd buffer; the VAE reads latents_0
+        if (steps - start) % 2:                # x_0 landed in the odd buffer; the VAE reads latents_0
             buf["latents_0"].copy_from(buf["latents_1"])
         plan.vae.run()
         clock.mark("vae")
@@ -95,6 +114,67 @@ class Pipeline:
         timings = self.timings(clock, t0, t_tok)
         timings["setup_ms"] = (t_plan - t_tok) * 1e3 if fresh else 0.0  # buffers, bindings, graphs
         return Result(to_uint8(image), timings)
+
+    # ---- image inputs -----------------------------------------------------------------------------
+
+    def source(self, image, mask, resize, height, width):
+        """The prepared image (and mask), or None for text to image."""
+        if image is None:
+            if mask is not None:
+                raise UserError("a mask needs an image: give --image IN.png with --mask (inpainting)")
+            return None
+        src = image_input.prepare(image, mask, self.config.vae_factor, resize)
+        for what, asked, got in (("height", height, src.height), ("width", width, src.width)):
+            if asked is not None and asked != got:
+                raise UserError(f"--{what} {asked}: with an image the output is the image's size "
+                                f"({src.width}x{src.height}); leave --height/--width out")
+        return src
+
+    def variant(self, source) -> str:
+        """The step variant this call runs (sdrt.contract.STEP_VARIANTS)."""
+        inpaint = source is not None and source.mask is not None
+        if self.config.inpainting_unet:
+            if not inpaint:
+                raise UserError(f"{self.work_dir} holds an inpainting UNet ({self.config.unet_channels} input "
+                                f"channels): it needs --image and --mask; text to image and image to image "
+                                f"need an export of an ordinary {self.config.latent_channels}-channel UNet")
+            return "concat"
+        return "blend" if inpaint else "plain"
+
+    def strength(self, source, strength):
+        """Defaults as diffusers': 0.75 for image to image, 1.0 for inpainting."""
+        if source is None:
+            if strength is not None:
+                raise UserError("strength applies to an input image: give --image (image to image or inpainting)")
+            return None
+        if strength is None:
+            return 1.0 if source.mask is not None else 0.75
+        return strength
+
+    def image_latents(self, plan: Plan, source, variant: str, noise: np.ndarray, steps: int, start: int,
+                      strength) -> np.ndarray:
+        """x at the first step run; binds the inpainting inputs. Encodes at batch 1 and repeats over
+        the batch (one host sync: the latents are noised here, once per call)."""
+        b = noise.shape[0]
+        x0 = np.repeat(self.encode(plan, source.image), b, 0)
+        if variant != "plain":
+            plan.buf["mask"].write(np.repeat(source.latent_mask(self.config.vae_factor), b, 0))
+        if variant == "blend":
+            plan.buf["image_latents"].write(x0)
+            plan.buf["noise"].write(noise)
+        if variant == "concat":
+            plan.buf["masked_image_latents"].write(np.repeat(self.encode(plan, source.masked_image), b, 0))
+        if variant != "plain" and strength == 1.0:
+            return noise                       # inpainting at strength 1 starts from pure noise
+        return scheduler.add_noise(self.scheduler, steps, start, x0, noise)
+
+    def encode(self, plan: Plan, image: np.ndarray) -> np.ndarray:
+        """vae_encoder: [1, 3, H, W] in [-1, 1] -> [1, C, H/f, W/f] (posterior mean · scaling factor)."""
+        if plan.encoder is None:               # bound on first use: text to image never loads it
+            plan.encoder = self.encoder_binding(plan.dims, plan.buf)
+        plan.buf["enc_image"].write(image)
+        plan.encoder.run()
+        return plan.buf["enc_latents"].read()
 
     def dims(self, height, width, batch, guidance) -> Dims:
         height = self.config.default_size if height is None else height
@@ -116,23 +196,32 @@ class Pipeline:
             raise UserError("latents must be finite floating-point values")
         return latents.astype(np.float32)
 
-    def plan(self, dims: Dims) -> Plan:
-        if dims not in self.plans:
+    def plan(self, dims: Dims, variant: str = "plain") -> Plan:
+        key = (dims, variant)
+        if key not in self.plans:
             if self.backend.max_plans and len(self.plans) >= self.backend.max_plans:
                 self.plans.clear()             # free the old plan's buffers (and sessions) first
                 self.backend.drop_plans()
-            self.plans[dims] = self.make_plan(dims)
-        return self.plans[dims]
+            self.plans[key] = self.make_plan(dims, variant)
+        return self.plans[key]
 
-    def make_plan(self, dims: Dims) -> Plan:
+    def model(self, name: str, what: str):
+        if name not in self.models:
+            raise UserError(f"{self.work_dir} has no {name} model ({what}; exported by an older sdrt): "
+                            f"run `sdrt export` again")
+        return self.models[name]
+
+    def make_plan(self, dims: Dims, variant: str = "plain") -> Plan:
         be = self.backend
-        step = self.models["denoise_step_cfg" if dims.cfg else "denoise_step"]
+        step = self.model(step_name(variant, dims.cfg), "the step graph for " +
+                          {"plain": "this call", "blend": "inpainting", "concat": "inpainting"}[variant])
         te, vae = self.models["text_encoder"], self.models["vae_decoder"]
         Buffer = DeviceBuffer if be.device == "cuda" else HostBuffer
         shapes = {**te.shapes(dims), **step.shapes(dims), **vae.shapes(dims)}
         dtypes = {t.name: t.dtype for m in (te, step, vae) for t in m.tensors}
         new = lambda name, key=None: Buffer(shapes[key or name], dtypes[key or name], be.stream)
-        buf = {n: new(n) for n in ("input_ids", "text_embeddings", "step_table", "image")}
+        extra = [t.name for t in step.inputs[4:]]   # the variant's inputs, bound once per call
+        buf = {n: new(n) for n in ("input_ids", "text_embeddings", "step_table", "image", *extra)}
         for k in (0, 1):
             buf[f"latents_{k}"] = new(f"latents_{k}", "latents")
             buf[f"step_index_{k}"] = new(f"step_index_{k}", "step_index")
@@ -145,17 +234,29 @@ class Pipeline:
                                   "step_index": buf[f"step_index_{k}"],
                                   "step_index_next": buf[f"step_index_{1 - k}"],
                                   "text_embeddings": buf["text_embeddings"],
-                                  "step_table": buf["step_table"]}, step.shapes(dims))
+                                  "step_table": buf["step_table"],
+                                  **{n: buf[n] for n in extra}}, step.shapes(dims))
             steps.append(b)
         vae_b = be.runner(vae, dims).bind({"latents": buf["latents_0"], "image": buf["image"]}, vae.shapes(dims))
         return Plan(dims, buf, text, [be.launcher(b) for b in steps], vae_b)
+
+    def encoder_binding(self, dims: Dims, buf: dict):
+        """vae_encoder at batch 1 (one image per call)."""
+        enc = self.model("vae_encoder", "image inputs")
+        one = Dims(1, dims.height, dims.width, dims.cfg, dims.vae_factor)
+        shapes = enc.shapes(one)
+        Buffer = DeviceBuffer if self.backend.device == "cuda" else HostBuffer
+        buf["enc_image"] = Buffer(shapes["image"], "float32", self.backend.stream)
+        buf["enc_latents"] = Buffer(shapes["latents"], "float32", self.backend.stream)
+        return self.backend.runner(enc, one).bind({"image": buf["enc_image"], "latents": buf["enc_latents"]},
+                                                  shapes)
 
     def timings(self, clock: Clock, t0: float, t_tok: float) -> dict:
         stages = clock.durations_ms()
         steps = [ms for label, ms in stages if label == "step"]
         t = {label: ms for label, ms in stages if label != "step"}
         return {"backend": self.backend.name, "tokenize_ms": (t_tok - t0) * 1e3,
-                "text_encoder_ms": t["text_encoder"], "steps_ms": steps,
+                "text_encoder_ms": t["text_encoder"], "vae_encoder_ms": t["vae_encoder"], "steps_ms": steps,
                 "unet_step_ms": float(np.median(steps)), "denoise_ms": float(sum(steps)),
                 "vae_ms": t["vae"], "total_ms": (time.perf_counter() - t0) * 1e3}
 

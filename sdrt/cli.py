@@ -86,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-guidance", action="store_true", help="build the step for guidance <= 1 (no CFG)")
     s.set_defaults(fn=cmd_build)
 
-    s = sub.add_parser("generate", help="text to image")
+    s = sub.add_parser("generate", help="text to image, image to image (--image), inpainting (--image --mask)")
     add_generate_args(s)
     s.add_argument("--out", type=Path, default=Path("out.png"))
     s.add_argument("--timings", action="store_true", help="print per-stage timings")
@@ -132,7 +132,13 @@ def add_generate_args(s) -> None:
     s.add_argument("--width", type=int)
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--seed", type=int)
-    s.add_argument("--latents", type=Path, help=".npy of shape [B, C, H/f, W/f]")
+    s.add_argument("--latents", type=Path, help=".npy of shape [B, C, H/f, W/f]: the initial noise")
+    s.add_argument("--image", type=Path, help="input image: image to image, or inpainting with --mask")
+    s.add_argument("--mask", type=Path, help="inpainting mask, the image's size: white = repaint")
+    s.add_argument("--strength", type=float,
+                   help="0 < S <= 1: share of the steps run on the noised image (default 0.75; inpainting 1.0)")
+    s.add_argument("--resize", action="store_true",
+                   help="resize an image whose size is not a multiple of 8 down to one (else refused)")
     # checked by open_backend, so a wrong name is one line like every other mistake
     s.add_argument("--backend", default="auto",
                    help="auto, tensorrt, tensorrt-rtx, onnxruntime-cuda or onnxruntime-cpu")

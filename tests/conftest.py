@@ -53,3 +53,16 @@ def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
     assert len(err.splitlines()) == 1, err
     for w in words:
         assert w.lower() in err.lower(), (w, err)
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_dir(tmp_path_factory) -> Path:
+    """A tiny StableDiffusionInpaintPipeline folder: 9-channel UNet."""
+    from sdrt.export.init_models import init
+    return init(tmp_path_factory.mktemp("models") / "tiny-inpaint", "tiny-inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_fp32(tiny_inpaint_dir, tmp_path_factory) -> Path:
+    from sdrt.export.export import export
+    return export(tiny_inpaint_dir, tmp_path_factory.mktemp("work") / "tiny-inpaint-fp32", precision="fp32")

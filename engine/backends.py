@@ -144,7 +144,8 @@ class Trt:
 
     def runner(self, model: Model, dims: Dims):
         if model.name not in self.models:
-            flag = " --no-guidance" if model.name == "denoise_step" else ""
+            flag = (" --no-guidance" if model.name.startswith("denoise_step") and not model.name.endswith("_cfg")
+                    else "") + (" --inpaint" if model.name.startswith("denoise_step_blend") else "")
             raise UserError(f"no {self.name} engine for {model.name}: run `sdrt build ... --backend "
                             f"{self.name}{flag}` (guidance > 1 needs denoise_step_cfg, <= 1 denoise_step)")
         return self.models[model.name]

@@ -9,6 +9,7 @@ Runtime side: no torch, no onnx, nothing from sdrt.export; TensorRT is imported 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from sdrt import manifest as mf
@@ -16,9 +17,9 @@ from sdrt.engine import cuda
 from sdrt.engine.trt_backend import import_trt
 from sdrt.errors import UserError
 
-KEY_FIELDS = ("onnx_sha256", "backend", "trt_version", "gpu_name", "compute_capability",
+KEY_FIELDS = ("onnx_sha256", "io", "backend", "trt_version", "gpu_name", "compute_capability",
               "profile", "options")
-_ENV_FIELDS = KEY_FIELDS[:5]  # what check_engine compares besides the profile
+_ENV_FIELDS = KEY_FIELDS[:6]  # what check_engine compares besides the profile
 
 
 # ---- the one place for differences between TensorRT 10, TensorRT 11 and TensorRT-RTX ----------
@@ -78,11 +79,17 @@ def _current_hash(work_dir: Path, manifest: dict, model_name: str, entry: dict |
 
 # ---- engine keys ----------------------------------------------------------------------------------
 
+def io_digest(model) -> str:
+    """The model's I/O contract (names, dtypes, shapes; e.g. a 9-channel inpainting UNet's step
+    inputs) in short: engines keyed before it was part of the key are stale."""
+    return mf.sha256_bytes(json.dumps(model.to_json(), sort_keys=True).encode())[:16]
+
+
 def engine_key(backend: str, trt, onnx_hash: str, profile: dict | None, options: dict | None,
-               api: dict | None = None) -> dict:
+               api: dict | None = None, io: str | None = None) -> dict:
     """What an engine depends on. Compared field by field; any change means rebuild."""
     api = api or _api(trt, backend)
-    return {"onnx_sha256": onnx_hash, "backend": backend, "trt_version": trt.__version__,
+    return {"onnx_sha256": onnx_hash, "io": io, "backend": backend, "trt_version": trt.__version__,
             "gpu_name": api["gpu_name"], "compute_capability": api["cc"],
             "profile": profile, "options": options}
 
@@ -93,6 +100,9 @@ def _first_change(old: dict, new: dict, fields) -> str | None:
             if f == "onnx_sha256":
                 return f"onnx_sha256 changed (built from {str(old.get(f))[:12]}…, export has " \
                        f"{str(new.get(f))[:12]}…)"
+            if f == "io":
+                return ("io changed (built before its inputs/outputs were part of the engine key, or for "
+                        "another contract, e.g. before 9-channel inpainting UNets)")
             if isinstance(new.get(f), dict):
                 return f"{f} changed"
             return f"{f} changed (built for {old.get(f)}, now {new.get(f)})"
@@ -137,7 +147,7 @@ def check_engine(work_dir: Path, backend: str, model_name: str, expected_profile
     if not plan.is_file() or plan.stat().st_size != entry.get("size_bytes"):
         raise UserError(f"engine {model_name} is missing or damaged ({plan}): {rebuild}")
     onnx_hash, _ = _current_hash(work_dir, man, model_name, entry)
-    now = engine_key(backend, trt, onnx_hash, None, None)
+    now = engine_key(backend, trt, onnx_hash, None, None, io=io_digest(mf.models(man)[model_name]))
     built = entry.get("key") or {}
     why = _first_change(built, now, _ENV_FIELDS)
     if why is None and expected_profile is not None:

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from sdrt import manifest as mf
-from sdrt.contract import RUNTIME_MODELS, Dims, Model, check_size
+from sdrt.contract import Dims, Model, check_size, step_name
 from sdrt.engine.engine_cache import (KEY_FIELDS, _api, _current_hash, _first_change, _stat, engine_key,
-                                      major_minor)
+                                      io_digest, major_minor)
 from sdrt.engine.trt_backend import MODULES, import_trt
 from sdrt.errors import UserError
 from sdrt.export import attention
@@ -70,8 +70,10 @@ def parse_dynamic(spec: str | None, batch: int, height: int, width: int, vae_fac
 
 
 def profile_for(model: Model, ranges: dict, guidance: bool, vae_factor: int) -> dict:
-    """{input: {"min": [...], "opt": [...], "max": [...]}} via the contract's own dims."""
-    shapes = {k: model.shapes(Dims(**ranges[k], cfg=guidance, vae_factor=vae_factor))
+    """{input: {"min": [...], "opt": [...], "max": [...]}} via the contract's own dims. The VAE
+    encoder runs at batch 1 (one input image per call, its latents repeated over the batch)."""
+    one = {"batch": 1} if model.name == "vae_encoder" else {}
+    shapes = {k: model.shapes(Dims(**{**ranges[k], **one}, cfg=guidance, vae_factor=vae_factor))
               for k in ("min", "opt", "max")}
     return {t.name: {k: list(shapes[k][t.name]) for k in ("min", "opt", "max")} for t in model.inputs}
 
@@ -202,19 +204,32 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
         gc.collect()
 
 
+def runtime_names(cfg, contracts: dict, guidance: bool, inpaint: bool) -> list[str]:
+    """The engines to build: text encoder, the step graph(s), VAE encoder (exports that have one)
+    and decoder."""
+    if cfg.inpainting_unet:
+        steps = [step_name("concat", guidance)]
+    else:
+        steps = [step_name("plain", guidance)] + ([step_name("blend", guidance)] if inpaint else [])
+    encoder = ["vae_encoder"] if "vae_encoder" in contracts else []
+    return ["text_encoder", *steps, *encoder, "vae_decoder"]
+
+
 def build(work_dir: Path, backend: str, height: int | None = None, width: int | None = None,
           batch: int = 1, dynamic: str | None = None, opt_level: int | None = None,
           timing_cache: Path | None = None, guidance: bool = True, workspace_mb: int | None = None,
-          progress: bool = True) -> dict:
-    """Build the runtime's engines; returns {"backend", "built", "up_to_date", "engines"}."""
+          progress: bool = True, inpaint: bool = False) -> dict:
+    """Build the runtime's engines; returns {"backend", "built", "up_to_date", "engines"}.
+
+    inpaint: with a 4-channel UNet, also the inpainting (blend) step; an export of a 9-channel
+    inpainting UNet has only its inpainting step."""
     work_dir = Path(work_dir)
     if backend not in MODULES:
         raise UserError(f"unknown backend {backend!r}: use one of {', '.join(MODULES)}")
     man = mf.load(work_dir)
     cfg = mf.config(man)
     contracts = mf.models(man)
-    step = "denoise_step_cfg" if guidance else "denoise_step"
-    names = [n for n in RUNTIME_MODELS if n in ("text_encoder", step, "vae_decoder")]
+    names = runtime_names(cfg, contracts, guidance, inpaint)
     for n in names:
         if n not in contracts:
             raise UserError(f"{work_dir} has no {n} model: export again"
@@ -245,7 +260,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         entry = mf.load(work_dir).get("engines", {}).get(backend, {}).get(name)
         onnx_hash, files = _current_hash(work_dir, man, name, entry)
         profile = profile_for(model, ranges, guidance, cfg.vae_factor)
-        key = engine_key(backend, trt, onnx_hash, profile, options, api)
+        key = engine_key(backend, trt, onnx_hash, profile, options, api, io=io_digest(model))
         plan_path = out_dir / f"{name}.plan"
         why = _first_change(entry.get("key") or {}, key, KEY_FIELDS) if entry else None
         if (entry and why is None and plan_path.is_file()

@@ -26,7 +26,7 @@ def cmd_build(a):
     from sdrt.export.build import build
     build(a.work_dir, a.backend, height=a.height, width=a.width, batch=a.batch, dynamic=a.dynamic,
           opt_level=a.opt_level, timing_cache=a.timing_cache, guidance=not a.no_guidance,
-          workspace_mb=a.workspace_mb)
+          workspace_mb=a.workspace_mb, inpaint=a.inpaint)
 
 
 def cmd_generate(a):
@@ -84,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timing-cache", type=Path)
     s.add_argument("--workspace-mb", type=int, help="builder memory limit (Jetson: keep it small)")
     s.add_argument("--no-guidance", action="store_true", help="build the step for guidance <= 1 (no CFG)")
+    s.add_argument("--inpaint", action="store_true",
+                   help="4-channel UNet: also build the inpainting step (a second UNet engine); "
+                        "9-channel inpainting exports build only theirs")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("generate", help="text to image, image to image (--image), inpainting (--image --mask)")

@@ -527,7 +527,7 @@ def test_real_tiny_export_builds(tiny_fp16, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(tiny_fp16, work)
     result = B.build(work, RTX, progress=False)
-    assert sorted(result["built"]) == ["denoise_step_cfg", "text_encoder", "vae_decoder"]
+    assert sorted(result["built"]) == ["denoise_step_cfg", "text_encoder", "vae_decoder", "vae_encoder"]
     for name in result["built"]:
         EC.check_engine(work, RTX, name)
     assert B.build(work, RTX, progress=False)["built"] == []

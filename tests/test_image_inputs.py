@@ -167,6 +167,7 @@ def test_cli_img2img_and_inpaint(tiny_fp32, tmp_path):
 
 
 def _inputs(tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     test_image().save(tmp_path / "in.png")
     test_mask().save(tmp_path / "mask.png")
     test_mask(H, W + 8).save(tmp_path / "wide.png")

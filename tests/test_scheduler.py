@@ -145,7 +145,7 @@ def test_sd15_golden_numbers():
     row0 = dict(zip(STEP_COLUMNS, table[0]))
     expect = dict(timestep=981, c_x0_x=1 / A981 ** 0.5, c_x0_m=-((1 - A981) / A981) ** 0.5, c_eps_x=0, c_eps_m=1,
                   sqrt_alpha_prev=A961 ** 0.5, sqrt_one_minus_alpha_prev=(1 - A961) ** 0.5, clip=3.0e38,
-                  guidance=7.5)
+                  guidance=7.5, sqrt_alpha_next=A961 ** 0.5, sqrt_one_minus_alpha_next=(1 - A961) ** 0.5)
     for c in STEP_COLUMNS:
         np.testing.assert_allclose(row0[c], expect[c], rtol=2e-6, err_msg=c)
     np.testing.assert_allclose(row0["c_x0_x"], 13.1585, rtol=1e-5)
@@ -154,6 +154,43 @@ def test_sd15_golden_numbers():
     np.testing.assert_allclose(table[49, col["sqrt_one_minus_alpha_prev"]], 0.00085 ** 0.5, rtol=5e-5)
     assert not table[50:].any()
     assert scheduler.INIT_NOISE_SIGMA == 1.0
+
+
+def test_next_timestep_columns():
+    """The inpainting blend re-noises to the next timestep of the schedule (not t - T/steps, which
+    differs with linspace spacing); after the last step it blends in the clean image (ᾱ := 1)."""
+    cfg = DDIMConfig.from_json({**SD15, "timestep_spacing": "linspace"})
+    ts, a = timesteps(cfg, 10), scheduler.alphas_cumprod(cfg)
+    table = step_table(cfg, 10, 7.5)
+    np.testing.assert_allclose(table[:9, col["sqrt_alpha_next"]], np.sqrt(a[ts[1:]]), rtol=1e-6)
+    np.testing.assert_allclose(table[:9, col["sqrt_one_minus_alpha_next"]], np.sqrt(1 - a[ts[1:]]), rtol=1e-6)
+    assert table[9, col["sqrt_alpha_next"]] == 1.0 and table[9, col["sqrt_one_minus_alpha_next"]] == 0.0
+    assert ts[1] != ts[0] - 1000 // 10   # 888 vs 899: the next timestep is not the "previous" one
+
+
+@pytest.mark.parametrize("steps,strength", [(50, 0.75), (10, 1.0), (7, 0.5), (3, 0.34)])
+def test_start_index_and_add_noise_match_diffusers(steps, strength):
+    """get_timesteps' t_start and DDIMScheduler.add_noise at the first kept timestep."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    ref = DDIMScheduler(**SD15)
+    ref.set_timesteps(steps)
+    kept, n = StableDiffusionImg2ImgPipeline.get_timesteps(
+        type("P", (), {"scheduler": ref})(), steps, strength, "cpu")
+    start = scheduler.start_index(steps, strength)
+    assert steps - start == n and kept[0] == timesteps(DDIMConfig.from_json(SD15), steps)[start]
+    rng = np.random.default_rng(0)
+    x0, eps = rng.standard_normal((2, 4, 3, 5), dtype=np.float32), rng.standard_normal((2, 4, 3, 5), dtype=np.float32)
+    want = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(eps), kept[:1].repeat(2)).numpy()
+    got = scheduler.add_noise(DDIMConfig.from_json(SD15), steps, start, x0, eps)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strength", [0, -0.5, 1.01, float("nan"), "0.5"])
+def test_strength_outside_range(strength):
+    with pytest.raises(UserError, match="must be in"):
+        scheduler.start_index(50, strength)
+    with pytest.raises(UserError, match="leaves no step"):
+        scheduler.start_index(4, 0.2)
 
 
 def test_golden_spacings_10_steps():

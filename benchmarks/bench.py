@@ -6,6 +6,11 @@ against the one reference: a before/after in one run. For
 each configuration: warm-up, then `runs` timed generations; medians and p90 of end to end and per
 stage (CUDA events on the working stream), images/s, peak memory, PSNR against the reference
 image. Results: JSON records + markdown table + PNG plot under --out.
+
+With --image (image to image) or --image --mask (inpainting) the size is the image's, the VAE
+encoder stage is timed too, and the reference is diffusers' img2img / inpainting pipeline given the
+same noise and the posterior mean. The step time should stay that of text to image: the extra
+inputs are bound once per call.
 """
 from __future__ import annotations
 
@@ -84,17 +89,17 @@ def latents_for(cfg, batch, h, w) -> np.ndarray:
     return np.random.default_rng(1234).standard_normal(shape, dtype=np.float32)
 
 
-def bench_reference(ref, cfg, configs, a) -> dict:
+def bench_reference(ref, cfg, configs, a, inputs) -> dict:
     out = {}
     for i, (h, w, batch) in enumerate(configs, 1):
         lat = latents_for(cfg, batch, h, w)
         say(f"[reference {i}/{len(configs)}] diffusers eager {h}x{w} batch {batch}: warm-up ...")
         for _ in range(a.warmup):
-            ref.run(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, lat)
+            ref.run(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, lat, **inputs)
         runs = []
         for r in range(a.runs):
             say(f"[reference {i}/{len(configs)}] {h}x{w} batch {batch}: run {r + 1}/{a.runs}")
-            image, t = ref.run(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, lat)
+            image, t = ref.run(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, lat, **inputs)
             runs.append(t)
         out[(h, w, batch)] = {"image": image, "e2e_ms": stats([t["e2e_ms"] for t in runs]),
                               "what": ref.description,
@@ -110,7 +115,7 @@ def variants(names: list[str], manifest: dict) -> list[tuple[str, bool]]:
     return [(n, f) for n in names for f in ((False, True) if fused and n.startswith("onnxruntime") else (True,))]
 
 
-def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, a, versions) -> list[dict]:
+def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, a, versions, inputs=None) -> list[dict]:
     from sdrt.engine.pipeline import Pipeline
     baseline = cuda.mem_used_bytes() if cuda.available() else 0
     t = time.perf_counter()
@@ -121,12 +126,13 @@ def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, a, versions) -
     for i, (h, w, batch) in enumerate(configs, 1):
         lat = latents_for(cfg, batch, h, w)
         say(f"[{name} {i}/{len(configs)}] {h}x{w} batch {batch}: warm-up (plan, graphs) ...")
+        inputs = inputs or {}
         for _ in range(a.warmup):
-            pipe.generate(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, batch, latents=lat)
+            pipe.generate(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, batch, latents=lat, **inputs)
         runs = []
         for r in range(a.runs):
             say(f"[{name} {i}/{len(configs)}] {h}x{w} batch {batch}: run {r + 1}/{a.runs}")
-            runs.append(pipe.generate(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, batch, latents=lat))
+            runs.append(pipe.generate(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, batch, latents=lat, **inputs))
         e2e, e2e_p90 = stats([r.timings["total_ms"] for r in runs])
         step, step_p90 = stats([s for r in runs for s in r.timings["steps_ms"]])
         ref = refs.get((h, w, batch))
@@ -137,6 +143,10 @@ def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, a, versions) -
             "e2e_ms": e2e, "e2e_p90_ms": e2e_p90, "unet_step_ms": step, "unet_step_p90_ms": step_p90,
             "text_encoder_ms": float(np.median([r.timings["text_encoder_ms"] for r in runs])),
             "vae_ms": float(np.median([r.timings["vae_ms"] for r in runs])),
+            "mode": mode_of(inputs), "strength": inputs.get("strength"),
+            "vae_encoder_ms": (float(np.median([r.timings["vae_encoder_ms"] for r in runs]))
+                               if inputs.get("image") is not None else None),
+            "steps_run": len(runs[-1].timings["steps_ms"]),
             "tokenize_ms": float(np.median([r.timings["tokenize_ms"] for r in runs])),
             "images_per_s": batch / (e2e / 1e3),
             "peak_mem_mb": peak_mem_mb(baseline), "load_s": load_s,
@@ -152,6 +162,28 @@ def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, a, versions) -
             "psnr_vs_reference": psnr(runs[-1].images, ref["image"]) if ref else None,
             "versions": versions})
     return records
+
+
+def mode_of(inputs: dict) -> str:
+    if inputs.get("mask") is not None:
+        return "inpaint"
+    return "img2img" if inputs.get("image") is not None else "txt2img"
+
+
+def image_inputs(a, cfg) -> tuple[dict, tuple[int, int] | None]:
+    """({image, mask, strength} for generate and the reference, the image's (height, width))."""
+    if a.image is None:
+        if a.mask is not None or a.strength is not None:
+            raise UserError("--mask and --strength need --image")
+        return {}, None
+    from sdrt.engine import image_input
+    image = image_input.load(a.image, "image").convert("RGB")
+    mask = image_input.load(a.mask, "mask") if a.mask is not None else None
+    src = image_input.prepare(image, mask, cfg.vae_factor)        # size and mask checks, one line each
+    if a.strength is not None:
+        from sdrt.engine.scheduler import start_index
+        start_index(a.steps, a.strength)
+    return {"image": image, "mask": mask, "strength": a.strength}, (src.height, src.width)
 
 
 def _build_seconds(manifest: dict, backend: str) -> float | None:
@@ -183,9 +215,15 @@ def main(a) -> None:
     from sdrt.benchmarks import report
     manifests = load_exports(a.work_dirs)
     cfg = mf.config(manifests[0])
-    sizes, batches = parse_sizes(a.sizes), parse_ints(a.batches, "batches")
     if a.steps <= 0 or a.runs <= 0 or a.warmup < 0:
         raise UserError("--steps and --runs must be positive, --warmup not negative")
+    inputs, image_size = image_inputs(a, cfg)
+    sizes, batches = parse_sizes(a.sizes or "512x512"), parse_ints(a.batches, "batches")
+    if image_size is not None:
+        if a.sizes is not None and sizes != [image_size]:
+            raise UserError(f"--sizes {a.sizes}: with --image the size is the image's "
+                            f"({image_size[0]}x{image_size[1]}); leave --sizes out")
+        sizes = [image_size]
     configs = [(h, w, b) for h, w in sizes for b in batches]
     refs = {}
     if not a.no_reference:
@@ -193,14 +231,14 @@ def main(a) -> None:
         from sdrt.export.pipeline_folder import read_model_index
         read_model_index(a.reference)
         ref = Reference(a.reference)
-        refs = bench_reference(ref, cfg, configs, a)
+        refs = bench_reference(ref, cfg, configs, a, inputs)
         ref.close()
     v = versions()
     records = []
     for work_dir, manifest in zip(a.work_dirs, manifests):
         names = available_backends(manifest) if a.backends == "available" else a.backends.split(",")
         records += [r for name, fused in variants(names, manifest)
-                    for r in bench_backend(name, fused, work_dir, cfg, configs, refs, a, v)]
+                    for r in bench_backend(name, fused, work_dir, cfg, configs, refs, a, v, inputs)]
     paths = report.write(records, a.out)
     print(report.table(records))
     for p in paths:

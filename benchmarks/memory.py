@@ -1,7 +1,8 @@
 """`sdrt memory WORK_DIR [WORK_DIR ...]`: what a generation needs in GPU memory, and whether it fits
 a Jetson (Orin's CPU and GPU share one DRAM), derived from the export, without a GPU.
 
-Per runtime model (text encoder, denoise step, VAE decoder) at a given size and batch:
+Per runtime model (text encoder, denoise step, VAE encoder when exported, VAE decoder) at a given
+size and batch (the VAE encoder at batch 1: the runtime encodes one input image per call):
   weights      the built engine's size when there is one for --backend, else the ONNX weights;
   activations  the peak of the intermediate tensors alive at once when the graph runs node by
                node in its exported order, each freed after its last reader (shapes from ONNX
@@ -27,11 +28,23 @@ from pathlib import Path
 import numpy as np
 
 from sdrt import manifest as mf
-from sdrt.contract import Dims, Model, check_size
+from sdrt.contract import Dims, Model, check_size, step_name
 from sdrt.errors import UserError
 from sdrt.export.to_onnx import onnx_graph
 
-MODELS = ("text_encoder", "denoise_step_cfg", "vae_decoder")
+MODELS = ("text_encoder", "denoise_step_cfg", "vae_decoder")   # every export has these
+
+
+def runtime_models(man: dict) -> list[str]:
+    """What a generation with guidance runs: the step of the export's UNet (an inpainting UNet's
+    own step), and the VAE encoder of image inputs when the export has one."""
+    cfg = mf.config(man)
+    step = step_name("concat" if cfg.inpainting_unet else "plain", True)
+    return ["text_encoder", step, *(["vae_encoder"] if "vae_encoder" in man["models"] else []), "vae_decoder"]
+
+
+def model_dims(name: str, dims: Dims) -> Dims:
+    return Dims(1, dims.height, dims.width, dims.cfg, dims.vae_factor) if name == "vae_encoder" else dims
 # Nominal DRAM shared by CPU and GPU (NVIDIA's module specifications).
 JETSONS = {"Jetson Orin Nano 8GB": 8 << 30, "Jetson AGX Orin 32GB": 32 << 30, "Jetson AGX Orin 64GB": 64 << 30}
 MB = 2 ** 20
@@ -128,17 +141,21 @@ def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str =
     dims = Dims(batch=batch, height=height, width=width, cfg=True, vae_factor=cfg.vae_factor)
     engines = man.get("engines", {}).get(backend, {})
     out = {}
-    for name in MODELS:
+    names = runtime_models(man)
+    for name in names:
         files = mf.model_files(work_dir, man, name)          # one line if a file is missing
         graph = onnx_graph(files[0])
-        peak, unknown = activation_peak(graph, tensor_bytes(graph_for_shapes(graph, contracts[name], dims)))
+        peak, unknown = activation_peak(graph, tensor_bytes(graph_for_shapes(graph, contracts[name],
+                                                                             model_dims(name, dims))))
         engine = engines.get(name)
         out[name] = {"weights_bytes": engine["size_bytes"] if engine else sum(f.stat().st_size for f in files),
                      "weights_from": f"{backend} engine" if engine else "onnx",
                      "activation_bytes": peak, "unknown_tensors": unknown}
     weights = sum(m["weights_bytes"] for m in out.values())
     act = max(m["activation_bytes"] for m in out.values())
-    io = io_bytes([contracts[n] for n in MODELS], dims)
+    io = io_bytes([contracts[n] for n in names if n != "vae_encoder"], dims)
+    if "vae_encoder" in names:  # its own buffers, batch 1
+        io += io_bytes([contracts["vae_encoder"]], model_dims("vae_encoder", dims))
     return {"export": work_dir.name, "precision": man["precision"], "attention": man.get("attention", "decomposed"),
             "height": height, "width": width, "batch": batch, "models": out,
             "weights_bytes": weights, "activation_bytes": act, "io_bytes": io, "total_bytes": weights + act + io}
@@ -148,13 +165,14 @@ def table(estimates: list[dict]) -> str:
     from sdrt.benchmarks.report import export_label
     devices = list(JETSONS)
     head = ["export", "size", "batch", "weights MB", "text enc act MB", "step act MB", "vae act MB",
-            "io MB", "total MB"] + [f"left on {d} MB" for d in devices]
+            "vae enc act MB", "io MB", "total MB"] + [f"left on {d} MB" for d in devices]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in estimates:
         m = e["models"]
         row = [export_label(e), f"{e['height']}x{e['width']}", str(e["batch"]),
                f"{e['weights_bytes'] / MB:.0f}", f"{m['text_encoder']['activation_bytes'] / MB:.0f}",
-               f"{m['denoise_step_cfg']['activation_bytes'] / MB:.0f}", f"{m['vae_decoder']['activation_bytes'] / MB:.0f}",
+               f"{_step(m)['activation_bytes'] / MB:.0f}", f"{m['vae_decoder']['activation_bytes'] / MB:.0f}",
+               f"{m['vae_encoder']['activation_bytes'] / MB:.0f}" if "vae_encoder" in m else "-",
                f"{e['io_bytes'] / MB:.0f}", f"{e['total_bytes'] / MB:.0f}"]
         row += [f"{(JETSONS[d] - e['total_bytes']) / MB:.0f}" for d in devices]
         lines.append("| " + " | ".join(row) + " |")
@@ -162,6 +180,10 @@ def table(estimates: list[dict]) -> str:
                  "weights + the largest activation block (shared by the engines) + io; left = the device's "
                  "nominal memory - total, which must still hold the OS, the CUDA context and the application.")
     return "\n".join(lines)
+
+
+def _step(models: dict) -> dict:
+    return next(v for k, v in models.items() if k.startswith("denoise_step"))
 
 
 def main(a) -> None:
@@ -176,7 +198,7 @@ def main(a) -> None:
         man = mf.load(work_dir)
         for h, w in sizes:
             check_size(h, w, mf.config(man).vae_factor)
-        for name in MODELS:
+        for name in runtime_models(man):
             mf.model_files(work_dir, man, name)
     estimates = []
     for work_dir in a.work_dirs:

@@ -1,8 +1,11 @@
 """The eager PyTorch reference: diffusers' StableDiffusionPipeline with DDIM (FP16 + SDPA on a
-GPU, FP32 on CPU), timed per stage with CUDA events recorded by forward hooks on its modules."""
+GPU, FP32 on CPU), timed per stage with CUDA events recorded by forward hooks on its modules.
+With an input image: StableDiffusionImg2ImgPipeline, with a mask StableDiffusionInpaintPipeline,
+on the same modules, given sdrt's noise and the posterior mean (sdrt's deterministic encoder)."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,7 @@ class Reference:
         self.device_name = torch.cuda.get_device_name() if self.cuda else "cpu"
         self.marks: dict[str, list] = {}
         for name, module in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet),
-                             ("vae", pipe.vae.decoder)):
+                             ("vae", pipe.vae.decoder), ("vae_encoder", pipe.vae.encoder)):
             module.register_forward_pre_hook(self._hook(name, "start"))
             module.register_forward_hook(self._hook(name, "end"))
 
@@ -46,29 +49,66 @@ class Reference:
     def _ms(self, a, b) -> float:
         return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
-    def run(self, prompt, negative, steps, guidance, height, width, latents: np.ndarray):
-        """Images (uint8 NHWC) and per-stage timings of one full pipeline call."""
+    def run(self, prompt, negative, steps, guidance, height, width, latents: np.ndarray,
+            image=None, mask=None, strength=None):
+        """Images (uint8 NHWC) and per-stage timings of one full pipeline call. With `image`
+        (a PIL image), `latents` is the noise added to its latents."""
         torch = self.torch
         self.marks = {}
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         b = len(latents)
+        noise = torch.from_numpy(latents).to(self.pipe.device, self.pipe.unet.dtype)
+        common = dict(prompt=[prompt] * b, negative_prompt=[negative] * b, num_inference_steps=steps,
+                      guidance_scale=guidance, output_type="np")
         t0 = time.perf_counter()
-        out = self.pipe(prompt=[prompt] * b, negative_prompt=[negative] * b, num_inference_steps=steps,
-                        guidance_scale=guidance, height=height, width=width, output_type="np",
-                        latents=torch.from_numpy(latents).to(self.pipe.device, self.pipe.unet.dtype))
+        if image is None:
+            out = self.pipe(height=height, width=width, latents=noise, **common)
+        else:
+            pipe, module = self.image_pipeline(mask is not None)
+            with same_noise(module, noise):
+                if mask is None:
+                    out = pipe(image=[image] * b, strength=0.75 if strength is None else strength, **common)
+                else:
+                    out = pipe(image=image, mask_image=mask, height=height, width=width,
+                               strength=1.0 if strength is None else strength, **common)
         if self.cuda:
             torch.cuda.synchronize()
         e2e = (time.perf_counter() - t0) * 1e3
         stage = {name: [self._ms(a[1], z[1]) for a, z in zip(m[0::2], m[1::2])]
                  for name, m in self.marks.items()}
         timings = {"e2e_ms": e2e, "text_encoder_ms": sum(stage["text_encoder"]),
+                   "vae_encoder_ms": sum(stage.get("vae_encoder", [])) if image is not None else None,
                    "unet_step_ms": float(np.median(stage["unet"])), "vae_ms": sum(stage["vae"]),
                    "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if self.cuda else None}
         return (out.images * 255).round().astype(np.uint8), timings
+
+    def image_pipeline(self, inpaint: bool):
+        """The img2img / inpainting pipeline on the same modules, and its module (to patch)."""
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+        from diffusers.pipelines.stable_diffusion import (pipeline_stable_diffusion_img2img as img2img,
+                                                          pipeline_stable_diffusion_inpaint as inpainting)
+        cls, module = (StableDiffusionInpaintPipeline, inpainting) if inpaint else (StableDiffusionImg2ImgPipeline, img2img)
+        pipe = cls(**self.pipe.components, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, module
 
     def close(self):
         del self.pipe
         if self.cuda:
             self.torch.cuda.empty_cache()
+
+
+@contextmanager
+def same_noise(module, noise):
+    """diffusers' pipeline `module` draws `noise` instead of random noise, and encodes to the
+    posterior mean (sample_mode="argmax") instead of a sample: sdrt's inputs exactly."""
+    saved = module.randn_tensor, module.retrieve_latents
+    module.randn_tensor = lambda shape, generator=None, device=None, dtype=None, layout=None: \
+        noise.to(device=device, dtype=dtype).reshape(shape)
+    module.retrieve_latents = lambda out, generator=None, sample_mode="sample": out.latent_dist.mode()
+    try:
+        yield
+    finally:
+        module.randn_tensor, module.retrieve_latents = saved

@@ -16,7 +16,9 @@ def export_label(r: dict) -> str:
 
 
 def size_label(r: dict) -> str:
-    return f"{r['height']}x{r['width']}x{r['steps']} steps"
+    mode = r.get("mode", "txt2img")
+    extra = "" if mode == "txt2img" else f", {mode} ({r.get('steps_run')} run)"
+    return f"{r['height']}x{r['width']}x{r['steps']} steps{extra}"
 
 
 # (header, record key or function of the record, format)
@@ -24,6 +26,7 @@ COLUMNS = [("backend", "backend", "{}"), ("export", export_label, "{}"), ("size"
            ("e2e ms", "e2e_ms", "{:.1f}"), ("ref e2e ms", "reference_e2e_ms", "{:.1f}"),
            ("speedup", "speedup_e2e", "{:.2f}x"), ("step ms", "unet_step_ms", "{:.2f}"),
            ("ref step ms", "reference_unet_step_ms", "{:.2f}"), ("text enc ms", "text_encoder_ms", "{:.2f}"),
+           ("vae enc ms", "vae_encoder_ms", "{:.1f}"),
            ("vae ms", "vae_ms", "{:.1f}"), ("img/s", "images_per_s", "{:.2f}"),
            ("peak MB", "peak_mem_mb", "{:.0f}"), ("PSNR dB", "psnr_vs_reference", "{:.1f}")]
 

@@ -34,7 +34,10 @@ FORMS = ("op", "decomposed")
 OP_OPSET = 23            # Attention's first opset, and the only one the op form is declared at
 TRACE_OPSET_MAX = 20     # the TorchScript exporter's last opset
 CHANGED_20_TO_23 = {"Cast", "ConstantOfShape", "Conv", "Cos", "Identity", "InstanceNormalization", "Reshape",
-                    "Shape", "Sin", "Transpose", "Unsqueeze"}   # new types only (see above)
+                    "Shape", "Sin", "Transpose", "Unsqueeze",
+                    "Pad"}   # new types only (see above). Pad: the VAE encoder's downsampling pad;
+                             # Pad-21 and -23 keep Pad-19's inputs, attribute and modes
+
 TRT_FIRST = (10, 14)     # first TensorRT whose ONNX parser takes Attention
 _SDPA = "aten::scaled_dot_product_attention"
 

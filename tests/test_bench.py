@@ -53,3 +53,27 @@ def test_bench_bad_input(tiny_fp32, tmp_path):
     assert_user_error(run_cli("bench", tiny_fp32, other, "--reference", tmp_path, "--no-reference",
                               "--out", tmp_path / "r"), "another model")
     assert not (tmp_path / "r").exists()
+
+
+def test_bench_image_inputs_time_the_encoder(tiny_dir, tiny_fp32, tmp_path):
+    """--image / --mask: the size is the image's, the VAE encoder is timed, diffusers' img2img /
+    inpainting pipelines are the reference (same noise, posterior mean: same images)."""
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    mask = np.zeros((64, 96), np.uint8)
+    mask[8:40, 16:64] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    for extra, mode, run in (([], "img2img", 3), (["--mask", tmp_path / "mask.png", "--strength", "0.5"], "inpaint", 2)):
+        out = tmp_path / mode
+        p = run_cli("bench", tiny_fp32, "--reference", tiny_dir, "--image", tmp_path / "in.png", *extra,
+                    "--steps", "4", "--batches", "2", "--runs", "1", "--warmup", "0", "--out", out)
+        assert p.returncode == 0, p.stderr
+        [record] = json.loads(sorted(out.iterdir())[0].read_text())["records"]
+        assert (record["height"], record["width"], record["mode"], record["steps_run"]) == (64, 96, mode, run)
+        assert record["vae_encoder_ms"] > 0 and record["psnr_vs_reference"] >= 50
+        assert "vae enc ms" in sorted(out.iterdir())[1].read_text()
+    assert_user_error(run_cli("bench", tiny_fp32, "--reference", tiny_dir, "--image", tmp_path / "in.png",
+                              "--sizes", "64x64", "--out", tmp_path / "r"), "--sizes 64x64", "64x96")
+    assert not (tmp_path / "r").exists()

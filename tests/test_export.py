@@ -61,7 +61,7 @@ def test_ort_fusion_variant(tiny_fp16):
     """onnx/ort/: ORT's attention fusion (NumPy-2 crash mended), validated like the rest."""
     data = mf.load(tiny_fp16)
     variant = data["variants"]["ort"]
-    assert set(variant) == {"unet", "denoise_step_cfg", "denoise_step"}
+    assert set(variant) == {"unet", "denoise_step_cfg", "denoise_step", "denoise_step_blend_cfg", "denoise_step_blend"}
     assert variant["unet"]["fused_ops"]["MultiHeadAttention"] >= 4
     for name, rec in variant.items():
         assert rec["validation"]["rel_l2"] <= TOLERANCE["fp16"]

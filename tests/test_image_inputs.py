@@ -213,3 +213,39 @@ def test_resize_rounds_down_like_diffusers(tiny_fp32, tmp_path):
                 "--out", tmp_path / "r.png")
     assert p.returncode == 0, p.stderr
     assert Image.open(tmp_path / "r.png").size == (W, H)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt_rtx") is None,
+                    reason="tensorrt_rtx not installed (pip install 'sdrt[tensorrt-rtx]')")
+def test_inpainting_engines_build_and_old_keys_are_stale(tiny_inpaint_fp32, tmp_path):
+    """`sdrt build` of a 9-channel export builds its inpainting step and the VAE encoder (batch 1);
+    an engine keyed before the I/O contract was part of the key is stale: the runtime refuses it in
+    one line, the next build rebuilds it."""
+    import json
+    import shutil
+
+    from sdrt import manifest as mf
+    from sdrt.engine import engine_cache
+    from sdrt.errors import UserError
+    rtx = "tensorrt-rtx"
+    work = tmp_path / "work"
+    shutil.copytree(tiny_inpaint_fp32, work)
+    p = run_cli("build", work, "--backend", rtx, "--height", "64", "--width", "96", "--batch", "2")
+    assert p.returncode == 0, p.stderr
+    engines = mf.load(work)["engines"][rtx]
+    assert sorted(engines) == ["denoise_step_inpaint_cfg", "text_encoder", "vae_decoder", "vae_encoder"]
+    step = engines["denoise_step_inpaint_cfg"]["key"]["profile"]
+    assert step["masked_image_latents"]["opt"] == [2, 4, 8, 12] and step["mask"]["opt"] == [2, 1, 8, 12]
+    assert engines["vae_encoder"]["key"]["profile"]["image"]["opt"] == [1, 3, 64, 96]
+    for name in engines:
+        engine_cache.check_engine(work, rtx, name)
+    man = json.loads((work / "manifest.json").read_text())       # as an older sdrt recorded it
+    del man["engines"][rtx]["denoise_step_inpaint_cfg"]["key"]["io"]
+    (work / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(UserError, match="denoise_step_inpaint_cfg is stale: io changed.*sdrt build") as e:
+        engine_cache.check_engine(work, rtx, "denoise_step_inpaint_cfg")
+    assert "\n" not in str(e.value)
+    p = run_cli("build", work, "--backend", rtx, "--height", "64", "--width", "96", "--batch", "2")
+    assert p.returncode == 0 and "building denoise_step_inpaint_cfg" in p.stderr and "io changed" in p.stderr
+    assert "text_encoder: up to date" in p.stderr
+    engine_cache.check_engine(work, rtx, "denoise_step_inpaint_cfg")

@@ -67,10 +67,12 @@ def test_attention_op_keeps_scores_out_of_memory(tiny_fp32, tiny_fp32_decomposed
     assert step_dec - step_op >= 2 * 2 * tokens * tokens * 4   # at least one [2B, T, T] fp32 score matrix
     assert op["models"]["denoise_step_cfg"]["weights_from"] == "onnx"
     assert op["weights_bytes"] == pytest.approx(dec["weights_bytes"], rel=0.05)
-    # io: what make_plan binds: ids, embeddings, latents x2, step index x2, step table, image
+    # io: what make_plan binds: ids, embeddings, latents x2, step index x2, step table, image, and
+    # the VAE encoder's image and latents at batch 1
     ids, emb = 2 * 2 * 77 * 4, 2 * 2 * 77 * 32 * 4
-    latents, table, image = 2 * 4 * 8 * 8 * 4, 1000 * 9 * 4, 2 * 3 * 64 * 64 * 4
-    assert op["io_bytes"] == ids + emb + 2 * latents + 2 * 4 + table + image
+    latents, table, image = 2 * 4 * 8 * 8 * 4, 1000 * 11 * 4, 2 * 3 * 64 * 64 * 4
+    encoder = 3 * 64 * 64 * 4 + 4 * 8 * 8 * 4
+    assert op["io_bytes"] == ids + emb + 2 * latents + 2 * 4 + table + image + encoder
 
 
 def test_memory_cli(tiny_fp32, tiny_fp32_decomposed, tmp_path):
@@ -90,3 +92,14 @@ def test_memory_cli(tiny_fp32, tiny_fp32_decomposed, tmp_path):
     shutil.copytree(tiny_fp32, broken)
     (broken / "onnx" / "vae_decoder.onnx").unlink()
     assert_user_error(run_cli("memory", broken), "vae_decoder")
+
+
+def test_inpainting_export_counts_its_step_and_the_encoder(tiny_inpaint_fp32):
+    e2 = memory.estimate(tiny_inpaint_fp32, 64, 96, 2)
+    e4 = memory.estimate(tiny_inpaint_fp32, 64, 96, 4)
+    assert set(e2["models"]) == {"text_encoder", "denoise_step_inpaint_cfg", "vae_encoder", "vae_decoder"}
+    enc = [e["models"]["vae_encoder"]["activation_bytes"] for e in (e2, e4)]
+    assert enc[0] > 0 and enc[0] == enc[1]        # one image per call: batch 1 whatever the batch
+    assert e4["models"]["denoise_step_inpaint_cfg"]["activation_bytes"] > \
+        e2["models"]["denoise_step_inpaint_cfg"]["activation_bytes"]
+    assert "vae enc act MB" in memory.table([e2])

@@ -48,7 +48,7 @@ def parse_ints(text: str, what: str) -> list[int]:
 
 
 def available_backends(manifest: dict) -> list[str]:
-    from sdrt.engine.ort_backend import cuda_ep_available
+    from sdrt.engine.ort_session import cuda_ep_available
     names = []
     if cuda.available():
         names += [n for n in ("tensorrt", "tensorrt-rtx") if manifest.get("engines", {}).get(n)]

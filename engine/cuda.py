@@ -1,4 +1,5 @@
-"""The CUDA machinery every GPU backend shares: device memory, one stream, events, graphs.
+"""The CUDA machinery every GPU backend shares: device memory, pinned host staging memory, one
+stream, events, graphs.
 
 Thin wrappers over cuda-python's runtime bindings (`cuda.bindings.runtime`), imported lazily so
 that CPU-only installs never need them. Every call is checked; a failure raises with CUDA's own

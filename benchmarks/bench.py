@@ -53,7 +53,7 @@ def parse_ints(text: str, what: str) -> list[int]:
 
 
 def available_backends(manifest: dict) -> list[str]:
-    from sdrt.engine.ort_backend import cuda_ep_available
+    from sdrt.engine.ort_session import cuda_ep_available
     names = []
     if cuda.available():
         names += [n for n in ("tensorrt", "tensorrt-rtx") if manifest.get("engines", {}).get(n)]
@@ -89,22 +89,22 @@ def latents_for(cfg, batch, h, w) -> np.ndarray:
     return np.random.default_rng(1234).standard_normal(shape, dtype=np.float32)
 
 
-def bench_reference(ref, cfg, configs, a, inputs) -> dict:
+def bench_reference(ref, cfg, configs, steps: int, runs: int, warmup: int, inputs: dict) -> dict:
     out = {}
     for i, (h, w, batch) in enumerate(configs, 1):
         lat = latents_for(cfg, batch, h, w)
         say(f"[reference {i}/{len(configs)}] diffusers eager {h}x{w} batch {batch}: warm-up ...")
-        for _ in range(a.warmup):
-            ref.run(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, lat, **inputs)
-        runs = []
-        for r in range(a.runs):
-            say(f"[reference {i}/{len(configs)}] {h}x{w} batch {batch}: run {r + 1}/{a.runs}")
-            image, t = ref.run(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, lat, **inputs)
-            runs.append(t)
-        out[(h, w, batch)] = {"image": image, "e2e_ms": stats([t["e2e_ms"] for t in runs]),
+        for _ in range(warmup):
+            ref.run(PROMPT, NEGATIVE, steps, GUIDANCE, h, w, lat, **inputs)
+        timed = []
+        for r in range(runs):
+            say(f"[reference {i}/{len(configs)}] {h}x{w} batch {batch}: run {r + 1}/{runs}")
+            image, t = ref.run(PROMPT, NEGATIVE, steps, GUIDANCE, h, w, lat, **inputs)
+            timed.append(t)
+        out[(h, w, batch)] = {"image": image, "e2e_ms": stats([t["e2e_ms"] for t in timed]),
                               "what": ref.description,
-                              "unet_step_ms": float(np.median([t["unet_step_ms"] for t in runs])),
-                              "peak_mem_mb": runs[-1]["peak_mem_mb"]}
+                              "unet_step_ms": float(np.median([t["unet_step_ms"] for t in timed])),
+                              "peak_mem_mb": timed[-1]["peak_mem_mb"]}
     return out
 
 
@@ -115,7 +115,8 @@ def variants(names: list[str], manifest: dict) -> list[tuple[str, bool]]:
     return [(n, f) for n in names for f in ((False, True) if fused and n.startswith("onnxruntime") else (True,))]
 
 
-def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, a, versions, inputs=None) -> list[dict]:
+def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, steps: int, runs: int, warmup: int,
+                  versions, inputs: dict) -> list[dict]:
     from sdrt.engine.pipeline import Pipeline
     baseline = cuda.mem_used_bytes() if cuda.available() else 0
     t = time.perf_counter()
@@ -126,28 +127,27 @@ def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, a, versions, i
     for i, (h, w, batch) in enumerate(configs, 1):
         lat = latents_for(cfg, batch, h, w)
         say(f"[{name} {i}/{len(configs)}] {h}x{w} batch {batch}: warm-up (plan, graphs) ...")
-        inputs = inputs or {}
-        for _ in range(a.warmup):
-            pipe.generate(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, batch, latents=lat, **inputs)
-        runs = []
-        for r in range(a.runs):
-            say(f"[{name} {i}/{len(configs)}] {h}x{w} batch {batch}: run {r + 1}/{a.runs}")
-            runs.append(pipe.generate(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, batch, latents=lat, **inputs))
-        e2e, e2e_p90 = stats([r.timings["total_ms"] for r in runs])
-        step, step_p90 = stats([s for r in runs for s in r.timings["steps_ms"]])
+        for _ in range(warmup):
+            pipe.generate(PROMPT, NEGATIVE, steps, GUIDANCE, h, w, batch, latents=lat, **inputs)
+        results = []
+        for r in range(runs):
+            say(f"[{name} {i}/{len(configs)}] {h}x{w} batch {batch}: run {r + 1}/{runs}")
+            results.append(pipe.generate(PROMPT, NEGATIVE, steps, GUIDANCE, h, w, batch, latents=lat, **inputs))
+        e2e, e2e_p90 = stats([r.timings["total_ms"] for r in results])
+        step, step_p90 = stats([s for r in results for s in r.timings["steps_ms"]])
         ref = refs.get((h, w, batch))
         records.append({
             "device": device_name(), "backend": name, "precision": pipe.manifest["precision"],
             "attention": pipe.manifest.get("attention", "decomposed"), "export": work_dir.name,
-            "height": h, "width": w, "steps": a.steps, "batch": batch, "runs": a.runs,
+            "height": h, "width": w, "steps": steps, "batch": batch, "runs": runs,
             "e2e_ms": e2e, "e2e_p90_ms": e2e_p90, "unet_step_ms": step, "unet_step_p90_ms": step_p90,
-            "text_encoder_ms": float(np.median([r.timings["text_encoder_ms"] for r in runs])),
-            "vae_ms": float(np.median([r.timings["vae_ms"] for r in runs])),
+            "text_encoder_ms": float(np.median([r.timings["text_encoder_ms"] for r in results])),
+            "vae_ms": float(np.median([r.timings["vae_ms"] for r in results])),
             "mode": mode_of(inputs), "strength": inputs.get("strength"),
-            "vae_encoder_ms": (float(np.median([r.timings["vae_encoder_ms"] for r in runs]))
+            "vae_encoder_ms": (float(np.median([r.timings["vae_encoder_ms"] for r in results]))
                                if inputs.get("image") is not None else None),
-            "steps_run": len(runs[-1].timings["steps_ms"]),
-            "tokenize_ms": float(np.median([r.timings["tokenize_ms"] for r in runs])),
+            "steps_run": len(results[-1].timings["steps_ms"]),
+            "tokenize_ms": float(np.median([r.timings["tokenize_ms"] for r in results])),
             "images_per_s": batch / (e2e / 1e3),
             "peak_mem_mb": peak_mem_mb(baseline), "load_s": load_s,
             "activation_mb": (pipe.backend.activation_bytes / 2 ** 20
@@ -159,31 +159,9 @@ def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, a, versions, i
             "reference_peak_mem_mb": ref["peak_mem_mb"] if ref else None,
             "reference": ref["what"] if ref else None,
             "speedup_e2e": ref["e2e_ms"][0] / e2e if ref else None,
-            "psnr_vs_reference": psnr(runs[-1].images, ref["image"]) if ref else None,
+            "psnr_vs_reference": psnr(results[-1].images, ref["image"]) if ref else None,
             "versions": versions})
     return records
-
-
-def mode_of(inputs: dict) -> str:
-    if inputs.get("mask") is not None:
-        return "inpaint"
-    return "img2img" if inputs.get("image") is not None else "txt2img"
-
-
-def image_inputs(a, cfg) -> tuple[dict, tuple[int, int] | None]:
-    """({image, mask, strength} for generate and the reference, the image's (height, width))."""
-    if a.image is None:
-        if a.mask is not None or a.strength is not None:
-            raise UserError("--mask and --strength need --image")
-        return {}, None
-    from sdrt.engine import image_input
-    image = image_input.load(a.image, "image").convert("RGB")
-    mask = image_input.load(a.mask, "mask") if a.mask is not None else None
-    src = image_input.prepare(image, mask, cfg.vae_factor)        # size and mask checks, one line each
-    if a.strength is not None:
-        from sdrt.engine.scheduler import start_index
-        start_index(a.steps, a.strength)
-    return {"image": image, "mask": mask, "strength": a.strength}, (src.height, src.width)
 
 
 def _build_seconds(manifest: dict, backend: str) -> float | None:
@@ -201,6 +179,28 @@ def versions() -> dict:
     return out
 
 
+def mode_of(inputs: dict) -> str:
+    if inputs.get("mask") is not None:
+        return "inpaint"
+    return "img2img" if inputs.get("image") is not None else "txt2img"
+
+
+def image_inputs(image, mask, strength, steps: int, cfg) -> tuple[dict, tuple[int, int] | None]:
+    """({image, mask, strength} for generate and the reference, the image's (height, width))."""
+    if image is None:
+        if mask is not None or strength is not None:
+            raise UserError("--mask and --strength need --image")
+        return {}, None
+    from sdrt.engine import image_input
+    from sdrt.engine.scheduler import start_index
+    image = image_input.load(image, "image").convert("RGB")
+    mask = image_input.load(mask, "mask") if mask is not None else None
+    src = image_input.prepare(image, mask, cfg.vae_factor)        # size and mask checks, one line each
+    if strength is not None:
+        start_index(steps, strength)
+    return {"image": image, "mask": mask, "strength": strength}, (src.height, src.width)
+
+
 def load_exports(work_dirs: list) -> list[dict]:
     """The manifests of the exports to compare: all of one model, or the comparison is void."""
     manifests = [mf.load(w) for w in work_dirs]
@@ -211,35 +211,42 @@ def load_exports(work_dirs: list) -> list[dict]:
     return manifests
 
 
-def main(a) -> None:
+def bench(work_dirs: list, reference, backends: str = "available", sizes: str | None = None,
+          steps: int = 50, batches: str = "1,4,8", runs: int = 5, warmup: int = 1,
+          out="benchmarks/results", no_reference: bool = False, image=None, mask=None,
+          strength: float | None = None) -> list:
+    """Measure, print the table, write the results under `out`; returns the files written.
+    sizes: default 512x512, or the image's size with `image` (image to image; with `mask`,
+    inpainting)."""
     from sdrt.benchmarks import report
-    manifests = load_exports(a.work_dirs)
+    manifests = load_exports(work_dirs)
     cfg = mf.config(manifests[0])
-    if a.steps <= 0 or a.runs <= 0 or a.warmup < 0:
+    size_list, batch_list = parse_sizes(sizes or "512x512"), parse_ints(batches, "batches")
+    if steps <= 0 or runs <= 0 or warmup < 0:
         raise UserError("--steps and --runs must be positive, --warmup not negative")
-    inputs, image_size = image_inputs(a, cfg)
-    sizes, batches = parse_sizes(a.sizes or "512x512"), parse_ints(a.batches, "batches")
+    inputs, image_size = image_inputs(image, mask, strength, steps, cfg)
     if image_size is not None:
-        if a.sizes is not None and sizes != [image_size]:
-            raise UserError(f"--sizes {a.sizes}: with --image the size is the image's "
+        if sizes is not None and size_list != [image_size]:
+            raise UserError(f"--sizes {sizes}: with --image the size is the image's "
                             f"({image_size[0]}x{image_size[1]}); leave --sizes out")
-        sizes = [image_size]
-    configs = [(h, w, b) for h, w in sizes for b in batches]
+        size_list = [image_size]
+    configs = [(h, w, b) for h, w in size_list for b in batch_list]
     refs = {}
-    if not a.no_reference:
+    if not no_reference:
         from sdrt.benchmarks.reference import Reference
         from sdrt.export.pipeline_folder import read_model_index
-        read_model_index(a.reference)
-        ref = Reference(a.reference)
-        refs = bench_reference(ref, cfg, configs, a, inputs)
+        read_model_index(reference)
+        ref = Reference(reference)
+        refs = bench_reference(ref, cfg, configs, steps, runs, warmup, inputs)
         ref.close()
     v = versions()
     records = []
-    for work_dir, manifest in zip(a.work_dirs, manifests):
-        names = available_backends(manifest) if a.backends == "available" else a.backends.split(",")
+    for work_dir, manifest in zip(work_dirs, manifests):
+        names = available_backends(manifest) if backends == "available" else backends.split(",")
         records += [r for name, fused in variants(names, manifest)
-                    for r in bench_backend(name, fused, work_dir, cfg, configs, refs, a, v, inputs)]
-    paths = report.write(records, a.out)
+                    for r in bench_backend(name, fused, work_dir, cfg, configs, refs, steps, runs, warmup, v, inputs)]
+    paths = report.write(records, out)
     print(report.table(records))
     for p in paths:
         print(f"wrote {p}")
+    return paths

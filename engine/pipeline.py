@@ -45,7 +45,8 @@ class Result:
 
 @dataclass
 class Plan:
-    """Everything bound for one (batch, size, guidance) shape and step variant."""
+    """Everything bound for one (batch, size, guidance) shape and step variant (self.plans is keyed
+    by (dims, variant))."""
     dims: Dims
     buf: dict
     text: object
@@ -63,7 +64,7 @@ class Pipeline:
         self.tokenizer = ClipTokenizer.from_dir(self.work_dir / "tokenizer")
         self.scheduler = scheduler.DDIMConfig.from_json(self.work_dir / "scheduler" / "scheduler_config.json")
         self.backend = backends.open_backend(backend, self.work_dir, self.manifest, ort_fusion)
-        self.plans: dict[Dims, Plan] = {}
+        self.plans: dict[tuple[Dims, str], Plan] = {}
 
     @property
     def backend_name(self) -> str:
@@ -110,7 +111,7 @@ class Pipeline:
             buf["latents_0"].copy_from(buf["latents_1"])
         plan.vae.run()
         clock.mark("vae")
-        image = buf["image"].read()            # the one sync
+        image = buf["image"].read()            # the one sync (image inputs: one more, after the encoder)
         timings = self.timings(clock, t0, t_tok)
         timings["setup_ms"] = (t_plan - t_tok) * 1e3 if fresh else 0.0  # buffers, bindings, graphs
         return Result(to_uint8(image), timings)

@@ -90,7 +90,6 @@ class ModelConfig:
     unet_channels: int = 4         # UNet in channels: 4, or 9 for inpainting UNets (latents, mask,
                                    # masked-image latents)
     vae_factor: int = 8            # image size / latent size
-    scaling_factor: float = 0.18215
     sample_size: int = 64          # UNet's native latent size (512 px for SD 1.5)
 
     @property
@@ -107,7 +106,8 @@ class ModelConfig:
 
     @staticmethod
     def from_json(d: dict) -> "ModelConfig":
-        return ModelConfig(**d)
+        # older exports also wrote the VAE's scaling_factor: the decoder graph has it folded in
+        return ModelConfig(**{k: v for k, v in d.items() if k != "scaling_factor"})
 
 
 @dataclass(frozen=True)

@@ -249,3 +249,22 @@ def test_inpainting_engines_build_and_old_keys_are_stale(tiny_inpaint_fp32, tmp_
     assert p.returncode == 0 and "building denoise_step_inpaint_cfg" in p.stderr and "io changed" in p.stderr
     assert "text_encoder: up to date" in p.stderr
     engine_cache.check_engine(work, rtx, "denoise_step_inpaint_cfg")
+
+
+def test_export_without_encoder_says_export_again(tiny_fp32, tmp_path):
+    """An export made before image inputs existed (no vae_encoder, no blend step): one line."""
+    import json
+    import shutil
+    work = tmp_path / "old"
+    shutil.copytree(tiny_fp32, work)
+    man = json.loads((work / "manifest.json").read_text())
+    for name in ("vae_encoder", "denoise_step_blend_cfg", "denoise_step_blend"):
+        del man["models"][name]
+    (work / "manifest.json").write_text(json.dumps(man))
+    inputs = _inputs(tmp_path / "in")
+    out = tmp_path / "out" / "o.png"
+    assert_user_error(run_cli("generate", work, "x", "--steps", "2", "--image", inputs / "in.png", "--out", out),
+                      "no vae_encoder", "sdrt export")
+    assert_user_error(run_cli("generate", work, "x", "--steps", "2", "--image", inputs / "in.png",
+                              "--mask", inputs / "mask.png", "--out", out), "no denoise_step_blend_cfg", "sdrt export")
+    assert not (tmp_path / "out").exists()

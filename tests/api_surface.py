@@ -130,7 +130,7 @@ def doc_signatures(obj, name: str) -> list[tuple[list[str], int, str | None]]:
     for m in re.finditer(rf"^\s*(?:\d+\.\s*)?{re.escape(name)}\((.*)\)(?:\s*->\s*([\w.]+))?\s*$",
                          inspect.getdoc(obj) or "", re.M):
         params = [p.strip() for p in _split_top(m.group(1)) if p.strip() and p.strip() not in ("*", "/")]
-        names = [p.split(":")[0].split("=")[0].strip() for p in params]
+        names = [p.split(":")[0].split("=")[0].split()[-1] for p in params]  # "size_t count" -> count
         if names[:1] == ["*args"]:
             continue
         required = sum("=" not in p for p in params)

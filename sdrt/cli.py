@@ -43,7 +43,7 @@ def cmd_bench(a):
 
 def cmd_memory(a):
     from sdrt.benchmarks.memory import main
-    main(a.work_dirs, sizes=a.sizes, batches=a.batches, backend=a.backend, out=a.out)
+    main(a.work_dirs, sizes=a.sizes, batches=a.batches, backend=a.backend, out=a.out, vae_batch=a.vae_batch)
 
 
 def cmd_doctor(a):
@@ -120,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="tensorrt", choices=("tensorrt", "tensorrt-rtx"),
                    help="whose built engine sizes to use when present (else the ONNX weights)")
     s.add_argument("--out", type=Path, help="write the table here (.md) and the figures beside it (.json)")
+    s.add_argument("--vae-batch", type=int, metavar="N",
+                   help="the VAE decodes N images at a time (as generate --vae-batch): its activations for N images")
     s.set_defaults(fn=cmd_memory)
 
     s = sub.add_parser("doctor", help="what is installed, what runs here and why not, and a live check per backend")

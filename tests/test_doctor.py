@@ -6,7 +6,6 @@ import json
 import types
 
 import numpy as np
-import pytest
 
 from conftest import assert_user_error, run_cli
 from sdrt import doctor as D

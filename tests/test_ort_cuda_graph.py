@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import types
 
-import pytest
 
 from sdrt import contract
 from sdrt.contract import Dims
 from sdrt.engine import cuda, ort_cuda
-from sdrt.engine.ort_session import open_session
 
 CFG = contract.ModelConfig(text_len=8, text_dim=16, vocab_size=64, sample_size=8)
 STEP = contract.denoise_step(CFG, "fp16", guidance=True)

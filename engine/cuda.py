@@ -205,6 +205,6 @@ def capture_or_run(stream: Stream, run, warmups: int) -> Launch:
     stream.sync()
     try:
         return Launch(Graph(stream, run).launch, "sdrt")
-    except RuntimeError as e:
+    except Exception as e:  # CUDA's error (RuntimeError), or the runtime's own: ORT raises Fail, not RuntimeError
         stream.sync()
-        return Launch(run, "none", f"CUDA graph capture failed: {e}")
+        return Launch(run, "none", f"CUDA graph capture failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

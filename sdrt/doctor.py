@@ -9,7 +9,8 @@ live generation per usable backend compared with ONNX Runtime on the CPU.
 
 Exit status 0 when every live-checked backend agrees with the CPU reference (PSNR >= 40 dB for an
 FP16 export, >= 50 dB for FP32), 1 otherwise. No torch: only the default WORK_DIR (the demo
-model's export, made when missing) needs the export extra.
+model's export, made when missing) needs the export extra; for it, doctor also builds the
+TensorRT / TensorRT-RTX engines a usable TensorRT backend lacks (a given WORK_DIR is only read).
 """
 from __future__ import annotations
 
@@ -240,6 +241,20 @@ def run_once(work_dir: Path, backend: str, latents: np.ndarray, ort_fusion: bool
             "total_ms": t["total_ms"], "memory_mb": round(memory_mb("cuda" if on_gpu else "cpu", baseline), 1)}
 
 
+def build_missing_engines(work_dir: Path, manifest: dict, statuses: dict) -> dict:
+    """TensorRT engines for every usable TensorRT backend that has none (the demo export only:
+    a user's WORK_DIR is not written to). Returns the manifest as it is afterwards."""
+    from sdrt.export.build import build
+    for name in ("tensorrt", "tensorrt-rtx"):
+        if statuses[name]["usable"] and not manifest.get("engines", {}).get(name):
+            print(f"[doctor] sdrt build {work_dir} --backend {name}", file=sys.stderr, flush=True)
+            try:
+                build(work_dir, name)
+            except UserError as e:   # the live check then says "no engines" and the build's reason
+                statuses[name]["build_error"] = str(e)
+    return mf.load(work_dir)
+
+
 def live_check(work_dir: Path, manifest: dict, statuses: dict) -> list[dict]:
     """The CPU reference first (ONNX Runtime, plain export), then every usable GPU backend."""
     latents, threshold = fixed_latents(manifest), MIN_PSNR[manifest["precision"]]
@@ -250,7 +265,8 @@ def live_check(work_dir: Path, manifest: dict, statuses: dict) -> list[dict]:
         if not st["usable"]:
             row["skipped"] = st["why"]
         elif name.startswith("tensorrt") and not manifest.get("engines", {}).get(name):
-            row["skipped"] = f"no {name} engines in {work_dir}: run `sdrt build {work_dir} --backend {name}`"
+            row["skipped"] = st.get("build_error") or \
+                f"no {name} engines in {work_dir}: run `sdrt build {work_dir} --backend {name}`"
         elif ref is None and name != "onnxruntime-cpu":
             row["skipped"] = "no CPU reference (onnxruntime-cpu did not run)"
         else:
@@ -365,6 +381,8 @@ def doctor(work_dir: Path | None = None, json_out: Path | None = None) -> int:
         report["live_skipped"], report["live"] = why, []
     else:
         manifest = mf.load(path)
+        if work_dir is None:               # the demo export: build what the live check needs
+            manifest = build_missing_engines(path, manifest, statuses)
         report["work_dir"] = work_dir_report(path, manifest, statuses)
         report["live"] = live_check(path, manifest, statuses)
     ran = [r for r in report["live"] if "skipped" not in r]

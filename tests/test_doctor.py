@@ -138,3 +138,24 @@ def test_stale_engine_names_the_field(monkeypatch, tmp_path):
     rows = D.engine_checks(tmp_path, man, {"tensorrt": {"installed": True}, "tensorrt-rtx": {"installed": False}})
     assert rows[0]["state"] == "stale" and "gpu_name changed" in rows[0]["why"]
     assert rows[1]["state"] == "unchecked"
+
+
+def test_demo_export_gets_the_engines_it_lacks(monkeypatch, tiny_fp32):
+    """For the default demo export, doctor builds engines for usable TensorRT backends; a build
+    failure becomes the live check's reason."""
+    from sdrt.errors import UserError
+    import sdrt.export.build
+    built = []
+
+    def build(work_dir, backend):
+        built.append(backend)
+        if backend == "tensorrt":
+            raise UserError("building vae_decoder failed (out of memory)")
+    monkeypatch.setattr(sdrt.export.build, "build", build)
+    statuses = {n: {"usable": n != "onnxruntime-cuda"} for n in D.BACKENDS}
+    D.build_missing_engines(tiny_fp32, {"engines": {}}, statuses)
+    assert built == ["tensorrt", "tensorrt-rtx"]
+    assert statuses["tensorrt"]["build_error"] == "building vae_decoder failed (out of memory)"
+    built.clear()
+    D.build_missing_engines(tiny_fp32, {"engines": {"tensorrt": {"x": {}}, "tensorrt-rtx": {"x": {}}}}, statuses)
+    assert built == []

@@ -161,3 +161,31 @@ def test_cpu_launch_says_no_graph(tiny_fp32):
     pipe = Pipeline(tiny_fp32, backend="onnxruntime-cpu")
     t = pipe.generate("a fox", steps=2, height=64, width=64).timings
     assert (t["graph"], t["graph_error"]) == ("none", "CPU backend: no CUDA graphs") == pipe.graph
+
+
+def test_capture_or_run_survives_the_runtimes_own_exception(monkeypatch):
+    """onnxruntime raises its own Fail (an Exception, not a RuntimeError) when a run breaks the
+    capture: still plain runs with the reason, and the capture is ended."""
+    class Fail(Exception):
+        pass
+    ended = []
+
+    class Rt:
+        cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal=2)
+
+        def cudaStreamBeginCapture(self, stream, mode):
+            return (0,)
+
+        def cudaStreamEndCapture(self, stream):
+            ended.append(stream)
+            return (0, None)
+    monkeypatch.setattr(cuda, "_rt", Rt())
+    calls = []
+
+    def run():
+        calls.append(1)
+        if len(calls) == 4:
+            raise Fail("CUDA failure 900: operation not permitted when stream is capturing")
+    launch = cuda.capture_or_run(types.SimpleNamespace(handle=1, sync=lambda: None), run, warmups=3)
+    assert launch.graph == "none" and ended == [1]
+    assert launch.error == "CUDA graph capture failed: Fail: CUDA failure 900: operation not permitted when stream is capturing"

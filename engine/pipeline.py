@@ -4,12 +4,12 @@ the loop; decode. Over any backend.
     ids     = tokenize([negative] * B + [prompt] * B)          (CFG: unconditional rows first)
     emb     = text_encoder(ids)
     ε       = N(0, I) from the seed, or the given latents
-    text to image:   s = 0,                        x = ε
-    image to image:  s = steps - int(steps·strength), x = sqrt(ᾱ_s) vae_encoder(image) + sqrt(1-ᾱ_s) ε
+    text to image:   s = 0,                              x = ε
+    image to image:  s = steps - int(steps·strength),    x = sqrt(ᾱ_s) vae_encoder(image) + sqrt(1-ᾱ_s) ε
     inpainting:      as image to image (strength 1: x = ε); the step graph also reads the latent
                      mask and the (masked-)image latents, bound once per call
     for i in range(s, steps): launch(step graph i % 2)          UNet + CFG + DDIM, in one graph
-    image   = vae_decoder(x_0)
+    image   = vae_decoder(x_0)                                 in slices of the batch if asked
 
 All buffers of a shape plan are allocated once and bound once. The step graph reads its per-step
 values from a device table (`step_table[step_index]`) and writes `step_index + 1`; two bindings
@@ -19,15 +19,15 @@ host sync and no re-binding inside the loop.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from sdrt import manifest as mf
 from sdrt.contract import Dims, check_size, step_name
-from sdrt.engine import backends, image_input, scheduler
-from sdrt.engine.buffers import DeviceBuffer, HostBuffer
+from sdrt.engine import backends, cuda, image_input, scheduler, vae_slices
+from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows
 from sdrt.engine.timing import Clock
 from sdrt.engine.tokenizer import ClipTokenizer
 from sdrt.errors import UserError
@@ -50,9 +50,16 @@ class Plan:
     dims: Dims
     buf: dict
     text: object
-    steps: list                               # two launch functions: even and odd steps
-    vae: object
-    encoder: object = None                    # vae_encoder at batch 1, for image inputs
+    steps: list                               # two cuda.Launch: even and odd steps
+    vae: dict                                 # {slice size: [bindings, one per slice]}
+    vae_batch: int                            # slice size when the caller gives none
+    encoder: object = None                    # vae_encoder at batch 1, bound on first image input
+
+    @property
+    def graph(self) -> tuple[str, str]:
+        """(path, error) of the step launches: sdrt | onnxruntime | none, and why not sdrt."""
+        paths = sorted({s.graph for s in self.steps})
+        return "/".join(paths), next((s.error for s in self.steps if s.error), "")
 
 
 class Pipeline:
@@ -65,22 +72,27 @@ class Pipeline:
         self.scheduler = scheduler.DDIMConfig.from_json(self.work_dir / "scheduler" / "scheduler_config.json")
         self.backend = backends.open_backend(backend, self.work_dir, self.manifest, ort_fusion)
         self.plans: dict[tuple[Dims, str], Plan] = {}
+        self.graph: tuple[str, str] = ("", "")  # (path, error) of the last generation's step
 
     @property
     def backend_name(self) -> str:
         return self.backend.name
 
     def generate(self, prompt, negative="", steps=50, guidance=7.5, height=None, width=None,
-                 batch=1, seed=None, latents=None, image=None, mask=None, strength=None,
+                 batch=1, seed=None, latents=None, vae_batch=None, image=None, mask=None, strength=None,
                  resize=False) -> Result:
-        """Text to image; with `image`, image to image (strength default 0.75); with `image` and
-        `mask` (white = repaint), inpainting (strength default 1.0)."""
+        """Text to image; with `image` (path, PIL image or uint8 array), image to image (strength
+        default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0).
+        latents: the noise ε; vae_batch: decode in slices of this many images (None: the whole
+        batch, or what fits the free device memory; see sdrt.engine.vae_slices)."""
         t0 = time.perf_counter()
         source = self.source(image, mask, resize, height, width)
         variant = self.variant(source)
         if source is not None:
             height, width = source.height, source.width
         dims = self.dims(height, width, batch, guidance)
+        if vae_batch is not None and (not isinstance(vae_batch, int) or vae_batch <= 0):
+            raise UserError(f"vae batch must be a positive integer, got {vae_batch}")
         table = scheduler.step_table(self.scheduler, steps, guidance)   # also checks steps
         strength = self.strength(source, strength)
         start = scheduler.start_index(steps, strength) if source is not None else 0
@@ -89,9 +101,10 @@ class Pipeline:
         ids = self.tokenizer.encode(rows, self.config.text_len)
         t_tok = time.perf_counter()
 
-        key = (dims, variant)
-        fresh = key not in self.plans
+        fresh = (dims, variant) not in self.plans
         plan = self.plan(dims, variant)
+        vae_size = min(vae_batch or plan.vae_batch, batch)
+        vae_runs = self.vae_bindings(plan, dims, vae_size)
         t_plan = time.perf_counter()
         buf, clock = plan.buf, Clock(self.backend.stream)
         buf["input_ids"].write(ids)
@@ -100,20 +113,23 @@ class Pipeline:
         clock.mark("start")
         plan.text.run()
         clock.mark("text_encoder")
-        x = noise if source is None else self.image_latents(plan, source, variant, noise, steps, start,
-                                                            strength)
+        x = noise if source is None else self.image_latents(plan, source, variant, noise, steps, start, strength)
         clock.mark("vae_encoder")
         buf["latents_0"].write(x)
         for i in range(steps - start):
-            plan.steps[i % 2]()
+            plan.steps[i % 2].run()
             clock.mark("step")
         if (steps - start) % 2:                # x_0 landed in the odd buffer; the VAE reads latents_0
             buf["latents_0"].copy_from(buf["latents_1"])
-        plan.vae.run()
+        for vae in vae_runs:
+            vae.run()
         clock.mark("vae")
         image = buf["image"].read()            # the one sync (image inputs: one more, after the encoder)
         timings = self.timings(clock, t0, t_tok)
         timings["setup_ms"] = (t_plan - t_tok) * 1e3 if fresh else 0.0  # buffers, bindings, graphs
+        self.graph = plan.graph
+        timings["graph"], timings["graph_error"] = plan.graph
+        timings["vae_batch"] = vae_size
         return Result(to_uint8(image), timings)
 
     # ---- image inputs -----------------------------------------------------------------------------
@@ -153,9 +169,10 @@ class Pipeline:
         return strength
 
     def image_latents(self, plan: Plan, source, variant: str, noise: np.ndarray, steps: int, start: int,
-                      strength) -> np.ndarray:
-        """x at the first step run; binds the inpainting inputs. Encodes at batch 1 and repeats over
-        the batch (one host sync: the latents are noised here, once per call)."""
+                      strength: float) -> np.ndarray:
+        """x at the first step run; writes the inpainting inputs the step graph is bound to. Encodes
+        at batch 1 and repeats over the batch (one host sync: the latents are noised here, once per
+        call)."""
         b = noise.shape[0]
         x0 = np.repeat(self.encode(plan, source.image), b, 0)
         if variant != "plain":
@@ -176,6 +193,19 @@ class Pipeline:
         plan.buf["enc_image"].write(image)
         plan.encoder.run()
         return plan.buf["enc_latents"].read()
+
+    def encoder_binding(self, dims: Dims, buf: dict):
+        """vae_encoder at batch 1 (one image per call)."""
+        enc = self.model("vae_encoder", "image inputs")
+        one = replace(dims, batch=1)
+        shapes = enc.shapes(one)
+        Buffer = DeviceBuffer if self.backend.device == "cuda" else HostBuffer
+        buf["enc_image"] = Buffer(shapes["image"], "float32", self.backend.stream)
+        buf["enc_latents"] = Buffer(shapes["latents"], "float32", self.backend.stream)
+        return self.backend.runner(enc, one).bind({"image": buf["enc_image"], "latents": buf["enc_latents"]},
+                                                  shapes)
+
+    # ---- shapes, noise, plans -----------------------------------------------------------------------
 
     def dims(self, height, width, batch, guidance) -> Dims:
         height = self.config.default_size if height is None else height
@@ -214,8 +244,8 @@ class Pipeline:
 
     def make_plan(self, dims: Dims, variant: str = "plain") -> Plan:
         be = self.backend
-        step = self.model(step_name(variant, dims.cfg), "the step graph for " +
-                          {"plain": "this call", "blend": "inpainting", "concat": "inpainting"}[variant])
+        step = self.model(step_name(variant, dims.cfg),
+                          "the step graph for " + ("this call" if variant == "plain" else "inpainting"))
         te, vae = self.models["text_encoder"], self.models["vae_decoder"]
         Buffer = DeviceBuffer if be.device == "cuda" else HostBuffer
         shapes = {**te.shapes(dims), **step.shapes(dims), **vae.shapes(dims)}
@@ -238,19 +268,31 @@ class Pipeline:
                                   "step_table": buf["step_table"],
                                   **{n: buf[n] for n in extra}}, step.shapes(dims))
             steps.append(b)
-        vae_b = be.runner(vae, dims).bind({"latents": buf["latents_0"], "image": buf["image"]}, vae.shapes(dims))
-        return Plan(dims, buf, text, [be.launcher(b) for b in steps], vae_b)
+        launches = [be.launcher(b) for b in steps]
+        if be.device == "cuda" and launches[0].graph == "none":
+            import warnings
+            warnings.warn(f"{be.name}: the step runs without a CUDA graph ({launches[0].error})", stacklevel=3)
+        return Plan(dims, buf, text, launches, {}, self.auto_vae_batch(dims))
 
-    def encoder_binding(self, dims: Dims, buf: dict):
-        """vae_encoder at batch 1 (one image per call)."""
-        enc = self.model("vae_encoder", "image inputs")
-        one = Dims(1, dims.height, dims.width, dims.cfg, dims.vae_factor)
-        shapes = enc.shapes(one)
-        Buffer = DeviceBuffer if self.backend.device == "cuda" else HostBuffer
-        buf["enc_image"] = Buffer(shapes["image"], "float32", self.backend.stream)
-        buf["enc_latents"] = Buffer(shapes["latents"], "float32", self.backend.stream)
-        return self.backend.runner(enc, one).bind({"image": buf["enc_image"], "latents": buf["enc_latents"]},
-                                                  shapes)
+    def auto_vae_batch(self, dims: Dims) -> int:
+        """The whole batch, unless the VAE's estimated activations exceed the free device memory's
+        budget (GPU backends whose runtime sizes activations itself: ONNX Runtime)."""
+        if self.backend.device != "cuda" or self.backend.activation_bytes is not None:
+            return dims.batch
+        per_image = vae_slices.vae_bytes_per_image(dims.height, dims.width, self.manifest["precision"])
+        budget = int(cuda.mem_free_bytes() * vae_slices.VAE_BUDGET_FRACTION)
+        return vae_slices.slice_size(dims.batch, per_image, budget)
+
+    def vae_bindings(self, plan: Plan, dims: Dims, size: int) -> list:
+        """The VAE bound over rows of latents_0 and image, `size` images a run; bound once per size."""
+        if size not in plan.vae:
+            vae, runs = self.models["vae_decoder"], []
+            for start, n in vae_slices.slices(dims.batch, size):
+                d = replace(dims, batch=n)
+                rows = {"latents": Rows(plan.buf["latents_0"], start, n), "image": Rows(plan.buf["image"], start, n)}
+                runs.append(self.backend.runner(vae, d).bind(rows, vae.shapes(d)))
+            plan.vae[size] = runs
+        return plan.vae[size]
 
     def timings(self, clock: Clock, t0: float, t_tok: float) -> dict:
         stages = clock.durations_ms()

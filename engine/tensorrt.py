@@ -108,9 +108,10 @@ class TensorRT:
                             f"inpainting with a 4-channel UNet needs --inpaint)")
         return self.engines[model.name]
 
-    def launcher(self, context: "TrtContext"):
+    def launcher(self, context: "TrtContext") -> cuda.Launch:
         if not context.capturable():
-            return context.run
+            return cuda.Launch(context.run, "none", f"{self.name} reports this enqueue is not "
+                               "stream-capturable (is_stream_capturable() is False)")
         return cuda.capture_or_run(self.stream, context.run, warmups=1)  # TRT: one enqueue first
 
     def drop_plans(self) -> None:

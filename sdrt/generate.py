@@ -30,8 +30,9 @@ def output_paths(out: Path, batch: int) -> list[Path]:
 def generate_files(work_dir: Path, prompt: str, out: Path, backend: str = "auto", negative: str = "",
                    steps: int = 50, guidance: float = 7.5, height: int | None = None,
                    width: int | None = None, batch: int = 1, seed: int | None = None,
-                   latents: Path | None = None, timings: bool = False, image: Path | None = None,
-                   mask: Path | None = None, strength: float | None = None, resize: bool = False) -> list[Path]:
+                   latents: Path | None = None, timings: bool = False, vae_batch: int | None = None,
+                   image: Path | None = None, mask: Path | None = None, strength: float | None = None,
+                   resize: bool = False) -> list[Path]:
     """Generate and write out.png (out-0.png ... for a batch); timings: the table on stderr.
     latents: the initial noise (.npy); image / mask / strength / resize: Pipeline.generate's."""
     from sdrt.engine.pipeline import Pipeline
@@ -46,7 +47,7 @@ def generate_files(work_dir: Path, prompt: str, out: Path, backend: str = "auto"
     pipe = Pipeline(work_dir, backend=backend)
     result = pipe.generate(prompt, negative=negative, steps=steps, guidance=guidance,
                            height=height, width=width, batch=batch, seed=seed, latents=noise,
-                           image=image, mask=mask, strength=strength, resize=resize)
+                           vae_batch=vae_batch, image=image, mask=mask, strength=strength, resize=resize)
     paths = output_paths(out, batch)
     save_images(result.pil(), paths)
     for p in paths:

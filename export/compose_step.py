@@ -78,7 +78,7 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
              node("Mul", ["eps", col["sqrt_one_minus_alpha_prev"]], ["b_eps"]),
              node("Add", ["a_x0", "b_eps"], ["x_prev"])]
     post += blend_known_region(node, col) if variant == "blend" else \
-        [helper.make_node("Identity", [P + "x_prev"], ["latents_next"], name=P + "latents_next")]
+        [node("Identity", ["x_prev"], ["latents_next"])]
     post.append(helper.make_node("Add", ["step_index", P + "one_i32"], ["step_index_next"],
                                  name=P + "step_next"))
 
@@ -129,12 +129,7 @@ def blend_known_region(node, col):
             node("Sub", ["one_f", "mask"], ["keep"]),
             node("Mul", ["keep", "x_known"], ["kept"]),
             node("Mul", ["mask", "x_prev"], ["repainted"]),
-            helper_add("kept", "repainted", "latents_next")]
-
-
-def helper_add(a, b, out):
-    from onnx import helper
-    return helper.make_node("Add", [P + a, P + b], [out], name=P + out)
+            node("Add", ["kept", "repainted"], ["latents_next"])]
 
 
 def _linear(out, ca, cb, node):
@@ -147,7 +142,7 @@ def _n(name: str) -> str:
     """Tensors named by this module live under P, but for graph I/O, the UNet's I/O and
     already-prefixed column names."""
     if name.startswith(P) or name in ("latents", "step_table", "step_index", "text_embeddings", "mask",
-                                      "image_latents", "noise", "masked_image_latents"):
+                                      "image_latents", "noise", "masked_image_latents", "latents_next"):
         return name
     return P + name
 

@@ -97,8 +97,8 @@ class Pipeline:
         return Result(to_uint8(image), timings)
 
     def dims(self, height, width, batch, guidance) -> Dims:
-        height = self.config.default_size if height is None else height
-        width = self.config.default_size if width is None else width
+        height = self.config.default_height if height is None else height
+        width = self.config.default_width if width is None else width
         if not isinstance(batch, int) or batch <= 0:
             raise UserError(f"batch must be a positive integer, got {batch}")
         check_size(height, width, self.config.vae_factor)

@@ -223,7 +223,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         raise UserError(f"opt level {opt_level} must be 0..5")
     if workspace_mb is not None and workspace_mb <= 0:
         raise UserError(f"workspace {workspace_mb} MB must be positive")
-    ranges = parse_dynamic(dynamic, batch, height or cfg.default_size, width or cfg.default_size,
+    ranges = parse_dynamic(dynamic, batch, height or cfg.default_height, width or cfg.default_width,
                            cfg.vae_factor)
     backend, trt = import_trt(backend)
     check_attention_support(trt, backend, man.get("attention", "decomposed"))

@@ -18,7 +18,7 @@ from sdrt import manifest as mf
 from sdrt.contract import Dims, ModelConfig, all_models
 from sdrt.errors import UserError
 from sdrt.fileio import temp_dir_beside, write_json_atomic
-from sdrt.export import attention, compose_step, pipeline_folder, to_onnx, validate
+from sdrt.export import attention, compose_step, pipeline_folder, scheduler_config, to_onnx, validate
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder")
 STEP_MODELS = ("denoise_step_cfg", "denoise_step")
@@ -36,9 +36,10 @@ def check_work_dir(work_dir: Path) -> None:
 
 
 def validation_dims(cfg: ModelConfig) -> Dims:
-    """A shape other than the traced one, small enough for 2 CPU cores."""
-    h = max(cfg.sample_size // 2, 4)
-    return Dims(batch=1, height=h * cfg.vae_factor, width=(h + 4) * cfg.vae_factor, cfg=True,
+    """A shape other than the traced one, small enough for 2 CPU cores: an odd latent height
+    and an even latent width, so a graph that only works at even sizes fails here."""
+    h = max(cfg.sample_hw[0] // 2, 4) | 1
+    return Dims(batch=1, height=h * cfg.vae_factor, width=(h + 3) * cfg.vae_factor, cfg=True,
                 vae_factor=cfg.vae_factor)
 
 
@@ -64,12 +65,16 @@ def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int 
 def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fusion: bool,
                  form: str) -> None:
     t0 = time.perf_counter()
+    sched, updated = scheduler_config.effective_config(
+        model_dir / "scheduler", pipeline_folder.read_model_index(model_dir)["scheduler"][1])
+    scheduler_config.warn_if_updated(updated)
     say(f"loading {model_dir} ...")
     folder = pipeline_folder.load(model_dir)
     cfg = folder.config
     models = all_models(cfg, precision)
     (out / "onnx").mkdir()
     vdims = validation_dims(cfg)
+    trace = to_onnx.trace_dims(cfg.sample_hw, folder.unet.num_upsamplers)
     records = {}
     for i, name in enumerate(BASE_MODELS + STEP_MODELS, 1):
         model, path = models[name], out / "onnx" / models[name].onnx
@@ -77,25 +82,25 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fus
         say(f"[{i}/{len(models)}] {name}: exporting {precision} ...")
         if name in BASE_MODELS:
             module = to_onnx.wrap(name, folder)
-            to_onnx.export(module, model, path, to_onnx.example_inputs(model, to_onnx.trace_dims(cfg.sample_size), cfg.vocab_size),
+            to_onnx.export(module, model, path, to_onnx.example_inputs(model, trace, cfg.vocab_size),
                            precision, opset, form)
             inputs = to_onnx.example_inputs(model, vdims, cfg.vocab_size, seed=1)
             ref = validate.run_torch(module, model, inputs)
         else:
             compose_step.compose(out / "onnx" / models["unet"].onnx, models["unet"], model, path)
-            inputs, ref = _step_reference(folder, model, vdims, model_dir)
+            inputs, ref = _step_reference(folder, model, vdims, sched)
         records[name] = _validated_record(out, name, model, path, inputs, ref, precision, t,
                                           f"[{i}/{len(models)}]")
         if name in BASE_MODELS:
             records[name]["attention_ops"] = attention.count_ops(to_onnx.onnx_graph(path))
-    variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, form, vdims, model_dir)} \
+    variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, form, vdims, sched)} \
         if ort_fusion else {}
     shutil.copytree(model_dir / "tokenizer", out / "tokenizer")
     (out / "scheduler").mkdir()
-    shutil.copy(model_dir / "scheduler" / "scheduler_config.json", out / "scheduler")
+    write_json_atomic(out / "scheduler" / "scheduler_config.json", sched)
     write_json_atomic(out / mf.NAME, {
         "format": mf.FORMAT, "precision": precision, "opset": opset, "attention": form,
-        "config": cfg.to_json(), "models": records, "variants": variants, "engines": {},
+        "config": cfg.to_json(), "scheduler": {"config": sched, "updated": updated}, "models": records, "variants": variants, "engines": {},
         "source": {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
         "versions": _versions(), "export_s": round(time.perf_counter() - t0, 1)})
     say(f"export done in {time.perf_counter() - t0:.1f} s")
@@ -117,7 +122,7 @@ def _validated_record(out: Path, name: str, model, path: Path, inputs: dict, ref
 
 
 def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, form: str, vdims: Dims,
-                        model_dir: Path) -> dict:
+                        sched: dict) -> dict:
     """onnx/ort/: the UNet with ONNX Runtime's attention fusion and the step graphs on top.
     ORT's optimizer fuses the decomposed FP32 graph, so that is what it is given."""
     from sdrt.export import ort_fusion
@@ -132,12 +137,13 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
         fp32 = all_models(folder.config, "fp32")["unet"]
         say("[ort] unet: exporting fp32, decomposed attention, for fusion ...")
         to_onnx.export(module, fp32, src, to_onnx.example_inputs(
-            fp32, to_onnx.trace_dims(folder.config.sample_size), folder.config.vocab_size), "fp32",
+            fp32, to_onnx.trace_dims(folder.config.sample_hw, folder.unet.num_upsamplers),
+            folder.config.vocab_size), "fp32",
             min(opset, attention.TRACE_OPSET_MAX), "decomposed")
     # every torch reference first: the fusion of a 3.4 GB graph needs the memory the modules hold
     unet_in = to_onnx.example_inputs(unet, vdims, folder.config.vocab_size, seed=1)
     refs = {"unet": (unet_in, validate.run_torch(module, unet, unet_in))}
-    refs.update({n: _step_reference(folder, models[n], vdims, model_dir) for n in STEP_MODELS})
+    refs.update({n: _step_reference(folder, models[n], vdims, sched) for n in STEP_MODELS})
     del module
     folder.text_encoder = folder.unet = folder.vae = None
     gc.collect()
@@ -155,14 +161,14 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
     return records
 
 
-def _step_reference(folder, step, dims: Dims, model_dir: Path):
+def _step_reference(folder, step, dims: Dims, sched_config: dict):
     """Inputs for a denoise-step graph and the expected output from torch UNet + numpy DDIM."""
     import torch
 
     from sdrt.engine import scheduler
     guidance = step.name.endswith("_cfg")
     d = Dims(dims.batch, dims.height, dims.width, cfg=guidance, vae_factor=dims.vae_factor)
-    sched = scheduler.DDIMConfig.from_json(model_dir / "scheduler" / "scheduler_config.json")
+    sched = scheduler.DDIMConfig.from_json(sched_config)
     table = scheduler.step_table(sched, 50, 7.5 if guidance else 1.0)
     k = 10
     inputs = to_onnx.example_inputs(step, d, folder.config.vocab_size, seed=2)

@@ -59,11 +59,14 @@ def wrap(name: str, folder) -> object:
             "vae_decoder": lambda: VaeDecoder(folder.vae)}[name]()
 
 
-def trace_dims(sample_size: int) -> Dims:
-    """Shapes to trace at. The latent size is deliberately not a multiple of the UNet's
-    downsampling, so diffusers forwards skip-connection sizes to its upsamplers and the graph
-    takes any latent size (images in multiples of the VAE factor, not of 64)."""
-    h = max(sample_size // 4, 2) + 1
+def trace_dims(sample_hw: tuple[int, int], upsamplers: int) -> Dims:
+    """Shapes to trace at. Neither latent side is a multiple of the UNet's overall upsampling
+    (2 ** upsamplers): diffusers then passes every upsampler the size of its skip connection
+    (`forward_upsample_size`), the traced Resize nodes take their size from that tensor, and the
+    graph takes any latent size (images in multiples of the VAE factor, not of 64). A size that
+    happened to be a multiple would bake x2 upsampling into the graph."""
+    f = 2 ** upsamplers
+    h = f * max(sample_hw[0] // (4 * f), 1) + 1            # == 1 (mod f): 17 for SD 1.5
     return Dims(batch=1, height=h, width=h + 2, cfg=True, vae_factor=1)
 
 

@@ -18,7 +18,8 @@ from sdrt import manifest as mf
 from sdrt.contract import Dims, ModelConfig, all_models
 from sdrt.errors import UserError
 from sdrt.fileio import temp_dir_beside, write_json_atomic
-from sdrt.export import attention, compose_step, pipeline_folder, scheduler_config, to_onnx, validate
+from sdrt.export import (attention, compose_step, pipeline_folder, scheduler_config, single_file, to_onnx,
+                         validate)
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder")
 STEP_MODELS = ("denoise_step_cfg", "denoise_step")
@@ -44,17 +45,44 @@ def validation_dims(cfg: ModelConfig) -> Dims:
 
 
 def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int | None = None,
-           ort_fusion: bool = False, attention_form: str = "op") -> Path:
-    """opset None: 23 for attention_form "op" (ONNX's Attention op), 18 for "decomposed"."""
+           ort_fusion: bool = False, attention_form: str = "op", tokenizer: Path | None = None,
+           config: str | None = None, prediction_type: str | None = None) -> Path:
+    """opset None: 23 for attention_form "op" (ONNX's Attention op), 18 for "decomposed".
+    model_dir: a diffusers folder, or a single-file .safetensors/.ckpt checkpoint (then tokenizer,
+    config and prediction_type apply: sdrt.export.single_file)."""
     model_dir, work_dir = Path(model_dir), Path(work_dir)
     if precision not in ("fp16", "fp32"):
         raise UserError(f"unknown --precision {precision!r}: use fp16 or fp32")
     opset = attention.resolve_opset(attention_form, opset)
     check_work_dir(work_dir)
+    if single_file.is_single_file(model_dir):
+        return _export_single_file(model_dir, work_dir, tokenizer, config, prediction_type,
+                                   precision, opset, ort_fusion, attention_form)
+    if (tokenizer, config, prediction_type) != (None, None, None):
+        raise UserError("--tokenizer, --config and --prediction-type apply to single-file checkpoints "
+                        "(.safetensors, .ckpt); a diffusers folder carries its own")
     pipeline_folder.read_model_index(model_dir)
+    return _export_folder(model_dir, work_dir, precision, opset, ort_fusion, attention_form, None)
+
+
+def _export_single_file(path: Path, work_dir: Path, tokenizer, config, prediction_type, *args) -> Path:
+    """Convert to a diffusers folder beside WORK_DIR (diffusers' loaders), export that, remove it."""
+    conv = temp_dir_beside(work_dir)
+    try:
+        say(f"converting {path} (diffusers single-file loaders, offline) ...")
+        found = single_file.to_folder(path, conv / "model", tokenizer, config, prediction_type, say)
+        source = {"path": str(path.resolve()), "sha256": {"file": mf.sha256_file(path)},
+                  "single_file": found}
+        return _export_folder(conv / "model", work_dir, *args, source)
+    finally:
+        shutil.rmtree(conv, ignore_errors=True)
+
+
+def _export_folder(model_dir: Path, work_dir: Path, precision: str, opset: int, ort_fusion: bool,
+                   attention_form: str, source: dict | None) -> Path:
     tmp = temp_dir_beside(work_dir)
     try:
-        _export_into(model_dir, tmp, precision, opset, ort_fusion, attention_form)
+        _export_into(model_dir, tmp, precision, opset, ort_fusion, attention_form, source)
         _swap_in(tmp, work_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -63,7 +91,7 @@ def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int 
 
 
 def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fusion: bool,
-                 form: str) -> None:
+                 form: str, source: dict | None = None) -> None:
     t0 = time.perf_counter()
     sched, updated = scheduler_config.effective_config(
         model_dir / "scheduler", pipeline_folder.read_model_index(model_dir)["scheduler"][1])
@@ -101,7 +129,7 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fus
     write_json_atomic(out / mf.NAME, {
         "format": mf.FORMAT, "precision": precision, "opset": opset, "attention": form,
         "config": cfg.to_json(), "scheduler": {"config": sched, "updated": updated}, "models": records, "variants": variants, "engines": {},
-        "source": {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
+        "source": source or {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
         "versions": _versions(), "export_s": round(time.perf_counter() - t0, 1)})
     say(f"export done in {time.perf_counter() - t0:.1f} s")
 

@@ -16,9 +16,12 @@ def cmd_init(a):
 
 
 def cmd_export(a):
+    from sdrt.export.single_file import go_offline
+    go_offline()                # models come from disk only: before diffusers/transformers load
     from sdrt.export.export import export
     out = export(a.model_dir, a.work_dir, precision=a.precision, opset=a.opset, ort_fusion=a.ort_fusion,
-                 attention_form=a.attention)
+                 attention_form=a.attention, tokenizer=a.tokenizer, config=a.config,
+                 prediction_type=a.prediction_type)
     print(f"wrote {out}")
 
 
@@ -62,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_init)
 
     s = sub.add_parser("export", help="export text encoder, UNet, VAE decoder to validated ONNX")
-    s.add_argument("model_dir", type=Path)
+    s.add_argument("model_dir", type=Path, metavar="MODEL",
+                   help="a diffusers folder, or an SD 1.x/2.x .safetensors / .ckpt checkpoint")
     s.add_argument("work_dir", type=Path)
     s.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
     s.add_argument("--attention", default="op",
@@ -71,6 +75,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--opset", type=int, help="default 23 with --attention op, 18 with decomposed")
     s.add_argument("--ort-fusion", action="store_true",
                    help="also write onnx/ort/: the UNet with ONNX Runtime's attention fusion (ORT backends use it)")
+    s.add_argument("--tokenizer", type=Path, help="single file: a CLIP tokenizer folder (tokenizer/ of any "
+                   "diffusers SD folder); default: the local Hugging Face cache")
+    s.add_argument("--config", help="single file: sd1, sd2 or sd2-v instead of what is detected")
+    s.add_argument("--prediction-type", help="single file: epsilon or v_prediction instead of what is detected")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an export")

@@ -37,9 +37,10 @@ def check_work_dir(work_dir: Path) -> None:
 
 
 def validation_dims(cfg: ModelConfig) -> Dims:
-    """A shape other than the traced one, small enough for 2 CPU cores: an odd latent height
-    and an even latent width, so a graph that only works at even sizes fails here."""
-    h = max(cfg.sample_hw[0] // 2, 4) | 1
+    """A shape other than the traced one, small enough for 2 CPU cores (at most 15x18 latents:
+    120x144 px on SD): an odd latent height and an even latent width, so a graph that only works
+    at even sizes fails here."""
+    h = min(max(cfg.sample_hw[0] // 2, 4), 14) | 1
     return Dims(batch=1, height=h * cfg.vae_factor, width=(h + 3) * cfg.vae_factor, cfg=True,
                 vae_factor=cfg.vae_factor)
 

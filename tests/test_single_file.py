@@ -94,10 +94,12 @@ def test_round_trip_through_diffusers_loader(layouts, name, tmp_path):
     assert "!" in json.dumps(tok["pad_token"]) if name == "sd2v" else "endoftext" in json.dumps(tok["pad_token"])
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2v"])
-def test_single_file_export_matches_diffusers(layouts, name, tmp_path):
-    """Both file formats export offline (sockets blocked) and give the folder's diffusers image."""
+@pytest.mark.parametrize("name,fmt", [("sd1", ".safetensors"), ("sd2v", ".ckpt")])
+def test_single_file_export_matches_diffusers(layouts, name, fmt, tmp_path):
+    """Exported offline (sockets blocked), the checkpoint gives the folder's diffusers image. The
+    other format of each layout converts to the same weights (test_both_formats_convert_alike)."""
     folder, st, ckpt = layouts[name]
+    f = st if fmt == ".safetensors" else ckpt
     block = tmp_path / "block"
     block.mkdir()
     (block / "sitecustomize.py").write_text(
@@ -106,21 +108,36 @@ def test_single_file_export_matches_diffusers(layouts, name, tmp_path):
         "socket.socket.connect = _no\nsocket.create_connection = _no\nsocket.getaddrinfo = _no\n")
     lat = np.random.default_rng(5).standard_normal((1, 4, 5, 6)).astype(np.float32)
     ref = diffusers_images(folder, "a red fox", "blurry", 6, 7.5, 40, 48, lat)
+    work = tmp_path / "work"
+    p = run_cli("export", f, work, "--precision", "fp32", "--tokenizer", folder / "tokenizer",
+                env={"PYTHONPATH": str(block)})
+    assert p.returncode == 0, p.stderr
+    detected = [line for line in p.stderr.splitlines() if line.startswith("detected")]
+    assert len(detected) == 1 and ("SD 1.x" if name == "sd1" else "SD 2.x") in detected[0], p.stderr
+    assert ("v_prediction" if name == "sd2v" else "epsilon") in detected[0]
+    assert "network access attempted" not in p.stderr
+    data = mf.load(work)
+    assert data["source"]["single_file"]["family"] == ("sd1" if name == "sd1" else "sd2")
+    assert data["source"]["sha256"]["file"] == mf.sha256_file(f)
+    res = Pipeline(work, "onnxruntime-cpu").generate("a red fox", negative="blurry", steps=6,
+                                                     latents=lat, height=40, width=48)
+    assert psnr(res.images, ref) >= 50, (f.name, psnr(res.images, ref))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block", "work"]     # conversion removed
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2v"])
+def test_both_formats_convert_alike(layouts, name, tmp_path):
+    """.safetensors and .ckpt of one model give the same diffusers folder, weight for weight."""
+    from safetensors.torch import load_file
+
+    from sdrt.export import single_file
+    folder, st, ckpt = layouts[name]
     for f in (st, ckpt):
-        work = tmp_path / f"work-{f.suffix[1:]}"
-        p = run_cli("export", f, work, "--precision", "fp32", "--tokenizer", folder / "tokenizer",
-                    env={"PYTHONPATH": str(block)})
-        assert p.returncode == 0, p.stderr
-        detected = [line for line in p.stderr.splitlines() if line.startswith("detected")]
-        assert len(detected) == 1 and ("SD 1.x" if name == "sd1" else "SD 2.x") in detected[0], p.stderr
-        assert "network access attempted" not in p.stderr
-        data = mf.load(work)
-        assert data["source"]["single_file"]["family"] == ("sd1" if name == "sd1" else "sd2")
-        assert data["source"]["sha256"]["file"] == mf.sha256_file(f)
-        res = Pipeline(work, "onnxruntime-cpu").generate("a red fox", negative="blurry", steps=6,
-                                                         latents=lat, height=40, width=48)
-        assert psnr(res.images, ref) >= 50, (f.name, psnr(res.images, ref))
-        assert not any(p.name.startswith(".") for p in tmp_path.iterdir())     # conversion removed
+        single_file.to_folder(f, tmp_path / f.suffix[1:], folder / "tokenizer", say=lambda _: None)
+    for comp in ("unet", "vae", "text_encoder"):
+        a = load_file(str(next((tmp_path / "safetensors" / comp).glob("*.safetensors"))))
+        b = load_file(str(next((tmp_path / "ckpt" / comp).glob("*.safetensors"))))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), comp
 
 
 def _edited(layouts, tmp_path, edit, suffix=".safetensors"):

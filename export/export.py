@@ -70,7 +70,6 @@ def _export_single_file(path: Path, work_dir: Path, tokenizer, config, predictio
     """Convert to a diffusers folder beside WORK_DIR (diffusers' loaders), export that, remove it."""
     conv = temp_dir_beside(work_dir)
     try:
-        say(f"converting {path} (diffusers single-file loaders, offline) ...")
         found = single_file.to_folder(path, conv / "model", tokenizer, config, prediction_type, say)
         source = {"path": str(path.resolve()), "sha256": {"file": mf.sha256_file(path)},
                   "single_file": found}

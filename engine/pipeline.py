@@ -92,9 +92,33 @@ class Pipeline:
         plan.vae.run()
         clock.mark("vae")
         image = buf["image"].read()            # the one sync
+        self.check_finite(image, buf)
         timings = self.timings(clock, t0, t_tok)
         timings["setup_ms"] = (t_plan - t_tok) * 1e3 if fresh else 0.0  # buffers, bindings, graphs
         return Result(to_uint8(image), timings)
+
+    # (model, export flag that runs it in FP32), upstream first
+    FP32_FLAGS = (("text_encoder", "--text-encoder-precision fp32"), ("denoise_step_cfg", "--precision fp32"),
+                  ("vae_decoder", "--vae-precision fp32"))
+
+    def check_finite(self, image: np.ndarray, buf: dict) -> None:
+        """FP16 that fails loudly: real weights (SD 2.x, many fine-tuned VAEs) can overflow FP16
+        where the export's random-input validation did not, giving NaN -> black images. Once per
+        call, after the sync: the image and the final latents (a small read); on a non-finite
+        value, the embeddings too, to name the first model that produced it."""
+        latents = buf["latents_0"].read()
+        if np.isfinite(image).all() and np.isfinite(latents).all():
+            return
+        if not np.isfinite(latents).all():
+            bad = "text_encoder" if not np.isfinite(buf["text_embeddings"].read()).all() else "denoise_step_cfg"
+        else:
+            bad = "vae_decoder"
+        name, flag = next((n, f) for n, f in self.FP32_FLAGS if n == bad)
+        precision = mf.model_precision(self.manifest, name)
+        what = {"text_encoder": "text encoder", "denoise_step_cfg": "UNet", "vae_decoder": "VAE decoder"}[name]
+        fix = (f"export again with `{flag}` (sdrt export MODEL {self.work_dir} {flag})" if precision == "fp16"
+               else "the model's weights give non-finite values even in FP32")
+        raise UserError(f"the {what} ({precision}) produced NaN/inf values, no image written: {fix}")
 
     def dims(self, height, width, batch, guidance) -> Dims:
         height = self.config.default_height if height is None else height

@@ -245,7 +245,8 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         entry = mf.load(work_dir).get("engines", {}).get(backend, {}).get(name)
         onnx_hash, files = _current_hash(work_dir, man, name, entry)
         profile = profile_for(model, ranges, guidance, cfg.vae_factor)
-        key = engine_key(backend, trt, onnx_hash, profile, options, api)
+        key = engine_key(backend, trt, onnx_hash, profile,
+                         {**options, "precision": mf.model_precision(man, name)}, api)
         plan_path = out_dir / f"{name}.plan"
         why = _first_change(entry.get("key") or {}, key, KEY_FIELDS) if entry else None
         if (entry and why is None and plan_path.is_file()

@@ -47,23 +47,36 @@ def validation_dims(cfg: ModelConfig) -> Dims:
 
 def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int | None = None,
            ort_fusion: bool = False, attention_form: str = "op", tokenizer: Path | None = None,
-           config: str | None = None, prediction_type: str | None = None) -> Path:
+           config: str | None = None, prediction_type: str | None = None,
+           vae_precision: str | None = None, text_encoder_precision: str | None = None) -> Path:
     """opset None: 23 for attention_form "op" (ONNX's Attention op), 18 for "decomposed".
     model_dir: a diffusers folder, or a single-file .safetensors/.ckpt checkpoint (then tokenizer,
     config and prediction_type apply: sdrt.export.single_file)."""
     model_dir, work_dir = Path(model_dir), Path(work_dir)
-    if precision not in ("fp16", "fp32"):
-        raise UserError(f"unknown --precision {precision!r}: use fp16 or fp32")
+    per_model = precisions(precision, vae_precision, text_encoder_precision)
     opset = attention.resolve_opset(attention_form, opset)
     check_work_dir(work_dir)
     if single_file.is_single_file(model_dir):
         return _export_single_file(model_dir, work_dir, tokenizer, config, prediction_type,
-                                   precision, opset, ort_fusion, attention_form)
+                                   per_model, opset, ort_fusion, attention_form)
     if (tokenizer, config, prediction_type) != (None, None, None):
         raise UserError("--tokenizer, --config and --prediction-type apply to single-file checkpoints "
                         "(.safetensors, .ckpt); a diffusers folder carries its own")
     pipeline_folder.read_model_index(model_dir)
-    return _export_folder(model_dir, work_dir, precision, opset, ort_fusion, attention_form, None)
+    return _export_folder(model_dir, work_dir, per_model, opset, ort_fusion, attention_form, None)
+
+
+def precisions(precision: str, vae: str | None, text_encoder: str | None) -> dict:
+    """Precision per model: the UNet and the step graphs follow --precision; the VAE decoder and
+    the text encoder may be FP32 in an FP16 export (SD 2.x and many fine-tuned VAEs overflow FP16)."""
+    for flag, value in (("--precision", precision), ("--vae-precision", vae),
+                        ("--text-encoder-precision", text_encoder)):
+        if value not in (None, "fp16", "fp32"):
+            raise UserError(f"unknown {flag} {value!r}: use fp16 or fp32")
+    if precision is None:
+        raise UserError("--precision must be fp16 or fp32")
+    return {"text_encoder": text_encoder or precision, "unet": precision, "vae_decoder": vae or precision,
+            **{n: precision for n in STEP_MODELS}}
 
 
 def _export_single_file(path: Path, work_dir: Path, tokenizer, config, prediction_type, *args) -> Path:
@@ -78,11 +91,11 @@ def _export_single_file(path: Path, work_dir: Path, tokenizer, config, predictio
         shutil.rmtree(conv, ignore_errors=True)
 
 
-def _export_folder(model_dir: Path, work_dir: Path, precision: str, opset: int, ort_fusion: bool,
+def _export_folder(model_dir: Path, work_dir: Path, per_model: dict, opset: int, ort_fusion: bool,
                    attention_form: str, source: dict | None) -> Path:
     tmp = temp_dir_beside(work_dir)
     try:
-        _export_into(model_dir, tmp, precision, opset, ort_fusion, attention_form, source)
+        _export_into(model_dir, tmp, per_model, opset, ort_fusion, attention_form, source)
         _swap_in(tmp, work_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,9 +103,10 @@ def _export_folder(model_dir: Path, work_dir: Path, precision: str, opset: int, 
     return work_dir
 
 
-def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fusion: bool,
+def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_fusion: bool,
                  form: str, source: dict | None = None) -> None:
     t0 = time.perf_counter()
+    precision = precisions["unet"]
     sched, updated = scheduler_config.effective_config(
         model_dir / "scheduler", pipeline_folder.read_model_index(model_dir)["scheduler"][1])
     scheduler_config.warn_if_updated(updated)
@@ -107,18 +121,19 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fus
     for i, name in enumerate(BASE_MODELS + STEP_MODELS, 1):
         model, path = models[name], out / "onnx" / models[name].onnx
         t = time.perf_counter()
-        say(f"[{i}/{len(models)}] {name}: exporting {precision} ...")
+        say(f"[{i}/{len(models)}] {name}: exporting {precisions[name]} ...")
         if name in BASE_MODELS:
             module = to_onnx.wrap(name, folder)
             to_onnx.export(module, model, path, to_onnx.example_inputs(model, trace, cfg.vocab_size),
-                           precision, opset, form)
+                           precisions[name], opset, form)
             inputs = to_onnx.example_inputs(model, vdims, cfg.vocab_size, seed=1)
             ref = validate.run_torch(module, model, inputs)
         else:
             compose_step.compose(out / "onnx" / models["unet"].onnx, models["unet"], model, path)
             inputs, ref = _step_reference(folder, model, vdims, sched)
-        records[name] = _validated_record(out, name, model, path, inputs, ref, precision, t,
+        records[name] = _validated_record(out, name, model, path, inputs, ref, precisions[name], t,
                                           f"[{i}/{len(models)}]")
+        records[name]["precision"] = precisions[name]
         if name in BASE_MODELS:
             records[name]["attention_ops"] = attention.count_ops(to_onnx.onnx_graph(path))
     variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, form, vdims, sched)} \
@@ -127,7 +142,7 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fus
     (out / "scheduler").mkdir()
     write_json_atomic(out / "scheduler" / "scheduler_config.json", sched)
     write_json_atomic(out / mf.NAME, {
-        "format": mf.FORMAT, "precision": precision, "opset": opset, "attention": form,
+        "format": mf.FORMAT, "precision": precision, "precisions": precisions, "opset": opset, "attention": form,
         "config": cfg.to_json(), "scheduler": {"config": sched, "updated": updated}, "models": records, "variants": variants, "engines": {},
         "source": source or {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
         "versions": _versions(), "export_s": round(time.perf_counter() - t0, 1)})

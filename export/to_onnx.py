@@ -21,13 +21,16 @@ def _modules():
     import torch
 
     class TextEncoder(torch.nn.Module):
-        """int32 token ids -> last hidden state (what SD conditions on)."""
+        """int32 token ids -> last hidden state (what SD conditions on), in the UNet's dtype (an
+        FP32 text encoder of an FP16 export casts its output)."""
         def __init__(self, m):
             super().__init__()
             self.m = m
+            self.out_dtype = None
 
         def forward(self, input_ids):
-            return self.m(input_ids.long(), return_dict=False)[0]
+            h = self.m(input_ids.long(), return_dict=False)[0]
+            return h if self.out_dtype is None else h.to(self.out_dtype)
 
     class UNet(torch.nn.Module):
         def __init__(self, m):
@@ -97,6 +100,8 @@ def export(module, model: Model, out_path: Path, inputs: dict, precision: str, o
 
     dtype = torch.float16 if precision == "fp16" else torch.float32
     module = module.to(dtype)
+    if hasattr(module, "out_dtype"):              # the contract's output dtype, whatever the precision
+        module.out_dtype = _torch_dtype(model.outputs[0].dtype)
     args = tuple(torch.from_numpy(inputs[t.name]).to(_torch_dtype(t.dtype)) for t in model.inputs)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"

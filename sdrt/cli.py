@@ -21,7 +21,8 @@ def cmd_export(a):
     from sdrt.export.export import export
     out = export(a.model_dir, a.work_dir, precision=a.precision, opset=a.opset, ort_fusion=a.ort_fusion,
                  attention_form=a.attention, tokenizer=a.tokenizer, config=a.config,
-                 prediction_type=a.prediction_type)
+                 prediction_type=a.prediction_type, vae_precision=a.vae_precision,
+                 text_encoder_precision=a.text_encoder_precision)
     print(f"wrote {out}")
 
 
@@ -69,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
                    help="a diffusers folder, or an SD 1.x/2.x .safetensors / .ckpt checkpoint")
     s.add_argument("work_dir", type=Path)
     s.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+    s.add_argument("--vae-precision", help="fp32: the VAE decoder in FP32 while the rest follows --precision "
+                   "(for VAEs that overflow FP16: black or NaN images)")
+    s.add_argument("--text-encoder-precision", help="fp32: the text encoder in FP32 while the rest follows --precision")
     s.add_argument("--attention", default="op",
                    help="op: one ONNX Attention op per attention (opset 23; ORT CUDA, TensorRT >= 10.14, RTX); "
                         "decomposed: MatMul/Softmax/MatMul (TensorRT < 10.14, e.g. JetPack 6)")

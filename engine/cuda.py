@@ -1,10 +1,15 @@
-"""The CUDA machinery every GPU backend shares: device memory, one stream, events, graphs.
+"""The CUDA machinery every GPU backend shares: device memory, pinned host staging memory, one
+stream, events, graphs.
 
 Thin wrappers over cuda-python's runtime bindings (`cuda.bindings.runtime`), imported lazily so
 that CPU-only installs never need them. Every call is checked; a failure raises with CUDA's own
 error string.
 """
 from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -60,6 +65,10 @@ def compute_capability() -> str:
     return f"{prop.major}.{prop.minor}"
 
 
+def mem_free_bytes() -> int:
+    return int(check(rt().cudaMemGetInfo())[0])
+
+
 def mem_used_bytes() -> int:
     free, total = check(rt().cudaMemGetInfo())
     return int(total) - int(free)
@@ -85,14 +94,32 @@ def free(ptr: int) -> None:
     check(rt().cudaFree(ptr))
 
 
-def copy_htod(dst: int, src: np.ndarray, stream: Stream) -> None:
-    src = np.ascontiguousarray(src)
-    check(rt().cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes,
-                               rt().cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle))
-    stream.sync()  # the source is pageable numpy memory: keep it alive until copied
+class PinnedHost:
+    """Page-locked host memory (cudaMallocHost), seen from numpy as `array`: a copy from it runs
+    asynchronously, so the host goes on without waiting (a pageable source would need a sync)."""
+
+    def __init__(self, shape: tuple, dtype):
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        self.ptr = int(check(rt().cudaMallocHost(max(nbytes, 1))))
+        raw = (ctypes.c_byte * max(nbytes, 1)).from_address(self.ptr)
+        self.array = np.frombuffer(raw, dtype, count=int(np.prod(shape))).reshape(shape)
+
+    def __del__(self):
+        try:
+            rt().cudaFreeHost(self.ptr)
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def copy_htod(dst: int, src: PinnedHost, nbytes: int, stream: Stream) -> None:
+    """Queue a copy from pinned host memory; no sync: `src` must stay unchanged until it ran."""
+    check(rt().cudaMemcpyAsync(dst, src.ptr, nbytes, rt().cudaMemcpyKind.cudaMemcpyHostToDevice,
+                               stream.handle))
 
 
 def copy_dtoh(dst: np.ndarray, src: int, stream: Stream) -> None:
+    """Copy into `dst` and wait: the stream's work up to here is done on return."""
     check(rt().cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes,
                                rt().cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle))
     stream.sync()
@@ -109,6 +136,10 @@ class Event:
 
     def record(self, stream: Stream) -> None:
         check(rt().cudaEventRecord(self.handle, stream.handle))
+
+    def sync(self) -> None:
+        """Wait until the work queued before the last record() has run."""
+        check(rt().cudaEventSynchronize(self.handle))
 
     def ms_since(self, start: "Event") -> float:
         return float(check(rt().cudaEventElapsedTime(start.handle, self.handle)))
@@ -152,17 +183,28 @@ class Graph:
             pass
 
 
-def capture_or_run(stream: Stream, run, warmups: int):
+@dataclass(frozen=True)
+class Launch:
+    """What a backend's launcher returns: `run()` runs one step, and which path it takes.
+
+    graph: "sdrt"        the step is replayed from a CUDA graph sdrt captured (cuda.Graph)
+           "onnxruntime" ONNX Runtime replays its own CUDA graph (enable_cuda_graph)
+           "none"        plain runs, no graph; `error` says why (the capture error, or the reason)
+    """
+    run: Callable[[], None]
+    graph: str
+    error: str = ""
+
+
+def capture_or_run(stream: Stream, run, warmups: int) -> Launch:
     """`run` as a replayable CUDA graph: `warmups` plain runs first (lazy initialisation, memory
     pools, algorithm searches happen there, not in the capture), then one capture. If the work
-    cannot be captured (it syncs or allocates), plain `run` is returned with a warning."""
+    cannot be captured (it syncs or allocates), plain `run` with the capture error."""
     for _ in range(warmups):
         run()
     stream.sync()
     try:
-        return Graph(stream, run).launch
-    except RuntimeError as e:
-        import warnings
-        warnings.warn(f"CUDA graph capture failed ({e}); running the step without a graph", stacklevel=2)
+        return Launch(Graph(stream, run).launch, "sdrt")
+    except Exception as e:  # CUDA's error (RuntimeError), or the runtime's own: ORT raises Fail, not RuntimeError
         stream.sync()
-        return run
+        return Launch(run, "none", f"CUDA graph capture failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

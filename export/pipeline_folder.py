@@ -88,7 +88,7 @@ def model_config(text, unet, vae) -> ModelConfig:
     return ModelConfig(text_len=t.max_position_embeddings, text_dim=t.hidden_size,
                        vocab_size=t.vocab_size, latent_channels=v.latent_channels,
                        vae_factor=2 ** (len(v.block_out_channels) - 1),
-                       scaling_factor=float(v.scaling_factor), sample_size=sample_size(u.sample_size))
+                       sample_size=sample_size(u.sample_size))
 
 
 def sample_size(value) -> int | tuple:

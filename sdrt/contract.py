@@ -84,7 +84,6 @@ class ModelConfig:
     vocab_size: int = 49408
     latent_channels: int = 4       # VAE latent channels == UNet in/out channels
     vae_factor: int = 8            # image size / latent size
-    scaling_factor: float = 0.18215
     sample_size: int | tuple = 64  # UNet's native latent size (512 px for SD 1.5): an int, or
                                    # (height, width) as diffusers allows ([64, 96]: 512x768 px)
 
@@ -109,7 +108,8 @@ class ModelConfig:
 
     @staticmethod
     def from_json(d: dict) -> "ModelConfig":
-        d = dict(d)
+        # older exports also wrote the VAE's scaling_factor: the decoder graph has it folded in
+        d = {k: v for k, v in d.items() if k != "scaling_factor"}
         if isinstance(d.get("sample_size"), list):
             d["sample_size"] = tuple(d["sample_size"])
         return ModelConfig(**d)

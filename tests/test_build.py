@@ -1,4 +1,4 @@
-"""sdrt.export.build and sdrt.engine.engine_cache: ONNX -> TensorRT-RTX engines on a CPU, engine
+"""sdrt.export.build and sdrt.engine_keys: ONNX -> TensorRT-RTX engines on a CPU, engine
 keys, staleness, failures.
 
 The work dir is a fake but valid export: tiny fp16 graphs with the contract's I/O (names, dtypes,
@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdrt import contract, manifest as mf
-from sdrt.engine import cuda, engine_cache as EC
+from sdrt import contract, engine_keys as EC, manifest as mf
 from sdrt.errors import UserError
 from sdrt.fileio import write_json_atomic
 from sdrt.export import build as B
@@ -460,58 +459,12 @@ def test_unsupported_op_reports_first_parser_error(tmp_path):
         ["denoise_step_cfg.plan", "text_encoder.plan"]  # the models before it were kept
 
 
-# ---- on a GPU ------------------------------------------------------------------------------------
-
-def _rtx_gpu_skip() -> str | None:
-    if not cuda.available():
-        return "needs an NVIDIA GPU"
-    name, cc = cuda.device_name(), cuda.compute_capability()
-    if cc.split(".")[0] in ("9", "10", "11"):
-        return f"TensorRT-RTX does not run on {name} (SM {cc})"
-    return None
-
-
-@pytest.mark.gpu
-@needs_rtx
-def test_rtx_engine_runs_on_gpu(built):
-    """Load the VAE plan with the runtime adapter, run it once, compare with numpy."""
-    if reason := _rtx_gpu_skip():
-        pytest.skip(reason)
-    from cuda.bindings import runtime as cudart
-    from sdrt.engine.trt_backend import TrtBackend
-
-    class Dev:  # stands in for sdrt.engine.buffers.DeviceBuffer
-        def __init__(self, shape, dtype="float32"):
-            self.shape, self.dtype = shape, dtype
-            self.nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            self.ptr = int(cudart.cudaMalloc(self.nbytes)[1])
-
-    work, _ = built
-    model = mf.models(_manifest(work))["vae_decoder"]
-    _, stream = cudart.cudaStreamCreate()
-    be = TrtBackend(RTX, int(stream))
-    m = be.load(model, EC.check_engine(work, RTX, "vae_decoder"))
-    be.share_activation_memory([m], lambda n: int(cudart.cudaMalloc(n)[1]))
-    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
-    xin, out = Dev(x.shape), Dev((1, 3, 64, 64))
-    binding = m.bind({"latents": xin, "image": out}, {})
-    cudart.cudaMemcpy(xin.ptr, x.ctypes.data, xin.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)
-    binding.run()
-    cudart.cudaStreamSynchronize(stream)
-    y = np.empty((1, 3, 64, 64), np.float32)
-    cudart.cudaMemcpy(y.ctypes.data, out.ptr, out.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost)
-    w = np.random.default_rng(1).standard_normal((192, 4, 1, 1)).astype(np.float16).astype(np.float32)
-    c = np.einsum("oi,bihw->bohw", w[:, :, 0, 0], x.astype(np.float16).astype(np.float32))
-    ref = c.reshape(1, 8, 8, 3, 8, 8).transpose(0, 3, 4, 1, 5, 2).reshape(1, 3, 64, 64)  # DCR
-    np.testing.assert_allclose(y, ref, rtol=2e-2, atol=2e-2)
-
-
 @needs_rtx
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_timing_cache_saved_and_reloaded(tmp_path, monkeypatch):
     """The TensorRT timing-cache path, run through RTX's (no-op, deprecated) timing cache API."""
-    real = B._api
-    monkeypatch.setattr(B, "_api", lambda trt, backend: {**real(trt, backend), "timing_cache": True})
+    real = B.builder_api
+    monkeypatch.setattr(B, "builder_api", lambda trt, backend: {**real(trt, backend), "timing_cache": True})
     cache = tmp_path / "timing.cache"
     B.build(make_export(tmp_path / "a"), RTX, timing_cache=cache, progress=False)
     assert cache.stat().st_size > 0 and not list(tmp_path.glob(".timing.cache.*"))

@@ -161,7 +161,7 @@ def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str =
     io = io_bytes([contracts[n] for n in names if n != "vae_encoder"], dims)
     if "vae_encoder" in names:  # its own buffers
         io += io_bytes([contracts["vae_encoder"]], model_dims["vae_encoder"])
-    return {"export": work_dir.name, "precision": man["precision"], "attention": man.get("attention", "decomposed"),
+    return {"export": work_dir.name, "precision": mf.precision_label(man), "attention": man.get("attention", "decomposed"),
             "height": height, "width": width, "batch": batch, "vae_batch": vae_n, "models": out,
             "weights_bytes": weights, "activation_bytes": act, "io_bytes": io, "total_bytes": weights + act + io}
 

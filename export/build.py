@@ -256,7 +256,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         raise UserError(f"opt level {opt_level} must be 0..5")
     if workspace_mb is not None and workspace_mb <= 0:
         raise UserError(f"workspace {workspace_mb} MB must be positive")
-    ranges = parse_dynamic(dynamic, batch, height or cfg.default_size, width or cfg.default_size,
+    ranges = parse_dynamic(dynamic, batch, height or cfg.default_height, width or cfg.default_width,
                            cfg.vae_factor)
     backend, trt = import_trt(backend)
     check_attention_support(trt, backend, man.get("attention", "decomposed"))
@@ -278,7 +278,8 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         entry = mf.load(work_dir).get("engines", {}).get(backend, {}).get(name)
         onnx_hash, files = current_hash(work_dir, man, name, entry)
         profile = profile_for(model, ranges, guidance, cfg.vae_factor)
-        key = engine_key(backend, trt, onnx_hash, profile, options, io=io_digest(model))
+        key = engine_key(backend, trt, onnx_hash, profile,
+                         {**options, "precision": mf.model_precision(man, name)}, io=io_digest(model))
         plan_path = out_dir / f"{name}.plan"
         why = first_change(entry.get("key") or {}, key) if entry else None
         if (entry and why is None and plan_path.is_file()

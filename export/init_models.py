@@ -72,6 +72,13 @@ ARCHS["sd15-inpaint"] = _inpaint("sd15")
 def build_pipeline(arch: str, seed: int = 0):
     """A diffusers StableDiffusionPipeline (or StableDiffusionInpaintPipeline for the -inpaint
     archs) with random weights of the given architecture."""
+    return pipeline_from_spec(ARCHS[arch], seed)
+
+
+def pipeline_from_spec(spec: dict, seed: int = 0, scheduler: dict | None = None):
+    """The same from an ARCHS-like spec (text/unet/vae keyword arguments, vocab_size, dtype;
+    text may set hidden_act="gelu" for an OpenCLIP-converted encoder; pipeline: the diffusers
+    class, StableDiffusionPipeline by default)."""
     import diffusers
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -79,7 +86,6 @@ def build_pipeline(arch: str, seed: int = 0):
 
     from sdrt.export.pipeline_folder import quiet
     quiet()
-    spec = ARCHS[arch]
     pipeline_class = getattr(diffusers, spec.get("pipeline", "StableDiffusionPipeline"))
     torch.manual_seed(seed)
     text_config = CLIPTextConfig(vocab_size=spec["vocab_size"], bos_token_id=spec["vocab_size"] - 2,
@@ -93,7 +99,7 @@ def build_pipeline(arch: str, seed: int = 0):
         text_encoder=CLIPTextModel(text_config).to(dtype).eval(),
         tokenizer=tokenizer,
         unet=UNet2DConditionModel(**spec["unet"]).to(dtype).eval(),
-        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        scheduler=DDIMScheduler(**(scheduler or SD15_SCHEDULER)),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 

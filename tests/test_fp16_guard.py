@@ -60,7 +60,7 @@ def test_overflowing_vae_is_caught_and_vae_fp32_fixes_it(hot_vae, mixed, tmp_pat
     data = mf.load(mixed)
     assert data["precisions"]["vae_decoder"] == "fp32" and data["precisions"]["unet"] == "fp16"
     assert data["precisions"]["text_encoder"] == "fp32"
-    assert mf.precision_label(data) == "fp16 (text_encoder fp32, vae_decoder fp32)"
+    assert mf.precision_label(data) == "fp16 (text_encoder fp32, vae_decoder fp32, vae_encoder fp32)"  # the encoder follows --vae-precision
     res = Pipeline(mixed, "onnxruntime-cpu").generate("a fox", steps=2, latents=big_latents(), height=64, width=64)
     ref = diffusers_images(hot_vae, "a fox", "", 2, 7.5, 64, 64, big_latents())
     assert psnr(res.images, ref) > 30, psnr(res.images, ref)

@@ -87,6 +87,6 @@ def test_rtx_builds_mixed_precision_on_cpu(mixed, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(mixed, work)
     result = build(work, "tensorrt-rtx", height=64, width=64, progress=False)
-    assert sorted(result["built"]) == ["denoise_step_cfg", "text_encoder", "vae_decoder"]
+    assert sorted(result["built"]) == ["denoise_step_cfg", "text_encoder", "vae_decoder", "vae_encoder"]
     keys = {n: e["key"]["options"]["precision"] for n, e in mf.load(work)["engines"]["tensorrt-rtx"].items()}
-    assert keys == {"text_encoder": "fp32", "denoise_step_cfg": "fp16", "vae_decoder": "fp32"}
+    assert keys == {"text_encoder": "fp32", "denoise_step_cfg": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32"}

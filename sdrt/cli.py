@@ -10,6 +10,11 @@ from sdrt.errors import UserError
 
 
 def cmd_init(a):
+    if a.arch == "demo":
+        from sdrt.demo import copy_demo_model
+        out = copy_demo_model(a.dir, force=a.force)
+        print(f"copied the trained demo pipeline to {out}")
+        return
     from sdrt.export.init_models import init
     out = init(a.dir, a.arch, seed=a.seed, force=a.force)
     print(f"wrote {a.arch} pipeline to {out}")
@@ -45,7 +50,18 @@ def cmd_memory(a):
 
 
 def cmd_demo(a):
-    from sdrt.engine.demo import main
+    from sdrt.demo import main
+    main(a)
+
+
+def cmd_train_demo(a):
+    from sdrt.export.train_demo import train
+    out = train(a.out_dir, steps=a.steps, seed=a.seed, vae_steps=a.vae_steps, force=a.force)
+    print(f"wrote {out}")
+
+
+def cmd_eval(a):
+    from sdrt.benchmarks.eval import main
     main(a)
 
 
@@ -54,9 +70,10 @@ def parser() -> argparse.ArgumentParser:
                                 "diffusers folder -> ONNX -> TensorRT / ONNX Runtime")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("init", help="write a random-weight pipeline folder (tiny or SD 1.5 shaped)")
+    s = sub.add_parser("init", help="write a random-weight pipeline folder (tiny or SD 1.5 shaped), "
+                                    "or copy the trained demo model (--arch demo)")
     s.add_argument("dir", type=Path)
-    s.add_argument("--arch", choices=("tiny", "sd15"), default="tiny")
+    s.add_argument("--arch", choices=("tiny", "sd15", "demo"), default="tiny")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace DIR if it exists")
     s.set_defaults(fn=cmd_init)
@@ -93,11 +110,13 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("bench", help="benchmark sdrt backends against the eager diffusers pipeline")
-    s.add_argument("work_dirs", type=Path, nargs="+", metavar="WORK_DIR",
-                   help="one export, or several of the same model to compare (e.g. --attention op vs decomposed)")
-    s.add_argument("--reference", type=Path, required=True, help="the diffusers pipeline folder")
+    s.add_argument("work_dirs", type=Path, nargs="*", metavar="WORK_DIR",
+                   help="one export, or several of the same model to compare (e.g. --attention op vs decomposed); "
+                        "none: the demo model's export (made in ./sdrt-demo if absent)")
+    s.add_argument("--reference", type=Path, help="the diffusers pipeline folder (default with no WORK_DIR: "
+                                                   "the demo model)")
     s.add_argument("--backends", default="available", help="comma list or 'available'")
-    s.add_argument("--sizes", default="512x512", help="comma list of HxW")
+    s.add_argument("--sizes", help="comma list of HxW (default: the model's own size, 512x512 for SD 1.5)")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--batches", default="1,4,8")
     s.add_argument("--runs", type=int, default=5, help="timed runs per configuration")
@@ -115,10 +134,36 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, help="write the table here (.md) and the figures beside it (.json)")
     s.set_defaults(fn=cmd_memory)
 
-    s = sub.add_parser("demo", help="the embedded default: tiny model on CPU -> PNG + timing table")
-    s.add_argument("--dir", type=Path, default=Path("sdrt-demo"))
-    s.add_argument("--prompt", default="a red fox in the snow, watercolor")
+    s = sub.add_parser("demo", help="the embedded default: the trained demo model -> a captioned grid + timing table")
+    s.add_argument("--dir", type=Path, default=Path("sdrt-demo"), help="where the export and the grid go")
+    s.add_argument("--prompt", action="append",
+                   help="your own sentence, e.g. 'a large green triangle on a white background, top left' "
+                        "(repeatable; default: eight example captions)")
+    s.add_argument("--backend", default="auto", help="auto (the best available), tensorrt, tensorrt-rtx, "
+                                                     "onnxruntime-cuda or onnxruntime-cpu")
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, default=5.0)
+    s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("train-demo", help="train the demo model (shapes on backgrounds, 32x32) into a pipeline "
+                                          "folder (export extra; about an hour on 2 CPU cores)")
+    s.add_argument("out_dir", type=Path)
+    s.add_argument("--steps", type=int, help="text encoder + UNet steps (default 4000)")
+    s.add_argument("--vae-steps", type=int, help="VAE steps (default 1000)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    s.set_defaults(fn=cmd_train_demo)
+
+    s = sub.add_parser("eval", help="demo model quality: checker accuracies and domain FID, seen vs held-out captions")
+    s.add_argument("work_dir", type=Path)
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--n", type=int, default=200, help="captions per split (seen, held-out)")
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, default=5.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, help="also write the report as JSON here")
+    s.set_defaults(fn=cmd_eval)
     return p
 
 

@@ -179,11 +179,26 @@ def load_exports(work_dirs: list) -> list[dict]:
     return manifests
 
 
+def default_to_demo(a) -> None:
+    """No WORK_DIR: the demo model's export (made under ./sdrt-demo on first use), against the demo
+    model's diffusers folder unless --reference says otherwise."""
+    if a.work_dirs:
+        if a.reference is None and not a.no_reference:
+            raise UserError("--reference is required with a WORK_DIR (the diffusers pipeline folder it was "
+                            "exported from), or pass --no-reference")
+        return
+    from sdrt.demo import DEMO_MODEL, demo_export
+    a.work_dirs = [demo_export()]
+    a.reference = DEMO_MODEL if a.reference is None else a.reference
+
+
 def main(a) -> None:
     from sdrt.benchmarks import report
+    default_to_demo(a)
     manifests = load_exports(a.work_dirs)
     cfg = mf.config(manifests[0])
-    sizes, batches = parse_sizes(a.sizes), parse_ints(a.batches, "batches")
+    sizes = parse_sizes(a.sizes or f"{cfg.default_size}x{cfg.default_size}")
+    batches = parse_ints(a.batches, "batches")
     if a.steps <= 0 or a.runs <= 0 or a.warmup < 0:
         raise UserError("--steps and --runs must be positive, --warmup not negative")
     configs = [(h, w, b) for h, w in sizes for b in batches]

@@ -12,10 +12,13 @@ Linear betas (DDPM's 1e-4..0.02): ᾱ_T ≈ 4e-5, so the first DDIM step starts 
 and the model cannot lean on a low-frequency leak of the background colour (as it could with SD's
 scaled_linear ᾱ_T ≈ 5e-3).
 
-Reproducible: every random draw comes from generators seeded by --seed, on 2 threads; the same seed
-gives the same weights on the same machine and torch build. A finished VAE stage is kept in
-OUT_DIR's temp folder's sibling `OUT_DIR.vae/` and reused if training is run again with the same
-seed and VAE steps.
+Reproducible: every random draw comes from generators seeded by --seed, on one thread with torch's
+deterministic algorithms; the same seed gives the same weights on the same machine and torch build.
+The UNet's learning rate is constant after warmup, so the models after k steps of a longer run are
+exactly those of `--steps k`: the run saves them every 200 steps to `.OUT_DIR.snapshot/` beside
+OUT_DIR, to look at while it trains. A finished VAE stage is kept in `.OUT_DIR.vae/` and reused by
+a later run with the same seed, VAE steps and VAE config. OUT_DIR/train_demo.json records the
+settings, versions, times and the loss curve.
 """
 from __future__ import annotations
 
@@ -166,8 +169,8 @@ def ema_update(ema, model, decay: float) -> None:
 
 
 def train_denoiser(latents, ids, empty_ids, tokenizer, steps: int, seed: int, cfg: dict, snapshot=None):
-    """Joint CLIPTextModel + UNet2DConditionModel training; returns their EMA copies.
-    snapshot(text, unet) is called with the EMA models every cfg["snapshot_every"] steps, if given."""
+    """Joint CLIPTextModel + UNet2DConditionModel training; returns their EMA copies and the losses.
+    snapshot(text, unet, losses) is called with the EMA models every cfg["snapshot_every"] steps."""
     import copy
 
     import torch
@@ -183,7 +186,7 @@ def train_denoiser(latents, ids, empty_ids, tokenizer, steps: int, seed: int, cf
     # longer run are exactly those of `--steps k` (the EMA does the averaging a decay would do)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / cfg["warmup"]))
     g = torch.Generator().manual_seed(seed + 3)
-    t0, avg, B = time.perf_counter(), None, cfg["batch"]
+    t0, avg, B, losses = time.perf_counter(), None, cfg["batch"], []
     for step in range(steps):
         idx = torch.randint(0, len(latents), (B,), generator=g)
         x0, c = latents[idx], ids[idx].clone()
@@ -202,11 +205,12 @@ def train_denoiser(latents, ids, empty_ids, tokenizer, steps: int, seed: int, cf
         decay = min(cfg["ema"], (1 + step) / (10 + step))                # warm EMA start
         ema_update(ema_text, text, decay)
         ema_update(ema_unet, unet, decay)
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        losses.append(loss.item())
+        avg = losses[-1] if avg is None else 0.98 * avg + 0.02 * losses[-1]
         progress("unet", step, steps, avg, t0)
         if snapshot and cfg.get("snapshot_every") and (step + 1) % cfg["snapshot_every"] == 0 and step + 1 < steps:
-            snapshot(ema_text, ema_unet, step + 1)
-    return ema_text, ema_unet
+            snapshot(ema_text, ema_unet, losses)
+    return ema_text, ema_unet, losses
 
 
 # --- the pipeline folder -------------------------------------------------------------------------
@@ -217,6 +221,26 @@ def save_pipeline(out: Path, vae, text, unet, tokenizer) -> None:
                                    scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
+
+
+def record(seed: int, steps: int, vae_steps: int, cfg: dict, losses: list[float], t0: float,
+           vae_psnr_db: float) -> dict:
+    """What train_demo.json says: enough to rerun and to judge the run."""
+    import diffusers
+    import torch
+    import transformers
+    mean10 = [round(float(np.mean(losses[i:i + 10])), 5) for i in range(0, len(losses), 10)]
+    return {"command": f"sdrt train-demo OUT_DIR --steps {steps} --vae-steps {vae_steps} --seed {seed}",
+            "seed": seed, "steps": steps, "vae_steps": vae_steps, "settings": cfg, "threads": THREADS,
+            "image_size": scenes.SIZE, "vae_reconstruction_psnr_db": round(vae_psnr_db, 2),
+            "wall_seconds_since_start": round(time.perf_counter() - t0, 1),
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__},
+            "unet_loss_mean_per_10_steps": mean10}
+
+
+def write_record(dir: Path, data: dict) -> None:
+    (dir / "train_demo.json").write_text(json.dumps(data, indent=1) + "\n")
 
 
 def vae_stage(vae_dir: Path, data, seed: int, steps: int, cfg: dict):
@@ -253,6 +277,7 @@ def train(out_dir: Path, steps: int | None = None, seed: int = 0, vae_steps: int
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose a new folder or pass --force to replace it")
     quiet()
+    t0 = time.perf_counter()
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
     train_scenes = scenes.split(held_out=False)
@@ -264,19 +289,20 @@ def train(out_dir: Path, steps: int | None = None, seed: int = 0, vae_steps: int
         vae = vae_stage(out_dir.parent / f".{out_dir.name}.vae", data, seed, vae_steps, cfg)
         latents = encode_latents(vae, data)
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-        log(f"VAE reconstruction {vae_psnr(vae, data, latents):.1f} dB PSNR, "
-            f"scaling_factor {vae.config.scaling_factor:.4f}")
+        psnr_db = vae_psnr(vae, data, latents)
+        log(f"VAE reconstruction {psnr_db:.1f} dB PSNR, scaling_factor {vae.config.scaling_factor:.4f}")
         ids = token_ids(tokenizer, [s.caption for s in train_scenes])
         empty = token_ids(tokenizer, [""])[0]
         snapshot_dir = out_dir.parent / f".{out_dir.name}.snapshot"
-        def snapshot(text, unet, step):  # what `--steps step` would write, to look at while training
+        def snapshot(text, unet, losses):  # what `--steps len(losses)` writes, to look at while training
             save_pipeline(snapshot_dir, vae, text, unet, tokenizer)
-            (snapshot_dir / "trained_with.json").write_text(json.dumps({"seed": seed, "steps": step}))
-        text, unet = train_denoiser(latents * vae.config.scaling_factor, ids, empty, tokenizer, steps, seed, cfg,
-                                    snapshot)
+            write_record(snapshot_dir, record(seed, len(losses), vae_steps, cfg, losses, t0, psnr_db))
+        text, unet, losses = train_denoiser(latents * vae.config.scaling_factor, ids, empty, tokenizer, steps,
+                                            seed, cfg, snapshot)
         log(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, text encoder "
             f"{sum(p.numel() for p in text.parameters()) / 1e6:.2f} M parameters")
         save_pipeline(tmp, vae, text, unet, tokenizer)
+        write_record(tmp, record(seed, steps, vae_steps, cfg, losses, t0, psnr_db))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

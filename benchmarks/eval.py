@@ -34,7 +34,6 @@ def generate_all(pipe, scene_list, steps: int, guidance: float, seed: int) -> np
     for i, s in enumerate(scene_list):
         out.append(pipe.generate(s.caption, steps=steps, guidance=guidance, seed=seed + i,
                                  height=scenes.SIZE, width=scenes.SIZE).images[0])
-        done = (i + 1) / len(scene_list)
         print(f"\r[eval] {i + 1}/{len(scene_list)} images, {time.perf_counter() - t0:.0f}s", end="",
               file=sys.stderr, flush=True)
     print(file=sys.stderr)
@@ -54,8 +53,20 @@ def fid(images: np.ndarray, scene_list, weights) -> float:
                                            scene_features.features(real, weights))
 
 
+def save_grid(path: Path, images: dict, scene_lists: dict, per_split: int = 8) -> None:
+    """The first images of each split with their captions (held-out ones marked), as `sdrt demo` shows them."""
+    from sdrt.demo import grid
+    from sdrt.fileio import save_images
+    tiles, captions = [], []
+    for split in images:
+        for img, s in list(zip(images[split], scene_lists[split]))[:per_split]:
+            tiles.append(img)
+            captions.append(s.caption + (" [held out]" if s.held_out else ""))
+    save_images([grid(tiles, captions)], [path])
+
+
 def evaluate(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 25,
-             guidance: float = 5.0, seed: int = 0) -> dict:
+             guidance: float = 5.0, seed: int = 0, grid_path: Path | None = None) -> dict:
     from sdrt.engine.pipeline import Pipeline
     if n < 2:
         raise UserError(f"--n must be at least 2 (FID needs a covariance), got {n}")
@@ -66,12 +77,15 @@ def evaluate(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 2
     weights = scene_features.load()
     report = {"work_dir": str(work_dir), "backend": pipe.backend_name, "n": n, "steps": steps,
               "guidance": guidance, "seed": seed, "precision": pipe.manifest.get("precision")}
+    images, scene_lists = {}, {}
     for name, held_out in (("seen", False), ("held_out", True)):
-        scene_list = pick(held_out, n, seed)
-        print(f"[eval] {name}: {len(scene_list)} captions", file=sys.stderr)
-        images = generate_all(pipe, scene_list, steps, guidance, seed)
-        report[name] = {**accuracies(images, scene_list), "fid": fid(images, scene_list, weights),
-                        "n": len(scene_list)}
+        scene_lists[name] = pick(held_out, n, seed)
+        print(f"[eval] {name}: {len(scene_lists[name])} captions", file=sys.stderr)
+        images[name] = generate_all(pipe, scene_lists[name], steps, guidance, seed)
+        report[name] = {**accuracies(images[name], scene_lists[name]),
+                        "fid": fid(images[name], scene_lists[name], weights), "n": len(scene_lists[name])}
+    if grid_path:
+        save_grid(grid_path, images, scene_lists)
     return report
 
 
@@ -87,9 +101,17 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(a) -> None:
-    report = evaluate(a.work_dir, a.backend, a.n, a.steps, a.guidance, a.seed)
+def main(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 25, guidance: float = 5.0,
+         seed: int = 0, out: Path | None = None, grid_path: Path | None = None) -> dict:
+    """Evaluate, print the table, write the JSON report and the grid if asked."""
+    for path in (out, grid_path):
+        if path is not None and not Path(path).parent.is_dir():
+            raise UserError(f"cannot write {path}: its folder does not exist")
+    report = evaluate(work_dir, backend, n, steps, guidance, seed, grid_path)
     print(table(report))
-    if a.out:
-        write_json_atomic(a.out, report)
-        print(f"wrote {a.out}")
+    if out:
+        write_json_atomic(out, report)
+        print(f"wrote {out}")
+    if grid_path:
+        print(f"wrote {grid_path}")
+    return report

@@ -1,7 +1,7 @@
 """Train the FID feature classifier of benchmarks/scene_features.py once (torch; about a minute on
 2 CPU cores) and write benchmarks/scene_features.npz (FP16 weights).
 
-    python -m sdrt.benchmarks.train_scene_features [--steps 2000] [--seed 0]
+    python -m sdrt.benchmarks.train_scene_features      (2000 steps, seed 0)
 
 It learns every scene of the domain (held-out combinations included: it is the ruler, not the
 model), with Gaussian pixel noise and random blur, so that generated images with soft edges or
@@ -9,7 +9,6 @@ small colour errors land near their scene rather than off the feature manifold.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
@@ -65,12 +64,8 @@ def train(steps: int, seed: int) -> dict[str, np.ndarray]:
             for i, m in enumerate(layers) for k in ("w", "b")}
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    weights = train(a.steps, a.seed)
+def main(steps: int = 2000, seed: int = 0) -> None:
+    weights = train(steps, seed)
     with atomic_path(WEIGHTS, ".npz") as tmp:
         np.savez(tmp, **weights)
     print(f"wrote {WEIGHTS}")

@@ -163,6 +163,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=5.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, help="also write the report as JSON here")
+    s.add_argument("--grid", type=Path, help="also write a PNG of the first 8 images of each split, captioned")
     s.set_defaults(fn=cmd_eval)
     return p
 

@@ -91,16 +91,21 @@ def grid(images, captions: list[str]):
     return out
 
 
-def main(a) -> None:
-    from sdrt.engine.generate import save_images, timing_table
+def main(root: Path = Path("sdrt-demo"), prompts=None, backend: str = "auto", steps: int = 25,
+         guidance: float = 5.0, seed: int = 0) -> Path:
+    """Export the demo model if needed, draw each prompt (seed, seed + 1, ...), write the captioned
+    grid to root/demo.png and print the last generation's timing table."""
     from sdrt.engine.pipeline import Pipeline
-    prompts = a.prompt or list(PROMPTS)
-    work_dir = demo_export(a.dir)
-    pipe = Pipeline(work_dir, backend=a.backend)
-    print(f"[demo] generating {len(prompts)} image(s) on {pipe.backend_name}, {a.steps} steps, "
-          f"guidance {a.guidance}, seeds {a.seed}..{a.seed + len(prompts) - 1}", file=sys.stderr)
-    results = [pipe.generate(p, steps=a.steps, guidance=a.guidance, seed=a.seed + i) for i, p in enumerate(prompts)]
-    out = a.dir / "demo.png"
+    from sdrt.engine.timing import timing_table
+    from sdrt.fileio import save_images
+    prompts = list(prompts or PROMPTS)
+    work_dir = demo_export(root)
+    pipe = Pipeline(work_dir, backend=backend)
+    print(f"[demo] generating {len(prompts)} image(s) on {pipe.backend_name}, {steps} steps, "
+          f"guidance {guidance}, seeds {seed}..{seed + len(prompts) - 1}", file=sys.stderr)
+    results = [pipe.generate(p, steps=steps, guidance=guidance, seed=seed + i) for i, p in enumerate(prompts)]
+    out = Path(root) / "demo.png"
     save_images([grid([r.images[0] for r in results], prompts)], [out])
     print(f"wrote {out}")
     print(timing_table(results[-1].timings))
+    return out

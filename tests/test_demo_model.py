@@ -174,8 +174,9 @@ def test_cli_bench_defaults_to_the_demo_model(demo_root):
     p = run_cli("bench", "--no-reference", "--backends", "onnxruntime-cpu", "--batches", "1", "--steps", "2",
                 "--runs", "1", "--out", demo_root / "bench", cwd=demo_root)
     assert p.returncode == 0, p.stderr
-    assert "32x32" in p.stdout or "32" in p.stdout
-    assert not (demo_root / "sdrt-demo" / "demo-fp32.tmp").exists()
+    [result] = (demo_root / "bench").glob("*.json")
+    [record] = json.loads(result.read_text())["records"]
+    assert (record["export"], record["height"], record["width"]) == (EXPORT_NAME, scenes.SIZE, scenes.SIZE)
 
 
 def test_cli_eval_small(demo_fp32, tmp_path):

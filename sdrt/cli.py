@@ -8,7 +8,6 @@ from pathlib import Path
 from sdrt.errors import UserError
 
 
-
 def cmd_init(a):
     if a.arch == "demo":
         from sdrt.demo import copy_demo_model
@@ -35,23 +34,26 @@ def cmd_build(a):
 
 
 def cmd_generate(a):
-    from sdrt.engine.generate import main
-    main(a)
+    from sdrt.generate import generate_files
+    generate_files(a.work_dir, a.prompt, a.out, backend=a.backend, negative=a.negative, steps=a.steps,
+                   guidance=a.guidance, height=a.height, width=a.width, batch=a.batch, seed=a.seed,
+                   latents=a.latents, timings=a.timings)
 
 
 def cmd_bench(a):
-    from sdrt.benchmarks.bench import main
-    main(a)
+    from sdrt.benchmarks.bench import bench
+    bench(a.work_dirs, a.reference, backends=a.backends, sizes=a.sizes, steps=a.steps, batches=a.batches,
+          runs=a.runs, warmup=a.warmup, out=a.out, no_reference=a.no_reference)
 
 
 def cmd_memory(a):
     from sdrt.benchmarks.memory import main
-    main(a)
+    main(a.work_dirs, sizes=a.sizes, batches=a.batches, backend=a.backend, out=a.out)
 
 
 def cmd_demo(a):
     from sdrt.demo import main
-    main(a)
+    main(a.dir, a.prompt, backend=a.backend, steps=a.steps, guidance=a.guidance, seed=a.seed)
 
 
 def cmd_train_demo(a):
@@ -62,7 +64,8 @@ def cmd_train_demo(a):
 
 def cmd_eval(a):
     from sdrt.benchmarks.eval import main
-    main(a)
+    main(a.work_dir, backend=a.backend, n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed, out=a.out,
+         grid_path=a.grid)
 
 
 def parser() -> argparse.ArgumentParser:

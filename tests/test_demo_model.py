@@ -162,6 +162,19 @@ def test_cli_demo_grid_and_own_prompt(demo_root):
     assert Image.open(demo_root / "sdrt-demo" / "demo.png").size[0] < grid.size[0]   # one tile
 
 
+def test_demo_reuses_its_export(demo_fp32, tmp_path, monkeypatch):
+    import shutil
+
+    from sdrt import demo
+    from sdrt.export import export
+    shutil.copytree(demo_fp32, tmp_path / EXPORT_NAME)
+    monkeypatch.setattr(export, "export", lambda *a, **k: pytest.fail("export ran again"))
+    assert demo.demo_export(tmp_path) == tmp_path / EXPORT_NAME
+    p = run_cli("demo", "--dir", tmp_path, "--steps", "3", "--prompt", "a small red circle on a blue background")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "demo.png").is_file() and "[demo] sdrt export" not in p.stderr
+
+
 def test_cli_init_demo_copies_the_model(tmp_path):
     p = run_cli("init", tmp_path / "m", "--arch", "demo")
     assert p.returncode == 0, p.stderr

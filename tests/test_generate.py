@@ -145,3 +145,19 @@ def test_generate_missing_or_corrupt_models(tiny_fp32, tmp_path):
     (work / "manifest.json").write_text("{broken")
     assert_user_error(run_cli("generate", work, "x", "--out", out), "corrupt")
     assert not out.exists()
+
+
+def test_manifest_of_an_older_export_with_scaling_factor_still_loads(tiny_fp32, tmp_path):
+    """Exports written before ModelConfig lost scaling_factor (the VAE graph has it folded in)."""
+    import json
+    import shutil
+    work = tmp_path / "old"
+    shutil.copytree(tiny_fp32, work)
+    man = json.loads((work / "manifest.json").read_text())
+    assert "scaling_factor" not in man["config"]
+    man["config"]["scaling_factor"] = 0.18215
+    (work / "manifest.json").write_text(json.dumps(man))
+    lat = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    old = Pipeline(work, "onnxruntime-cpu").generate("a boat", steps=2, latents=lat, height=64, width=64)
+    new = Pipeline(tiny_fp32, "onnxruntime-cpu").generate("a boat", steps=2, latents=lat, height=64, width=64)
+    assert np.array_equal(old.images, new.images)

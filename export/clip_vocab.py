@@ -114,15 +114,19 @@ def word_merges(words) -> list[tuple[str, str]]:
     raise ValueError(f"cannot make every word one token: {broken}")
 
 
-def write_word_tokenizer(dir: Path, words, model_max_length: int) -> Path:
-    """A CLIP-format tokenizer whose merges spell out the given words: each is one token; any other
-    text falls back to byte-level tokens, as in CLIP. Same four files as write_clip_tokenizer."""
-    merges = word_merges(words)
-    dir = Path(dir)
-    dir.mkdir(parents=True, exist_ok=True)
+def write_vocab_merges(dir: Path, merges: list[tuple[str, str]]) -> None:
+    """vocab.json and merges.txt: CLIP's own tokenizer format."""
     write_json(dir / "vocab.json", clip_vocab(merges))
     lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
     (dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_word_tokenizer(dir: Path, words, model_max_length: int) -> Path:
+    """A CLIP-format tokenizer whose merges spell out the given words: each is one token; any other
+    text falls back to byte-level tokens, as in CLIP. Same four files as write_clip_tokenizer."""
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    write_vocab_merges(dir, word_merges(words))
     write_json(dir / "tokenizer_config.json", tokenizer_config(model_max_length))
     write_json(dir / "special_tokens_map.json", special_tokens_map())
     return dir

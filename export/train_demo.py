@@ -221,6 +221,9 @@ def save_pipeline(out: Path, vae, text, unet, tokenizer) -> None:
                                    scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
+    # transformers saves tokenizer.json only; CLIP's own files go beside it (same BPE, any reader)
+    from sdrt.export.clip_vocab import word_merges, write_vocab_merges
+    write_vocab_merges(Path(out) / "tokenizer", word_merges(scenes.WORDS))
 
 
 def record(seed: int, steps: int, vae_steps: int, cfg: dict, losses: list[float], t0: float,

@@ -117,6 +117,18 @@ def test_demo_tokenizer_same_in_sdrt_and_transformers():
     assert ours.encode(["triangle"], 16)[0, 1] == theirs.convert_tokens_to_ids("triangle</w>")
 
 
+def test_demo_tokenizer_clip_files_match_tokenizer_json(tmp_path):
+    """vocab.json + merges.txt (CLIP's format) alone give the same ids as tokenizer.json."""
+    import shutil
+
+    from sdrt.engine.tokenizer import ClipTokenizer
+    shutil.copytree(DEMO_MODEL / "tokenizer", tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer.json").unlink()
+    prompts = [s.caption for s in scenes.all_scenes()[::41]] + ["a zebra, über-purple!"]
+    want = ClipTokenizer.from_dir(DEMO_MODEL / "tokenizer").encode(prompts, 16)
+    assert np.array_equal(ClipTokenizer.from_dir(tmp_path / "tok").encode(prompts, 16), want)
+
+
 # --- the committed model on ONNX Runtime CPU ----------------------------------------------------
 
 def test_demo_model_draws_what_prompts_say(demo_fp32):

@@ -58,9 +58,10 @@ def main(a) -> None:
     if a.out.suffix.lower() not in ("", ".png"):
         raise UserError(f"--out {a.out}: sdrt writes PNG files, give a .png path")
     latents = load_latents(a.latents)
-    pipe = Pipeline(a.work_dir, backend=a.backend)
+    pipe = Pipeline(a.work_dir, backend=a.backend, embeddings=a.embedding)
     result = pipe.generate(a.prompt, negative=a.negative, steps=a.steps, guidance=a.guidance,
-                           height=a.height, width=a.width, batch=a.batch, seed=a.seed, latents=latents)
+                           height=a.height, width=a.width, batch=a.batch, seed=a.seed, latents=latents,
+                           clip_skip=a.clip_skip)
     paths = output_paths(a.out, a.batch)
     save_images(result.pil(), paths)
     for p in paths:

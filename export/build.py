@@ -69,9 +69,13 @@ def parse_dynamic(spec: str | None, batch: int, height: int, width: int, vae_fac
     return {k: {d: ranges[d][i] for d in DIMS} for i, k in enumerate(("min", "opt", "max"))}
 
 
-def profile_for(model: Model, ranges: dict, guidance: bool, vae_factor: int) -> dict:
-    """{input: {"min": [...], "opt": [...], "max": [...]}} via the contract's own dims."""
-    shapes = {k: model.shapes(Dims(**ranges[k], cfg=guidance, vae_factor=vae_factor))
+def profile_for(model: Model, ranges: dict, guidance: bool, vae_factor: int, max_chunks: int = 1,
+                text_len: int = 77) -> dict:
+    """{input: {"min": [...], "opt": [...], "max": [...]}} via the contract's own dims; prompts
+    of 1 chunk (min, opt) to max_chunks chunks of text_len tokens (max)."""
+    chunks = {"min": 1, "opt": 1, "max": max_chunks}
+    shapes = {k: model.shapes(Dims(**ranges[k], cfg=guidance, vae_factor=vae_factor, chunks=chunks[k],
+                                   text_len=text_len))
               for k in ("min", "opt", "max")}
     return {t.name: {k: list(shapes[k][t.name]) for k in ("min", "opt", "max")} for t in model.inputs}
 
@@ -205,7 +209,7 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
 def build(work_dir: Path, backend: str, height: int | None = None, width: int | None = None,
           batch: int = 1, dynamic: str | None = None, opt_level: int | None = None,
           timing_cache: Path | None = None, guidance: bool = True, workspace_mb: int | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, max_prompt_chunks: int = 3) -> dict:
     """Build the runtime's engines; returns {"backend", "built", "up_to_date", "engines"}."""
     work_dir = Path(work_dir)
     if backend not in MODULES:
@@ -223,6 +227,8 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         raise UserError(f"opt level {opt_level} must be 0..5")
     if workspace_mb is not None and workspace_mb <= 0:
         raise UserError(f"workspace {workspace_mb} MB must be positive")
+    if not isinstance(max_prompt_chunks, int) or max_prompt_chunks < 1:
+        raise UserError(f"--max-prompt-chunks {max_prompt_chunks} must be at least 1 (one chunk: 75 tokens)")
     ranges = parse_dynamic(dynamic, batch, height or cfg.default_size, width or cfg.default_size,
                            cfg.vae_factor)
     backend, trt = import_trt(backend)
@@ -230,7 +236,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
     api = _api(trt, backend)
     options = {"opt_level": opt_level, "precision": man.get("precision", "fp16"),
                "strongly_typed": True, "workspace_mb": workspace_mb,
-               "require_user_allocation": api["user_allocation"]}
+               "require_user_allocation": api["user_allocation"], "max_prompt_chunks": max_prompt_chunks}
     cache_bytes = loaded_cache = None
     if timing_cache is not None and api["timing_cache"]:
         timing_cache = Path(timing_cache)
@@ -244,7 +250,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         model = contracts[name]
         entry = mf.load(work_dir).get("engines", {}).get(backend, {}).get(name)
         onnx_hash, files = _current_hash(work_dir, man, name, entry)
-        profile = profile_for(model, ranges, guidance, cfg.vae_factor)
+        profile = profile_for(model, ranges, guidance, cfg.vae_factor, max_prompt_chunks, cfg.text_len)
         key = engine_key(backend, trt, onnx_hash, profile, options, api)
         plan_path = out_dir / f"{name}.plan"
         why = _first_change(entry.get("key") or {}, key, KEY_FIELDS) if entry else None

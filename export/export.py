@@ -22,6 +22,7 @@ from sdrt.export import attention, compose_step, pipeline_folder, to_onnx, valid
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder")
 STEP_MODELS = ("denoise_step_cfg", "denoise_step")
+TOKEN_TABLE = "token_embedding.npy"
 
 
 def say(msg: str) -> None:
@@ -39,7 +40,7 @@ def validation_dims(cfg: ModelConfig) -> Dims:
     """A shape other than the traced one, small enough for 2 CPU cores."""
     h = max(cfg.sample_size // 2, 4)
     return Dims(batch=1, height=h * cfg.vae_factor, width=(h + 4) * cfg.vae_factor, cfg=True,
-                vae_factor=cfg.vae_factor)
+                vae_factor=cfg.vae_factor, chunks=2, text_len=cfg.text_len)  # 2 chunks: a long prompt
 
 
 def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int | None = None,
@@ -77,9 +78,9 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fus
         say(f"[{i}/{len(models)}] {name}: exporting {precision} ...")
         if name in BASE_MODELS:
             module = to_onnx.wrap(name, folder)
-            to_onnx.export(module, model, path, to_onnx.example_inputs(model, to_onnx.trace_dims(cfg.sample_size), cfg.vocab_size),
+            to_onnx.export(module, model, path, _inputs(folder, model, to_onnx.trace_dims(cfg), 0, precision),
                            precision, opset, form)
-            inputs = to_onnx.example_inputs(model, vdims, cfg.vocab_size, seed=1)
+            inputs = _inputs(folder, model, vdims, 1, precision)
             ref = validate.run_torch(module, model, inputs)
         else:
             compose_step.compose(out / "onnx" / models["unet"].onnx, models["unet"], model, path)
@@ -88,6 +89,10 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fus
                                           f"[{i}/{len(models)}]")
         if name in BASE_MODELS:
             records[name]["attention_ops"] = attention.count_ops(to_onnx.onnx_graph(path))
+        if name == "text_encoder":
+            records[name]["validation"]["deepest_clip_skip"] = _check_deepest_clip_skip(module, model, path, inputs,
+                                                                                         precision, cfg.text_layers)
+    token_embedding = _write_token_table(folder, out, precision)
     variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, form, vdims, model_dir)} \
         if ort_fusion else {}
     shutil.copytree(model_dir / "tokenizer", out / "tokenizer")
@@ -96,9 +101,37 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fus
     write_json_atomic(out / mf.NAME, {
         "format": mf.FORMAT, "precision": precision, "opset": opset, "attention": form,
         "config": cfg.to_json(), "models": records, "variants": variants, "engines": {},
+        "token_embedding": token_embedding,
         "source": {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
         "versions": _versions(), "export_s": round(time.perf_counter() - t0, 1)})
     say(f"export done in {time.perf_counter() - t0:.1f} s")
+
+
+def _inputs(folder, model, dims: Dims, seed: int, precision: str) -> dict:
+    """Random contract inputs; the text encoder gets rows of its own token table (real inputs)."""
+    inputs = to_onnx.example_inputs(model, dims, folder.config.vocab_size, seed=seed)
+    if model.name == "text_encoder":
+        table = to_onnx.token_table(folder.text_encoder, precision)
+        inputs["inputs_embeds"] = to_onnx.token_embeddings(table, dims, seed)
+    return inputs
+
+
+def _check_deepest_clip_skip(module, model, path: Path, inputs: dict, precision: str, layers: int) -> dict:
+    """The text encoder validated again at the largest clip skip (the first layer's output)."""
+    inputs = {**inputs, "clip_skip": np.array([layers], np.int32)}
+    record = validate.check(model, validate.run_onnx(path, inputs), validate.run_torch(module, model, inputs),
+                            precision)
+    say(f"  text_encoder at clip skip {inputs['clip_skip'][0]}: rel L2 error {record['rel_l2']:.2e}")
+    return {"clip_skip": int(inputs["clip_skip"][0]), "rel_l2": record["rel_l2"]}
+
+
+def _write_token_table(folder, out: Path, precision: str) -> dict:
+    """WORK_DIR/token_embedding.npy: the rows the runtime looks token ids up in (the graph takes
+    embeddings, so new tokens need no new graph)."""
+    table = to_onnx.token_table(folder.text_encoder, precision)
+    np.save(out / TOKEN_TABLE, table, allow_pickle=False)
+    return {"file": TOKEN_TABLE, "dtype": table.dtype.name, "shape": list(table.shape),
+            "sha256": mf.sha256_file(out / TOKEN_TABLE)}
 
 
 def _validated_record(out: Path, name: str, model, path: Path, inputs: dict, ref: list,
@@ -132,7 +165,7 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
         fp32 = all_models(folder.config, "fp32")["unet"]
         say("[ort] unet: exporting fp32, decomposed attention, for fusion ...")
         to_onnx.export(module, fp32, src, to_onnx.example_inputs(
-            fp32, to_onnx.trace_dims(folder.config.sample_size), folder.config.vocab_size), "fp32",
+            fp32, to_onnx.trace_dims(folder.config), folder.config.vocab_size), "fp32",
             min(opset, attention.TRACE_OPSET_MAX), "decomposed")
     # every torch reference first: the fusion of a 3.4 GB graph needs the memory the modules hold
     unet_in = to_onnx.example_inputs(unet, vdims, folder.config.vocab_size, seed=1)
@@ -161,7 +194,8 @@ def _step_reference(folder, step, dims: Dims, model_dir: Path):
 
     from sdrt.engine import scheduler
     guidance = step.name.endswith("_cfg")
-    d = Dims(dims.batch, dims.height, dims.width, cfg=guidance, vae_factor=dims.vae_factor)
+    d = Dims(dims.batch, dims.height, dims.width, cfg=guidance, vae_factor=dims.vae_factor, chunks=dims.chunks,
+             text_len=dims.text_len)
     sched = scheduler.DDIMConfig.from_json(model_dir / "scheduler" / "scheduler_config.json")
     table = scheduler.step_table(sched, 50, 7.5 if guidance else 1.0)
     k = 10

@@ -21,13 +21,30 @@ def _modules():
     import torch
 
     class TextEncoder(torch.nn.Module):
-        """int32 token ids -> last hidden state (what SD conditions on)."""
+        """Token embeddings -> final_layer_norm(hidden state of layer L - clip_skip + 1).
+
+            h_0 = inputs_embeds + position_embedding        (the token lookup is the runtime's)
+            h_l = layer_l(h_l-1, causal mask),  l = 1..L
+            out = final_layer_norm(h_{L + 1 - clip_skip})  clip_skip 1: h_L, CLIPTextModel's output
+
+        Every layer runs; the chosen one is gathered from their stack, so one graph (and one
+        engine) serves every clip skip. The CLIPTextModel stays `self.m`: its weights keep their
+        names (m.encoder.layers.N...) in the graph."""
         def __init__(self, m):
             super().__init__()
             self.m = m
 
-        def forward(self, input_ids):
-            return self.m(input_ids.long(), return_dict=False)[0]
+        def forward(self, inputs_embeds, clip_skip):
+            from transformers.masking_utils import create_causal_mask
+            h = self.m.embeddings(inputs_embeds=inputs_embeds)
+            mask = create_causal_mask(config=self.m.config, inputs_embeds=h, attention_mask=None, cache=None)
+            states = []
+            for layer in self.m.encoder.layers:
+                h = layer(h, mask, is_causal=True)
+                states.append(h)
+            index = (len(states) - clip_skip).long()                       # [1]
+            chosen = torch.stack(states).index_select(0, index).squeeze(0)  # [rows, 77, D]
+            return self.m.final_layer_norm(chosen)
 
     class UNet(torch.nn.Module):
         def __init__(self, m):
@@ -59,12 +76,12 @@ def wrap(name: str, folder) -> object:
             "vae_decoder": lambda: VaeDecoder(folder.vae)}[name]()
 
 
-def trace_dims(sample_size: int) -> Dims:
-    """Shapes to trace at. The latent size is deliberately not a multiple of the UNet's
-    downsampling, so diffusers forwards skip-connection sizes to its upsamplers and the graph
-    takes any latent size (images in multiples of the VAE factor, not of 64)."""
-    h = max(sample_size // 4, 2) + 1
-    return Dims(batch=1, height=h, width=h + 2, cfg=True, vae_factor=1)
+def trace_dims(cfg) -> Dims:
+    """Shapes to trace at (cfg: the ModelConfig). The latent size is deliberately not a multiple
+    of the UNet's downsampling, so diffusers forwards skip-connection sizes to its upsamplers and
+    the graph takes any latent size (images in multiples of the VAE factor, not of 64)."""
+    h = max(cfg.sample_size // 4, 2) + 1
+    return Dims(batch=1, height=h, width=h + 2, cfg=True, vae_factor=1, text_len=cfg.text_len)
 
 
 def example_inputs(model: Model, dims: Dims, vocab_size: int, seed: int = 0) -> dict:
@@ -74,16 +91,31 @@ def example_inputs(model: Model, dims: Dims, vocab_size: int, seed: int = 0) -> 
     out = {}
     for t in model.inputs:
         shape = t.resolve(dims)
-        if t.name == "input_ids":
-            ids = rng.integers(0, vocab_size - 2, size=shape)
-            ids[:, 0] = vocab_size - 2
-            ids[:, -1] = vocab_size - 1
-            out[t.name] = ids.astype(np.int32)
+        if t.name == "clip_skip":
+            out[t.name] = np.ones(1, np.int32)
         elif t.name == "timestep":
             out[t.name] = np.array([rng.integers(1, 1000)], dtype=np.float32)
         else:
             out[t.name] = rng.standard_normal(shape).astype(t.dtype)
     return out
+
+
+def token_embeddings(table, dims: Dims, seed: int = 0):
+    """Rows of `table` for random prompts: [text_rows, text_len, D], bos first, eos last (the
+    realistic inputs of the text encoder, for tracing and validation)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    vocab = table.shape[0]
+    ids = rng.integers(0, vocab - 2, size=(dims["text_rows"], dims.text_len))
+    ids[:, 0], ids[:, -1] = vocab - 2, vocab - 1
+    return np.ascontiguousarray(table[ids])
+
+
+def token_table(text_encoder, precision: str):
+    """The text encoder's token-embedding table as numpy, in the export's precision."""
+    import numpy as np
+    table = text_encoder.get_input_embeddings().weight.detach().float().numpy()
+    return table.astype(np.float16 if precision == "fp16" else np.float32)
 
 
 def export(module, model: Model, out_path: Path, inputs: dict, precision: str, opset: int,

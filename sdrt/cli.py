@@ -26,7 +26,7 @@ def cmd_build(a):
     from sdrt.export.build import build
     build(a.work_dir, a.backend, height=a.height, width=a.width, batch=a.batch, dynamic=a.dynamic,
           opt_level=a.opt_level, timing_cache=a.timing_cache, guidance=not a.no_guidance,
-          workspace_mb=a.workspace_mb)
+          workspace_mb=a.workspace_mb, max_prompt_chunks=a.max_prompt_chunks)
 
 
 def cmd_generate(a):
@@ -84,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timing-cache", type=Path)
     s.add_argument("--workspace-mb", type=int, help="builder memory limit (Jetson: keep it small)")
     s.add_argument("--no-guidance", action="store_true", help="build the step for guidance <= 1 (no CFG)")
+    s.add_argument("--max-prompt-chunks", type=int, default=3,
+                   help="longest prompt the engines take, in chunks of 75 tokens (text length 77..77*K)")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("generate", help="text to image")
@@ -133,6 +135,10 @@ def add_generate_args(s) -> None:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--seed", type=int)
     s.add_argument("--latents", type=Path, help=".npy of shape [B, C, H/f, W/f]")
+    s.add_argument("--clip-skip", type=int, default=1,
+                   help="text encoder layer to condition on, counted from the last: 1 = last (default), 2 = penultimate")
+    s.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="textual-inversion embedding (.safetensors, .bin, .pt); repeatable")
     # checked by open_backend, so a wrong name is one line like every other mistake
     s.add_argument("--backend", default="auto",
                    help="auto, tensorrt, tensorrt-rtx, onnxruntime-cuda or onnxruntime-cpu")

@@ -141,7 +141,8 @@ class Pipeline:
     def check_chunks(self, chunks: int) -> None:
         """Engines built with a fixed prompt-length range refuse longer prompts: say so first."""
         built = self.manifest.get("engines", {}).get(self.backend.name, {})
-        limit = min((e["key"]["options"].get("max_prompt_chunks", 1) for e in built.values()), default=None)
+        limit = min((e["key"]["options"]["max_prompt_chunks"] for e in built.values()
+                     if "max_prompt_chunks" in e["key"]["options"]), default=None)
         if limit is not None and chunks > limit:
             raise UserError(f"the prompt needs {chunks} chunks of {self.config.text_len - 2} tokens; the "
                             f"{self.backend.name} engines take at most {limit}: run `sdrt build "

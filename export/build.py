@@ -80,6 +80,12 @@ def profile_for(model: Model, ranges: dict, guidance: bool, vae_factor: int, max
     return {t.name: {k: list(shapes[k][t.name]) for k in ("min", "opt", "max")} for t in model.inputs}
 
 
+def model_options(model: Model, options: dict, max_prompt_chunks: int) -> dict:
+    """The options one engine is keyed by: models that take text record the prompt-chunk limit."""
+    takes_text = any(d in ("text_rows", "text_seq") for t in model.inputs for d in t.shape)
+    return {**options, "max_prompt_chunks": max_prompt_chunks} if takes_text else options
+
+
 # ---- building -------------------------------------------------------------------------------------
 
 def _logger(trt):
@@ -151,6 +157,26 @@ def check_attention_support(trt, backend: str, form: str) -> None:
                         f"export again with --attention decomposed")
 
 
+def allow_decomposed_attention(network, trt) -> int:
+    """Prompt lengths as a range (77..77K): TensorRT has no fused attention kernel for every key
+    length of the cross attention (RTX 1.7 refuses the build), so each attention may fall back
+    to MatMul/Softmax/MatMul where no fused kernel fits; where one fits it is still used.
+    Returns how many attentions were marked."""
+    marked = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == getattr(trt.LayerType, "ATTENTION_INPUT", None):
+            layer = _as(trt, layer, "IAttentionInputLayer")
+            layer.attention.decomposable = True
+            marked += 1
+    return marked
+
+
+def _as(trt, layer, cls: str):
+    layer.__class__ = getattr(trt, cls)   # the bindings' way to reach a layer's own interface
+    return layer
+
+
 def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile: dict,
                options: dict, cache_bytes: bytes | None, progress: bool):
     """Parse + build one model: (plan bytes, build seconds, timing cache bytes or None)."""
@@ -170,6 +196,8 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
                    else "export again")
             raise UserError(f"cannot parse {files[0]}{where}: {' '.join(e.desc().split())}: {fix}")
         _check_network(network, model, trt, files[0])
+        if options.get("max_prompt_chunks", 1) > 1:
+            allow_decomposed_attention(network, trt)
         prof = builder.create_optimization_profile()
         for name, p in profile.items():
             prof.set_shape(name, p["min"], p["opt"], p["max"])  # min/opt/max for profile 0
@@ -236,7 +264,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
     api = _api(trt, backend)
     options = {"opt_level": opt_level, "precision": man.get("precision", "fp16"),
                "strongly_typed": True, "workspace_mb": workspace_mb,
-               "require_user_allocation": api["user_allocation"], "max_prompt_chunks": max_prompt_chunks}
+               "require_user_allocation": api["user_allocation"]}
     cache_bytes = loaded_cache = None
     if timing_cache is not None and api["timing_cache"]:
         timing_cache = Path(timing_cache)
@@ -251,7 +279,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         entry = mf.load(work_dir).get("engines", {}).get(backend, {}).get(name)
         onnx_hash, files = _current_hash(work_dir, man, name, entry)
         profile = profile_for(model, ranges, guidance, cfg.vae_factor, max_prompt_chunks, cfg.text_len)
-        key = engine_key(backend, trt, onnx_hash, profile, options, api)
+        key = engine_key(backend, trt, onnx_hash, profile, model_options(model, options, max_prompt_chunks), api)
         plan_path = out_dir / f"{name}.plan"
         why = _first_change(entry.get("key") or {}, key, KEY_FIELDS) if entry else None
         if (entry and why is None and plan_path.is_file()
@@ -262,7 +290,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
             continue
         print(f"building {name} ({backend} {trt.__version__}{', ' + why if why else ''}) …",
               file=sys.stderr, flush=True)
-        plan, seconds, cache_bytes2 = _build_one(trt, api, backend, model, files, profile, options,
+        plan, seconds, cache_bytes2 = _build_one(trt, api, backend, model, files, profile, key["options"],
                                                  cache_bytes, progress)
         if cache_bytes2 is not None:
             cache_bytes = cache_bytes2

@@ -178,9 +178,14 @@ def test_clip_skip_changes_the_image(pipe32):
     assert psnr(a.images, b.images) < 40
 
 
-def test_weighted_prompt_matches_diffusers(biased_fp32, biased_torch):
+@pytest.fixture(scope="module")
+def biased_pipe(biased_fp32):
+    return Pipeline(biased_fp32, backend="onnxruntime-cpu")
+
+
+def test_weighted_prompt_matches_diffusers(biased_pipe, biased_torch):
     """Emphasis against the web UI's rule written in torch on diffusers' own text encoder."""
-    torch_parts, pipe32 = biased_torch, Pipeline(biased_fp32, backend="onnxruntime-cpu")
+    torch_parts, pipe32 = biased_torch, biased_pipe
     tok = torch_parts.tokenizer
     segments = [("a ", 1.0), ("red fox", 2.5 * 1.1), (" in ", 1.0), ("the ", 0.2), ("snow", 0.2 / 1.1)]
     ids, weights = [], []
@@ -193,16 +198,16 @@ def test_weighted_prompt_matches_diffusers(biased_fp32, biased_torch):
     lat = latents(9)
     cond = encode(torch_parts, [chunk], 1, weights=[chunk_w])
     uncond = encode(torch_parts, reference_chunks(tok, "ugly"), 1)
-    ref = diffusers_from_embeds(torch_parts, cond, uncond, lat)
-    res = pipe32.generate("a ((red fox:2.5)) in (the [snow]:0.2)", negative="ugly", steps=8, height=H,
+    ref = diffusers_from_embeds(torch_parts, cond, uncond, lat, steps=6)
+    res = pipe32.generate("a ((red fox:2.5)) in (the [snow]:0.2)", negative="ugly", steps=6, height=H,
                           width=W, latents=lat)
     assert psnr(res.images, ref) >= 50, psnr(res.images, ref)
-    plain = pipe32.generate("a red fox in the snow", negative="ugly", steps=8, height=H, width=W, latents=lat)
+    plain = pipe32.generate("a red fox in the snow", negative="ugly", steps=6, height=H, width=W, latents=lat)
     assert psnr(plain.images, res.images) < 40            # the weights did change the image
 
 
-def test_weight_one_is_exactly_the_plain_prompt(biased_fp32):
-    pipe32 = Pipeline(biased_fp32, backend="onnxruntime-cpu")
+def test_weight_one_is_exactly_the_plain_prompt(biased_pipe):
+    pipe32 = biased_pipe
     lat = latents(11)
     plain = pipe32.generate("a red fox in the snow", negative="blurry", steps=5, height=H, width=W, latents=lat)
     for prompt in ("a (red:1.0) fox in the snow", "a red (fox:1.0) in (the snow:1)"):
@@ -211,9 +216,10 @@ def test_weight_one_is_exactly_the_plain_prompt(biased_fp32):
 
 
 def test_long_prompt_gets_its_own_shape_plan(pipe32):
+    k = len(pipe32.conditioning(()).chunks(LONG))
     pipe32.generate("a fox", steps=2, height=H, width=W, seed=1)
     pipe32.generate(LONG, steps=2, height=H, width=W, seed=1)
-    assert {d.chunks for d in pipe32.plans} >= {1, 3}
+    assert k >= 3 and {d.chunks for d in pipe32.plans} >= {1, k}
 
 
 def test_engine_prompt_limit_is_one_line(pipe32):
@@ -224,7 +230,8 @@ def test_engine_prompt_limit_is_one_line(pipe32):
         "text_encoder": {"key": {"options": {"max_prompt_chunks": 2}}},
         "vae_decoder": {"key": {"options": {}}}}}}
     from sdrt.errors import UserError
-    with pytest.raises(UserError, match=r"needs 3 chunks .* at most 2: run `sdrt build .* --max-prompt-chunks 3`"):
+    k = len(pipe32.conditioning(()).chunks(LONG))
+    with pytest.raises(UserError, match=rf"needs {k} chunks .* at most 2: run `sdrt build .* --max-prompt-chunks {k}`"):
         pipe.generate(LONG, steps=2, height=H, width=W, seed=1)
 
 
@@ -240,10 +247,13 @@ def test_cli_clip_skip_and_unbalanced_warning(tiny_fp32, tmp_path):
     assert out.is_file()
 
 
-@pytest.mark.parametrize("value", ["0", "3", "-1"])
-def test_cli_bad_clip_skip(tiny_fp32, tmp_path, value):
+def test_bad_clip_skip(tiny_fp32, pipe32, tmp_path):
+    from sdrt.errors import UserError
+    for value in (0, -1, 2.0):
+        with pytest.raises(UserError, match=f"clip skip {value} must be 1..2"):
+            pipe32.generate("x", steps=2, height=H, width=W, clip_skip=value)
     out = tmp_path / "o.png"
-    p = run_cli("generate", tiny_fp32, "x", "--clip-skip", value, "--steps", "2", "--height", "64",
+    p = run_cli("generate", tiny_fp32, "x", "--clip-skip", "3", "--steps", "2", "--height", "64",
                 "--width", "64", "--backend", "onnxruntime-cpu", "--out", out)
-    assert_user_error(p, f"clip skip {value}", "1..2")
+    assert_user_error(p, "clip skip 3", "1..2")
     assert not out.exists()

@@ -125,7 +125,8 @@ def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str =
     check_size(height, width, cfg.vae_factor)
     if batch <= 0:
         raise UserError(f"batch {batch} must be positive")
-    dims = Dims(batch=batch, height=height, width=width, cfg=True, vae_factor=cfg.vae_factor)
+    dims = Dims(batch=batch, height=height, width=width, cfg=True, vae_factor=cfg.vae_factor,
+                text_len=cfg.text_len)   # a one-chunk prompt (77 tokens)
     engines = man.get("engines", {}).get(backend, {})
     out = {}
     for name in MODELS:

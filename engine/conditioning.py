@@ -8,8 +8,8 @@ to the text encoder's output. numpy only.
     z'          = z * w;  z' *= mean(z) / mean(z')        per chunk (all 77 positions), the web UI's rule
     cond        = z' viewed as [rows, 77 * k, D]         what the UNet attends to
 
-Textual inversion: an embedding's vectors become new rows of the table under new tokens (token,
-token_1, ...), which the tokenizer learns as added tokens; a multi-vector token in a prompt is
+Textual inversion: an embedding's vectors are looked up under new token ids (token, token_1, ...),
+which the tokenizer learns as added tokens; a multi-vector token in a prompt is
 expanded to "token token_1 ..." as diffusers does. The text encoder never changes.
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ class Conditioning:
     def __init__(self, tokenizer: ClipTokenizer, table: np.ndarray, text_len: int, embeddings=()):
         self.text_len = text_len
         self.embeddings = [embedding_files.load(e) for e in embeddings]
-        self.tokenizer, self.table = add_embeddings(tokenizer, table, self.embeddings)
+        self.table = table                   # the model's rows, shared (never copied)
+        self.tokenizer, self.added = add_embeddings(tokenizer, table, self.embeddings)
         self.multi = {self.tokenizer.backend.token_to_id(e.token): expanded(e)
                       for e in self.embeddings if len(e.vectors) > 1}
 
@@ -93,8 +94,12 @@ class Conditioning:
                       np.concatenate([padded[p].weights for p in prompts]))
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
-        """Token embeddings [*ids.shape, D] in the table's dtype (the text encoder's input)."""
-        return self.table[ids]
+        """Token embeddings [*ids.shape, D] in the table's dtype (the text encoder's input): the
+        model's rows, and the embeddings' vectors at their added ids."""
+        out = self.table[np.minimum(ids, len(self.table) - 1)]
+        for token_id, vector in self.added.items():
+            out[ids == token_id] = vector
+        return out
 
 
 def pad_chunks(c: Chunks, k: int, empty: Chunks) -> Chunks:
@@ -113,9 +118,9 @@ def vector_tokens(e) -> list[str]:
 
 
 def add_embeddings(tokenizer: ClipTokenizer, table: np.ndarray, embeddings: list):
-    """(tokenizer with the new tokens, table with their vectors at the new ids)."""
+    """(tokenizer with the new tokens, {new id: vector in the table's dtype})."""
     if not embeddings:
-        return tokenizer, table
+        return tokenizer, {}
     width = table.shape[1]
     for e in embeddings:
         if e.vectors.shape[1] != width:
@@ -125,12 +130,8 @@ def add_embeddings(tokenizer: ClipTokenizer, table: np.ndarray, embeddings: list
     if len(set(tokens)) != len(tokens):
         raise UserError(f"two embeddings use the same token: give each its own with FILE:TOKEN")
     tok = tokenizer.with_added_tokens(tokens)
-    ids = [tok.backend.token_to_id(t) for t in tokens]
-    rows = max(table.shape[0], max(ids) + 1)
-    out = np.zeros((rows, width), table.dtype)
-    out[:table.shape[0]] = table
-    out[ids] = np.concatenate([e.vectors for e in embeddings]).astype(table.dtype)
-    return tok, out
+    vectors = np.concatenate([e.vectors for e in embeddings]).astype(table.dtype)
+    return tok, {tok.backend.token_to_id(t): v for t, v in zip(tokens, vectors)}
 
 
 def emphasize(z: np.ndarray, weights: np.ndarray) -> np.ndarray:

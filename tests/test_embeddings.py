@@ -88,9 +88,11 @@ def test_multi_vector_expands_as_diffusers(tiny_fp32, files, tiny_dir):
     prompt = "Snowstyle snowstyle, moodlight:<cat-toy>"
     expanded = "Snowstyle snowstyle snowstyle_1 snowstyle_2, moodlight moodlight_1:<cat-toy>"
     assert cond.chunks(prompt).ids[0].tolist() == tok(expanded, padding="max_length", max_length=77).input_ids
-    ids = cond.chunks("snowstyle").ids[0][1:4]
-    np.testing.assert_array_equal(cond.table[ids], embedding_files.load(files / "web-ui.pt").vectors)
-    assert cond.table[:len(table)].tobytes() == table.tobytes()        # the model's rows untouched
+    ids = cond.chunks("snowstyle a").ids[0]
+    e = cond.lookup(ids)
+    np.testing.assert_array_equal(e[1:4], embedding_files.load(files / "web-ui.pt").vectors)
+    np.testing.assert_array_equal(e[[0, 4, 5, 6]], table[ids[[0, 4, 5, 6]]])   # bos, "a", eos, pad
+    assert cond.table is table                                                 # the model's rows, not a copy
 
 
 def test_token_override_and_defaults(files):

@@ -41,8 +41,7 @@ class Result:
 
 @dataclass
 class Plan:
-    """Everything bound for one (batch, size, guidance) shape."""
-    dims: Dims
+    """Everything bound for one (batch, size, guidance) shape (self.plans is keyed by its Dims)."""
     buf: dict
     text: object
     steps: list                               # two launch functions: even and odd steps
@@ -105,7 +104,7 @@ class Pipeline:
         buf["step_table"].write(table)
         clock.mark("start")
         plan.text.run()
-        if (text.weights != 1.0).any():       # emphasis: one round trip of the embeddings
+        if (text.weights != 1.0).any():       # emphasis: a round trip (and sync) of the embeddings
             z = buf["text_rows"].read()
             buf["text_rows"].write(emphasize(z, text.weights))
         clock.mark("text_encoder")
@@ -116,7 +115,7 @@ class Pipeline:
             buf["latents_0"].copy_from(buf["latents_1"])
         plan.vae.run()
         clock.mark("vae")
-        image = buf["image"].read()            # the one sync
+        image = buf["image"].read()            # the one sync: uploads, steps and VAE were only queued
         timings = self.timings(clock, t0, t_tok)
         timings["setup_ms"] = (t_plan - t_tok) * 1e3 if fresh else 0.0  # buffers, bindings, graphs
         return Result(to_uint8(image), timings)
@@ -195,7 +194,7 @@ class Pipeline:
                                   "step_table": buf["step_table"]}, step.shapes(dims))
             steps.append(b)
         vae_b = be.runner(vae, dims).bind({"latents": buf["latents_0"], "image": buf["image"]}, vae.shapes(dims))
-        return Plan(dims, buf, text, [be.launcher(b) for b in steps], vae_b)
+        return Plan(buf, text, [be.launcher(b) for b in steps], vae_b)
 
     def timings(self, clock: Clock, t0: float, t_tok: float) -> dict:
         stages = clock.durations_ms()

@@ -88,5 +88,4 @@ def model_config(text, unet, vae) -> ModelConfig:
     return ModelConfig(text_len=t.max_position_embeddings, text_dim=t.hidden_size,
                        text_layers=t.num_hidden_layers,
                        vocab_size=t.vocab_size, latent_channels=v.latent_channels,
-                       vae_factor=2 ** (len(v.block_out_channels) - 1),
-                       scaling_factor=float(v.scaling_factor), sample_size=int(u.sample_size))
+                       vae_factor=2 ** (len(v.block_out_channels) - 1), sample_size=int(u.sample_size))

@@ -8,7 +8,6 @@ from pathlib import Path
 from sdrt.errors import UserError
 
 
-
 def cmd_init(a):
     from sdrt.export.init_models import init
     out = init(a.dir, a.arch, seed=a.seed, force=a.force)
@@ -30,23 +29,26 @@ def cmd_build(a):
 
 
 def cmd_generate(a):
-    from sdrt.engine.generate import main
-    main(a)
+    from sdrt.generate import generate_files
+    generate_files(a.work_dir, a.prompt, a.out, backend=a.backend, negative=a.negative, steps=a.steps,
+                   guidance=a.guidance, height=a.height, width=a.width, batch=a.batch, seed=a.seed,
+                   latents=a.latents, timings=a.timings, clip_skip=a.clip_skip, embeddings=a.embedding)
 
 
 def cmd_bench(a):
-    from sdrt.benchmarks.bench import main
-    main(a)
+    from sdrt.benchmarks.bench import bench
+    bench(a.work_dirs, a.reference, backends=a.backends, sizes=a.sizes, steps=a.steps, batches=a.batches,
+          runs=a.runs, warmup=a.warmup, out=a.out, no_reference=a.no_reference)
 
 
 def cmd_memory(a):
     from sdrt.benchmarks.memory import main
-    main(a)
+    main(a.work_dirs, sizes=a.sizes, batches=a.batches, backend=a.backend, out=a.out)
 
 
 def cmd_demo(a):
-    from sdrt.engine.demo import main
-    main(a)
+    from sdrt.demo import main
+    main(a.dir, a.prompt)
 
 
 def parser() -> argparse.ArgumentParser:

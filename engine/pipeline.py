@@ -83,6 +83,7 @@ class Pipeline:
         """prompt/negative: any length (77-token chunks), emphasis syntax (sdrt.engine.prompt_parser).
         clip_skip: the web UI's numbering, 1 = last layer. embeddings: None = the pipeline's."""
         t0 = time.perf_counter()
+        check_batch(batch)
         cond = self.conditioning(self.embeddings if embeddings is None else embeddings)
         layers = self.check_clip_skip(clip_skip)
         table = scheduler.step_table(self.scheduler, steps, guidance)   # also checks steps
@@ -123,8 +124,7 @@ class Pipeline:
     def dims(self, height, width, batch, guidance, chunks=1) -> Dims:
         height = self.config.default_size if height is None else height
         width = self.config.default_size if width is None else width
-        if not isinstance(batch, int) or batch <= 0:
-            raise UserError(f"batch must be a positive integer, got {batch}")
+        check_batch(batch)
         check_size(height, width, self.config.vae_factor)
         self.check_chunks(chunks)
         return Dims(batch, height, width, cfg=guidance > 1.0, vae_factor=self.config.vae_factor,
@@ -204,6 +204,11 @@ class Pipeline:
                 "text_encoder_ms": t["text_encoder"], "steps_ms": steps,
                 "unet_step_ms": float(np.median(steps)), "denoise_ms": float(sum(steps)),
                 "vae_ms": t["vae"], "total_ms": (time.perf_counter() - t0) * 1e3}
+
+
+def check_batch(batch) -> None:
+    if not isinstance(batch, int) or batch <= 0:
+        raise UserError(f"batch must be a positive integer, got {batch}")
 
 
 def load_token_table(work_dir: Path, manifest: dict) -> np.ndarray:

@@ -43,7 +43,7 @@ def _modules():
                 h = layer(h, mask, is_causal=True)
                 states.append(h)
             index = (len(states) - clip_skip).long()                       # [1]
-            chosen = torch.stack(states).index_select(0, index).squeeze(0)  # [rows, 77, D]
+            chosen = torch.stack(states).index_select(0, index).reshape(h.shape)  # [rows, 77, D]
             return self.m.final_layer_norm(chosen)
 
     class UNet(torch.nn.Module):

@@ -28,8 +28,10 @@ def _modules():
             out = final_layer_norm(h_{L + 1 - clip_skip})  clip_skip 1: h_L, CLIPTextModel's output
 
         Every layer runs; the chosen one is gathered from their stack, so one graph (and one
-        engine) serves every clip skip. The CLIPTextModel stays `self.m`: its weights keep their
-        names (m.encoder.layers.N...) in the graph."""
+        engine) serves every clip skip. The CLIPTextModel stays `self.m`, so the graph's weights
+        are what they were with token ids: initializers named m.encoder.layers.N... (layer norms,
+        biases) and the Linear weights as the exporter's transposed MatMul initializers; only the
+        token table left the graph (WORK_DIR/token_embedding.npy)."""
         def __init__(self, m):
             super().__init__()
             self.m = m

@@ -275,7 +275,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         raise UserError(f"workspace {workspace_mb} MB must be positive")
     if not isinstance(max_prompt_chunks, int) or max_prompt_chunks < 1:
         raise UserError(f"--max-prompt-chunks {max_prompt_chunks} must be at least 1 (one chunk: 75 tokens)")
-    ranges = parse_dynamic(dynamic, batch, height or cfg.default_size, width or cfg.default_size,
+    ranges = parse_dynamic(dynamic, batch, height or cfg.default_height, width or cfg.default_width,
                            cfg.vae_factor)
     backend, trt = import_trt(backend)
     check_attention_support(trt, backend, man.get("attention", "decomposed"))
@@ -297,7 +297,8 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         entry = mf.load(work_dir).get("engines", {}).get(backend, {}).get(name)
         onnx_hash, files = current_hash(work_dir, man, name, entry)
         profile = profile_for(model, ranges, guidance, cfg.vae_factor, max_prompt_chunks, cfg.text_len)
-        key = engine_key(backend, trt, onnx_hash, profile, model_options(model, options, max_prompt_chunks))
+        key = engine_key(backend, trt, onnx_hash, profile, model_options(
+            model, {**options, "precision": mf.model_precision(man, name)}, max_prompt_chunks))
         plan_path = out_dir / f"{name}.plan"
         why = first_change(entry.get("key") or {}, key) if entry else None
         if (entry and why is None and plan_path.is_file()

@@ -1,10 +1,10 @@
 """Text to image: prompt -> token ids -> embeddings -> latents -> image, over any backend.
 
-    ids     = tokenize([negative] * B + [prompt] * B)          (CFG: unconditional rows first)
-    emb     = text_encoder(ids)
+    ids, w  = chunks([negative] * B + [prompt] * B)            (CFG: unconditional rows first)
+    emb     = emphasize(text_encoder(table[ids], clip_skip), w)  77-token chunks, see conditioning
     x_T     = N(0, I) from the seed, or the given latents
     for i in range(steps): launch(step graph i % 2)             UNet + CFG + DDIM, in one graph
-    image   = vae_decoder(x_0)
+    image   = vae_decoder(x_0)                                 in slices of the batch if asked
 
 All buffers of a shape plan are allocated once and bound once. The step graph reads its per-step
 values from a device table (`step_table[step_index]`) and writes `step_index + 1`; two bindings
@@ -14,15 +14,16 @@ host sync and no re-binding inside the loop.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from sdrt import manifest as mf
 from sdrt.contract import Dims, check_size
-from sdrt.engine import backends, scheduler
-from sdrt.engine.buffers import DeviceBuffer, HostBuffer
+from sdrt.engine import backends, cuda, scheduler, vae_slices
+from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows
+from sdrt.engine.conditioning import Conditioning, emphasize
 from sdrt.engine.timing import Clock
 from sdrt.engine.tokenizer import ClipTokenizer
 from sdrt.errors import UserError
@@ -43,65 +44,150 @@ class Plan:
     """Everything bound for one (batch, size, guidance) shape (self.plans is keyed by its Dims)."""
     buf: dict
     text: object
-    steps: list                               # two launch functions: even and odd steps
-    vae: object
+    steps: list                               # two cuda.Launch: even and odd steps
+    vae: dict                                 # {slice size: [bindings, one per slice]}
+    vae_batch: int                            # slice size when the caller gives none
+
+    @property
+    def graph(self) -> tuple[str, str]:
+        """(path, error) of the step launches: sdrt | onnxruntime | none, and why not sdrt."""
+        paths = sorted({s.graph for s in self.steps})
+        return "/".join(paths), next((s.error for s in self.steps if s.error), "")
 
 
 class Pipeline:
-    def __init__(self, work_dir: Path, backend: str = "auto", ort_fusion: bool = True):
+    """embeddings: textual-inversion files ("FILE[:TOKEN]" or (FILE, TOKEN)) for every generate
+    call that does not name its own."""
+
+    def __init__(self, work_dir: Path, backend: str = "auto", ort_fusion: bool = True, embeddings=()):
         self.work_dir = Path(work_dir)
         self.manifest = mf.load(self.work_dir)
         self.config = mf.config(self.manifest)
         self.models = mf.models(self.manifest)
         self.tokenizer = ClipTokenizer.from_dir(self.work_dir / "tokenizer")
+        self.token_table = load_token_table(self.work_dir, self.manifest)
+        self.conditionings: dict[tuple, Conditioning] = {}
+        self.embeddings = tuple(embeddings)
+        self.conditioning(self.embeddings)               # bad files fail here, before any session
         self.scheduler = scheduler.DDIMConfig.from_json(self.work_dir / "scheduler" / "scheduler_config.json")
         self.backend = backends.open_backend(backend, self.work_dir, self.manifest, ort_fusion)
         self.plans: dict[Dims, Plan] = {}
+        self.graph: tuple[str, str] = ("", "")  # (path, error) of the last generation's step
 
     @property
     def backend_name(self) -> str:
         return self.backend.name
 
+    def conditioning(self, embeddings) -> Conditioning:
+        """Tokenizer + token table with these embeddings' tokens (kept per set of files)."""
+        key = tuple(map(str, embeddings))
+        if key not in self.conditionings:
+            self.conditionings[key] = Conditioning(self.tokenizer, self.token_table, self.config.text_len,
+                                                   embeddings)
+        return self.conditionings[key]
+
     def generate(self, prompt, negative="", steps=50, guidance=7.5, height=None, width=None,
-                 batch=1, seed=None, latents=None) -> Result:
+                 batch=1, seed=None, latents=None, vae_batch=None, clip_skip=1, embeddings=None) -> Result:
+        """prompt/negative: any length (77-token chunks), emphasis syntax (sdrt.engine.prompt_parser).
+        clip_skip: the web UI's numbering, 1 = last layer. embeddings: None = the pipeline's.
+        vae_batch: decode in slices of this many images (None: the whole batch, or what fits
+        the free device memory; see sdrt.engine.vae_slices)."""
         t0 = time.perf_counter()
-        dims = self.dims(height, width, batch, guidance)
+        check_batch(batch)
+        if vae_batch is not None and (not isinstance(vae_batch, int) or vae_batch <= 0):
+            raise UserError(f"vae batch must be a positive integer, got {vae_batch}")
+        cond = self.conditioning(self.embeddings if embeddings is None else embeddings)
+        layers = self.check_clip_skip(clip_skip)
         table = scheduler.step_table(self.scheduler, steps, guidance)   # also checks steps
+        rows = [negative] * batch + [prompt] * batch if guidance > 1.0 else [prompt] * batch
+        text = cond.rows(rows)                 # ids, weights [rows * k, 77]
+        dims = self.dims(height, width, batch, guidance, chunks=len(text.ids) // len(rows))
         x_T = self.initial_latents(dims, seed, latents)
-        rows = [negative] * batch + [prompt] * batch if dims.cfg else [prompt] * batch
-        ids = self.tokenizer.encode(rows, self.config.text_len)
+        embeds = cond.lookup(text.ids)
         t_tok = time.perf_counter()
 
         fresh = dims not in self.plans
         plan = self.plan(dims)
+        vae_size = min(vae_batch or plan.vae_batch, batch)
+        vae_runs = self.vae_bindings(plan, dims, vae_size)
         t_plan = time.perf_counter()
         buf, clock = plan.buf, Clock(self.backend.stream)
-        buf["input_ids"].write(ids)
+        buf["inputs_embeds"].write(embeds)
+        buf["clip_skip"].write(layers)
         buf["latents_0"].write(x_T)
         buf["step_index_0"].write(np.zeros(1, np.int32))
         buf["step_table"].write(table)
         clock.mark("start")
         plan.text.run()
+        if (text.weights != 1.0).any():       # emphasis: a round trip (and sync) of the embeddings
+            z = buf["text_rows"].read()
+            buf["text_rows"].write(emphasize(z, text.weights))
         clock.mark("text_encoder")
         for i in range(steps):
-            plan.steps[i % 2]()
+            plan.steps[i % 2].run()
             clock.mark("step")
         if steps % 2:                          # x_0 landed in the odd buffer; the VAE reads latents_0
             buf["latents_0"].copy_from(buf["latents_1"])
-        plan.vae.run()
+        for vae in vae_runs:
+            vae.run()
         clock.mark("vae")
         image = buf["image"].read()            # the one sync: uploads, steps and VAE were only queued
+        self.check_finite(image, buf)
         timings = self.timings(clock, t0, t_tok)
         timings["setup_ms"] = (t_plan - t_tok) * 1e3 if fresh else 0.0  # buffers, bindings, graphs
+        self.graph = plan.graph
+        timings["graph"], timings["graph_error"] = plan.graph
+        timings["vae_batch"] = vae_size
         return Result(to_uint8(image), timings)
 
-    def dims(self, height, width, batch, guidance) -> Dims:
-        height = self.config.default_size if height is None else height
-        width = self.config.default_size if width is None else width
-        if not isinstance(batch, int) or batch <= 0:
-            raise UserError(f"batch must be a positive integer, got {batch}")
+    # model -> (its name for people, the export flag that makes it FP32), upstream first
+    FP32_FLAGS = {"text_encoder": ("text encoder", "--text-encoder-precision fp32"),
+                  "unet": ("UNet", "--precision fp32"),
+                  "vae_decoder": ("VAE decoder", "--vae-precision fp32")}
+
+    def check_finite(self, image: np.ndarray, buf: dict) -> None:
+        """FP16 that fails loudly: real weights (SD 2.x, many fine-tuned VAEs) can overflow FP16
+        where the export's random-input validation did not, giving NaN -> black images. Once per
+        call, after the sync: the image and the final latents (a small read); on a non-finite
+        value, the embeddings too, to name the first model that produced it."""
+        finite = lambda name: bool(np.isfinite(buf[name].read()).all())
+        if np.isfinite(image).all() and finite("latents_0"):
+            return
+        if finite("latents_0"):
+            bad = "vae_decoder"
+        else:
+            bad = "unet" if finite("text_embeddings") else "text_encoder"
+        what, flag = self.FP32_FLAGS[bad]
+        precision = mf.model_precision(self.manifest, bad)
+        fix = (f"export again with {flag} (sdrt export MODEL {self.work_dir} ... {flag})" if precision == "fp16"
+               else "its weights give non-finite values even in FP32")
+        raise UserError(f"the {what} ({precision}) produced NaN/inf values, no image written: {fix}")
+
+    def dims(self, height, width, batch, guidance, chunks=1) -> Dims:
+        height = self.config.default_height if height is None else height
+        width = self.config.default_width if width is None else width
+        check_batch(batch)
         check_size(height, width, self.config.vae_factor)
-        return Dims(batch, height, width, cfg=guidance > 1.0, vae_factor=self.config.vae_factor)
+        self.check_chunks(chunks)
+        return Dims(batch, height, width, cfg=guidance > 1.0, vae_factor=self.config.vae_factor,
+                    chunks=chunks, text_len=self.config.text_len)
+
+    def check_clip_skip(self, clip_skip) -> np.ndarray:
+        layers = self.config.text_layers
+        if not isinstance(clip_skip, (int, np.integer)) or not 1 <= clip_skip <= layers:
+            raise UserError(f"clip skip {clip_skip} must be 1..{layers} (1 = the last of this text "
+                            f"encoder's {layers} layers, 2 = the one before, ...)")
+        return np.array([clip_skip], np.int32)
+
+    def check_chunks(self, chunks: int) -> None:
+        """Engines built with a fixed prompt-length range refuse longer prompts: say so first."""
+        built = self.manifest.get("engines", {}).get(self.backend.name, {})
+        limit = min((e["key"]["options"]["max_prompt_chunks"] for e in built.values()
+                     if "max_prompt_chunks" in e["key"]["options"]), default=None)
+        if limit is not None and chunks > limit:
+            raise UserError(f"the prompt needs {chunks} chunks of {self.config.text_len - 2} tokens; the "
+                            f"{self.backend.name} engines take at most {limit}: run `sdrt build "
+                            f"{self.work_dir} --backend {self.backend.name} --max-prompt-chunks {chunks}`")
 
     def initial_latents(self, dims: Dims, seed, latents) -> np.ndarray:
         shape = (dims.batch, self.config.latent_channels, dims["latent_h"], dims["latent_w"])
@@ -131,12 +217,15 @@ class Pipeline:
         shapes = {**te.shapes(dims), **step.shapes(dims), **vae.shapes(dims)}
         dtypes = {t.name: t.dtype for m in (te, step, vae) for t in m.tensors}
         new = lambda name, key=None: Buffer(shapes[key or name], dtypes[key or name], be.stream)
-        buf = {n: new(n) for n in ("input_ids", "text_embeddings", "step_table", "image")}
+        shapes["text_embeddings"] = step.shapes(dims)["text_embeddings"]    # [text_batch, 77 k, D]
+        buf = {n: new(n) for n in ("inputs_embeds", "clip_skip", "text_embeddings", "step_table", "image")}
+        buf["text_rows"] = buf["text_embeddings"].view(te.shapes(dims)["text_embeddings"])  # [text_batch k, 77, D]
         for k in (0, 1):
             buf[f"latents_{k}"] = new(f"latents_{k}", "latents")
             buf[f"step_index_{k}"] = new(f"step_index_{k}", "step_index")
 
-        text = be.runner(te, dims).bind({n: buf[n] for n in ("input_ids", "text_embeddings")}, te.shapes(dims))
+        text = be.runner(te, dims).bind({"inputs_embeds": buf["inputs_embeds"], "clip_skip": buf["clip_skip"],
+                                         "text_embeddings": buf["text_rows"]}, te.shapes(dims))
         step_runner = be.runner(step, dims)
         steps = []
         for k in (0, 1):                      # even steps: 0 -> 1, odd steps: 1 -> 0
@@ -146,8 +235,31 @@ class Pipeline:
                                   "text_embeddings": buf["text_embeddings"],
                                   "step_table": buf["step_table"]}, step.shapes(dims))
             steps.append(b)
-        vae_b = be.runner(vae, dims).bind({"latents": buf["latents_0"], "image": buf["image"]}, vae.shapes(dims))
-        return Plan(buf, text, [be.launcher(b) for b in steps], vae_b)
+        launches = [be.launcher(b) for b in steps]
+        if be.device == "cuda" and launches[0].graph == "none":
+            import warnings
+            warnings.warn(f"{be.name}: the step runs without a CUDA graph ({launches[0].error})", stacklevel=3)
+        return Plan(buf, text, launches, {}, self.auto_vae_batch(dims))
+
+    def auto_vae_batch(self, dims: Dims) -> int:
+        """The whole batch, unless the VAE's estimated activations exceed the free device memory's
+        budget (GPU backends whose runtime sizes activations itself: ONNX Runtime)."""
+        if self.backend.device != "cuda" or self.backend.activation_bytes is not None:
+            return dims.batch
+        per_image = vae_slices.vae_bytes_per_image(dims.height, dims.width, self.manifest["precision"])
+        budget = int(cuda.mem_free_bytes() * vae_slices.VAE_BUDGET_FRACTION)
+        return vae_slices.slice_size(dims.batch, per_image, budget)
+
+    def vae_bindings(self, plan: Plan, dims: Dims, size: int) -> list:
+        """The VAE bound over rows of latents_0 and image, `size` images a run; bound once per size."""
+        if size not in plan.vae:
+            vae, runs = self.models["vae_decoder"], []
+            for start, n in vae_slices.slices(dims.batch, size):
+                d = replace(dims, batch=n)
+                rows = {"latents": Rows(plan.buf["latents_0"], start, n), "image": Rows(plan.buf["image"], start, n)}
+                runs.append(self.backend.runner(vae, d).bind(rows, vae.shapes(d)))
+            plan.vae[size] = runs
+        return plan.vae[size]
 
     def timings(self, clock: Clock, t0: float, t_tok: float) -> dict:
         stages = clock.durations_ms()
@@ -157,6 +269,28 @@ class Pipeline:
                 "text_encoder_ms": t["text_encoder"], "steps_ms": steps,
                 "unet_step_ms": float(np.median(steps)), "denoise_ms": float(sum(steps)),
                 "vae_ms": t["vae"], "total_ms": (time.perf_counter() - t0) * 1e3}
+
+
+def check_batch(batch) -> None:
+    if not isinstance(batch, int) or batch <= 0:
+        raise UserError(f"batch must be a positive integer, got {batch}")
+
+
+def load_token_table(work_dir: Path, manifest: dict) -> np.ndarray:
+    """WORK_DIR/token_embedding.npy, as `sdrt export` recorded it."""
+    rec = manifest.get("token_embedding")
+    if rec is None:
+        raise UserError(f"{work_dir} is an export whose text encoder takes token ids: export again "
+                        "(the text encoder now takes token embeddings)")
+    path = Path(work_dir) / rec["file"]
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}): export again") from None
+    if list(table.shape) != rec["shape"] or table.dtype.name != rec["dtype"]:
+        raise UserError(f"{path} is {table.dtype.name} {list(table.shape)}, the export wrote "
+                        f"{rec['dtype']} {rec['shape']}: export again")
+    return table
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

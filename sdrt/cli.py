@@ -20,9 +20,13 @@ def cmd_init(a):
 
 
 def cmd_export(a):
+    from sdrt.export.single_file import go_offline
+    go_offline()                # models come from disk only: before diffusers/transformers load
     from sdrt.export.export import export
     out = export(a.model_dir, a.work_dir, precision=a.precision, opset=a.opset, ort_fusion=a.ort_fusion,
-                 attention_form=a.attention)
+                 attention_form=a.attention, tokenizer=a.tokenizer, config=a.config,
+                 prediction_type=a.prediction_type, vae_precision=a.vae_precision,
+                 text_encoder_precision=a.text_encoder_precision)
     print(f"wrote {out}")
 
 
@@ -30,14 +34,15 @@ def cmd_build(a):
     from sdrt.export.build import build
     build(a.work_dir, a.backend, height=a.height, width=a.width, batch=a.batch, dynamic=a.dynamic,
           opt_level=a.opt_level, timing_cache=a.timing_cache, guidance=not a.no_guidance,
-          workspace_mb=a.workspace_mb)
+          workspace_mb=a.workspace_mb, max_prompt_chunks=a.max_prompt_chunks)
 
 
 def cmd_generate(a):
     from sdrt.generate import generate_files
     generate_files(a.work_dir, a.prompt, a.out, backend=a.backend, negative=a.negative, steps=a.steps,
                    guidance=a.guidance, height=a.height, width=a.width, batch=a.batch, seed=a.seed,
-                   latents=a.latents, timings=a.timings)
+                   latents=a.latents, timings=a.timings, vae_batch=a.vae_batch, clip_skip=a.clip_skip,
+                   embeddings=a.embedding)
 
 
 def cmd_bench(a):
@@ -48,7 +53,12 @@ def cmd_bench(a):
 
 def cmd_memory(a):
     from sdrt.benchmarks.memory import main
-    main(a.work_dirs, sizes=a.sizes, batches=a.batches, backend=a.backend, out=a.out)
+    main(a.work_dirs, sizes=a.sizes, batches=a.batches, backend=a.backend, out=a.out, vae_batch=a.vae_batch)
+
+
+def cmd_doctor(a):
+    from sdrt.doctor import doctor
+    return doctor(a.work_dir, json_out=a.json)
 
 
 def cmd_demo(a):
@@ -82,15 +92,23 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_init)
 
     s = sub.add_parser("export", help="export text encoder, UNet, VAE decoder to validated ONNX")
-    s.add_argument("model_dir", type=Path)
+    s.add_argument("model_dir", type=Path, metavar="MODEL",
+                   help="a diffusers folder, or an SD 1.x/2.x .safetensors / .ckpt checkpoint")
     s.add_argument("work_dir", type=Path)
     s.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+    s.add_argument("--vae-precision", help="fp32: the VAE decoder in FP32 while the rest follows --precision "
+                   "(for VAEs that overflow FP16: black or NaN images)")
+    s.add_argument("--text-encoder-precision", help="fp32: the text encoder in FP32 while the rest follows --precision")
     s.add_argument("--attention", default="op",
                    help="op: one ONNX Attention op per attention (opset 23; ORT CUDA, TensorRT >= 10.14, RTX); "
                         "decomposed: MatMul/Softmax/MatMul (TensorRT < 10.14, e.g. JetPack 6)")
     s.add_argument("--opset", type=int, help="default 23 with --attention op, 18 with decomposed")
     s.add_argument("--ort-fusion", action="store_true",
                    help="also write onnx/ort/: the UNet with ONNX Runtime's attention fusion (ORT backends use it)")
+    s.add_argument("--tokenizer", type=Path, help="single file: a CLIP tokenizer folder (tokenizer/ of any "
+                   "diffusers SD folder); default: the local Hugging Face cache")
+    s.add_argument("--config", help="single file: sd1, sd2 or sd2-v instead of what is detected")
+    s.add_argument("--prediction-type", help="single file: epsilon or v_prediction instead of what is detected")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an export")
@@ -104,6 +122,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timing-cache", type=Path)
     s.add_argument("--workspace-mb", type=int, help="builder memory limit (Jetson: keep it small)")
     s.add_argument("--no-guidance", action="store_true", help="build the step for guidance <= 1 (no CFG)")
+    s.add_argument("--max-prompt-chunks", type=int, default=3,
+                   help="longest prompt the engines take, in chunks of 75 tokens (text length 77..77*K)")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("generate", help="text to image")
@@ -135,7 +155,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="tensorrt", choices=("tensorrt", "tensorrt-rtx"),
                    help="whose built engine sizes to use when present (else the ONNX weights)")
     s.add_argument("--out", type=Path, help="write the table here (.md) and the figures beside it (.json)")
+    s.add_argument("--vae-batch", type=int, metavar="N",
+                   help="the VAE decodes N images at a time (as generate --vae-batch): its activations for N images")
     s.set_defaults(fn=cmd_memory)
+
+    s = sub.add_parser("doctor", help="what is installed, what runs here and why not, and a live check per backend")
+    s.add_argument("work_dir", type=Path, nargs="?",
+                   help="the export to check (default: the demo model's export, made if missing)")
+    s.add_argument("--json", type=Path, metavar="FILE", help="also write everything as JSON")
+    s.set_defaults(fn=cmd_doctor)
 
     s = sub.add_parser("demo", help="the embedded default: the trained demo model -> a captioned grid + timing table")
     s.add_argument("--dir", type=Path, default=Path("sdrt-demo"), help="where the export and the grid go")
@@ -182,6 +210,12 @@ def add_generate_args(s) -> None:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--seed", type=int)
     s.add_argument("--latents", type=Path, help=".npy of shape [B, C, H/f, W/f]")
+    s.add_argument("--clip-skip", type=int, default=1,
+                   help="text encoder layer to condition on, counted from the last: 1 = last (default), 2 = penultimate")
+    s.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="textual-inversion embedding (.safetensors, .bin, .pt); repeatable")
+    s.add_argument("--vae-batch", type=int, metavar="N",
+                   help="decode N images at a time (default: the whole batch, or what fits the free GPU memory)")
     # checked by open_backend, so a wrong name is one line like every other mistake
     s.add_argument("--backend", default="auto",
                    help="auto, tensorrt, tensorrt-rtx, onnxruntime-cuda or onnxruntime-cpu")
@@ -196,14 +230,14 @@ def main(argv=None) -> int:
     warnings.formatwarning = one_line_warning
     args = parser().parse_args(argv)
     try:
-        args.fn(args)
+        status = args.fn(args)             # commands return None (0) or their exit status
     except UserError as e:
         print(f"sdrt {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sdrt {args.cmd}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

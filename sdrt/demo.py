@@ -33,6 +33,11 @@ PROMPTS = (
 TILE, COLUMNS = 128, 4   # each 32x32 image shown 4x, nearest neighbour: the pixels are the answer
 
 
+class ExportExtraMissing(UserError, ImportError):
+    """One line for the CLI (UserError); an ImportError for callers that fall back without torch
+    (sdrt doctor)."""
+
+
 def demo_export(root: Path = Path("sdrt-demo")) -> Path:
     """The demo model's FP32 export under root (made on first use; needs the export extra then);
     returns its WORK_DIR."""
@@ -44,7 +49,8 @@ def demo_export(root: Path = Path("sdrt-demo")) -> Path:
     try:
         from sdrt.export.export import export
     except ImportError as e:
-        raise UserError(f"exporting the demo model needs the export extra ({e}): pip install 'sdrt[export]'") from None
+        raise ExportExtraMissing(f"exporting the demo model needs the export extra ({e}): "
+                                 "pip install 'sdrt[export]'") from None
     print(f"[demo] sdrt export {DEMO_MODEL} {work_dir} --precision fp32", file=sys.stderr)
     export(DEMO_MODEL, work_dir, precision="fp32")
     return work_dir

@@ -203,7 +203,7 @@ def bench(work_dirs: list | None = None, reference=None, backends: str = "availa
     work_dirs, reference = demo_defaults(work_dirs, reference, no_reference)
     manifests = load_exports(work_dirs)
     cfg = mf.config(manifests[0])
-    size_list = parse_sizes(sizes or f"{cfg.default_size}x{cfg.default_size}")
+    size_list = parse_sizes(sizes or f"{cfg.default_height}x{cfg.default_width}")
     batch_list = parse_ints(batches, "batches")
     if steps <= 0 or runs <= 0 or warmup < 0:
         raise UserError("--steps and --runs must be positive, --warmup not negative")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from sdrt import manifest as mf
 from sdrt.contract import RUNTIME_MODELS, Dims, Model
 from sdrt.engine import cuda
@@ -59,26 +61,46 @@ class OrtCpu:
     max_plans = None
     activation_bytes = None   # ONNX Runtime plans its arenas itself: no figure before running
 
+    refits = False            # LoRA: new sessions with overriding initializers (set_weights)
+
     def __init__(self, work_dir: Path, manifest: dict, variant: str | None, stream=None):
         from sdrt.engine.ort_backend import OrtBackend
         self.stream = stream
         self.ort = OrtBackend("cuda" if stream else "cpu", stream)
         self.work_dir, self.manifest, self.variant, self.cache = work_dir, manifest, variant, {}
         self.name = self.ort.name + ("+ort-fusion" if variant else "")
+        self.weights: dict = {}   # {model name: {initializer: array}} replacing the export's
 
     def path(self, model: Model) -> Path:
         return mf.onnx_path(self.work_dir, model, self.manifest, self.variant)
 
     def runner(self, model: Model, dims: Dims):
         if model.name not in self.cache:  # dynamic shapes: one session serves every plan
-            self.cache[model.name] = self.ort.load(model, self.path(model), dims)
+            self.cache[model.name] = self.ort.load(model, self.path(model), dims, self.weights.get(model.name))
         return self.cache[model.name]
+
+    def set_weights(self, weights: dict) -> None:
+        """LoRA: sessions of the models whose weights change are made anew by the next runner()
+        call, from the export with these initializers overriding its own."""
+        if self.variant and any(weights.values()):  # the fused graphs have other initializers
+            warnings.warn("LoRA runs the plain graphs (onnx/), not ONNX Runtime's fused variant (onnx/ort/)")
+            self.variant, self.name, self.weights = None, self.ort.name, {}
+            self.cache.clear()
+        for name in set(weights) | set(self.weights):
+            if _differ(weights.get(name, {}), self.weights.get(name, {})):
+                for key in [k for k in self.cache if (k[0] if isinstance(k, tuple) else k) == name]:
+                    del self.cache[key]
+        self.weights = {n: w for n, w in weights.items() if w}
 
     def launcher(self, binding):
         return binding.run
 
     def drop_plans(self) -> None:
         self.cache.clear()
+
+
+def _differ(a: dict, b: dict) -> bool:
+    return a.keys() != b.keys() or any(x is not b[k] and not np.array_equal(x, b[k]) for k, x in a.items())
 
 
 ORT_CUDA_ATTENTION = (1, 25)   # first onnxruntime-gpu with a CUDA kernel for ONNX's Attention op
@@ -153,6 +175,17 @@ class Trt:
         if not binding.capturable():
             return binding.run
         return cuda.capture_or_run(self.stream, binding.run, warmups=1)  # TRT: one enqueue first
+
+    refits = True             # LoRA: weights change in place (TensorRT refit)
+
+    def set_weights(self, weights: dict) -> None:
+        """LoRA: refit exactly these initializers (engine weight names are the ONNX initializer
+        names) in each engine; the pipeline then rebinds and recaptures its CUDA graphs."""
+        for name, w in weights.items():
+            if name in self.models and w:
+                self.models[name].refit(w)
+        for m in self.models.values():
+            m.bindings.clear()   # the pipeline drops its plans: new contexts and graphs
 
     def drop_plans(self) -> None:
         pass

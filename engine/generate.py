@@ -58,7 +58,8 @@ def main(a) -> None:
     if a.out.suffix.lower() not in ("", ".png"):
         raise UserError(f"--out {a.out}: sdrt writes PNG files, give a .png path")
     latents = load_latents(a.latents)
-    pipe = Pipeline(a.work_dir, backend=a.backend)
+    from sdrt.engine.lora import parse_spec
+    pipe = Pipeline(a.work_dir, backend=a.backend, loras=[parse_spec(x) for x in getattr(a, "lora", [])])
     result = pipe.generate(a.prompt, negative=a.negative, steps=a.steps, guidance=a.guidance,
                            height=a.height, width=a.width, batch=a.batch, seed=a.seed, latents=latents)
     paths = output_paths(a.out, a.batch)

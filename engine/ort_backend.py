@@ -41,11 +41,15 @@ class OrtBackend:
             raise UserError("onnxruntime-cuda: this ONNX Runtime has no CUDAExecutionProvider: "
                             "pip install 'sdrt[onnxruntime-gpu]' (and uninstall plain onnxruntime)")
 
-    def load(self, model: Model, path: Path, dims: Dims) -> "OrtModel":
+    def load(self, model: Model, path: Path, dims: Dims, weights: dict | None = None) -> "OrtModel":
+        """weights: {initializer: array} that replace the graph's own at session creation (LoRA)."""
         ort = self.ort
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (weights or {}).values()]
+        if values:  # ORT's external-initializer override; the values must outlive the session
+            opts.add_external_initializers(list(weights), values)
         providers = ["CPUExecutionProvider"]
         if self.device == "cuda":
             for t in model.tensors:  # static shapes: every node stays on the CUDA EP
@@ -59,12 +63,13 @@ class OrtBackend:
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile...)
             raise UserError(f"cannot load {path}: {str(e).splitlines()[0][:300]} "
                             "(missing or corrupt: run `sdrt export` again)") from None
-        return OrtModel(self, model, sess)
+        return OrtModel(self, model, sess, (values, weights))
 
 
 class OrtModel:
-    def __init__(self, backend: OrtBackend, model: Model, sess):
+    def __init__(self, backend: OrtBackend, model: Model, sess, keep=()):
         self.backend, self.model, self.sess = backend, model, sess
+        self._keep = keep  # override tensors the session reads
 
     def bind(self, buffers: dict, shapes: dict) -> "OrtBinding":
         """Bind every I/O tensor of the model to its buffer, once."""

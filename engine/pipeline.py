@@ -22,6 +22,7 @@ import numpy as np
 from sdrt import manifest as mf
 from sdrt.contract import Dims, check_size
 from sdrt.engine import backends, scheduler
+from sdrt.engine.lora import LoraState
 from sdrt.engine.buffers import DeviceBuffer, HostBuffer
 from sdrt.engine.timing import Clock
 from sdrt.engine.tokenizer import ClipTokenizer
@@ -49,7 +50,8 @@ class Plan:
 
 
 class Pipeline:
-    def __init__(self, work_dir: Path, backend: str = "auto", ort_fusion: bool = True):
+    def __init__(self, work_dir: Path, backend: str = "auto", ort_fusion: bool = True, loras=()):
+        """loras: [(path, scale), ...] LoRA files applied from the start (see set_loras)."""
         self.work_dir = Path(work_dir)
         self.manifest = mf.load(self.work_dir)
         self.config = mf.config(self.manifest)
@@ -58,6 +60,19 @@ class Pipeline:
         self.scheduler = scheduler.DDIMConfig.from_json(self.work_dir / "scheduler" / "scheduler_config.json")
         self.backend = backends.open_backend(backend, self.work_dir, self.manifest, ort_fusion)
         self.plans: dict[Dims, Plan] = {}
+        self.loras = LoraState(self.work_dir, self.manifest)
+        if loras:
+            self.set_loras(loras)
+
+    def set_loras(self, loras) -> dict:
+        """Apply [(path, scale), ...] instead of the LoRAs before (an empty list: the base model).
+        Merged weights W₀ + Σ s·ΔW are computed from the export's base weights and handed to the
+        backend: new ONNX Runtime sessions, or a TensorRT refit; nothing is exported or built.
+        Returns {"read_ms", "merge_ms", "apply_ms", "weights"}; the sessions or CUDA graphs are
+        made by the next generate (its setup_ms)."""
+        timings = self.loras.switch(self.backend, loras)
+        self.plans.clear()                     # bindings and CUDA graphs follow the new weights
+        return timings
 
     @property
     def backend_name(self) -> str:

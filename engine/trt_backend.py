@@ -106,6 +106,30 @@ class TrtModel:
         self.activation = None  # (ptr, size) from share_activation_memory, else TRT allocates
         self.bindings = []
 
+    def refit(self, weights: dict) -> None:
+        """Replace the named weights ({ONNX initializer name: array in the initializer's layout and
+        dtype}) in the engine, synchronously. Needs an engine built with `sdrt build --refit`."""
+        trt = self.backend.trt
+        if not getattr(self.engine, "refittable", False):
+            raise UserError(f"the {self.backend.name} engine of {self.model.name} is not refittable, so "
+                            f"LoRA cannot change it: rebuild with `sdrt build ... --refit`")
+        refitter = trt.Refitter(self.engine, self.backend.logger)
+        known = set(refitter.get_all_weights())          # names of the refittable weights
+        unknown = sorted(set(weights) - known)
+        if unknown:
+            raise UserError(f"the {self.model.name} engine has no refittable weight {unknown[0]!r} "
+                            f"({len(unknown)} of {len(weights)} missing): rebuild with `sdrt build ... --refit`")
+        keep = []
+        for name, a in weights.items():
+            a = np.ascontiguousarray(a)
+            keep.append(a)                               # TRT reads the host memory at refit time
+            if not refitter.set_named_weights(name, trt.Weights(a)):
+                raise RuntimeError(f"{self.model.name}: refitter refused weight {name} {a.dtype} {a.shape}")
+        if not refitter.refit_cuda_engine():
+            missing = refitter.get_missing_weights()
+            raise RuntimeError(f"{self.model.name}: refit failed (missing weights: {list(missing)[:3]})")
+        del keep
+
     def bind(self, buffers: dict, shapes: dict) -> "TrtBinding":
         trt, eng = self.backend.trt, self.engine
         if self.activation:  # context without its own scratch memory: we hand it the shared block

@@ -18,7 +18,7 @@ from sdrt import manifest as mf
 from sdrt.contract import Dims, ModelConfig, all_models
 from sdrt.errors import UserError
 from sdrt.fileio import temp_dir_beside, write_json_atomic
-from sdrt.export import attention, compose_step, pipeline_folder, to_onnx, validate
+from sdrt.export import attention, compose_step, lora_targets, pipeline_folder, to_onnx, validate
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder")
 STEP_MODELS = ("denoise_step_cfg", "denoise_step")
@@ -88,6 +88,10 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fus
                                           f"[{i}/{len(models)}]")
         if name in BASE_MODELS:
             records[name]["attention_ops"] = attention.count_ops(to_onnx.onnx_graph(path))
+        if name in to_onnx.WEIGHTS_BESIDE:
+            records[name]["lora_targets"] = _lora_targets(module, path, precision, name)
+        elif name in STEP_MODELS:  # the step graphs read the UNet's initializers (same names, file)
+            records[name]["weights_of"] = "unet"
     variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, form, vdims, model_dir)} \
         if ort_fusion else {}
     shutil.copytree(model_dir / "tokenizer", out / "tokenizer")
@@ -99,6 +103,15 @@ def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fus
         "source": {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
         "versions": _versions(), "export_s": round(time.perf_counter() - t0, 1)})
     say(f"export done in {time.perf_counter() - t0:.1f} s")
+
+
+def _lora_targets(module, path: Path, precision: str, name: str) -> dict:
+    """Torch Linear/Conv weight -> ONNX initializer map of one graph (sdrt.export.lora_targets)."""
+    targets, missing = lora_targets.record(module, path, precision)
+    if missing:
+        say(f"  {name}: {len(missing)} Linear/Conv weights not found among the initializers "
+            f"(e.g. {missing[0]}): LoRA modules on them will be refused")
+    return targets
 
 
 def _validated_record(out: Path, name: str, model, path: Path, inputs: dict, ref: list,

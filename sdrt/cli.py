@@ -26,7 +26,7 @@ def cmd_build(a):
     from sdrt.export.build import build
     build(a.work_dir, a.backend, height=a.height, width=a.width, batch=a.batch, dynamic=a.dynamic,
           opt_level=a.opt_level, timing_cache=a.timing_cache, guidance=not a.no_guidance,
-          workspace_mb=a.workspace_mb)
+          workspace_mb=a.workspace_mb, refit=a.refit)
 
 
 def cmd_generate(a):
@@ -84,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timing-cache", type=Path)
     s.add_argument("--workspace-mb", type=int, help="builder memory limit (Jetson: keep it small)")
     s.add_argument("--no-guidance", action="store_true", help="build the step for guidance <= 1 (no CFG)")
+    s.add_argument("--refit", action="store_true",
+                   help="refittable engines: LoRA switches weights in place (generate --lora) without a rebuild")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("generate", help="text to image")
@@ -133,6 +135,9 @@ def add_generate_args(s) -> None:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--seed", type=int)
     s.add_argument("--latents", type=Path, help=".npy of shape [B, C, H/f, W/f]")
+    s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA .safetensors (diffusers/PEFT or kohya keys), scale default 1; repeatable. "
+                        "Merged at run time: no re-export, no rebuild (TensorRT: engines built with --refit)")
     # checked by open_backend, so a wrong name is one line like every other mistake
     s.add_argument("--backend", default="auto",
                    help="auto, tensorrt, tensorrt-rtx, onnxruntime-cuda or onnxruntime-cpu")

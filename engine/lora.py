@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.contract import RUNTIME_MODELS
 from sdrt.errors import UserError
 
 COMPONENTS = ("unet", "text_encoder")          # the export's models that LoRA modules target
@@ -350,8 +351,8 @@ class LoraState:
         recs = manifest["models"]
         self.targets = {c: recs[c]["lora_targets"] for c in COMPONENTS
                         if c in recs and recs[c].get("lora_targets") is not None}
-        self.sources = {name: rec.get("weights_of", name) for name, rec in recs.items()
-                        if rec.get("weights_of", name) in self.targets}   # runtime model -> component
+        self.sources = {name: rec.get("weights_of", name) for name, rec in recs.items()   # runtime
+                        if name in RUNTIME_MODELS and rec.get("weights_of", name) in self.targets}  # model -> component
         self.changed = {c: set() for c in COMPONENTS}
         self.applied: list = []
 

@@ -301,3 +301,178 @@ def test_cli_generate_with_loras(tiny_fp32, files, tmp_path):
     want = Pipeline(tiny_fp32, "onnxruntime-cpu", loras=[(files["peft"], 0.7), (files["kohya"], -0.6)]).generate(
         "a fox", negative="blurry", steps=STEPS, height=H, width=W, seed=0).images[0]
     assert np.array_equal(got, want)
+
+
+# ---- TensorRT: refit (logic on CPU with stand-ins; the builder part with TensorRT-RTX) -------------
+
+class RecordingBackend:
+    """Stands in for a refitting backend (TensorRT): records what set_weights receives."""
+    refits = True
+
+    def __init__(self):
+        self.calls = []
+
+    def set_weights(self, weights):
+        self.calls.append(weights)
+
+
+def test_refit_restores_the_previous_loras_weights_to_base(tiny_fp32, files, tmp_path):
+    """In-place backends get the new merged weights plus the base value of every weight the
+    previous LoRA changed and the new one does not: switching never accumulates."""
+    man = mf.load(tiny_fp32)
+    state, be = L.LoraState(tiny_fp32, man), RecordingBackend()
+    assert state.sources == {"text_encoder": "text_encoder", "denoise_step_cfg": "unet", "denoise_step": "unet"}
+    state.switch(be, [(files["peft"], 1.0)])
+    a = be.calls[-1]
+    state.switch(be, [(files["kohya"], 1.0)])
+    b = be.calls[-1]
+    state.switch(be, [])
+    c = be.calls[-1]
+    by_init = {t["initializer"]: t for t in man["models"]["unet"]["lora_targets"].values()}
+    base = lambda n: L.read_base(tiny_fp32 / "onnx", by_init[n])
+    a_names, b_names, c_names = (set(x["denoise_step_cfg"]) for x in (a, b, c))
+    kohya = set(L.merged_weights(tiny_fp32 / "onnx", [(L.resolve(L.load(files["kohya"]), state.targets), 1.0)])["unet"])
+    only_a = a_names - kohya
+    assert only_a and kohya - a_names                # the two LoRAs touch different weights
+    assert b_names == kohya | a_names and c_names == kohya
+    for n in only_a:                                 # A's weights that B leaves alone: back to base
+        assert np.array_equal(b["denoise_step_cfg"][n], base(n))
+    for n in c_names:                                # no LoRA: every weight B changed restored
+        assert np.array_equal(c["denoise_step_cfg"][n], base(n))
+    assert a["denoise_step_cfg"] is a["denoise_step"] and set(a) == set(state.sources)
+
+
+def test_trt_refit_sets_exactly_the_named_weights(monkeypatch):
+    """TrtModel.refit with a stand-in `tensorrt` module: names checked against the refitter's,
+    weights handed over in the initializer's layout and dtype, then refit_cuda_engine."""
+    import sys
+    import types
+    from sdrt import contract
+    from sdrt.engine import trt_backend as TB
+    log = {}
+
+    class Refitter:
+        def __init__(self, engine, logger):
+            log["engine"] = engine
+
+        def get_all_weights(self):
+            return ["onnx::MatMul_1", "m.conv_in.weight"]
+
+        def set_named_weights(self, name, w):
+            log.setdefault("set", {})[name] = w.array.copy()
+            return True
+
+        def refit_cuda_engine(self):
+            log["refit"] = True
+            return True
+
+        def get_missing_weights(self):
+            return []
+
+    class Weights:
+        def __init__(self, a):
+            self.array = a
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__, trt.Refitter, trt.Weights = "10.99.0", Refitter, Weights
+    trt.Logger = lambda severity: None
+    trt.Logger.WARNING = 2
+    trt.Runtime = lambda logger: None
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    be = TB.TrtBackend("tensorrt", 0)
+    cfg = contract.ModelConfig(text_len=8, text_dim=16, vocab_size=64, sample_size=8)
+    engine = types.SimpleNamespace(refittable=True)
+    m = TB.TrtModel(be, contract.text_encoder(cfg, "fp16"), engine)
+    w = np.arange(6, dtype=np.float16).reshape(2, 3)
+    m.refit({"onnx::MatMul_1": w.T})
+    assert log["refit"] and list(log["set"]) == ["onnx::MatMul_1"]
+    assert log["set"]["onnx::MatMul_1"].dtype == np.float16 and log["set"]["onnx::MatMul_1"].flags.c_contiguous
+    assert np.array_equal(log["set"]["onnx::MatMul_1"], w.T)
+    with pytest.raises(UserError, match="no refittable weight 'onnx::Other'.*--refit"):
+        m.refit({"onnx::Other": w})
+    engine.refittable = False
+    with pytest.raises(UserError, match="not refittable.*sdrt build .* --refit"):
+        m.refit({"onnx::MatMul_1": w})
+
+
+needs_rtx = pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt_rtx") is None,
+                               reason="tensorrt_rtx not installed (pip install 'sdrt[tensorrt-rtx]')")
+
+
+@needs_rtx
+def test_rtx_refit_build_marks_exactly_the_lora_weights(tiny_fp16, tmp_path, monkeypatch):
+    """`sdrt build --refit`: every initializer of the LoRA map is found by name in the parsed
+    network and marked refittable (REFIT_INDIVIDUAL); the VAE is not; the key records it."""
+    import shutil
+    import tensorrt_rtx as trt
+    from sdrt.export import build as B
+    work = tmp_path / "w"
+    shutil.copytree(tiny_fp16, work)
+    seen = {}
+
+    def serialize(builder, network, config):   # stands in for the build itself (needs CUDA here)
+        seen.setdefault("flag", []).append(config.get_flag(trt.BuilderFlag.REFIT_INDIVIDUAL))
+        return b"plan"
+    monkeypatch.setattr(B, "_serialize", serialize)
+    real = B._make_refittable
+
+    def mark(trt_, network, config, names, model_name):
+        real(trt_, network, config, names, model_name)
+        seen.setdefault("marked", {})[model_name] = [network.are_weights_marked_refittable(n) for n in names]
+    monkeypatch.setattr(B, "_make_refittable", mark)
+    B.build(work, "tensorrt-rtx", refit=True, progress=False)
+    man = mf.load(work)
+    marked = seen["marked"]
+    assert set(marked) == {"text_encoder", "denoise_step_cfg"}
+    assert len(marked["text_encoder"]) == len(man["models"]["text_encoder"]["lora_targets"]) and all(marked["text_encoder"])
+    assert len(marked["denoise_step_cfg"]) == len(man["models"]["unet"]["lora_targets"]) and all(marked["denoise_step_cfg"])
+    keys = {n: e["key"]["options"]["refit"] for n, e in man["engines"]["tensorrt-rtx"].items()}
+    assert keys == {"text_encoder": True, "denoise_step_cfg": True, "vae_decoder": False}
+    assert sorted(seen["flag"]) == [False, True, True]
+
+
+@needs_rtx
+def test_rtx_refit_build_on_this_machine(tiny_fp16, tmp_path):
+    """A real refittable build: TensorRT-RTX 1.7 compiles refittable weights with CUDA, so on a
+    machine without a GPU it fails with one line that says so (and writes no plan)."""
+    import shutil
+    from sdrt.engine import cuda
+    from sdrt.export import build as B
+    work = tmp_path / "w"
+    shutil.copytree(tiny_fp16, work)
+    if cuda.available():
+        pytest.skip("GPU present: the refit build is exercised by test_rtx_refit_runs_on_gpu")
+    try:
+        B.build(work, "tensorrt-rtx", refit=True, progress=False)
+    except UserError as e:
+        assert "refittable engines only where a CUDA GPU is present" in str(e)
+        assert not list((work / "engines" / "tensorrt-rtx").glob("text_encoder.plan"))
+    else:  # a TensorRT-RTX that builds refittable engines on the CPU
+        assert mf.load(work)["engines"]["tensorrt-rtx"]["text_encoder"]["key"]["options"]["refit"]
+
+
+@pytest.mark.gpu
+@needs_rtx
+def test_rtx_refit_runs_on_gpu(tiny_fp16, tmp_path):
+    """On a GPU: the refittable engines' weight names include every mapped initializer, and a
+    refit with the merged weights succeeds."""
+    import shutil
+    from sdrt.engine import cuda
+    from sdrt.engine.trt_backend import TrtBackend
+    from sdrt.engine.engine_cache import check_engine
+    from sdrt.export import build as B
+    if not cuda.available():
+        pytest.skip("needs an NVIDIA GPU")
+    if cuda.compute_capability().split(".")[0] in ("9", "10", "11"):
+        pytest.skip("TensorRT-RTX does not run on this GPU")
+    work = tmp_path / "w"
+    shutil.copytree(tiny_fp16, work)
+    B.build(work, "tensorrt-rtx", refit=True, progress=False)
+    man = mf.load(work)
+    be = TrtBackend("tensorrt-rtx", 0)
+    model = mf.models(man)["text_encoder"]
+    m = be.load(model, check_engine(work, "tensorrt-rtx", "text_encoder"))
+    names = B.refit_names(man, "text_encoder")
+    assert set(names) <= set(be.trt.Refitter(m.engine, be.logger).get_all_weights())
+    by_init = {t["initializer"]: t for t in man["models"]["text_encoder"]["lora_targets"].values()}
+    m.refit({n: np.array(L.read_base(work / "onnx", by_init[n])) for n in names})

@@ -190,6 +190,17 @@ def test_switching_never_accumulates_and_no_lora_is_the_base(tiny_fp32, files):
     assert not np.array_equal(a, b) and not np.array_equal(a, base)
 
 
+def test_lora_on_an_export_with_the_ort_fused_variant(tiny_fp16, files):
+    """The fused graphs (onnx/ort/) have other initializers: LoRA runs the plain graphs, says so,
+    and gives what the plain graphs give (FP16 export)."""
+    loras = [(files["peft"], 0.8)]
+    with pytest.warns(UserWarning, match="LoRA runs the plain graphs"):
+        fused = Pipeline(tiny_fp16, backend="onnxruntime-cpu", loras=loras)
+    assert fused.backend_name == "onnxruntime-cpu"
+    plain = Pipeline(tiny_fp16, backend="onnxruntime-cpu", ort_fusion=False, loras=loras)
+    assert np.array_equal(sdrt_image(fused), sdrt_image(plain))
+
+
 # ---- key layouts --------------------------------------------------------------------------------------
 
 def _merged(work, *paths):

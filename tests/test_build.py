@@ -168,7 +168,8 @@ def test_manifest_records_engine_keys(built):
         assert key["backend"] == RTX and key["trt_version"] == tensorrt_rtx.__version__
         assert key["gpu_name"] and key["compute_capability"]  # portable RTX targets, no GPU here
         assert key["options"] == {"opt_level": None, "precision": "fp16", "strongly_typed": True,
-                                  "workspace_mb": None, "require_user_allocation": True}
+                                  "workspace_mb": None, "require_user_allocation": True,
+                                  "refit": False}
         model = mf.models(_manifest(work))[name]
         assert key["onnx_sha256"] == mf.files_sha256(mf.model_files(work, _manifest(work), name))
         assert set(key["profile"]) == {t.name for t in model.inputs}

@@ -181,9 +181,11 @@ class Trt:
     def set_weights(self, weights: dict) -> None:
         """LoRA: refit exactly these initializers (engine weight names are the ONNX initializer
         names) in each engine; the pipeline then rebinds and recaptures its CUDA graphs."""
-        for name, w in weights.items():
-            if name in self.models and w:
-                self.models[name].refit(w)
+        todo = {name: w for name, w in weights.items() if name in self.models and w}
+        for name in todo:  # all or none: refuse before the first engine changes
+            self.models[name].check_refittable()
+        for name, w in todo.items():
+            self.models[name].refit(w)
         for m in self.models.values():
             m.bindings.clear()   # the pipeline drops its plans: new contexts and graphs
 

@@ -143,7 +143,7 @@ _PAIRS = [  # (suffix of the down key, suffix of the up key, layout)
     (".lora_A.weight", ".lora_B.weight", "peft"),
     (".lora_down.weight", ".lora_up.weight", "kohya"),
     (".lora.down.weight", ".lora.up.weight", "old"),
-    ("_lora.down.weight", "_lora.up.weight", "old"),
+    ("_lora.down.weight", "_lora.up.weight", "old_attn"),       # attn1.processor.to_q_lora
     (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight", "old"),
 ]
 
@@ -153,7 +153,7 @@ def _pair(key: str):
     for down, up, kind in _PAIRS:
         if key.endswith(down):
             stem = key[:-len(down)]
-            return stem, stem + up, kind if not (kind == "old" and down.startswith("_")) else "old_attn"
+            return stem, stem + up, kind
     return None
 
 
@@ -165,6 +165,7 @@ def _module_name(stem: str, kind: str) -> tuple[str | None, str, bool]:
         return comp, rest, True
     if kind == "kohya":
         return None, stem, True
+    stem = stem.removeprefix("base_model.model.")  # PEFT's own adapter files
     for comp in COMPONENTS:
         if stem.startswith(comp + "."):
             stem = stem[len(comp) + 1:]
@@ -226,6 +227,8 @@ def target_index(targets: dict) -> dict:
 
 
 def _lookup(index: dict, m: Module):
+    if m.kohya and not m.component:  # lora_te2_ (SDXL), lora_transformer_ (DiT)...: not this model
+        return None
     comps = [m.component] if m.component else list(COMPONENTS)
     for comp in comps:
         if m.kohya:  # underscores for dots: looked up in the table of exported names so written

@@ -110,9 +110,7 @@ class TrtModel:
         """Replace the named weights ({ONNX initializer name: array in the initializer's layout and
         dtype}) in the engine, synchronously. Needs an engine built with `sdrt build --refit`."""
         trt = self.backend.trt
-        if not getattr(self.engine, "refittable", False):
-            raise UserError(f"the {self.backend.name} engine of {self.model.name} is not refittable, so "
-                            f"LoRA cannot change it: rebuild with `sdrt build ... --refit`")
+        self.check_refittable()
         refitter = trt.Refitter(self.engine, self.backend.logger)
         known = set(refitter.get_all_weights())          # names of the refittable weights
         unknown = sorted(set(weights) - known)
@@ -129,6 +127,11 @@ class TrtModel:
             missing = refitter.get_missing_weights()
             raise RuntimeError(f"{self.model.name}: refit failed (missing weights: {list(missing)[:3]})")
         del keep
+
+    def check_refittable(self) -> None:
+        if not getattr(self.engine, "refittable", False):
+            raise UserError(f"the {self.backend.name} engine of {self.model.name} is not refittable, so "
+                            f"LoRA cannot change it: rebuild with `sdrt build ... --refit`")
 
     def bind(self, buffers: dict, shapes: dict) -> "TrtBinding":
         trt, eng = self.backend.trt, self.engine

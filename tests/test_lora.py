@@ -46,7 +46,7 @@ def _pick(modules: dict, seed: int) -> dict:
     return {"unet": {n: modules["unet"][n] for n in unet}, "text_encoder": {n: modules["text_encoder"][n] for n in te}}
 
 
-def _factors(shape, rank, rng, size=0.25):
+def _factors(shape, rank, rng, size=0.6):
     """(down, up): down [r, in(, kh, kw)], up [out, r(, 1, 1)]."""
     out, rest = shape[0], shape[1:]
     down = rng.standard_normal((rank, *rest)).astype(np.float32) * size / np.sqrt(np.prod(rest))
@@ -76,7 +76,7 @@ def write_kohya(path, modules, seed, rank=2, alpha=1.0, te_prefix="text_model_")
     tensors = {}
     for comp, mods in _pick(modules, seed).items():
         for name, shape in mods.items():
-            down, up = _factors(shape, rank, rng, size=0.5)
+            down, up = _factors(shape, rank, rng, size=1.2)
             flat = name.replace(".", "_")
             key = f"lora_unet_{flat}" if comp == "unet" else f"lora_te_{te_prefix}{flat}"
             tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
@@ -161,8 +161,11 @@ def test_one_lora_matches_diffusers(tiny_dir, tiny_fp32, files):
     pipe = Pipeline(tiny_fp32, backend="onnxruntime-cpu", loras=loras)
     img = sdrt_image(pipe)
     base = sdrt_image(Pipeline(tiny_fp32, backend="onnxruntime-cpu"))
+    pipe.set_loras([(files["peft"], 0.8 * 0.9)])
+    off = sdrt_image(pipe)
     assert psnr(img, ref) >= 50, psnr(img, ref)
-    assert psnr(img, base) < 40, psnr(img, base)    # the LoRA changes the image
+    assert psnr(img, base) < 30, psnr(img, base)    # the LoRA changes the image
+    assert psnr(off, ref) < 50, psnr(off, ref)      # and the test sees a scale 10 % off
 
 
 def test_two_loras_match_diffusers(tiny_dir, tiny_fp32, files):
@@ -172,7 +175,7 @@ def test_two_loras_match_diffusers(tiny_dir, tiny_fp32, files):
     img = sdrt_image(Pipeline(tiny_fp32, backend="onnxruntime-cpu", loras=loras))
     one = sdrt_image(Pipeline(tiny_fp32, backend="onnxruntime-cpu", loras=loras[:1]))
     assert psnr(img, ref) >= 50, psnr(img, ref)
-    assert psnr(img, one) < 40, psnr(img, one)
+    assert psnr(img, one) < 35, psnr(img, one)
 
 
 def test_switching_never_accumulates_and_no_lora_is_the_base(tiny_fp32, files):

@@ -48,7 +48,7 @@ def parse_ints(text: str, what: str) -> list[int]:
 
 
 def available_backends(manifest: dict) -> list[str]:
-    from sdrt.engine.ort_backend import cuda_ep_available
+    from sdrt.engine.ort_session import cuda_ep_available
     names = []
     if cuda.available():
         names += [n for n in ("tensorrt", "tensorrt-rtx") if manifest.get("engines", {}).get(n)]
@@ -84,22 +84,22 @@ def latents_for(cfg, batch, h, w) -> np.ndarray:
     return np.random.default_rng(1234).standard_normal(shape, dtype=np.float32)
 
 
-def bench_reference(ref, cfg, configs, a) -> dict:
+def bench_reference(ref, cfg, configs, steps: int, runs: int, warmup: int) -> dict:
     out = {}
     for i, (h, w, batch) in enumerate(configs, 1):
         lat = latents_for(cfg, batch, h, w)
         say(f"[reference {i}/{len(configs)}] diffusers eager {h}x{w} batch {batch}: warm-up ...")
-        for _ in range(a.warmup):
-            ref.run(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, lat)
-        runs = []
-        for r in range(a.runs):
-            say(f"[reference {i}/{len(configs)}] {h}x{w} batch {batch}: run {r + 1}/{a.runs}")
-            image, t = ref.run(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, lat)
-            runs.append(t)
-        out[(h, w, batch)] = {"image": image, "e2e_ms": stats([t["e2e_ms"] for t in runs]),
+        for _ in range(warmup):
+            ref.run(PROMPT, NEGATIVE, steps, GUIDANCE, h, w, lat)
+        timed = []
+        for r in range(runs):
+            say(f"[reference {i}/{len(configs)}] {h}x{w} batch {batch}: run {r + 1}/{runs}")
+            image, t = ref.run(PROMPT, NEGATIVE, steps, GUIDANCE, h, w, lat)
+            timed.append(t)
+        out[(h, w, batch)] = {"image": image, "e2e_ms": stats([t["e2e_ms"] for t in timed]),
                               "what": ref.description,
-                              "unet_step_ms": float(np.median([t["unet_step_ms"] for t in runs])),
-                              "peak_mem_mb": runs[-1]["peak_mem_mb"]}
+                              "unet_step_ms": float(np.median([t["unet_step_ms"] for t in timed])),
+                              "peak_mem_mb": timed[-1]["peak_mem_mb"]}
     return out
 
 
@@ -110,7 +110,8 @@ def variants(names: list[str], manifest: dict) -> list[tuple[str, bool]]:
     return [(n, f) for n in names for f in ((False, True) if fused and n.startswith("onnxruntime") else (True,))]
 
 
-def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, a, versions) -> list[dict]:
+def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, steps: int, runs: int, warmup: int,
+                  versions) -> list[dict]:
     from sdrt.engine.pipeline import Pipeline
     baseline = cuda.mem_used_bytes() if cuda.available() else 0
     t = time.perf_counter()
@@ -121,23 +122,23 @@ def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, a, versions) -
     for i, (h, w, batch) in enumerate(configs, 1):
         lat = latents_for(cfg, batch, h, w)
         say(f"[{name} {i}/{len(configs)}] {h}x{w} batch {batch}: warm-up (plan, graphs) ...")
-        for _ in range(a.warmup):
-            pipe.generate(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, batch, latents=lat)
-        runs = []
-        for r in range(a.runs):
-            say(f"[{name} {i}/{len(configs)}] {h}x{w} batch {batch}: run {r + 1}/{a.runs}")
-            runs.append(pipe.generate(PROMPT, NEGATIVE, a.steps, GUIDANCE, h, w, batch, latents=lat))
-        e2e, e2e_p90 = stats([r.timings["total_ms"] for r in runs])
-        step, step_p90 = stats([s for r in runs for s in r.timings["steps_ms"]])
+        for _ in range(warmup):
+            pipe.generate(PROMPT, NEGATIVE, steps, GUIDANCE, h, w, batch, latents=lat)
+        results = []
+        for r in range(runs):
+            say(f"[{name} {i}/{len(configs)}] {h}x{w} batch {batch}: run {r + 1}/{runs}")
+            results.append(pipe.generate(PROMPT, NEGATIVE, steps, GUIDANCE, h, w, batch, latents=lat))
+        e2e, e2e_p90 = stats([r.timings["total_ms"] for r in results])
+        step, step_p90 = stats([s for r in results for s in r.timings["steps_ms"]])
         ref = refs.get((h, w, batch))
         records.append({
             "device": device_name(), "backend": name, "precision": pipe.manifest["precision"],
             "attention": pipe.manifest.get("attention", "decomposed"), "export": work_dir.name,
-            "height": h, "width": w, "steps": a.steps, "batch": batch, "runs": a.runs,
+            "height": h, "width": w, "steps": steps, "batch": batch, "runs": runs,
             "e2e_ms": e2e, "e2e_p90_ms": e2e_p90, "unet_step_ms": step, "unet_step_p90_ms": step_p90,
-            "text_encoder_ms": float(np.median([r.timings["text_encoder_ms"] for r in runs])),
-            "vae_ms": float(np.median([r.timings["vae_ms"] for r in runs])),
-            "tokenize_ms": float(np.median([r.timings["tokenize_ms"] for r in runs])),
+            "text_encoder_ms": float(np.median([r.timings["text_encoder_ms"] for r in results])),
+            "vae_ms": float(np.median([r.timings["vae_ms"] for r in results])),
+            "tokenize_ms": float(np.median([r.timings["tokenize_ms"] for r in results])),
             "images_per_s": batch / (e2e / 1e3),
             "peak_mem_mb": peak_mem_mb(baseline), "load_s": load_s,
             "activation_mb": (pipe.backend.activation_bytes / 2 ** 20
@@ -149,7 +150,7 @@ def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, a, versions) -
             "reference_peak_mem_mb": ref["peak_mem_mb"] if ref else None,
             "reference": ref["what"] if ref else None,
             "speedup_e2e": ref["e2e_ms"][0] / e2e if ref else None,
-            "psnr_vs_reference": psnr(runs[-1].images, ref["image"]) if ref else None,
+            "psnr_vs_reference": psnr(results[-1].images, ref["image"]) if ref else None,
             "versions": versions})
     return records
 
@@ -179,29 +180,33 @@ def load_exports(work_dirs: list) -> list[dict]:
     return manifests
 
 
-def main(a) -> None:
+def bench(work_dirs: list, reference, backends: str = "available", sizes: str = "512x512",
+          steps: int = 50, batches: str = "1,4,8", runs: int = 5, warmup: int = 1,
+          out="benchmarks/results", no_reference: bool = False) -> list:
+    """Measure, print the table, write the results under `out`; returns the files written."""
     from sdrt.benchmarks import report
-    manifests = load_exports(a.work_dirs)
+    manifests = load_exports(work_dirs)
     cfg = mf.config(manifests[0])
-    sizes, batches = parse_sizes(a.sizes), parse_ints(a.batches, "batches")
-    if a.steps <= 0 or a.runs <= 0 or a.warmup < 0:
+    size_list, batch_list = parse_sizes(sizes), parse_ints(batches, "batches")
+    if steps <= 0 or runs <= 0 or warmup < 0:
         raise UserError("--steps and --runs must be positive, --warmup not negative")
-    configs = [(h, w, b) for h, w in sizes for b in batches]
+    configs = [(h, w, b) for h, w in size_list for b in batch_list]
     refs = {}
-    if not a.no_reference:
+    if not no_reference:
         from sdrt.benchmarks.reference import Reference
         from sdrt.export.pipeline_folder import read_model_index
-        read_model_index(a.reference)
-        ref = Reference(a.reference)
-        refs = bench_reference(ref, cfg, configs, a)
+        read_model_index(reference)
+        ref = Reference(reference)
+        refs = bench_reference(ref, cfg, configs, steps, runs, warmup)
         ref.close()
     v = versions()
     records = []
-    for work_dir, manifest in zip(a.work_dirs, manifests):
-        names = available_backends(manifest) if a.backends == "available" else a.backends.split(",")
+    for work_dir, manifest in zip(work_dirs, manifests):
+        names = available_backends(manifest) if backends == "available" else backends.split(",")
         records += [r for name, fused in variants(names, manifest)
-                    for r in bench_backend(name, fused, work_dir, cfg, configs, refs, a, v)]
-    paths = report.write(records, a.out)
+                    for r in bench_backend(name, fused, work_dir, cfg, configs, refs, steps, runs, warmup, v)]
+    paths = report.write(records, out)
     print(report.table(records))
     for p in paths:
         print(f"wrote {p}")
+    return paths

@@ -1,6 +1,6 @@
 """How long switching LoRA takes on a work folder, without re-export or rebuild.
 
-    python -m sdrt.benchmarks.lora_switch WORK_DIR [--rank 16] [--backend onnxruntime-cpu] [--out DIR]
+    sdrt bench-lora WORK_DIR [--rank 16] [--backend onnxruntime-cpu] [--steps 1] [--size PX] [--out DIR]
 
 Writes two random kohya-layout LoRA files shaped for the export (from its weight map): one on the
 transformer blocks and the text encoder (what most community LoRAs train), one on every
@@ -11,10 +11,9 @@ graphs). Results go to OUT as .md and .json named after the device.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from sdrt import manifest as mf
 from sdrt.engine import lora as L
+from sdrt.fileio import write_atomic
 
 
 def random_lora(path: Path, targets: dict, rank: int, everything: bool, seed: int) -> int:
@@ -83,25 +83,17 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def bench_lora(work_dir: Path, backend: str = "onnxruntime-cpu", rank: int = 16, steps: int = 1,
+               size: int | None = None, out: Path = Path("benchmarks/results")) -> dict:
+    """Measure, print the table, write OUT/lora-switch-<work dir>-<device>.md and .json."""
     import tempfile
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("work_dir", type=Path)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--backend", default="onnxruntime-cpu")
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--size", type=int)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        r = measure(a.work_dir, a.backend, a.rank, Path(tmp), a.steps, a.size)
+        r = measure(Path(work_dir), backend, rank, Path(tmp), steps, size)
     text = table(r)
     print(text)
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = a.out / f"lora-switch-{a.work_dir.name}-{r['device']}"
-    stem.with_suffix(".md").write_text(text + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(r, indent=1) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"lora-switch-{Path(work_dir).name}-{r['device']}"
+    write_atomic(stem.with_suffix(".md"), text + "\n")
+    write_atomic(stem.with_suffix(".json"), json.dumps(r, indent=1) + "\n")
+    return r

@@ -164,32 +164,35 @@ def table(estimates: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(a) -> None:
+def main(work_dirs: list, sizes: str = "512x512", batches: str = "1,4", backend: str = "tensorrt",
+         out=None) -> None:
+    """Estimate every (export, size, batch) and print the table; with `out` (.md) also write it
+    and the figures (.json beside it)."""
     from sdrt.benchmarks.bench import parse_ints, parse_sizes
     from sdrt.fileio import write_atomic, write_json_atomic
-    sizes, batches = parse_sizes(a.sizes), parse_ints(a.batches, "batches")
-    if a.out is not None and Path(a.out).suffix != ".md":
-        raise UserError(f"--out {a.out}: give a .md path (a .json with the figures is written beside it)")
-    if a.out is not None and not Path(a.out).parent.is_dir():
-        raise UserError(f"--out {a.out}: folder {Path(a.out).parent} does not exist")
-    for work_dir in a.work_dirs:       # every mistake before any work
+    size_list, batch_list = parse_sizes(sizes), parse_ints(batches, "batches")
+    if out is not None and Path(out).suffix != ".md":
+        raise UserError(f"--out {out}: give a .md path (a .json with the figures is written beside it)")
+    if out is not None and not Path(out).parent.is_dir():
+        raise UserError(f"--out {out}: folder {Path(out).parent} does not exist")
+    for work_dir in work_dirs:       # every mistake before any work
         man = mf.load(work_dir)
-        for h, w in sizes:
+        for h, w in size_list:
             check_size(h, w, mf.config(man).vae_factor)
         for name in MODELS:
             mf.model_files(work_dir, man, name)
     estimates = []
-    for work_dir in a.work_dirs:
-        for h, w in sizes:
-            for b in batches:
+    for work_dir in work_dirs:
+        for h, w in size_list:
+            for b in batch_list:
                 print(f"{Path(work_dir).name}: {h}x{w} batch {b} ...", file=sys.stderr, flush=True)
-                estimates.append(estimate(work_dir, h, w, b, a.backend))
+                estimates.append(estimate(work_dir, h, w, b, backend))
     if any(m["unknown_tensors"] for e in estimates for m in e["models"].values()):
         print("warning: some tensors had no static shape; their bytes are not counted", file=sys.stderr)
     text = table(estimates)
     print(text)
-    if a.out is not None:
-        out = Path(a.out)
+    if out is not None:
+        out = Path(out)
         write_json_atomic(out.with_suffix(".json"), {"estimates": estimates, "devices_bytes": JETSONS})
         write_atomic(out, (text + "\n").encode())
         print(f"wrote {out}")

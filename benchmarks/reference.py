@@ -24,7 +24,6 @@ class Reference:
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to("cuda" if self.cuda else "cpu")
-        self.device_name = torch.cuda.get_device_name() if self.cuda else "cpu"
         self.marks: dict[str, list] = {}
         for name, module in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet),
                              ("vae", pipe.vae.decoder)):

@@ -1,7 +1,6 @@
 """Benchmark records -> JSON, markdown table and PNG plot (all written atomically)."""
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -86,6 +85,3 @@ def write(records: list[dict], out_dir: Path) -> list[Path]:
     plot(records, paths[2])
     return paths
 
-
-def load(path: Path) -> list[dict]:
-    return json.loads(Path(path).read_text())["records"]

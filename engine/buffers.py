@@ -1,5 +1,8 @@
 """Buffers allocated once per shape plan and bound once: host (numpy) for CPU backends, device
-(cudaMalloc) for GPU ones. Same interface, so the loop does not care which."""
+(cudaMalloc) for GPU ones. Same interface, so the loop does not care which.
+
+DeviceBuffer.write copies into a pinned staging buffer and queues the upload without a sync;
+read() is the one sync (it waits for everything queued before it)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +11,6 @@ from sdrt.engine import cuda
 
 
 class HostBuffer:
-    device = "cpu"
-
     def __init__(self, shape: tuple, dtype: str, stream=None):
         self.array = np.zeros(shape, dtype)
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
@@ -29,16 +30,24 @@ class HostBuffer:
 
 
 class DeviceBuffer:
-    device = "cuda"
-
     def __init__(self, shape: tuple, dtype: str, stream: cuda.Stream):
         self.shape, self.dtype, self.stream = tuple(shape), np.dtype(dtype), stream
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
         self.ptr = cuda.malloc(self.nbytes)
         cuda.memset_zero(self.ptr, self.nbytes, stream)  # warm-up runs read these before any write
+        self.staging = None    # PinnedHost, allocated on the first write
+        self.uploaded = None   # Event recorded after the last upload from `staging`
 
     def write(self, values: np.ndarray) -> None:
-        cuda.copy_htod(self.ptr, _checked(self, values), self.stream)
+        """Queue an upload of `values` (no sync): they are copied to pinned staging memory first."""
+        values = _checked(self, values)
+        if self.staging is None:
+            self.staging, self.uploaded = cuda.PinnedHost(self.shape, self.dtype), cuda.Event()
+        else:
+            self.uploaded.sync()  # the previous upload has read the staging memory (long done)
+        np.copyto(self.staging.array, values)
+        cuda.copy_htod(self.ptr, self.staging, self.nbytes, self.stream)
+        self.uploaded.record(self.stream)
 
     def read(self) -> np.ndarray:
         out = np.empty(self.shape, self.dtype)

@@ -1,10 +1,13 @@
-"""The CUDA machinery every GPU backend shares: device memory, one stream, events, graphs.
+"""The CUDA machinery every GPU backend shares: device memory, pinned host staging memory, one
+stream, events, graphs.
 
 Thin wrappers over cuda-python's runtime bindings (`cuda.bindings.runtime`), imported lazily so
 that CPU-only installs never need them. Every call is checked; a failure raises with CUDA's own
 error string.
 """
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 
@@ -85,14 +88,32 @@ def free(ptr: int) -> None:
     check(rt().cudaFree(ptr))
 
 
-def copy_htod(dst: int, src: np.ndarray, stream: Stream) -> None:
-    src = np.ascontiguousarray(src)
-    check(rt().cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes,
-                               rt().cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle))
-    stream.sync()  # the source is pageable numpy memory: keep it alive until copied
+class PinnedHost:
+    """Page-locked host memory (cudaMallocHost), seen from numpy as `array`: a copy from it runs
+    asynchronously, so the host goes on without waiting (a pageable source would need a sync)."""
+
+    def __init__(self, shape: tuple, dtype):
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        self.ptr = int(check(rt().cudaMallocHost(max(nbytes, 1))))
+        raw = (ctypes.c_byte * max(nbytes, 1)).from_address(self.ptr)
+        self.array = np.frombuffer(raw, dtype, count=int(np.prod(shape))).reshape(shape)
+
+    def __del__(self):
+        try:
+            rt().cudaFreeHost(self.ptr)
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def copy_htod(dst: int, src: PinnedHost, nbytes: int, stream: Stream) -> None:
+    """Queue a copy from pinned host memory; no sync: `src` must stay unchanged until it ran."""
+    check(rt().cudaMemcpyAsync(dst, src.ptr, nbytes, rt().cudaMemcpyKind.cudaMemcpyHostToDevice,
+                               stream.handle))
 
 
 def copy_dtoh(dst: np.ndarray, src: int, stream: Stream) -> None:
+    """Copy into `dst` and wait: the stream's work up to here is done on return."""
     check(rt().cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes,
                                rt().cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle))
     stream.sync()
@@ -109,6 +130,10 @@ class Event:
 
     def record(self, stream: Stream) -> None:
         check(rt().cudaEventRecord(self.handle, stream.handle))
+
+    def sync(self) -> None:
+        """Wait until the work queued before the last record() has run."""
+        check(rt().cudaEventSynchronize(self.handle))
 
     def ms_since(self, start: "Event") -> float:
         return float(check(rt().cudaEventElapsedTime(start.handle, self.handle)))

@@ -41,8 +41,7 @@ class Result:
 
 @dataclass
 class Plan:
-    """Everything bound for one (batch, size, guidance) shape."""
-    dims: Dims
+    """Everything bound for one (batch, size, guidance) shape (self.plans is keyed by its Dims)."""
     buf: dict
     text: object
     steps: list                               # two launch functions: even and odd steps
@@ -106,7 +105,7 @@ class Pipeline:
             buf["latents_0"].copy_from(buf["latents_1"])
         plan.vae.run()
         clock.mark("vae")
-        image = buf["image"].read()            # the one sync
+        image = buf["image"].read()            # the one sync: uploads, steps and VAE were only queued
         timings = self.timings(clock, t0, t_tok)
         timings["setup_ms"] = (t_plan - t_tok) * 1e3 if fresh else 0.0  # buffers, bindings, graphs
         return Result(to_uint8(image), timings)
@@ -163,7 +162,7 @@ class Pipeline:
                                   "step_table": buf["step_table"]}, step.shapes(dims))
             steps.append(b)
         vae_b = be.runner(vae, dims).bind({"latents": buf["latents_0"], "image": buf["image"]}, vae.shapes(dims))
-        return Plan(dims, buf, text, [be.launcher(b) for b in steps], vae_b)
+        return Plan(buf, text, [be.launcher(b) for b in steps], vae_b)
 
     def timings(self, clock: Clock, t0: float, t_tok: float) -> dict:
         stages = clock.durations_ms()

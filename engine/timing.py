@@ -30,3 +30,17 @@ class Clock:
         for (_, a), (label, b) in zip(self.marks, self.marks[1:]):
             out.append((label, b.ms_since(a) if self.stream is not None else (b - a) * 1e3))
         return out
+
+
+def timing_table(t: dict) -> str:
+    """Pipeline.generate's timings as a two-column table (for `sdrt generate --timings`, `sdrt demo`)."""
+    steps = t["steps_ms"]
+    rows = [("setup (first call)", t["setup_ms"]), ("tokenize", t["tokenize_ms"]), ("text encoder", t["text_encoder_ms"]),
+            (f"denoise ({len(steps)} steps)", t["denoise_ms"]),
+            ("  per step (median)", t["unet_step_ms"]),
+            ("  per step (min / max)", f"{min(steps):.2f} / {max(steps):.2f}"),
+            ("vae decoder", t["vae_ms"]), ("total", t["total_ms"])]
+    lines = [f"backend: {t['backend']}", f"{'stage':<24}{'ms':>12}"]
+    for name, v in rows:
+        lines.append(f"{name:<24}{v if isinstance(v, str) else f'{v:.2f}':>12}")
+    return "\n".join(lines)

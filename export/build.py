@@ -5,8 +5,8 @@
 
 Writes WORK_DIR/engines/<backend>/<model>.plan (atomically) and records each engine in
 manifest["engines"][backend][model] with the key it was built for: ONNX hash, backend, version,
-GPU, profile and options (sdrt.engine.engine_cache: keys, and `check_engine`, which the runtime
-uses to refuse a plan whose key no longer holds); `build` skips models whose key still holds.
+GPU, profile and options (sdrt.engine_keys: keys, and `check_engine`, which the runtime uses to
+refuse a plan whose key no longer holds); `build` skips models whose key still holds.
 
 One model at a time, builder/network/parser freed between models, optional workspace limit:
 sized for a Jetson as much as for a workstation.
@@ -21,10 +21,9 @@ from pathlib import Path
 
 from sdrt import manifest as mf
 from sdrt.contract import RUNTIME_MODELS, Dims, Model, check_size
-from sdrt.engine.engine_cache import (KEY_FIELDS, _api, _current_hash, _first_change, _stat, engine_key,
-                                      major_minor)
 from sdrt.engine import cuda
-from sdrt.engine.trt_backend import MODULES, import_trt
+from sdrt.engine_keys import (MODULES, current_hash, engine_key, first_change, import_trt, major_minor,
+                              onnx_stat)
 from sdrt.errors import UserError
 from sdrt.export import attention
 from sdrt.fileio import write_atomic, write_json_atomic
@@ -75,6 +74,25 @@ def profile_for(model: Model, ranges: dict, guidance: bool, vae_factor: int) -> 
     shapes = {k: model.shapes(Dims(**ranges[k], cfg=guidance, vae_factor=vae_factor))
               for k in ("min", "opt", "max")}
     return {t.name: {k: list(shapes[k][t.name]) for k in ("min", "opt", "max")} for t in model.inputs}
+
+
+# ---- the builder's differences between TensorRT 10, TensorRT 11 and TensorRT-RTX -----------------
+
+def builder_api(trt, backend: str) -> dict:
+    major = major_minor(trt.__version__)[0]
+    rtx = backend == "tensorrt-rtx"
+    # TensorRT 10 infers precision unless the network is STRONGLY_TYPED (then the ONNX dtypes rule,
+    # and FP16/BF16 builder flags are refused). TRT 11 and RTX are always strongly typed: the flag
+    # is deprecated and ignored there, so pass none.
+    flags = 0 if rtx or major >= 11 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    # RTX builds on the CPU; its timing cache is a deprecated no-op (1.2) that makes the builder
+    # look for a GPU, so it is not used.
+    return {"network_flags": flags, "timing_cache": not rtx,
+            "opt_level": hasattr(trt.IBuilderConfig, "builder_optimization_level"),
+            "progress": hasattr(trt, "IProgressMonitor"),
+            # RTX (since 1.2) allows CUDA stream capture only for engines that allocate nothing
+            # themselves at run time: we hand them all memory (activation block, bound outputs)
+            "user_allocation": rtx and hasattr(trt.BuilderFlag, "REQUIRE_USER_ALLOCATION")}
 
 
 # ---- building -------------------------------------------------------------------------------------
@@ -258,7 +276,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
                            cfg.vae_factor)
     backend, trt = import_trt(backend)
     check_attention_support(trt, backend, man.get("attention", "decomposed"))
-    api = _api(trt, backend)
+    api = builder_api(trt, backend)
     options = {"opt_level": opt_level, "precision": man.get("precision", "fp16"),
                "strongly_typed": True, "workspace_mb": workspace_mb,
                "require_user_allocation": api["user_allocation"]}
@@ -277,13 +295,13 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
     for name in names:
         model = contracts[name]
         entry = mf.load(work_dir).get("engines", {}).get(backend, {}).get(name)
-        onnx_hash, files = _current_hash(work_dir, man, name, entry)
+        onnx_hash, files = current_hash(work_dir, man, name, entry)
         profile = profile_for(model, ranges, guidance, cfg.vae_factor)
         weights = refit_names(man, name) if refit else []
         model_options = {**options, "refit": bool(weights)}   # in the engine key
-        key = engine_key(backend, trt, onnx_hash, profile, model_options, api)
+        key = engine_key(backend, trt, onnx_hash, profile, model_options)
         plan_path = out_dir / f"{name}.plan"
-        why = _first_change(entry.get("key") or {}, key, KEY_FIELDS) if entry else None
+        why = first_change(entry.get("key") or {}, key) if entry else None
         if (entry and why is None and plan_path.is_file()
                 and plan_path.stat().st_size == entry.get("size_bytes")):
             print(f"{name}: up to date ({plan_path.relative_to(work_dir)})", file=sys.stderr)
@@ -300,7 +318,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         size = plan_path.stat().st_size
         del plan
         entry = {"file": str(plan_path.relative_to(work_dir)), "size_bytes": size,
-                 "build_s": round(seconds, 3), "key": key, "onnx_stat": _stat(files)}
+                 "build_s": round(seconds, 3), "key": key, "onnx_stat": onnx_stat(files)}
         latest = mf.load(work_dir)  # re-read: record only our entry
         latest.setdefault("engines", {}).setdefault(backend, {})[name] = entry
         write_json_atomic(work_dir / mf.NAME, latest)

@@ -87,5 +87,4 @@ def model_config(text, unet, vae) -> ModelConfig:
         raise UserError("UNet has extra conditioning (class/addition embeddings): not supported")
     return ModelConfig(text_len=t.max_position_embeddings, text_dim=t.hidden_size,
                        vocab_size=t.vocab_size, latent_channels=v.latent_channels,
-                       vae_factor=2 ** (len(v.block_out_channels) - 1),
-                       scaling_factor=float(v.scaling_factor), sample_size=int(u.sample_size))
+                       vae_factor=2 ** (len(v.block_out_channels) - 1), sample_size=int(u.sample_size))

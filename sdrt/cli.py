@@ -8,7 +8,6 @@ from pathlib import Path
 from sdrt.errors import UserError
 
 
-
 def cmd_init(a):
     from sdrt.export.init_models import init
     out = init(a.dir, a.arch, seed=a.seed, force=a.force)
@@ -30,23 +29,31 @@ def cmd_build(a):
 
 
 def cmd_generate(a):
-    from sdrt.engine.generate import main
-    main(a)
+    from sdrt.generate import generate_files
+    generate_files(a.work_dir, a.prompt, a.out, backend=a.backend, negative=a.negative, steps=a.steps,
+                   guidance=a.guidance, height=a.height, width=a.width, batch=a.batch, seed=a.seed,
+                   latents=a.latents, timings=a.timings, loras=a.lora)
 
 
 def cmd_bench(a):
-    from sdrt.benchmarks.bench import main
-    main(a)
+    from sdrt.benchmarks.bench import bench
+    bench(a.work_dirs, a.reference, backends=a.backends, sizes=a.sizes, steps=a.steps, batches=a.batches,
+          runs=a.runs, warmup=a.warmup, out=a.out, no_reference=a.no_reference)
+
+
+def cmd_bench_lora(a):
+    from sdrt.benchmarks.lora_switch import bench_lora
+    bench_lora(a.work_dir, backend=a.backend, rank=a.rank, steps=a.steps, size=a.size, out=a.out)
 
 
 def cmd_memory(a):
     from sdrt.benchmarks.memory import main
-    main(a)
+    main(a.work_dirs, sizes=a.sizes, batches=a.batches, backend=a.backend, out=a.out)
 
 
 def cmd_demo(a):
-    from sdrt.engine.demo import main
-    main(a)
+    from sdrt.demo import main
+    main(a.dir, a.prompt)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -107,6 +114,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     s.add_argument("--no-reference", action="store_true", help="skip the diffusers reference")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("bench-lora", help="time LoRA switches on a work folder (random LoRA files shaped for it)")
+    s.add_argument("work_dir", type=Path)
+    s.add_argument("--backend", default="onnxruntime-cpu")
+    s.add_argument("--rank", type=int, default=16)
+    s.add_argument("--steps", type=int, default=1, help="denoising steps of each timed generate")
+    s.add_argument("--size", type=int, help="image height and width (default: the model's)")
+    s.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    s.set_defaults(fn=cmd_bench_lora)
 
     s = sub.add_parser("memory", help="GPU memory a generation needs, and a Jetson budget (no GPU needed)")
     s.add_argument("work_dirs", type=Path, nargs="+", metavar="WORK_DIR")

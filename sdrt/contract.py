@@ -84,7 +84,6 @@ class ModelConfig:
     vocab_size: int = 49408
     latent_channels: int = 4       # VAE latent channels == UNet in/out channels
     vae_factor: int = 8            # image size / latent size
-    scaling_factor: float = 0.18215
     sample_size: int = 64          # UNet's native latent size (512 px for SD 1.5)
 
     @property
@@ -96,7 +95,8 @@ class ModelConfig:
 
     @staticmethod
     def from_json(d: dict) -> "ModelConfig":
-        return ModelConfig(**d)
+        # older exports also wrote the VAE's scaling_factor: the decoder graph has it folded in
+        return ModelConfig(**{k: v for k, v in d.items() if k != "scaling_factor"})
 
 
 @dataclass(frozen=True)

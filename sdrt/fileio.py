@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from sdrt.errors import UserError
@@ -54,3 +54,16 @@ def write_atomic(path: Path, data) -> None:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+def save_images(images: list, paths: list[Path]) -> None:
+    """PIL images as PNGs, all or nothing: every image goes to a temp file first; all are renamed
+    in only when every one was written (the ExitStack closes the atomic paths together)."""
+    path = paths[0]
+    try:
+        with ExitStack() as stack:
+            for img, path in zip(images, paths):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                img.save(stack.enter_context(atomic_path(path, ".png")), format="PNG")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None

@@ -1,4 +1,4 @@
-"""sdrt.export.build and sdrt.engine.engine_cache: ONNX -> TensorRT-RTX engines on a CPU, engine
+"""sdrt.export.build and sdrt.engine_keys: ONNX -> TensorRT-RTX engines on a CPU, engine
 keys, staleness, failures.
 
 The work dir is a fake but valid export: tiny fp16 graphs with the contract's I/O (names, dtypes,
@@ -10,13 +10,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sdrt import contract, manifest as mf
-from sdrt.engine import cuda, engine_cache as EC
+from sdrt import contract, engine_keys as EC, manifest as mf
+from sdrt.engine import cuda
 from sdrt.errors import UserError
 from sdrt.fileio import write_json_atomic
 from sdrt.export import build as B
@@ -479,7 +480,7 @@ def test_rtx_engine_runs_on_gpu(built):
     if reason := _rtx_gpu_skip():
         pytest.skip(reason)
     from cuda.bindings import runtime as cudart
-    from sdrt.engine.trt_backend import TrtBackend
+    from sdrt.engine.tensorrt import TensorRT
 
     class Dev:  # stands in for sdrt.engine.buffers.DeviceBuffer
         def __init__(self, shape, dtype="float32"):
@@ -490,7 +491,7 @@ def test_rtx_engine_runs_on_gpu(built):
     work, _ = built
     model = mf.models(_manifest(work))["vae_decoder"]
     _, stream = cudart.cudaStreamCreate()
-    be = TrtBackend(RTX, int(stream))
+    be = TensorRT(RTX, types.SimpleNamespace(ptr=int(stream)))
     m = be.load(model, EC.check_engine(work, RTX, "vae_decoder"))
     be.share_activation_memory([m], lambda n: int(cudart.cudaMalloc(n)[1]))
     x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
@@ -511,8 +512,8 @@ def test_rtx_engine_runs_on_gpu(built):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_timing_cache_saved_and_reloaded(tmp_path, monkeypatch):
     """The TensorRT timing-cache path, run through RTX's (no-op, deprecated) timing cache API."""
-    real = B._api
-    monkeypatch.setattr(B, "_api", lambda trt, backend: {**real(trt, backend), "timing_cache": True})
+    real = B.builder_api
+    monkeypatch.setattr(B, "builder_api", lambda trt, backend: {**real(trt, backend), "timing_cache": True})
     cache = tmp_path / "timing.cache"
     B.build(make_export(tmp_path / "a"), RTX, timing_cache=cache, progress=False)
     assert cache.stat().st_size > 0 and not list(tmp_path.glob(".timing.cache.*"))

@@ -357,12 +357,11 @@ def test_refit_restores_the_previous_loras_weights_to_base(tiny_fp32, files, tmp
 
 
 def test_trt_refit_sets_exactly_the_named_weights(monkeypatch):
-    """TrtModel.refit with a stand-in `tensorrt` module: names checked against the refitter's,
+    """TrtEngine.refit with a stand-in `tensorrt` module: names checked against the refitter's,
     weights handed over in the initializer's layout and dtype, then refit_cuda_engine."""
-    import sys
     import types
     from sdrt import contract
-    from sdrt.engine import trt_backend as TB
+    from sdrt.engine.tensorrt import TrtEngine
     log = {}
 
     class Refitter:
@@ -387,16 +386,17 @@ def test_trt_refit_sets_exactly_the_named_weights(monkeypatch):
         def __init__(self, a):
             self.array = a
 
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            pass
+
     trt = types.ModuleType("tensorrt")
-    trt.__version__, trt.Refitter, trt.Weights = "10.99.0", Refitter, Weights
-    trt.Logger = lambda severity: None
-    trt.Logger.WARNING = 2
-    trt.Runtime = lambda logger: None
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    be = TB.TrtBackend("tensorrt", 0)
+    trt.__version__, trt.Refitter, trt.Weights, trt.Logger = "10.99.0", Refitter, Weights, Logger
     cfg = contract.ModelConfig(text_len=8, text_dim=16, vocab_size=64, sample_size=8)
     engine = types.SimpleNamespace(refittable=True)
-    m = TB.TrtModel(be, contract.text_encoder(cfg, "fp16"), engine)
+    m = TrtEngine(trt, contract.text_encoder(cfg, "fp16"), engine, stream=None)
     w = np.arange(6, dtype=np.float16).reshape(2, 3)
     m.refit({"onnx::MatMul_1": w.T})
     assert log["refit"] and list(log["set"]) == ["onnx::MatMul_1"]
@@ -472,8 +472,8 @@ def test_rtx_refit_runs_on_gpu(tiny_fp16, tmp_path):
     refit with the merged weights succeeds."""
     import shutil
     from sdrt.engine import cuda
-    from sdrt.engine.trt_backend import TrtBackend
-    from sdrt.engine.engine_cache import check_engine
+    from sdrt.engine.tensorrt import TensorRT
+    from sdrt.engine_keys import check_engine
     from sdrt.export import build as B
     if not cuda.available():
         pytest.skip("needs an NVIDIA GPU")
@@ -483,10 +483,11 @@ def test_rtx_refit_runs_on_gpu(tiny_fp16, tmp_path):
     shutil.copytree(tiny_fp16, work)
     B.build(work, "tensorrt-rtx", refit=True, progress=False)
     man = mf.load(work)
-    be = TrtBackend("tensorrt-rtx", 0)
+    be = TensorRT("tensorrt-rtx", cuda.Stream())
     model = mf.models(man)["text_encoder"]
     m = be.load(model, check_engine(work, "tensorrt-rtx", "text_encoder"))
     names = B.refit_names(man, "text_encoder")
-    assert set(names) <= set(be.trt.Refitter(m.engine, be.logger).get_all_weights())
+    refitter = be.trt.Refitter(m.engine, be.trt.Logger(be.trt.Logger.WARNING))
+    assert set(names) <= set(refitter.get_all_weights())
     by_init = {t["initializer"]: t for t in man["models"]["text_encoder"]["lora_targets"].values()}
     m.refit({n: np.array(L.read_base(work / "onnx", by_init[n])) for n in names})

@@ -1,4 +1,4 @@
-"""sdrt.engine.trt_backend without a GPU: a fake `tensorrt` module stands in for the real one."""
+"""sdrt.engine.tensorrt without a GPU: a fake `tensorrt` module stands in for the real one."""
 from __future__ import annotations
 
 import enum
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdrt import contract
-from sdrt.engine import trt_backend as TB
+from sdrt import contract, engine_keys
+from sdrt.engine import tensorrt as TB
 from sdrt.errors import UserError
 
 CFG = contract.ModelConfig(text_len=8, text_dim=16, vocab_size=64, sample_size=8)
@@ -150,7 +150,7 @@ def plan(tmp_path) -> Path:
 
 def backend(monkeypatch, engine, validity=None):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt(engine, validity))
-    return TB.TrtBackend("tensorrt", stream_handle=77)
+    return TB.TensorRT("tensorrt", types.SimpleNamespace(ptr=77))
 
 
 # ---- module names ------------------------------------------------------------------------------
@@ -158,18 +158,18 @@ def backend(monkeypatch, engine, validity=None):
 def test_module_names(monkeypatch):
     mod = fake_trt(FakeEngine())
     monkeypatch.setitem(sys.modules, "tensorrt", mod)
-    assert TB.import_trt("tensorrt") == ("tensorrt", mod)
+    assert engine_keys.import_trt("tensorrt") == ("tensorrt", mod)
     monkeypatch.setitem(sys.modules, "tensorrt_rtx", mod)
-    assert TB.import_trt("tensorrt_rtx")[0] == "tensorrt-rtx"
-    assert TB.import_trt("tensorrt-rtx")[0] == "tensorrt-rtx"
+    assert engine_keys.import_trt("tensorrt_rtx")[0] == "tensorrt-rtx"
+    assert engine_keys.import_trt("tensorrt-rtx")[0] == "tensorrt-rtx"
     with pytest.raises(UserError, match="unknown backend 'onnxruntime': use one of tensorrt, tensorrt-rtx"):
-        TB.import_trt("onnxruntime")
+        engine_keys.import_trt("onnxruntime")
 
 
 def test_missing_module_names_pip_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)  # import raises ImportError
     with pytest.raises(UserError, match=r"pip install 'sdrt\[tensorrt-rtx\]'"):
-        TB.TrtBackend("tensorrt-rtx", 0)
+        TB.TensorRT("tensorrt-rtx", types.SimpleNamespace(ptr=0))
 
 
 def test_adapter_does_not_import_torch():
@@ -177,10 +177,10 @@ def test_adapter_does_not_import_torch():
     assert "import torch" not in src and "from torch" not in src
 
 
-def test_engine_cache_stays_lean():
-    """The runtime's staleness check loads without torch, onnx or the export package."""
+def test_engine_keys_and_backend_stay_lean():
+    """The runtime's staleness check and TensorRT backend load without torch, onnx or the export package."""
     import subprocess
-    code = ("import sys, sdrt.engine.engine_cache; "
+    code = ("import sys, sdrt.engine_keys, sdrt.engine.tensorrt; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx') "
             "or m.startswith('sdrt.export')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -277,7 +277,7 @@ def test_load_failures(monkeypatch, plan):
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt_rtx not installed")
 def test_real_rtx_module_loads(tmp_path):
     """The real module: runtime created; loading a plan with no GPU is a UserError, not a crash."""
-    be = TB.TrtBackend("tensorrt-rtx", 0)
+    be = TB.TensorRT("tensorrt-rtx", types.SimpleNamespace(ptr=0))
     assert be.name == "tensorrt-rtx" and be.device == "cuda"
     p = tmp_path / "x.plan"
     p.write_bytes(b"\0" * 64)
@@ -291,7 +291,7 @@ def test_real_rtx_module_loads(tmp_path):
     ("1.24.4", "decomposed", False), ("1.24.4", None, False)])
 def test_ort_cuda_warns_when_attention_would_run_on_cpu(version, form, warns):
     import warnings
-    from sdrt.engine.backends import warn_if_attention_on_cpu
+    from sdrt.engine.ort_cuda import warn_if_attention_on_cpu
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warn_if_attention_on_cpu(version, form)

@@ -1,57 +1,51 @@
-"""Engine keys and the staleness check the runtime runs before loading a plan.
+"""Engine keys: what a built TensorRT / TensorRT-RTX plan depends on, and the staleness check.
 
 An engine built by `sdrt build` is recorded in manifest["engines"][backend][model] with the key it
 was built for: ONNX hash, backend, TensorRT version, GPU, profile and options. `check_engine`
 refuses a plan whose key no longer holds and says which field changed. The builder
-(sdrt.export.build) computes keys with the same functions, so both sides agree.
+(sdrt.export.build) and the runtime (sdrt.engine.tensorrt) both use this module, so they agree.
 
-Runtime side: no torch, no onnx, nothing from sdrt.export; TensorRT is imported only when asked for.
+No torch, no onnx, nothing from sdrt.export; TensorRT is imported only when asked for.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from sdrt import manifest as mf
 from sdrt.engine import cuda
-from sdrt.engine.trt_backend import import_trt
 from sdrt.errors import UserError
 
+MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # backend name -> module
 KEY_FIELDS = ("onnx_sha256", "backend", "trt_version", "gpu_name", "compute_capability",
               "profile", "options")
-_ENV_FIELDS = KEY_FIELDS[:5]  # what check_engine compares besides the profile
+ENV_FIELDS = KEY_FIELDS[:5]  # what check_engine compares besides the profile
 
 
-# ---- the one place for differences between TensorRT 10, TensorRT 11 and TensorRT-RTX ----------
+def import_trt(name: str):
+    """(backend, module) for a backend name ("tensorrt-rtx") or module name ("tensorrt_rtx")."""
+    backend = {m: b for b, m in MODULES.items()}.get(name, name)
+    if backend not in MODULES:
+        raise UserError(f"unknown backend {name!r}: use one of {', '.join(MODULES)}")
+    try:
+        return backend, importlib.import_module(MODULES[backend])
+    except ImportError as e:
+        raise UserError(f"the {backend} backend needs the {MODULES[backend]} module ({e}): "
+                        f"pip install 'sdrt[{backend}]'") from None
+
 
 def major_minor(version: str) -> tuple[int, ...]:
     """"10.14.1.48" -> (10, 14); "1.25.0" -> (1, 25)."""
     return tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
 
 
-def _api(trt, backend: str) -> dict:
-    major = major_minor(trt.__version__)[0]
-    rtx = backend == "tensorrt-rtx"
-    # TensorRT 10 infers precision unless the network is STRONGLY_TYPED (then the ONNX dtypes rule,
-    # and FP16/BF16 builder flags are refused). TRT 11 and RTX are always strongly typed: the flag
-    # is deprecated and ignored there, so pass none.
-    flags = 0 if rtx or major >= 11 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    if rtx:
-        # RTX builds ahead of time on the CPU for portable targets (no GPU needed; the plan is
-        # JIT-specialized on the user's GPU at load). Its timing cache is a deprecated no-op (1.2)
-        # that makes the builder look for a GPU, so it is not used.
-        gpu, cc = "any (portable RTX engine)", "rtx-default"
-    else:  # TensorRT engines are tied to the GPU they were built on
-        gpu, cc = _cuda_device()
-    return {"network_flags": flags, "timing_cache": not rtx, "gpu_name": gpu, "cc": cc,
-            "opt_level": hasattr(trt.IBuilderConfig, "builder_optimization_level"),
-            "progress": hasattr(trt, "IProgressMonitor"),
-            # RTX (since 1.2) allows CUDA stream capture only for engines that allocate nothing
-            # themselves at run time: we hand them all memory (activation block, bound outputs)
-            "user_allocation": rtx and hasattr(trt.BuilderFlag, "REQUIRE_USER_ALLOCATION")}
+def target(backend: str) -> tuple[str, str]:
+    """(gpu_name, compute_capability) an engine of `backend` is built for, here and now.
 
-
-def _cuda_device() -> tuple[str, str]:
-    """(name, "major.minor") of CUDA device 0; ("none", "none") without one."""
+    RTX builds ahead of time on the CPU for portable targets (the plan is JIT-specialized on the
+    user's GPU at load); TensorRT engines are tied to the GPU they were built on."""
+    if backend == "tensorrt-rtx":
+        return "any (portable RTX engine)", "rtx-default"
     if not cuda.available():
         return "none", "none"
     try:
@@ -62,32 +56,32 @@ def _cuda_device() -> tuple[str, str]:
 
 # ---- ONNX identity (hash reused while no file's size or mtime changed) ---------------------------
 
-def _stat(files: list[Path]) -> dict:
+def onnx_stat(files: list[Path]) -> dict:
+    """{file name: [size, mtime_ns]}: recorded beside the hash so an unchanged export is not re-read."""
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
 
 
-def _current_hash(work_dir: Path, manifest: dict, model_name: str, entry: dict | None
-                  ) -> tuple[str, list[Path]]:
+def current_hash(work_dir: Path, manifest: dict, model_name: str, entry: dict | None
+                 ) -> tuple[str, list[Path]]:
     """The ONNX hash now and the files it covers; reuses the engine entry's recorded hash when no
     file's size or mtime changed."""
     files = mf.model_files(work_dir, manifest, model_name)
-    if entry and entry.get("onnx_stat") == _stat(files) and entry.get("key", {}).get("onnx_sha256"):
+    if entry and entry.get("onnx_stat") == onnx_stat(files) and entry.get("key", {}).get("onnx_sha256"):
         return entry["key"]["onnx_sha256"], files
     return mf.files_sha256(files), files
 
 
 # ---- engine keys ----------------------------------------------------------------------------------
 
-def engine_key(backend: str, trt, onnx_hash: str, profile: dict | None, options: dict | None,
-               api: dict | None = None) -> dict:
+def engine_key(backend: str, trt, onnx_hash: str, profile: dict | None, options: dict | None) -> dict:
     """What an engine depends on. Compared field by field; any change means rebuild."""
-    api = api or _api(trt, backend)
+    gpu, cc = target(backend)
     return {"onnx_sha256": onnx_hash, "backend": backend, "trt_version": trt.__version__,
-            "gpu_name": api["gpu_name"], "compute_capability": api["cc"],
-            "profile": profile, "options": options}
+            "gpu_name": gpu, "compute_capability": cc, "profile": profile, "options": options}
 
 
-def _first_change(old: dict, new: dict, fields) -> str | None:
+def first_change(old: dict, new: dict, fields=KEY_FIELDS) -> str | None:
+    """The first of `fields` that differs between two keys, said for a person; None if none."""
     for f in fields:
         if old.get(f) != new.get(f):
             if f == "onnx_sha256":
@@ -136,10 +130,10 @@ def check_engine(work_dir: Path, backend: str, model_name: str, expected_profile
     plan = work_dir / entry["file"]
     if not plan.is_file() or plan.stat().st_size != entry.get("size_bytes"):
         raise UserError(f"engine {model_name} is missing or damaged ({plan}): {rebuild}")
-    onnx_hash, _ = _current_hash(work_dir, man, model_name, entry)
+    onnx_hash, _ = current_hash(work_dir, man, model_name, entry)
     now = engine_key(backend, trt, onnx_hash, None, None)
     built = entry.get("key") or {}
-    why = _first_change(built, now, _ENV_FIELDS)
+    why = first_change(built, now, ENV_FIELDS)
     if why is None and expected_profile is not None:
         why = _profile_problem(built.get("profile") or {}, expected_profile)
     if why:

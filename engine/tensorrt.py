@@ -1,4 +1,12 @@
-"""TensorRT / TensorRT-RTX runtime adapter: deserialize plans, bind device buffers once, enqueue.
+"""TensorRT / TensorRT-RTX backend: deserialize the plans `sdrt build` wrote, bind sdrt's device
+buffers once, enqueue on sdrt's stream; the step enqueue is captured in a CUDA graph.
+
+    TensorRT(name, stream)                  one IRuntime on one stream
+      .load(model, plan) -> TrtEngine       an ICudaEngine checked against the model's contract
+      .share_activation_memory(engines, alloc)
+    TrtEngine.bind(buffers, shapes) -> TrtContext     an IExecutionContext, addresses set once
+    TrtContext.run()                        execute_async_v3 on the stream (no sync)
+    open_tensorrt(name, work_dir, manifest) the backend with every built engine loaded
 
 Written against the documented TensorRT 10/11 and TensorRT-RTX 1.x Python API (same names in both;
 the few differences live in `_memory_size` and `_set_memory`). No torch: buffers come from
@@ -6,27 +14,15 @@ sdrt.engine.buffers (anything with .ptr, .shape, .dtype).
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import numpy as np
 
-from sdrt.contract import Model
+from sdrt import manifest as mf
+from sdrt.contract import RUNTIME_MODELS, Dims, Model
+from sdrt.engine import cuda
+from sdrt.engine_keys import check_engine, import_trt
 from sdrt.errors import UserError
-
-MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # backend name -> module
-
-
-def import_trt(name: str):
-    """(backend, module) for a backend name ("tensorrt-rtx") or module name ("tensorrt_rtx")."""
-    backend = {m: b for b, m in MODULES.items()}.get(name, name)
-    if backend not in MODULES:
-        raise UserError(f"unknown backend {name!r}: use one of {', '.join(MODULES)}")
-    try:
-        return backend, importlib.import_module(MODULES[backend])
-    except ImportError as e:
-        raise UserError(f"the {backend} backend needs the {MODULES[backend]} module ({e}): "
-                        f"pip install 'sdrt[{backend}]'") from None
 
 
 def _memory_size(engine) -> int:
@@ -57,17 +53,19 @@ def check_profile(engine, model_name: str, name: str, shape: tuple) -> None:
                         f"or a --dynamic range that covers it")
 
 
-class TrtBackend:
+class TensorRT:
+    """The backend: loaded engines per model, one shared activation block, our own step graphs."""
     device = "cuda"
+    max_plans = None
 
-    def __init__(self, module_name: str, stream_handle: int):
-        self.name, self.trt = import_trt(module_name)
-        self.stream = int(stream_handle)  # cudaStream_t as int: execute_async_v3 enqueues here
-        self.logger = self.trt.Logger(self.trt.Logger.WARNING)  # TRT's stderr logger
-        self.runtime = self.trt.Runtime(self.logger)  # one IRuntime deserializes every plan
-        self.activation_bytes = 0  # the shared activation block, once share_activation_memory ran
+    def __init__(self, name: str, stream):
+        self.name, self.trt = import_trt(name)        # self.trt: the tensorrt / tensorrt_rtx module
+        self.stream = stream                          # cuda.Stream: every enqueue goes here
+        self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))  # stderr logger
+        self.engines: dict[str, TrtEngine] = {}
+        self.activation_bytes = 0   # the shared activation block, once share_activation_memory ran
 
-    def load(self, model: Model, plan_path: Path) -> "TrtModel":
+    def load(self, model: Model, plan_path: Path) -> "TrtEngine":
         data = Path(plan_path).read_bytes()
         if hasattr(self.runtime, "get_engine_validity"):  # RTX >= 1.1: header-only check
             validity, diag = self.runtime.get_engine_validity(data)  # (EngineValidity, bitmask)
@@ -86,32 +84,80 @@ class TrtBackend:
         if names != {t.name for t in model.tensors}:
             raise UserError(f"engine {plan_path} has tensors {sorted(names)}, the contract of "
                             f"{model.name} {sorted(t.name for t in model.tensors)}: rebuild it")
-        return TrtModel(self, model, engine)
+        return TrtEngine(self.trt, model, engine, self.stream)
 
-    def share_activation_memory(self, models: list, alloc) -> None:
+    def share_activation_memory(self, engines: list, alloc) -> None:
         """One scratch block, sized for the hungriest engine, for every context (they run one
         after another on one stream). Call after load() and before any bind()."""
-        if any(m.bindings for m in models):
+        if any(e.contexts for e in engines):
             raise RuntimeError("share_activation_memory() must come before bind()")
-        size = max((_memory_size(m.engine) for m in models), default=0)
+        size = max((_memory_size(e.engine) for e in engines), default=0)
         self.activation_bytes = size
         block = (int(alloc(size)) if size else 0, size)
-        for m in models:
-            m.activation = block
+        for e in engines:
+            e.activation = block
+
+    # ---- the backend interface (sdrt.engine.pipeline) --------------------------------------------
+
+    def runner(self, model: Model, dims: Dims) -> "TrtEngine":
+        if model.name not in self.engines:
+            flag = " --no-guidance" if model.name == "denoise_step" else ""
+            raise UserError(f"no {self.name} engine for {model.name}: run `sdrt build ... --backend "
+                            f"{self.name}{flag}` (guidance > 1 needs denoise_step_cfg, <= 1 denoise_step)")
+        return self.engines[model.name]
+
+    def launcher(self, context: "TrtContext"):
+        if not context.capturable():
+            return context.run
+        return cuda.capture_or_run(self.stream, context.run, warmups=1)  # TRT: one enqueue first
+
+    def drop_plans(self) -> None:
+        pass  # engines serve every shape plan within their profile
+
+    refits = True             # LoRA: weights change in place (a refit), not new sessions
+
+    def set_weights(self, weights: dict) -> None:
+        """LoRA: refit exactly these initializers ({model: {ONNX initializer: array}}; TensorRT
+        names a parsed initializer's weights after it) in each engine; the pipeline then makes new
+        contexts and recaptures its CUDA graphs."""
+        todo = {name: w for name, w in weights.items() if name in self.engines and w}
+        for name in todo:  # all or none: refuse before the first engine changes
+            self.engines[name].check_refittable()
+        for name, w in todo.items():
+            self.engines[name].refit(w)
+        for e in self.engines.values():
+            e.contexts.clear()   # the pipeline drops its plans: new contexts and graphs
 
 
-class TrtModel:
-    def __init__(self, backend: TrtBackend, model: Model, engine):
-        self.backend, self.model, self.engine = backend, model, engine
+def open_tensorrt(name: str, work_dir: Path, manifest: dict) -> TensorRT:
+    """The backend with every engine `sdrt build` recorded for it, each checked for staleness."""
+    backend = TensorRT(name, cuda.Stream())
+    built = manifest.get("engines", {}).get(backend.name, {})
+    if not built:
+        raise UserError(f"no {name} engines in {work_dir}: run `sdrt build {work_dir} --backend {name}`")
+    models = mf.models(manifest)
+    for m in RUNTIME_MODELS:
+        if m in built:
+            backend.engines[m] = backend.load(models[m], check_engine(work_dir, backend.name, m))
+    # one activation block for all engines: they run one after another on one stream
+    backend.share_activation_memory(list(backend.engines.values()), cuda.malloc)
+    return backend
+
+
+class TrtEngine:
+    """One deserialized engine and the model contract it implements."""
+
+    def __init__(self, trt, model: Model, engine, stream):
+        self.trt, self.model, self.engine, self.stream = trt, model, engine, stream
         self.activation = None  # (ptr, size) from share_activation_memory, else TRT allocates
-        self.bindings = []
+        self.contexts: list[TrtContext] = []
 
     def refit(self, weights: dict) -> None:
         """Replace the named weights ({ONNX initializer name: array in the initializer's layout and
         dtype}) in the engine, synchronously. Needs an engine built with `sdrt build --refit`."""
-        trt = self.backend.trt
+        trt = self.trt
         self.check_refittable()
-        refitter = trt.Refitter(self.engine, self.backend.logger)
+        refitter = trt.Refitter(self.engine, trt.Logger(trt.Logger.WARNING))
         known = set(refitter.get_all_weights())          # names of the refittable weights
         unknown = sorted(set(weights) - known)
         if unknown:
@@ -130,11 +176,12 @@ class TrtModel:
 
     def check_refittable(self) -> None:
         if not getattr(self.engine, "refittable", False):
-            raise UserError(f"the {self.backend.name} engine of {self.model.name} is not refittable, so "
+            raise UserError(f"the {self.trt.__name__} engine of {self.model.name} is not refittable, so "
                             f"LoRA cannot change it: rebuild with `sdrt build ... --refit`")
 
-    def bind(self, buffers: dict, shapes: dict) -> "TrtBinding":
-        trt, eng = self.backend.trt, self.engine
+    def bind(self, buffers: dict, shapes: dict) -> "TrtContext":
+        """A new execution context with every I/O tensor's shape and address set, once."""
+        trt, eng = self.trt, self.engine
         if self.activation:  # context without its own scratch memory: we hand it the shared block
             ctx = eng.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         else:  # STATIC (default): the context allocates its own scratch memory
@@ -155,15 +202,17 @@ class TrtModel:
                 raise UserError(f"{self.model.name}: buffer {t.name} is {tuple(buf.shape)} "
                                 f"{np.dtype(buf.dtype)}, the engine needs {want} {dtype}")
             ctx.set_tensor_address(t.name, int(buf.ptr))  # device pointer, bound once
-        binding = TrtBinding(self.model.name, ctx, self.backend.stream, buffers)
-        self.bindings.append(binding)
-        return binding
+        context = TrtContext(self.model.name, ctx, self.stream.ptr, buffers)
+        self.contexts.append(context)
+        return context
 
 
-class TrtBinding:
+class TrtContext:
+    """One bound execution context: run() enqueues the whole engine."""
+
     def __init__(self, name: str, context, stream: int, buffers: dict):
-        self.name, self.context, self.stream = name, context, stream
-        self._keep = buffers  # the bound device memory lives as long as the binding
+        self.name, self.context, self.stream = name, context, stream  # stream: cudaStream_t as int
+        self._keep = buffers  # the bound device memory lives as long as the context
 
     def capturable(self) -> bool:
         """Whether this enqueue may be captured in a CUDA graph (TRT >= 10 / RTX report it)."""

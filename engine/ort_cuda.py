@@ -1,0 +1,71 @@
+"""ONNX Runtime on the CUDA EP: device buffers, sessions per shape plan, the step captured by us.
+
+Every session runs on sdrt's stream and never syncs on its own, so ORT runs queue behind each
+other like engine enqueues, and sdrt captures the step runs in its own CUDA graphs, as for
+TensorRT (ORT's enable_cuda_graph is not used: before microsoft/onnxruntime#28686 its replay
+synced the host after every launch).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from sdrt import manifest as mf
+from sdrt.contract import Dims, Model
+from sdrt.engine import cuda
+from sdrt.engine.ort_session import (OrtBinding, OrtSession, cuda_ep_available, import_ort, open_session,
+                                     replace_weights)
+from sdrt.engine_keys import major_minor
+from sdrt.errors import UserError
+
+ORT_CUDA_ATTENTION = (1, 25)   # first onnxruntime-gpu with a CUDA kernel for ONNX's Attention op
+
+
+def warn_if_attention_on_cpu(ort_version: str, attention_form: str | None) -> None:
+    """Older ORT places the Attention op on the CPU: it still runs, slowly and without a graph."""
+    if attention_form == "op" and major_minor(ort_version) < ORT_CUDA_ATTENTION:
+        warnings.warn(f"onnxruntime {ort_version} has no CUDA kernel for ONNX's Attention op (it runs on the "
+                      f"CPU, and the step cannot be captured): install onnxruntime-gpu>=1.25 or export with "
+                      f"--attention decomposed")
+
+
+class OrtCuda:
+    """Sessions per shape plan (static shapes: every node on the CUDA EP, no Memcpy). Each plan
+    holds its own copy of the weights, so only the latest plan is kept."""
+    device = "cuda"
+    max_plans = 1
+    activation_bytes = None   # ONNX Runtime plans its arenas itself: no figure before running
+
+    def __init__(self, work_dir: Path, manifest: dict, variant: str | None):
+        """variant: "ort" runs onnx/ort/ (ORT's attention fusion), None the plain export."""
+        self.ort = import_ort()
+        if not cuda_ep_available():
+            raise UserError("onnxruntime-cuda: this ONNX Runtime has no CUDAExecutionProvider: "
+                            "pip install 'sdrt[onnxruntime-gpu]' (and uninstall plain onnxruntime)")
+        warn_if_attention_on_cpu(self.ort.__version__, manifest.get("attention"))
+        self.stream = cuda.Stream()
+        self.work_dir, self.manifest, self.variant = work_dir, manifest, variant
+        self.name = "onnxruntime-cuda" + ("+ort-fusion" if variant else "")
+        self.weights: dict = {}   # {model: {initializer: array}} replacing the export's (LoRA)
+        self.sessions: dict[tuple[str, Dims], OrtSession] = {}
+
+    def runner(self, model: Model, dims: Dims) -> OrtSession:
+        key = (model.name, dims)
+        if key not in self.sessions:
+            path = mf.onnx_path(self.work_dir, model, self.manifest, self.variant)
+            self.sessions[key] = open_session(self.ort, model, path, "cuda", self.stream, dims,
+                                              self.weights.get(model.name))
+        return self.sessions[key]
+
+    def launcher(self, binding: OrtBinding):
+        # warm-ups grow ORT's arena and run cuDNN's algorithm search outside the capture
+        return cuda.capture_or_run(self.stream, binding.run, warmups=3)
+
+    def drop_plans(self) -> None:
+        self.sessions.clear()
+
+    refits = False            # LoRA: new sessions with overriding initializers, not in place
+
+    def set_weights(self, weights: dict) -> None:
+        """LoRA: {model: {initializer: merged array}} for the sessions made from now on."""
+        replace_weights(self, weights)

@@ -1,0 +1,108 @@
+"""What the two ONNX Runtime backends share: the module, one session per graph, I/O bound once.
+
+    open_session(ort, model, path, device, stream, dims) -> OrtSession
+    OrtSession.bind(buffers, shapes) -> OrtBinding      IOBinding of every tensor to sdrt's buffers
+    OrtBinding.run()                                    run_with_iobinding
+
+CUDA EP (device "cuda"): the session runs on sdrt's stream (user_compute_stream) and never syncs
+on its own (disable_synchronize_execution_providers), and it gets static shapes (free-dimension
+overrides from `dims`), so every node stays on the CUDA EP, with no Memcpy nodes.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.contract import Dims, Model
+from sdrt.errors import UserError
+
+
+def import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("ONNX Runtime is not installed: pip install 'sdrt[onnxruntime]' "
+                        "(or 'sdrt[onnxruntime-gpu]' for CUDA)") from None
+    return onnxruntime
+
+
+def cuda_ep_available() -> bool:
+    try:
+        return "CUDAExecutionProvider" in import_ort().get_available_providers()
+    except UserError:
+        return False
+
+
+def open_session(ort, model: Model, path: Path, device: str, stream=None, dims: Dims | None = None,
+                 weights: dict | None = None) -> "OrtSession":
+    """An InferenceSession of `path` on the CPU, or on the CUDA EP on `stream` with static `dims`;
+    weights: {initializer: array} that replace the graph's own at session creation (LoRA)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (weights or {}).values()]
+    if values:  # ORT's external-initializer override; the arrays must outlive the session
+        opts.add_external_initializers(list(weights), values)
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        for t in model.tensors:  # static shapes: every node stays on the CUDA EP
+            for d in t.shape:
+                if isinstance(d, str):
+                    opts.add_free_dimension_override_by_name(d, dims[d])
+        providers = [("CUDAExecutionProvider", {"device_id": "0", "user_compute_stream": str(stream.ptr)})]
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile...)
+        raise UserError(f"cannot load {path}: {str(e).splitlines()[0][:300]} "
+                        "(missing or corrupt: run `sdrt export` again)") from None
+    return OrtSession(ort, model, sess, device, (values, weights))
+
+
+def replace_weights(backend, weights: dict) -> None:
+    """LoRA on an ONNX Runtime backend (`sessions` keyed by model name or (name, dims), `weights`
+    {model: {initializer: array}} passed to open_session): drop the sessions whose weights change,
+    so the next runner() call makes them anew from the export with the new overrides. The fused
+    variant (onnx/ort/) has other initializers, so LoRA runs the plain graphs."""
+    if backend.variant and any(weights.values()):
+        warnings.warn("LoRA runs the plain graphs (onnx/), not ONNX Runtime's fused variant (onnx/ort/)")
+        backend.variant, backend.name, backend.weights = None, backend.name.split("+")[0], {}
+        backend.sessions.clear()
+    for name in set(weights) | set(backend.weights):
+        if _differ(weights.get(name, {}), backend.weights.get(name, {})):
+            for key in [k for k in backend.sessions if (k[0] if isinstance(k, tuple) else k) == name]:
+                del backend.sessions[key]
+    backend.weights = {n: w for n, w in weights.items() if w}
+
+
+def _differ(a: dict, b: dict) -> bool:
+    return a.keys() != b.keys() or any(x is not b[k] and not np.array_equal(x, b[k]) for k, x in a.items())
+
+
+class OrtSession:
+    def __init__(self, ort, model: Model, sess, device: str, keep=()):
+        self.ort, self.model, self.sess, self.device = ort, model, sess, device
+        self._keep = keep  # override tensors (LoRA) the session reads
+
+    def bind(self, buffers: dict, shapes: dict) -> "OrtBinding":
+        """Bind every I/O tensor of the model to its buffer, once."""
+        io = self.sess.io_binding()
+        for t in self.model.inputs:
+            b = buffers[t.name]
+            io.bind_input(t.name, self.device, 0, b.dtype, list(shapes[t.name]), b.ptr)
+        for t in self.model.outputs:
+            b = buffers[t.name]
+            io.bind_output(t.name, self.device, 0, b.dtype, list(shapes[t.name]), b.ptr)
+        opts = self.ort.RunOptions()
+        if self.device == "cuda":
+            opts.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        return OrtBinding(self.sess, io, opts)
+
+
+class OrtBinding:
+    def __init__(self, sess, io, opts):
+        self.sess, self.io, self.opts = sess, io, opts
+
+    def run(self) -> None:
+        self.sess.run_with_iobinding(self.io, self.opts)

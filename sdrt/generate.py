@@ -1,0 +1,51 @@
+"""`sdrt generate`: the CLI face of Pipeline.generate, writing PNGs atomically."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.errors import UserError
+from sdrt.fileio import save_images
+
+
+def load_latents(path: Path | None):
+    if path is None:
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read latents {path}: {e}") from None
+
+
+def output_paths(out: Path, batch: int) -> list[Path]:
+    """out.png for one image; out-0.png ... out-{B-1}.png for a batch."""
+    if batch == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(batch)]
+
+
+def generate_files(work_dir: Path, prompt: str, out: Path, backend: str = "auto", negative: str = "",
+                   steps: int = 50, guidance: float = 7.5, height: int | None = None,
+                   width: int | None = None, batch: int = 1, seed: int | None = None,
+                   latents: Path | None = None, timings: bool = False, loras=()) -> list[Path]:
+    """Generate and write out.png (out-0.png ... for a batch); timings: the table on stderr;
+    loras: "FILE[:SCALE]" strings (or (path, scale) pairs)."""
+    from sdrt.engine.lora import parse_spec
+    from sdrt.engine.pipeline import Pipeline
+    from sdrt.engine.timing import timing_table
+    if out.suffix.lower() not in ("", ".png"):
+        raise UserError(f"--out {out}: sdrt writes PNG files, give a .png path")
+    x_T = load_latents(latents)
+    pipe = Pipeline(work_dir, backend=backend,
+                    loras=[parse_spec(x) if isinstance(x, str) else x for x in loras])
+    result = pipe.generate(prompt, negative=negative, steps=steps, guidance=guidance,
+                           height=height, width=width, batch=batch, seed=seed, latents=x_T)
+    paths = output_paths(out, batch)
+    save_images(result.pil(), paths)
+    for p in paths:
+        print(f"wrote {p}")
+    if timings:
+        print(timing_table(result.timings), file=sys.stderr)
+    return paths

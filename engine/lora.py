@@ -79,11 +79,13 @@ def _tensor(raw: bytes, base: int, info: dict) -> np.ndarray:
     shape = tuple(info["shape"])
     if not 0 <= begin <= end <= len(raw) - base:
         raise ValueError("tensor data lies outside the file")
-    buf = raw[base + begin:base + end]
+    size = np.dtype(np.uint16 if kind == "bf16" else kind).itemsize
+    if (end - begin) % size:
+        raise ValueError(f"tensor data of {end - begin} bytes is not a whole number of {info['dtype']}")
+    a = np.frombuffer(raw, np.uint16 if kind == "bf16" else kind, count=(end - begin) // size,
+                      offset=base + begin)      # a view of the file's bytes, no copy
     if kind == "bf16":  # bfloat16 = the high half of a float32
-        a = (np.frombuffer(buf, np.uint16).astype(np.uint32) << 16).view(np.float32)
-    else:
-        a = np.frombuffer(buf, kind)
+        a = (a.astype(np.uint32) << 16).view(np.float32)
     if a.size != int(np.prod(shape)):
         raise ValueError(f"tensor of shape {list(shape)} has {a.size} values")
     return a.reshape(shape)
@@ -243,21 +245,22 @@ def _lookup(index: dict, m: Module):
     return None
 
 
-def delta(m: Module, shape: tuple) -> np.ndarray | None:
-    """ΔW = scale · up @ down in the torch weight's shape, or None when the shapes disagree."""
+def factors(m: Module, shape: tuple) -> tuple | None:
+    """(up [out, r] · scale, down [r, in·kh·kw]) with ΔW = up @ down reshaped to the torch weight's
+    `shape`, or None when the shapes disagree (the product itself is formed only when merging)."""
     r = m.down.shape[0]
     if m.down.ndim not in (2, 4) or m.up.ndim != m.down.ndim or m.up.shape[1] != r \
             or m.up.size != m.up.shape[0] * r:
         return None
-    d = m.up.reshape(m.up.shape[0], r) @ m.down.reshape(r, -1)
-    if d.size != int(np.prod(shape)) or d.shape[0] != shape[0]:
+    up, down = m.up.reshape(m.up.shape[0], r), m.down.reshape(r, -1)
+    if up.shape[0] != shape[0] or up.shape[0] * down.shape[1] != int(np.prod(shape)):
         return None
-    return (m.scale * d).reshape(shape)
+    return np.float32(m.scale) * up, down
 
 
 @dataclass
 class Resolved:
-    """A LoRA whose every module found its initializer: [(component, target, ΔW in torch layout)]."""
+    """A LoRA whose every module found its initializer: [(component, target, (up, down))]."""
     path: Path
     deltas: list
 
@@ -272,7 +275,7 @@ def resolve(lora: Lora, targets: dict) -> Resolved:
         d = None
         if hit:
             comp, (path, t) = hit
-            d = delta(m, torch_shape(t))
+            d = factors(m, torch_shape(t))
             if d is not None:
                 if t.get("shared"):
                     raise UserError(f"LoRA {lora.path}: module {path} shares its ONNX initializer "
@@ -306,18 +309,19 @@ def read_base(onnx_dir: Path, t: dict) -> np.ndarray:
 def merged_weights(onnx_dir: Path, loras: list) -> dict:
     """{component: {initializer: merged array (ONNX layout and dtype)}} for [(Resolved, scale)]:
     W = W₀ + Σ s_i ΔW_i, from the base weights on disk (so switching never accumulates)."""
-    acc = {}
+    parts = {}
     for resolved, s in loras:
-        for comp, t, d in resolved.deltas:
-            key = (comp, t["initializer"])
-            if key not in acc:
-                acc[key] = (t, np.zeros(torch_shape(t), np.float32))
-            acc[key][1][...] += np.float32(s) * d
+        for comp, t, (up, down) in resolved.deltas:
+            parts.setdefault((comp, t["initializer"]), (t, []))[1].append((np.float32(s) * up, down))
     out = {c: {} for c in COMPONENTS}
-    for (comp, name), (t, d) in acc.items():
-        base = read_base(onnx_dir, t).astype(np.float32)
-        w = base + (d.T if t["transpose"] else d)
-        out[comp][name] = np.ascontiguousarray(w.astype(np.dtype(t["dtype"])))
+    for (comp, name), (t, terms) in parts.items():
+        w = np.array(read_base(onnx_dir, t), dtype=np.float32)       # W₀, ONNX layout
+        for up, down in terms:
+            if t["transpose"]:    # MatMul weight Wᵀ [in, out]: add ΔWᵀ = downᵀ upᵀ
+                w += down.T @ up.T
+            else:                 # [out, in] or [out, in, kh, kw]
+                w.reshape(up.shape[0], -1)[...] += up @ down
+        out[comp][name] = w.astype(np.dtype(t["dtype"]))
     return out
 
 

@@ -28,8 +28,10 @@ data file, so the base weights are read here with a memory map.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -314,15 +316,21 @@ def merged_weights(onnx_dir: Path, loras: list) -> dict:
         for comp, t, (up, down) in resolved.deltas:
             parts.setdefault((comp, t["initializer"]), (t, []))[1].append((np.float32(s) * up, down))
     out = {c: {} for c in COMPONENTS}
-    for (comp, name), (t, terms) in parts.items():
-        w = np.array(read_base(onnx_dir, t), dtype=np.float32)       # W₀, ONNX layout
-        for up, down in terms:
-            if t["transpose"]:    # MatMul weight Wᵀ [in, out]: add ΔWᵀ = downᵀ upᵀ
-                w += down.T @ up.T
-            else:                 # [out, in] or [out, in, kh, kw]
-                w.reshape(up.shape[0], -1)[...] += up @ down
-        out[comp][name] = w.astype(np.dtype(t["dtype"]))
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # numpy drops the GIL in matmul and casts
+        merged = pool.map(lambda item: _merge_one(onnx_dir, *item[1]), parts.items())
+        for (comp, name), w in zip(parts, merged):
+            out[comp][name] = w
     return out
+
+
+def _merge_one(onnx_dir: Path, t: dict, terms: list) -> np.ndarray:
+    w = np.array(read_base(onnx_dir, t), dtype=np.float32)       # W₀, ONNX layout
+    for up, down in terms:
+        if t["transpose"]:    # MatMul weight Wᵀ [in, out]: add ΔWᵀ = downᵀ upᵀ
+            w += down.T @ up.T
+        else:                 # [out, in] or [out, in, kh, kw]
+            w.reshape(up.shape[0], -1)[...] += up @ down
+    return w.astype(np.dtype(t["dtype"]))
 
 
 def base_weights(onnx_dir: Path, targets: dict, names: dict) -> dict:

@@ -151,6 +151,8 @@ def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, steps: int, ru
             "reference": ref["what"] if ref else None,
             "speedup_e2e": ref["e2e_ms"][0] / e2e if ref else None,
             "psnr_vs_reference": psnr(results[-1].images, ref["image"]) if ref else None,
+            "graph": results[-1].timings["graph"],              # sdrt | onnxruntime | none
+            "graph_error": results[-1].timings["graph_error"] or None,   # why not sdrt's own graph
             "versions": versions})
     return records
 

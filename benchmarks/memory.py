@@ -14,6 +14,8 @@ Per runtime model (text encoder, denoise step, VAE decoder) at a given size and 
                [B·heads, tokens, tokens] score matrices);
   io           the buffers the runtime binds once per plan (latents and step index ping-pong,
                ids, embeddings, step table, image), each counted once as `make_plan` shares them.
+With a VAE batch N (`--vae-batch N`, as `sdrt generate --vae-batch N` decodes), the VAE decoder's
+activations are those of N images, not of the whole batch (sdrt.engine.vae_slices).
 The total is weights of all three + the largest activation block (sdrt's TensorRT path gives the
 three engines one shared activation block, since they never run at once) + io. What is left of the
 device's memory must hold the OS, the CUDA context and the application: measure that part on the
@@ -117,21 +119,28 @@ def io_bytes(models: list[Model], dims: Dims) -> int:
     return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in tensors.values())
 
 
-def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str = "tensorrt") -> dict:
-    """{model: {weights_bytes, weights_from, activation_bytes, io_bytes, unknown_tensors}} + totals."""
+def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str = "tensorrt",
+             vae_batch: int | None = None) -> dict:
+    """{model: {weights_bytes, weights_from, activation_bytes, io_bytes, unknown_tensors}} + totals.
+    vae_batch: the VAE decodes this many images at a time (None: the whole batch)."""
     work_dir = Path(work_dir)
     man = mf.load(work_dir)
     cfg, contracts = mf.config(man), mf.models(man)
     check_size(height, width, cfg.vae_factor)
     if batch <= 0:
         raise UserError(f"batch {batch} must be positive")
+    if vae_batch is not None and vae_batch <= 0:
+        raise UserError(f"vae batch {vae_batch} must be positive")
     dims = Dims(batch=batch, height=height, width=width, cfg=True, vae_factor=cfg.vae_factor)
+    vae_n = min(vae_batch or batch, batch)
+    model_dims = {name: Dims(vae_n, height, width, True, cfg.vae_factor) if name == "vae_decoder" else dims
+                  for name in MODELS}
     engines = man.get("engines", {}).get(backend, {})
     out = {}
     for name in MODELS:
         files = mf.model_files(work_dir, man, name)          # one line if a file is missing
         graph = onnx_graph(files[0])
-        peak, unknown = activation_peak(graph, tensor_bytes(graph_for_shapes(graph, contracts[name], dims)))
+        peak, unknown = activation_peak(graph, tensor_bytes(graph_for_shapes(graph, contracts[name], model_dims[name])))
         engine = engines.get(name)
         out[name] = {"weights_bytes": engine["size_bytes"] if engine else sum(f.stat().st_size for f in files),
                      "weights_from": f"{backend} engine" if engine else "onnx",
@@ -140,37 +149,41 @@ def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str =
     act = max(m["activation_bytes"] for m in out.values())
     io = io_bytes([contracts[n] for n in MODELS], dims)
     return {"export": work_dir.name, "precision": man["precision"], "attention": man.get("attention", "decomposed"),
-            "height": height, "width": width, "batch": batch, "models": out,
+            "height": height, "width": width, "batch": batch, "vae_batch": vae_n, "models": out,
             "weights_bytes": weights, "activation_bytes": act, "io_bytes": io, "total_bytes": weights + act + io}
 
 
 def table(estimates: list[dict]) -> str:
     from sdrt.benchmarks.report import export_label
     devices = list(JETSONS)
-    head = ["export", "size", "batch", "weights MB", "text enc act MB", "step act MB", "vae act MB",
+    head = ["export", "size", "batch", "weights MB", "text enc act MB", "step act MB", "vae batch", "vae act MB",
             "io MB", "total MB"] + [f"left on {d} MB" for d in devices]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in estimates:
         m = e["models"]
         row = [export_label(e), f"{e['height']}x{e['width']}", str(e["batch"]),
                f"{e['weights_bytes'] / MB:.0f}", f"{m['text_encoder']['activation_bytes'] / MB:.0f}",
-               f"{m['denoise_step_cfg']['activation_bytes'] / MB:.0f}", f"{m['vae_decoder']['activation_bytes'] / MB:.0f}",
+               f"{m['denoise_step_cfg']['activation_bytes'] / MB:.0f}", str(e.get("vae_batch", e["batch"])),
+               f"{m['vae_decoder']['activation_bytes'] / MB:.0f}",
                f"{e['io_bytes'] / MB:.0f}", f"{e['total_bytes'] / MB:.0f}"]
         row += [f"{(JETSONS[d] - e['total_bytes']) / MB:.0f}" for d in devices]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("\nAn estimate from the export's graphs (sdrt.benchmarks.memory), not a measurement. total = "
-                 "weights + the largest activation block (shared by the engines) + io; left = the device's "
+                 "weights + the largest activation block (shared by the engines) + io; vae batch = images per "
+                 "VAE run (`--vae-batch`); left = the device's "
                  "nominal memory - total, which must still hold the OS, the CUDA context and the application.")
     return "\n".join(lines)
 
 
 def main(work_dirs: list, sizes: str = "512x512", batches: str = "1,4", backend: str = "tensorrt",
-         out=None) -> None:
+         out=None, vae_batch: int | None = None) -> None:
     """Estimate every (export, size, batch) and print the table; with `out` (.md) also write it
     and the figures (.json beside it)."""
     from sdrt.benchmarks.bench import parse_ints, parse_sizes
     from sdrt.fileio import write_atomic, write_json_atomic
     size_list, batch_list = parse_sizes(sizes), parse_ints(batches, "batches")
+    if vae_batch is not None and vae_batch <= 0:
+        raise UserError(f"--vae-batch {vae_batch}: give a positive number of images")
     if out is not None and Path(out).suffix != ".md":
         raise UserError(f"--out {out}: give a .md path (a .json with the figures is written beside it)")
     if out is not None and not Path(out).parent.is_dir():
@@ -186,7 +199,7 @@ def main(work_dirs: list, sizes: str = "512x512", batches: str = "1,4", backend:
         for h, w in size_list:
             for b in batch_list:
                 print(f"{Path(work_dir).name}: {h}x{w} batch {b} ...", file=sys.stderr, flush=True)
-                estimates.append(estimate(work_dir, h, w, b, backend))
+                estimates.append(estimate(work_dir, h, w, b, backend, vae_batch))
     if any(m["unknown_tensors"] for e in estimates for m in e["models"].values()):
         print("warning: some tensors had no static shape; their bytes are not counted", file=sys.stderr)
     text = table(estimates)

@@ -24,7 +24,8 @@ COLUMNS = [("backend", "backend", "{}"), ("export", export_label, "{}"), ("size"
            ("speedup", "speedup_e2e", "{:.2f}x"), ("step ms", "unet_step_ms", "{:.2f}"),
            ("ref step ms", "reference_unet_step_ms", "{:.2f}"), ("text enc ms", "text_encoder_ms", "{:.2f}"),
            ("vae ms", "vae_ms", "{:.1f}"), ("img/s", "images_per_s", "{:.2f}"),
-           ("peak MB", "peak_mem_mb", "{:.0f}"), ("PSNR dB", "psnr_vs_reference", "{:.1f}")]
+           ("peak MB", "peak_mem_mb", "{:.0f}"), ("PSNR dB", "psnr_vs_reference", "{:.1f}"),
+           ("step graph", "graph", "{}")]
 
 
 def table(records: list[dict]) -> str:
@@ -38,6 +39,8 @@ def table(records: list[dict]) -> str:
     if records:
         if records[0].get("reference"):
             lines.append(f"\nreference (ref columns): {records[0]['reference']}, same process, latents and prompt")
+        for backend, err in sorted({(r["backend"], r["graph_error"]) for r in records if r.get("graph_error")}):
+            lines.append(f"\n{backend}: step graph: {err}")
         lines.append(f"\ndevice: {records[0]['device']}; versions: "
                      + ", ".join(f"{k} {v}" for k, v in records[0]["versions"].items()))
     return "\n".join(lines)

@@ -3,7 +3,8 @@ OrtCuda in ort_cuda.py, TensorRT in tensorrt.py for tensorrt and tensorrt-rtx) i
 
     name, device ("cpu" | "cuda"), stream (cuda.Stream or None), max_plans, activation_bytes
     runner(model, dims) -> loaded model; .bind(buffers, shapes) -> binding; binding.run()
-    launcher(binding)   -> a function that runs one step (a CUDA graph launch on GPU)
+    launcher(binding)   -> cuda.Launch: run() runs one step; graph says which path (sdrt |
+                           onnxruntime | none) and error why not sdrt's own CUDA graph
     drop_plans()        -> forget what was loaded for earlier shape plans
 
 The buffers, CUDA graphs and the loop are shared: buffers.py, cuda.py, pipeline.py.

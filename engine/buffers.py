@@ -64,6 +64,18 @@ class DeviceBuffer:
             pass
 
 
+class Rows:
+    """Rows [start, start + n) of a buffer's first (batch) axis, bound like a buffer: no copy, the
+    address is the parent's plus the offset (the VAE decodes the batch in such slices)."""
+
+    def __init__(self, parent, start: int, n: int):
+        if not 0 <= start < start + n <= parent.shape[0]:
+            raise ValueError(f"rows {start}..{start + n} outside a buffer of {parent.shape[0]}")
+        row_bytes = int(np.prod(parent.shape[1:])) * parent.dtype.itemsize
+        self.parent, self.ptr = parent, parent.ptr + start * row_bytes   # parent kept alive
+        self.shape, self.dtype = (n,) + tuple(parent.shape[1:]), parent.dtype
+
+
 def _checked(buf, values: np.ndarray) -> np.ndarray:
     values = np.asarray(values)
     if values.shape != buf.shape:

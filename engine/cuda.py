@@ -8,6 +8,8 @@ error string.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -61,6 +63,10 @@ def device_name() -> str:
 def compute_capability() -> str:
     prop = check(rt().cudaGetDeviceProperties(0))
     return f"{prop.major}.{prop.minor}"
+
+
+def mem_free_bytes() -> int:
+    return int(check(rt().cudaMemGetInfo())[0])
 
 
 def mem_used_bytes() -> int:
@@ -177,17 +183,28 @@ class Graph:
             pass
 
 
-def capture_or_run(stream: Stream, run, warmups: int):
+@dataclass(frozen=True)
+class Launch:
+    """What a backend's launcher returns: `run()` runs one step, and which path it takes.
+
+    graph: "sdrt"        the step is replayed from a CUDA graph sdrt captured (cuda.Graph)
+           "onnxruntime" ONNX Runtime replays its own CUDA graph (enable_cuda_graph)
+           "none"        plain runs, no graph; `error` says why (the capture error, or the reason)
+    """
+    run: Callable[[], None]
+    graph: str
+    error: str = ""
+
+
+def capture_or_run(stream: Stream, run, warmups: int) -> Launch:
     """`run` as a replayable CUDA graph: `warmups` plain runs first (lazy initialisation, memory
     pools, algorithm searches happen there, not in the capture), then one capture. If the work
-    cannot be captured (it syncs or allocates), plain `run` is returned with a warning."""
+    cannot be captured (it syncs or allocates), plain `run` with the capture error."""
     for _ in range(warmups):
         run()
     stream.sync()
     try:
-        return Graph(stream, run).launch
-    except RuntimeError as e:
-        import warnings
-        warnings.warn(f"CUDA graph capture failed ({e}); running the step without a graph", stacklevel=2)
+        return Launch(Graph(stream, run).launch, "sdrt")
+    except Exception as e:  # CUDA's error (RuntimeError), or the runtime's own: ORT raises Fail, not RuntimeError
         stream.sync()
-        return run
+        return Launch(run, "none", f"CUDA graph capture failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

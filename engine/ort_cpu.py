@@ -5,6 +5,7 @@ from pathlib import Path
 
 from sdrt import manifest as mf
 from sdrt.contract import Dims, Model
+from sdrt.engine.cuda import Launch
 from sdrt.engine.ort_session import OrtBinding, OrtSession, import_ort, open_session, replace_weights
 
 
@@ -28,8 +29,8 @@ class OrtCpu:
                                                      weights=self.weights.get(model.name))
         return self.sessions[model.name]
 
-    def launcher(self, binding: OrtBinding):
-        return binding.run
+    def launcher(self, binding: OrtBinding) -> Launch:
+        return Launch(binding.run, "none", "CPU backend: no CUDA graphs")
 
     def drop_plans(self) -> None:
         self.sessions.clear()

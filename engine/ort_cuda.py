@@ -1,9 +1,15 @@
-"""ONNX Runtime on the CUDA EP: device buffers, sessions per shape plan, the step captured by us.
+"""ONNX Runtime on the CUDA EP: device buffers, sessions per shape plan, the step in a CUDA graph.
 
 Every session runs on sdrt's stream and never syncs on its own, so ORT runs queue behind each
-other like engine enqueues, and sdrt captures the step runs in its own CUDA graphs, as for
-TensorRT (ORT's enable_cuda_graph is not used: before microsoft/onnxruntime#28686 its replay
-synced the host after every launch).
+other like engine enqueues. The step's whole-step graph, in order of preference:
+  1. "sdrt":        sdrt captures run_with_iobinding in its own CUDA graph, as for TensorRT;
+  2. "onnxruntime": where that capture fails (something inside Run syncs or allocates), a second
+                    session of the step with ORT's own CUDA graph mode (enable_cuda_graph), one
+                    graph per ping-pong binding (gpu_graph_id 1 and 2); it replaces the first
+                    session, so the weights are held once. Before microsoft/onnxruntime#28686
+                    its replay synced the host after every launch;
+  3. "none":        plain runs; Launch.error holds both failures.
+Pipeline.graph (and Result.timings["graph"]) says which path ran.
 """
 from __future__ import annotations
 
@@ -48,24 +54,53 @@ class OrtCuda:
         self.name = "onnxruntime-cuda" + ("+ort-fusion" if variant else "")
         self.weights: dict = {}   # {model: {initializer: array}} replacing the export's (LoRA)
         self.sessions: dict[tuple[str, Dims], OrtSession] = {}
+        self.capture_failed: dict[tuple[str, Dims], str] = {}   # why sdrt's capture failed, per session
 
     def runner(self, model: Model, dims: Dims) -> OrtSession:
         key = (model.name, dims)
         if key not in self.sessions:
             path = mf.onnx_path(self.work_dir, model, self.manifest, self.variant)
             self.sessions[key] = open_session(self.ort, model, path, "cuda", self.stream, dims,
-                                              self.weights.get(model.name))
+                                              weights=self.weights.get(model.name))
         return self.sessions[key]
 
-    def launcher(self, binding: OrtBinding):
-        # warm-ups grow ORT's arena and run cuDNN's algorithm search outside the capture
-        return cuda.capture_or_run(self.stream, binding.run, warmups=3)
+    def launcher(self, binding: OrtBinding) -> cuda.Launch:
+        key = (binding.session.model.name, binding.session.dims)
+        if key not in self.capture_failed:
+            # warm-ups grow ORT's arena and run cuDNN's algorithm search outside the capture
+            launch = cuda.capture_or_run(self.stream, binding.run, warmups=3)
+            if launch.graph == "sdrt":
+                return launch
+            self.capture_failed[key] = launch.error
+        return self.ort_graph_launch(key, binding)
+
+    def ort_graph_launch(self, key, binding: OrtBinding) -> cuda.Launch:
+        """The binding again on a session in ORT's CUDA graph mode; plain runs if that fails too."""
+        why = self.capture_failed[key]
+        try:
+            session = self.sessions[key]
+            if not session.cuda_graph:   # one graph-mode session replaces the plain one
+                session = open_session(self.ort, session.model, session.path, "cuda", self.stream,
+                                       session.dims, cuda_graph=True,
+                                       weights=self.weights.get(session.model.name))
+                self.sessions[key] = session
+            session.graph_ids += 1
+            graph_binding = session.bind(binding.buffers, binding.shapes, graph_id=session.graph_ids)
+            for _ in range(3):   # ORT runs plainly first, then captures, then replays
+                graph_binding.run()
+            self.stream.sync()
+        except Exception as e:  # UserError, ORT's own exception types, CUDA errors
+            first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            return cuda.Launch(binding.run, "none", f"{why}; ONNX Runtime's CUDA graph mode failed too: {first}")
+        return cuda.Launch(graph_binding.run, "onnxruntime", why)
 
     def drop_plans(self) -> None:
         self.sessions.clear()
+        self.capture_failed.clear()
 
     refits = False            # LoRA: new sessions with overriding initializers, not in place
 
     def set_weights(self, weights: dict) -> None:
         """LoRA: {model: {initializer: merged array}} for the sessions made from now on."""
         replace_weights(self, weights)
+        self.capture_failed.clear()   # new sessions: sdrt's capture is tried afresh

@@ -1,12 +1,17 @@
 """What the two ONNX Runtime backends share: the module, one session per graph, I/O bound once.
 
     open_session(ort, model, path, device, stream, dims) -> OrtSession
-    OrtSession.bind(buffers, shapes) -> OrtBinding      IOBinding of every tensor to sdrt's buffers
+    OrtSession.bind(buffers, shapes, graph_id) -> OrtBinding   IOBinding of every tensor to sdrt's buffers
     OrtBinding.run()                                    run_with_iobinding
 
 CUDA EP (device "cuda"): the session runs on sdrt's stream (user_compute_stream) and never syncs
 on its own (disable_synchronize_execution_providers), and it gets static shapes (free-dimension
 overrides from `dims`), so every node stays on the CUDA EP, with no Memcpy nodes.
+
+ORT's own CUDA graph mode (cuda_graph=True: provider option enable_cuda_graph) captures a run
+after a few plain ones and replays it on every later run; it needs static shapes and IOBinding at
+fixed addresses (both hold here). One session holds one graph per "gpu_graph_id" run option, so
+the two ping-pong bindings of the step get ids 1 and 2 (0 is ORT's default, -1 disables).
 """
 from __future__ import annotations
 
@@ -35,10 +40,19 @@ def cuda_ep_available() -> bool:
         return False
 
 
+def cuda_provider_options(stream, cuda_graph: bool = False) -> dict:
+    """CUDAExecutionProvider options: sdrt's stream, and ORT's own CUDA graph mode when asked."""
+    opts = {"device_id": "0", "user_compute_stream": str(stream.ptr)}
+    if cuda_graph:
+        opts["enable_cuda_graph"] = "1"
+    return opts
+
+
 def open_session(ort, model: Model, path: Path, device: str, stream=None, dims: Dims | None = None,
-                 weights: dict | None = None) -> "OrtSession":
-    """An InferenceSession of `path` on the CPU, or on the CUDA EP on `stream` with static `dims`;
-    weights: {initializer: array} that replace the graph's own at session creation (LoRA)."""
+                 cuda_graph: bool = False, weights: dict | None = None) -> "OrtSession":
+    """An InferenceSession of `path` on the CPU, or on the CUDA EP on `stream` with static `dims`
+    (cuda_graph: ORT captures and replays the runs itself); weights: {initializer: array} that
+    replace the graph's own at session creation (LoRA)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -51,13 +65,13 @@ def open_session(ort, model: Model, path: Path, device: str, stream=None, dims: 
             for d in t.shape:
                 if isinstance(d, str):
                     opts.add_free_dimension_override_by_name(d, dims[d])
-        providers = [("CUDAExecutionProvider", {"device_id": "0", "user_compute_stream": str(stream.ptr)})]
+        providers = [("CUDAExecutionProvider", cuda_provider_options(stream, cuda_graph))]
     try:
         sess = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile...)
         raise UserError(f"cannot load {path}: {str(e).splitlines()[0][:300]} "
                         "(missing or corrupt: run `sdrt export` again)") from None
-    return OrtSession(ort, model, sess, device, (values, weights))
+    return OrtSession(ort, model, sess, device, path, dims, cuda_graph, (values, weights))
 
 
 def replace_weights(backend, weights: dict) -> None:
@@ -81,28 +95,37 @@ def _differ(a: dict, b: dict) -> bool:
 
 
 class OrtSession:
-    def __init__(self, ort, model: Model, sess, device: str, keep=()):
+    def __init__(self, ort, model: Model, sess, device: str, path: Path | None = None,
+                 dims: Dims | None = None, cuda_graph: bool = False, keep=()):
         self.ort, self.model, self.sess, self.device = ort, model, sess, device
-        self._keep = keep  # override tensors (LoRA) the session reads
+        self.path, self.dims, self.cuda_graph = path, dims, cuda_graph
+        self.graph_ids = 0   # CUDA graphs handed out to bindings (cuda_graph sessions)
+        self._keep = keep    # override tensors (LoRA) the session reads
 
-    def bind(self, buffers: dict, shapes: dict) -> "OrtBinding":
-        """Bind every I/O tensor of the model to its buffer, once."""
+    def bind(self, buffers: dict, shapes: dict, graph_id: int | None = None) -> "OrtBinding":
+        """Bind every I/O tensor of the model to its buffer, once. graph_id: which of the
+        session's CUDA graphs this binding's runs capture and replay (cuda_graph sessions)."""
         io = self.sess.io_binding()
         for t in self.model.inputs:
             b = buffers[t.name]
-            io.bind_input(t.name, self.device, 0, b.dtype, list(shapes[t.name]), b.ptr)
+            io.bind_input(name=t.name, device_type=self.device, device_id=0, element_type=b.dtype,
+                          shape=list(shapes[t.name]), buffer_ptr=b.ptr)
         for t in self.model.outputs:
             b = buffers[t.name]
-            io.bind_output(t.name, self.device, 0, b.dtype, list(shapes[t.name]), b.ptr)
+            io.bind_output(name=t.name, device_type=self.device, device_id=0, element_type=b.dtype,
+                           shape=list(shapes[t.name]), buffer_ptr=b.ptr)
         opts = self.ort.RunOptions()
         if self.device == "cuda":
             opts.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        return OrtBinding(self.sess, io, opts)
+        if graph_id is not None:
+            opts.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return OrtBinding(self, io, opts, buffers, shapes)
 
 
 class OrtBinding:
-    def __init__(self, sess, io, opts):
-        self.sess, self.io, self.opts = sess, io, opts
+    def __init__(self, session: OrtSession, io, opts, buffers: dict, shapes: dict):
+        self.session, self.sess, self.io, self.opts = session, session.sess, io, opts
+        self.buffers, self.shapes = buffers, shapes   # kept: the buffers live as long as the binding
 
     def run(self) -> None:
         self.sess.run_with_iobinding(self.io, self.opts)

@@ -4,7 +4,7 @@
     emb     = text_encoder(ids)
     x_T     = N(0, I) from the seed, or the given latents
     for i in range(steps): launch(step graph i % 2)             UNet + CFG + DDIM, in one graph
-    image   = vae_decoder(x_0)
+    image   = vae_decoder(x_0)                                 in slices of the batch if asked
 
 All buffers of a shape plan are allocated once and bound once. The step graph reads its per-step
 values from a device table (`step_table[step_index]`) and writes `step_index + 1`; two bindings
@@ -14,16 +14,16 @@ host sync and no re-binding inside the loop.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from sdrt import manifest as mf
 from sdrt.contract import Dims, check_size
-from sdrt.engine import backends, scheduler
+from sdrt.engine import backends, cuda, scheduler, vae_slices
+from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows
 from sdrt.engine.lora import LoraState
-from sdrt.engine.buffers import DeviceBuffer, HostBuffer
 from sdrt.engine.timing import Clock
 from sdrt.engine.tokenizer import ClipTokenizer
 from sdrt.errors import UserError
@@ -44,8 +44,15 @@ class Plan:
     """Everything bound for one (batch, size, guidance) shape (self.plans is keyed by its Dims)."""
     buf: dict
     text: object
-    steps: list                               # two launch functions: even and odd steps
-    vae: object
+    steps: list                               # two cuda.Launch: even and odd steps
+    vae: dict                                 # {slice size: [bindings, one per slice]}
+    vae_batch: int                            # slice size when the caller gives none
+
+    @property
+    def graph(self) -> tuple[str, str]:
+        """(path, error) of the step launches: sdrt | onnxruntime | none, and why not sdrt."""
+        paths = sorted({s.graph for s in self.steps})
+        return "/".join(paths), next((s.error for s in self.steps if s.error), "")
 
 
 class Pipeline:
@@ -59,6 +66,7 @@ class Pipeline:
         self.scheduler = scheduler.DDIMConfig.from_json(self.work_dir / "scheduler" / "scheduler_config.json")
         self.backend = backends.open_backend(backend, self.work_dir, self.manifest, ort_fusion)
         self.plans: dict[Dims, Plan] = {}
+        self.graph: tuple[str, str] = ("", "")  # (path, error) of the last generation's step
         self.loras = LoraState(self.work_dir, self.manifest)
         if loras:
             self.set_loras(loras)
@@ -78,9 +86,13 @@ class Pipeline:
         return self.backend.name
 
     def generate(self, prompt, negative="", steps=50, guidance=7.5, height=None, width=None,
-                 batch=1, seed=None, latents=None) -> Result:
+                 batch=1, seed=None, latents=None, vae_batch=None) -> Result:
+        """vae_batch: decode in slices of this many images (None: the whole batch, or what fits
+        the free device memory; see sdrt.engine.vae_slices)."""
         t0 = time.perf_counter()
         dims = self.dims(height, width, batch, guidance)
+        if vae_batch is not None and (not isinstance(vae_batch, int) or vae_batch <= 0):
+            raise UserError(f"vae batch must be a positive integer, got {vae_batch}")
         table = scheduler.step_table(self.scheduler, steps, guidance)   # also checks steps
         x_T = self.initial_latents(dims, seed, latents)
         rows = [negative] * batch + [prompt] * batch if dims.cfg else [prompt] * batch
@@ -89,6 +101,8 @@ class Pipeline:
 
         fresh = dims not in self.plans
         plan = self.plan(dims)
+        vae_size = min(vae_batch or plan.vae_batch, batch)
+        vae_runs = self.vae_bindings(plan, dims, vae_size)
         t_plan = time.perf_counter()
         buf, clock = plan.buf, Clock(self.backend.stream)
         buf["input_ids"].write(ids)
@@ -99,15 +113,19 @@ class Pipeline:
         plan.text.run()
         clock.mark("text_encoder")
         for i in range(steps):
-            plan.steps[i % 2]()
+            plan.steps[i % 2].run()
             clock.mark("step")
         if steps % 2:                          # x_0 landed in the odd buffer; the VAE reads latents_0
             buf["latents_0"].copy_from(buf["latents_1"])
-        plan.vae.run()
+        for vae in vae_runs:
+            vae.run()
         clock.mark("vae")
         image = buf["image"].read()            # the one sync: uploads, steps and VAE were only queued
         timings = self.timings(clock, t0, t_tok)
         timings["setup_ms"] = (t_plan - t_tok) * 1e3 if fresh else 0.0  # buffers, bindings, graphs
+        self.graph = plan.graph
+        timings["graph"], timings["graph_error"] = plan.graph
+        timings["vae_batch"] = vae_size
         return Result(to_uint8(image), timings)
 
     def dims(self, height, width, batch, guidance) -> Dims:
@@ -161,8 +179,31 @@ class Pipeline:
                                   "text_embeddings": buf["text_embeddings"],
                                   "step_table": buf["step_table"]}, step.shapes(dims))
             steps.append(b)
-        vae_b = be.runner(vae, dims).bind({"latents": buf["latents_0"], "image": buf["image"]}, vae.shapes(dims))
-        return Plan(buf, text, [be.launcher(b) for b in steps], vae_b)
+        launches = [be.launcher(b) for b in steps]
+        if be.device == "cuda" and launches[0].graph == "none":
+            import warnings
+            warnings.warn(f"{be.name}: the step runs without a CUDA graph ({launches[0].error})", stacklevel=3)
+        return Plan(buf, text, launches, {}, self.auto_vae_batch(dims))
+
+    def auto_vae_batch(self, dims: Dims) -> int:
+        """The whole batch, unless the VAE's estimated activations exceed the free device memory's
+        budget (GPU backends whose runtime sizes activations itself: ONNX Runtime)."""
+        if self.backend.device != "cuda" or self.backend.activation_bytes is not None:
+            return dims.batch
+        per_image = vae_slices.vae_bytes_per_image(dims.height, dims.width, self.manifest["precision"])
+        budget = int(cuda.mem_free_bytes() * vae_slices.VAE_BUDGET_FRACTION)
+        return vae_slices.slice_size(dims.batch, per_image, budget)
+
+    def vae_bindings(self, plan: Plan, dims: Dims, size: int) -> list:
+        """The VAE bound over rows of latents_0 and image, `size` images a run; bound once per size."""
+        if size not in plan.vae:
+            vae, runs = self.models["vae_decoder"], []
+            for start, n in vae_slices.slices(dims.batch, size):
+                d = replace(dims, batch=n)
+                rows = {"latents": Rows(plan.buf["latents_0"], start, n), "image": Rows(plan.buf["image"], start, n)}
+                runs.append(self.backend.runner(vae, d).bind(rows, vae.shapes(d)))
+            plan.vae[size] = runs
+        return plan.vae[size]
 
     def timings(self, clock: Clock, t0: float, t_tok: float) -> dict:
         stages = clock.durations_ms()

@@ -106,9 +106,10 @@ class TensorRT:
                             f"{self.name}{flag}` (guidance > 1 needs denoise_step_cfg, <= 1 denoise_step)")
         return self.engines[model.name]
 
-    def launcher(self, context: "TrtContext"):
+    def launcher(self, context: "TrtContext") -> cuda.Launch:
         if not context.capturable():
-            return context.run
+            return cuda.Launch(context.run, "none", f"{self.name} reports this enqueue is not "
+                               "stream-capturable (is_stream_capturable() is False)")
         return cuda.capture_or_run(self.stream, context.run, warmups=1)  # TRT: one enqueue first
 
     def drop_plans(self) -> None:

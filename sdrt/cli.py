@@ -32,7 +32,7 @@ def cmd_generate(a):
     from sdrt.generate import generate_files
     generate_files(a.work_dir, a.prompt, a.out, backend=a.backend, negative=a.negative, steps=a.steps,
                    guidance=a.guidance, height=a.height, width=a.width, batch=a.batch, seed=a.seed,
-                   latents=a.latents, timings=a.timings, loras=a.lora)
+                   latents=a.latents, timings=a.timings, vae_batch=a.vae_batch, loras=a.lora)
 
 
 def cmd_bench(a):
@@ -48,7 +48,12 @@ def cmd_bench_lora(a):
 
 def cmd_memory(a):
     from sdrt.benchmarks.memory import main
-    main(a.work_dirs, sizes=a.sizes, batches=a.batches, backend=a.backend, out=a.out)
+    main(a.work_dirs, sizes=a.sizes, batches=a.batches, backend=a.backend, out=a.out, vae_batch=a.vae_batch)
+
+
+def cmd_doctor(a):
+    from sdrt.doctor import doctor
+    return doctor(a.work_dir, json_out=a.json)
 
 
 def cmd_demo(a):
@@ -131,7 +136,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="tensorrt", choices=("tensorrt", "tensorrt-rtx"),
                    help="whose built engine sizes to use when present (else the ONNX weights)")
     s.add_argument("--out", type=Path, help="write the table here (.md) and the figures beside it (.json)")
+    s.add_argument("--vae-batch", type=int, metavar="N",
+                   help="the VAE decodes N images at a time (as generate --vae-batch): its activations for N images")
     s.set_defaults(fn=cmd_memory)
+
+    s = sub.add_parser("doctor", help="what is installed, what runs here and why not, and a live check per backend")
+    s.add_argument("work_dir", type=Path, nargs="?",
+                   help="the export to check (default: the demo model's export, made if missing)")
+    s.add_argument("--json", type=Path, metavar="FILE", help="also write everything as JSON")
+    s.set_defaults(fn=cmd_doctor)
 
     s = sub.add_parser("demo", help="the embedded default: tiny model on CPU -> PNG + timing table")
     s.add_argument("--dir", type=Path, default=Path("sdrt-demo"))
@@ -151,6 +164,8 @@ def add_generate_args(s) -> None:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--seed", type=int)
     s.add_argument("--latents", type=Path, help=".npy of shape [B, C, H/f, W/f]")
+    s.add_argument("--vae-batch", type=int, metavar="N",
+                   help="decode N images at a time (default: the whole batch, or what fits the free GPU memory)")
     s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA .safetensors (diffusers/PEFT or kohya keys), scale default 1; repeatable. "
                         "Merged at run time: no re-export, no rebuild (TensorRT: engines built with --refit)")
@@ -168,14 +183,14 @@ def main(argv=None) -> int:
     warnings.formatwarning = one_line_warning
     args = parser().parse_args(argv)
     try:
-        args.fn(args)
+        status = args.fn(args)             # commands return None (0) or their exit status
     except UserError as e:
         print(f"sdrt {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sdrt {args.cmd}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

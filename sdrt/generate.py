@@ -29,7 +29,8 @@ def output_paths(out: Path, batch: int) -> list[Path]:
 def generate_files(work_dir: Path, prompt: str, out: Path, backend: str = "auto", negative: str = "",
                    steps: int = 50, guidance: float = 7.5, height: int | None = None,
                    width: int | None = None, batch: int = 1, seed: int | None = None,
-                   latents: Path | None = None, timings: bool = False, loras=()) -> list[Path]:
+                   latents: Path | None = None, timings: bool = False, vae_batch: int | None = None,
+                   loras=()) -> list[Path]:
     """Generate and write out.png (out-0.png ... for a batch); timings: the table on stderr;
     loras: "FILE[:SCALE]" strings (or (path, scale) pairs)."""
     from sdrt.engine.lora import parse_spec
@@ -41,7 +42,8 @@ def generate_files(work_dir: Path, prompt: str, out: Path, backend: str = "auto"
     pipe = Pipeline(work_dir, backend=backend,
                     loras=[parse_spec(x) if isinstance(x, str) else x for x in loras])
     result = pipe.generate(prompt, negative=negative, steps=steps, guidance=guidance,
-                           height=height, width=width, batch=batch, seed=seed, latents=x_T)
+                           height=height, width=width, batch=batch, seed=seed, latents=x_T,
+                           vae_batch=vae_batch)
     paths = output_paths(out, batch)
     save_images(result.pil(), paths)
     for p in paths:

@@ -8,7 +8,7 @@ from conftest import assert_user_error, run_cli
 
 REQUIRED = {"device", "backend", "height", "width", "steps", "batch", "e2e_ms", "reference_e2e_ms",
             "unet_step_ms", "reference_unet_step_ms", "text_encoder_ms", "vae_ms", "peak_mem_mb",
-            "images_per_s", "psnr_vs_reference", "versions"}
+            "images_per_s", "psnr_vs_reference", "versions", "graph", "graph_error"}
 
 
 def test_bench_cpu_tiny(tiny_dir, tiny_fp32, tiny_fp32_decomposed, tmp_path):
@@ -30,10 +30,11 @@ def test_bench_cpu_tiny(tiny_dir, tiny_fp32, tiny_fp32_decomposed, tmp_path):
         assert r["e2e_ms"] > 0 and r["reference_e2e_ms"] > 0 and r["images_per_s"] > 0
         assert r["psnr_vs_reference"] >= 50          # same weights, same latents: same images
         assert r["device"].startswith("cpu") and "onnxruntime" in r["versions"]
+        assert (r["graph"], r["graph_error"]) == ("none", "CPU backend: no CUDA graphs")
     table = files[1].read_text()
     assert f"| onnxruntime-cpu | {tiny_fp32.name}: fp32, attention op |" in table
     assert f"{tiny_fp32_decomposed.name}: fp32, attention decomposed" in table
-    assert "device: cpu" in table
+    assert "device: cpu" in table and "onnxruntime-cpu: step graph: CPU backend: no CUDA graphs" in table
     assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "[reference" in p.stderr and "run 2/2" in p.stderr      # progress shown
 

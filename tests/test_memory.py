@@ -90,3 +90,17 @@ def test_memory_cli(tiny_fp32, tiny_fp32_decomposed, tmp_path):
     shutil.copytree(tiny_fp32, broken)
     (broken / "onnx" / "vae_decoder.onnx").unlink()
     assert_user_error(run_cli("memory", broken), "vae_decoder")
+
+
+def test_vae_batch_shrinks_the_vae_activation(tiny_fp32, tmp_path):
+    """Decoding 1 image at a time needs the VAE activations of batch 1, whatever the batch."""
+    whole, sliced, one = (memory.estimate(tiny_fp32, 64, 64, b, vae_batch=v) for b, v in ((4, None), (4, 1), (1, None)))
+    vae = lambda e: e["models"]["vae_decoder"]["activation_bytes"]
+    assert vae(sliced) == vae(one) < vae(whole) and (sliced["vae_batch"], whole["vae_batch"]) == (1, 4)
+    assert sliced["models"]["denoise_step_cfg"] == whole["models"]["denoise_step_cfg"]
+    assert sliced["total_bytes"] <= whole["total_bytes"]
+    out = tmp_path / "m.md"
+    p = run_cli("memory", tiny_fp32, "--sizes", "64x64", "--batches", "4", "--vae-batch", "1", "--out", out)
+    assert p.returncode == 0, p.stderr
+    assert "| vae batch |" in out.read_text() and json.loads(out.with_suffix(".json").read_text())["estimates"][0]["vae_batch"] == 1
+    assert_user_error(run_cli("memory", tiny_fp32, "--vae-batch", "0"), "--vae-batch")

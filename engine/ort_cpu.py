@@ -36,6 +36,7 @@ class OrtCpu:
         self.sessions.clear()
 
     refits = False            # LoRA: new sessions with overriding initializers, not in place
+    weights: dict = {}        # LoRA: {model: {initializer: array}}; set_weights replaces it, never mutates
 
     def set_weights(self, weights: dict) -> None:
         """LoRA: {model: {initializer: merged array}} for the sessions made from now on."""

@@ -132,7 +132,7 @@ def bench_backend(name, ort_fusion, work_dir, cfg, configs, refs, steps: int, ru
         step, step_p90 = stats([s for r in results for s in r.timings["steps_ms"]])
         ref = refs.get((h, w, batch))
         records.append({
-            "device": device_name(), "backend": name, "precision": pipe.manifest["precision"],
+            "device": device_name(), "backend": name, "precision": mf.precision_label(pipe.manifest),
             "attention": pipe.manifest.get("attention", "decomposed"), "export": work_dir.name,
             "height": h, "width": w, "steps": steps, "batch": batch, "runs": runs,
             "e2e_ms": e2e, "e2e_p90_ms": e2e_p90, "unet_step_ms": step, "unet_step_p90_ms": step_p90,

@@ -148,7 +148,7 @@ def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str =
     weights = sum(m["weights_bytes"] for m in out.values())
     act = max(m["activation_bytes"] for m in out.values())
     io = io_bytes([contracts[n] for n in MODELS], dims)
-    return {"export": work_dir.name, "precision": man["precision"], "attention": man.get("attention", "decomposed"),
+    return {"export": work_dir.name, "precision": mf.precision_label(man), "attention": man.get("attention", "decomposed"),
             "height": height, "width": width, "batch": batch, "vae_batch": vae_n, "models": out,
             "weights_bytes": weights, "activation_bytes": act, "io_bytes": io, "total_bytes": weights + act + io}
 

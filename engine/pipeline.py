@@ -121,6 +121,7 @@ class Pipeline:
             vae.run()
         clock.mark("vae")
         image = buf["image"].read()            # the one sync: uploads, steps and VAE were only queued
+        self.check_finite(image, buf)
         timings = self.timings(clock, t0, t_tok)
         timings["setup_ms"] = (t_plan - t_tok) * 1e3 if fresh else 0.0  # buffers, bindings, graphs
         self.graph = plan.graph
@@ -128,9 +129,32 @@ class Pipeline:
         timings["vae_batch"] = vae_size
         return Result(to_uint8(image), timings)
 
+    # model -> (its name for people, the export flag that makes it FP32), upstream first
+    FP32_FLAGS = {"text_encoder": ("text encoder", "--text-encoder-precision fp32"),
+                  "unet": ("UNet", "--precision fp32"),
+                  "vae_decoder": ("VAE decoder", "--vae-precision fp32")}
+
+    def check_finite(self, image: np.ndarray, buf: dict) -> None:
+        """FP16 that fails loudly: real weights (SD 2.x, many fine-tuned VAEs) can overflow FP16
+        where the export's random-input validation did not, giving NaN -> black images. Once per
+        call, after the sync: the image and the final latents (a small read); on a non-finite
+        value, the embeddings too, to name the first model that produced it."""
+        finite = lambda name: bool(np.isfinite(buf[name].read()).all())
+        if np.isfinite(image).all() and finite("latents_0"):
+            return
+        if finite("latents_0"):
+            bad = "vae_decoder"
+        else:
+            bad = "unet" if finite("text_embeddings") else "text_encoder"
+        what, flag = self.FP32_FLAGS[bad]
+        precision = mf.model_precision(self.manifest, bad)
+        fix = (f"export again with {flag} (sdrt export MODEL {self.work_dir} ... {flag})" if precision == "fp16"
+               else "its weights give non-finite values even in FP32")
+        raise UserError(f"the {what} ({precision}) produced NaN/inf values, no image written: {fix}")
+
     def dims(self, height, width, batch, guidance) -> Dims:
-        height = self.config.default_size if height is None else height
-        width = self.config.default_size if width is None else width
+        height = self.config.default_height if height is None else height
+        width = self.config.default_width if width is None else width
         if not isinstance(batch, int) or batch <= 0:
             raise UserError(f"batch must be a positive integer, got {batch}")
         check_size(height, width, self.config.vae_factor)

@@ -140,13 +140,16 @@ def _cumprod(betas: np.ndarray) -> np.ndarray:
 
 
 def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(ᾱ) so that ᾱ_T = 0, keep ᾱ_1."""
-    s = np.sqrt(_cumprod(betas).astype(np.float64))
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(ᾱ) so that ᾱ_T = 0, keep ᾱ_1.
+    Every operation in float32, in diffusers' order: near t = 0 the cosine schedule's 1 - ᾱ_t is
+    ~1e-5, so one float32 rounding done differently moves it by ~1e-2 (relative)."""
+    f32 = np.float32
+    s = np.sqrt(_cumprod(betas))                                  # sqrt(ᾱ), float32
     s0, sT = s[0], s[-1]
-    s = (s - sT) * (s0 / (s0 - sT))
-    a_bar = s ** 2
+    s = (s - sT) * (s0 / (s0 - sT))                               # shift, then scale (float32)
+    a_bar = s * s
     alphas = np.concatenate([a_bar[:1], a_bar[1:] / a_bar[:-1]])   # undo the cumprod
-    return (1.0 - alphas).astype(np.float32)
+    return (f32(1) - alphas).astype(f32)
 
 
 def alphas_cumprod(cfg: DDIMConfig) -> np.ndarray:

@@ -272,7 +272,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         raise UserError(f"opt level {opt_level} must be 0..5")
     if workspace_mb is not None and workspace_mb <= 0:
         raise UserError(f"workspace {workspace_mb} MB must be positive")
-    ranges = parse_dynamic(dynamic, batch, height or cfg.default_size, width or cfg.default_size,
+    ranges = parse_dynamic(dynamic, batch, height or cfg.default_height, width or cfg.default_width,
                            cfg.vae_factor)
     backend, trt = import_trt(backend)
     check_attention_support(trt, backend, man.get("attention", "decomposed"))
@@ -298,7 +298,8 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         onnx_hash, files = current_hash(work_dir, man, name, entry)
         profile = profile_for(model, ranges, guidance, cfg.vae_factor)
         weights = refit_names(man, name) if refit else []
-        model_options = {**options, "refit": bool(weights)}   # in the engine key
+        model_options = {**options, "precision": mf.model_precision(man, name),
+                         "refit": bool(weights)}   # in the engine key
         key = engine_key(backend, trt, onnx_hash, profile, model_options)
         plan_path = out_dir / f"{name}.plan"
         why = first_change(entry.get("key") or {}, key) if entry else None

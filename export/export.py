@@ -18,7 +18,8 @@ from sdrt import manifest as mf
 from sdrt.contract import Dims, ModelConfig, all_models
 from sdrt.errors import UserError
 from sdrt.fileio import temp_dir_beside, write_json_atomic
-from sdrt.export import attention, compose_step, lora_targets, pipeline_folder, to_onnx, validate
+from sdrt.export import (attention, compose_step, lora_targets, pipeline_folder, scheduler_config, single_file,
+                         to_onnx, validate)
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder")
 STEP_MODELS = ("denoise_step_cfg", "denoise_step")
@@ -36,24 +37,65 @@ def check_work_dir(work_dir: Path) -> None:
 
 
 def validation_dims(cfg: ModelConfig) -> Dims:
-    """A shape other than the traced one, small enough for 2 CPU cores."""
-    h = max(cfg.sample_size // 2, 4)
-    return Dims(batch=1, height=h * cfg.vae_factor, width=(h + 4) * cfg.vae_factor, cfg=True,
+    """A shape other than the traced one, small enough for 2 CPU cores (at most 15x18 latents:
+    120x144 px on SD): an odd latent height and an even latent width, so a graph that only works
+    at even sizes fails here."""
+    h = min(max(cfg.sample_hw[0] // 2, 4), 14) | 1
+    return Dims(batch=1, height=h * cfg.vae_factor, width=(h + 3) * cfg.vae_factor, cfg=True,
                 vae_factor=cfg.vae_factor)
 
 
 def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int | None = None,
-           ort_fusion: bool = False, attention_form: str = "op") -> Path:
-    """opset None: 23 for attention_form "op" (ONNX's Attention op), 18 for "decomposed"."""
+           ort_fusion: bool = False, attention_form: str = "op", tokenizer: Path | None = None,
+           config: str | None = None, prediction_type: str | None = None,
+           vae_precision: str | None = None, text_encoder_precision: str | None = None) -> Path:
+    """opset None: 23 for attention_form "op" (ONNX's Attention op), 18 for "decomposed".
+    model_dir: a diffusers folder, or a single-file .safetensors/.ckpt checkpoint (then tokenizer,
+    config and prediction_type apply: sdrt.export.single_file)."""
     model_dir, work_dir = Path(model_dir), Path(work_dir)
-    if precision not in ("fp16", "fp32"):
-        raise UserError(f"unknown --precision {precision!r}: use fp16 or fp32")
+    per_model = precisions(precision, vae_precision, text_encoder_precision)
     opset = attention.resolve_opset(attention_form, opset)
     check_work_dir(work_dir)
+    if single_file.is_single_file(model_dir):
+        return _export_single_file(model_dir, work_dir, tokenizer, config, prediction_type,
+                                   per_model, opset, ort_fusion, attention_form)
+    if (tokenizer, config, prediction_type) != (None, None, None):
+        raise UserError("--tokenizer, --config and --prediction-type apply to single-file checkpoints "
+                        "(.safetensors, .ckpt); a diffusers folder carries its own")
     pipeline_folder.read_model_index(model_dir)
+    return _export_folder(model_dir, work_dir, per_model, opset, ort_fusion, attention_form, None)
+
+
+def precisions(precision: str, vae: str | None, text_encoder: str | None) -> dict:
+    """Precision per model: the UNet and the step graphs follow --precision; the VAE decoder and
+    the text encoder may be FP32 in an FP16 export (SD 2.x and many fine-tuned VAEs overflow FP16)."""
+    for flag, value in (("--precision", precision), ("--vae-precision", vae),
+                        ("--text-encoder-precision", text_encoder)):
+        if value not in (None, "fp16", "fp32"):
+            raise UserError(f"unknown {flag} {value!r}: use fp16 or fp32")
+    if precision is None:
+        raise UserError("--precision must be fp16 or fp32")
+    return {"text_encoder": text_encoder or precision, "unet": precision, "vae_decoder": vae or precision,
+            **{n: precision for n in STEP_MODELS}}
+
+
+def _export_single_file(path: Path, work_dir: Path, tokenizer, config, prediction_type, *args) -> Path:
+    """Convert to a diffusers folder beside WORK_DIR (diffusers' loaders), export that, remove it."""
+    conv = temp_dir_beside(work_dir)
+    try:
+        found = single_file.to_folder(path, conv / "model", tokenizer, config, prediction_type, say)
+        source = {"path": str(path.resolve()), "sha256": {"file": mf.sha256_file(path)},
+                  "single_file": found}
+        return _export_folder(conv / "model", work_dir, *args, source)
+    finally:
+        shutil.rmtree(conv, ignore_errors=True)
+
+
+def _export_folder(model_dir: Path, work_dir: Path, per_model: dict, opset: int, ort_fusion: bool,
+                   attention_form: str, source: dict | None) -> Path:
     tmp = temp_dir_beside(work_dir)
     try:
-        _export_into(model_dir, tmp, precision, opset, ort_fusion, attention_form)
+        _export_into(model_dir, tmp, per_model, opset, ort_fusion, attention_form, source)
         _swap_in(tmp, work_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -61,46 +103,52 @@ def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int 
     return work_dir
 
 
-def _export_into(model_dir: Path, out: Path, precision: str, opset: int, ort_fusion: bool,
-                 form: str) -> None:
+def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_fusion: bool,
+                 form: str, source: dict | None = None) -> None:
     t0 = time.perf_counter()
+    precision = precisions["unet"]
+    sched, updated = scheduler_config.effective_config(
+        model_dir / "scheduler", pipeline_folder.read_model_index(model_dir)["scheduler"][1])
+    scheduler_config.warn_if_updated(updated)
     say(f"loading {model_dir} ...")
     folder = pipeline_folder.load(model_dir)
     cfg = folder.config
     models = all_models(cfg, precision)
     (out / "onnx").mkdir()
     vdims = validation_dims(cfg)
+    trace = to_onnx.trace_dims(cfg.sample_hw, folder.unet.num_upsamplers)
     records = {}
     for i, name in enumerate(BASE_MODELS + STEP_MODELS, 1):
         model, path = models[name], out / "onnx" / models[name].onnx
         t = time.perf_counter()
-        say(f"[{i}/{len(models)}] {name}: exporting {precision} ...")
+        say(f"[{i}/{len(models)}] {name}: exporting {precisions[name]} ...")
         if name in BASE_MODELS:
             module = to_onnx.wrap(name, folder)
-            to_onnx.export(module, model, path, to_onnx.example_inputs(model, to_onnx.trace_dims(cfg.sample_size), cfg.vocab_size),
-                           precision, opset, form)
+            to_onnx.export(module, model, path, to_onnx.example_inputs(model, trace, cfg.vocab_size),
+                           precisions[name], opset, form)
             inputs = to_onnx.example_inputs(model, vdims, cfg.vocab_size, seed=1)
             ref = validate.run_torch(module, model, inputs)
         else:
             compose_step.compose(out / "onnx" / models["unet"].onnx, models["unet"], model, path)
-            inputs, ref = _step_reference(folder, model, vdims, model_dir)
-        records[name] = _validated_record(out, name, model, path, inputs, ref, precision, t,
+            inputs, ref = _step_reference(folder, model, vdims, sched)
+        records[name] = _validated_record(out, name, model, path, inputs, ref, precisions[name], t,
                                           f"[{i}/{len(models)}]")
+        records[name]["precision"] = precisions[name]
         if name in BASE_MODELS:
             records[name]["attention_ops"] = attention.count_ops(to_onnx.onnx_graph(path))
         if name in to_onnx.WEIGHTS_BESIDE:
-            records[name]["lora_targets"] = _lora_targets(module, path, precision, name)
+            records[name]["lora_targets"] = _lora_targets(module, path, precisions[name], name)
         elif name in STEP_MODELS:  # the step graphs read the UNet's initializers (same names, file)
             records[name]["weights_of"] = "unet"
-    variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, form, vdims, model_dir)} \
+    variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, form, vdims, sched)} \
         if ort_fusion else {}
     shutil.copytree(model_dir / "tokenizer", out / "tokenizer")
     (out / "scheduler").mkdir()
-    shutil.copy(model_dir / "scheduler" / "scheduler_config.json", out / "scheduler")
+    write_json_atomic(out / "scheduler" / "scheduler_config.json", sched)
     write_json_atomic(out / mf.NAME, {
-        "format": mf.FORMAT, "precision": precision, "opset": opset, "attention": form,
-        "config": cfg.to_json(), "models": records, "variants": variants, "engines": {},
-        "source": {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
+        "format": mf.FORMAT, "precision": precision, "precisions": precisions, "opset": opset, "attention": form,
+        "config": cfg.to_json(), "scheduler": {"config": sched, "updated": updated}, "models": records, "variants": variants, "engines": {},
+        "source": source or {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
         "versions": _versions(), "export_s": round(time.perf_counter() - t0, 1)})
     say(f"export done in {time.perf_counter() - t0:.1f} s")
 
@@ -130,7 +178,7 @@ def _validated_record(out: Path, name: str, model, path: Path, inputs: dict, ref
 
 
 def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, form: str, vdims: Dims,
-                        model_dir: Path) -> dict:
+                        sched: dict) -> dict:
     """onnx/ort/: the UNet with ONNX Runtime's attention fusion and the step graphs on top.
     ORT's optimizer fuses the decomposed FP32 graph, so that is what it is given."""
     from sdrt.export import ort_fusion
@@ -145,12 +193,13 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
         fp32 = all_models(folder.config, "fp32")["unet"]
         say("[ort] unet: exporting fp32, decomposed attention, for fusion ...")
         to_onnx.export(module, fp32, src, to_onnx.example_inputs(
-            fp32, to_onnx.trace_dims(folder.config.sample_size), folder.config.vocab_size), "fp32",
+            fp32, to_onnx.trace_dims(folder.config.sample_hw, folder.unet.num_upsamplers),
+            folder.config.vocab_size), "fp32",
             min(opset, attention.TRACE_OPSET_MAX), "decomposed")
     # every torch reference first: the fusion of a 3.4 GB graph needs the memory the modules hold
     unet_in = to_onnx.example_inputs(unet, vdims, folder.config.vocab_size, seed=1)
     refs = {"unet": (unet_in, validate.run_torch(module, unet, unet_in))}
-    refs.update({n: _step_reference(folder, models[n], vdims, model_dir) for n in STEP_MODELS})
+    refs.update({n: _step_reference(folder, models[n], vdims, sched) for n in STEP_MODELS})
     del module
     folder.text_encoder = folder.unet = folder.vae = None
     gc.collect()
@@ -168,14 +217,14 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
     return records
 
 
-def _step_reference(folder, step, dims: Dims, model_dir: Path):
+def _step_reference(folder, step, dims: Dims, sched_config: dict):
     """Inputs for a denoise-step graph and the expected output from torch UNet + numpy DDIM."""
     import torch
 
     from sdrt.engine import scheduler
     guidance = step.name.endswith("_cfg")
     d = Dims(dims.batch, dims.height, dims.width, cfg=guidance, vae_factor=dims.vae_factor)
-    sched = scheduler.DDIMConfig.from_json(model_dir / "scheduler" / "scheduler_config.json")
+    sched = scheduler.DDIMConfig.from_json(sched_config)
     table = scheduler.step_table(sched, 50, 7.5 if guidance else 1.0)
     k = 10
     inputs = to_onnx.example_inputs(step, d, folder.config.vocab_size, seed=2)

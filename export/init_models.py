@@ -57,13 +57,18 @@ ARCHS = {
 
 def build_pipeline(arch: str, seed: int = 0):
     """A diffusers StableDiffusionPipeline with random weights of the given architecture."""
+    return pipeline_from_spec(ARCHS[arch], seed)
+
+
+def pipeline_from_spec(spec: dict, seed: int = 0, scheduler: dict | None = None):
+    """The same from an ARCHS-like spec (text/unet/vae keyword arguments, vocab_size, dtype;
+    text may set hidden_act="gelu" for an OpenCLIP-converted encoder)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sdrt.export.pipeline_folder import quiet
     quiet()
-    spec = ARCHS[arch]
     torch.manual_seed(seed)
     text_config = CLIPTextConfig(vocab_size=spec["vocab_size"], bos_token_id=spec["vocab_size"] - 2,
                                  eos_token_id=spec["vocab_size"] - 1, pad_token_id=spec["vocab_size"] - 1,
@@ -76,7 +81,7 @@ def build_pipeline(arch: str, seed: int = 0):
         text_encoder=CLIPTextModel(text_config).to(dtype).eval(),
         tokenizer=tokenizer,
         unet=UNet2DConditionModel(**spec["unet"]).to(dtype).eval(),
-        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        scheduler=DDIMScheduler(**(scheduler or SD15_SCHEDULER)),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 

@@ -87,4 +87,16 @@ def model_config(text, unet, vae) -> ModelConfig:
         raise UserError("UNet has extra conditioning (class/addition embeddings): not supported")
     return ModelConfig(text_len=t.max_position_embeddings, text_dim=t.hidden_size,
                        vocab_size=t.vocab_size, latent_channels=v.latent_channels,
-                       vae_factor=2 ** (len(v.block_out_channels) - 1), sample_size=int(u.sample_size))
+                       vae_factor=2 ** (len(v.block_out_channels) - 1),
+                       sample_size=sample_size(u.sample_size))
+
+
+def sample_size(value) -> int | tuple:
+    """UNet sample_size: an int, or [height, width] (diffusers takes both; a list sets a
+    non-square default size)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        return (value[0], value[1])
+    raise UserError(f"UNet sample_size {value!r} is not a positive integer or [height, width]")

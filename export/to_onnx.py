@@ -25,13 +25,16 @@ def _modules():
     import torch
 
     class TextEncoder(torch.nn.Module):
-        """int32 token ids -> last hidden state (what SD conditions on)."""
+        """int32 token ids -> last hidden state (what SD conditions on), in the UNet's dtype (an
+        FP32 text encoder of an FP16 export casts its output)."""
         def __init__(self, m):
             super().__init__()
             self.m = m
+            self.out_dtype = None
 
         def forward(self, input_ids):
-            return self.m(input_ids.long(), return_dict=False)[0]
+            h = self.m(input_ids.long(), return_dict=False)[0]
+            return h if self.out_dtype is None else h.to(self.out_dtype)
 
     class UNet(torch.nn.Module):
         def __init__(self, m):
@@ -63,11 +66,14 @@ def wrap(name: str, folder) -> object:
             "vae_decoder": lambda: VaeDecoder(folder.vae)}[name]()
 
 
-def trace_dims(sample_size: int) -> Dims:
-    """Shapes to trace at. The latent size is deliberately not a multiple of the UNet's
-    downsampling, so diffusers forwards skip-connection sizes to its upsamplers and the graph
-    takes any latent size (images in multiples of the VAE factor, not of 64)."""
-    h = max(sample_size // 4, 2) + 1
+def trace_dims(sample_hw: tuple[int, int], upsamplers: int) -> Dims:
+    """Shapes to trace at. Neither latent side is a multiple of the UNet's overall upsampling
+    (2 ** upsamplers): diffusers then passes every upsampler the size of its skip connection
+    (`forward_upsample_size`), the traced Resize nodes take their size from that tensor, and the
+    graph takes any latent size (images in multiples of the VAE factor, not of 64). A size that
+    happened to be a multiple would bake x2 upsampling into the graph."""
+    f = 2 ** upsamplers
+    h = f * max(sample_hw[0] // (4 * f), 1) + 1            # == 1 (mod f): 17 for SD 1.5
     return Dims(batch=1, height=h, width=h + 2, cfg=True, vae_factor=1)
 
 
@@ -98,6 +104,8 @@ def export(module, model: Model, out_path: Path, inputs: dict, precision: str, o
 
     dtype = torch.float16 if precision == "fp16" else torch.float32
     module = module.to(dtype)
+    if hasattr(module, "out_dtype"):              # the contract's output dtype, whatever the precision
+        module.out_dtype = _torch_dtype(model.outputs[0].dtype)
     args = tuple(torch.from_numpy(inputs[t.name]).to(_torch_dtype(t.dtype)) for t in model.inputs)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"

@@ -15,9 +15,13 @@ def cmd_init(a):
 
 
 def cmd_export(a):
+    from sdrt.export.single_file import go_offline
+    go_offline()                # models come from disk only: before diffusers/transformers load
     from sdrt.export.export import export
     out = export(a.model_dir, a.work_dir, precision=a.precision, opset=a.opset, ort_fusion=a.ort_fusion,
-                 attention_form=a.attention)
+                 attention_form=a.attention, tokenizer=a.tokenizer, config=a.config,
+                 prediction_type=a.prediction_type, vae_precision=a.vae_precision,
+                 text_encoder_precision=a.text_encoder_precision)
     print(f"wrote {out}")
 
 
@@ -74,15 +78,23 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_init)
 
     s = sub.add_parser("export", help="export text encoder, UNet, VAE decoder to validated ONNX")
-    s.add_argument("model_dir", type=Path)
+    s.add_argument("model_dir", type=Path, metavar="MODEL",
+                   help="a diffusers folder, or an SD 1.x/2.x .safetensors / .ckpt checkpoint")
     s.add_argument("work_dir", type=Path)
     s.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+    s.add_argument("--vae-precision", help="fp32: the VAE decoder in FP32 while the rest follows --precision "
+                   "(for VAEs that overflow FP16: black or NaN images)")
+    s.add_argument("--text-encoder-precision", help="fp32: the text encoder in FP32 while the rest follows --precision")
     s.add_argument("--attention", default="op",
                    help="op: one ONNX Attention op per attention (opset 23; ORT CUDA, TensorRT >= 10.14, RTX); "
                         "decomposed: MatMul/Softmax/MatMul (TensorRT < 10.14, e.g. JetPack 6)")
     s.add_argument("--opset", type=int, help="default 23 with --attention op, 18 with decomposed")
     s.add_argument("--ort-fusion", action="store_true",
                    help="also write onnx/ort/: the UNet with ONNX Runtime's attention fusion (ORT backends use it)")
+    s.add_argument("--tokenizer", type=Path, help="single file: a CLIP tokenizer folder (tokenizer/ of any "
+                   "diffusers SD folder); default: the local Hugging Face cache")
+    s.add_argument("--config", help="single file: sd1, sd2 or sd2-v instead of what is detected")
+    s.add_argument("--prediction-type", help="single file: epsilon or v_prediction instead of what is detected")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an export")

@@ -84,19 +84,35 @@ class ModelConfig:
     vocab_size: int = 49408
     latent_channels: int = 4       # VAE latent channels == UNet in/out channels
     vae_factor: int = 8            # image size / latent size
-    sample_size: int = 64          # UNet's native latent size (512 px for SD 1.5)
+    sample_size: int | tuple = 64  # UNet's native latent size (512 px for SD 1.5): an int, or
+                                   # (height, width) as diffusers allows ([64, 96]: 512x768 px)
 
     @property
-    def default_size(self) -> int:
-        return self.sample_size * self.vae_factor
+    def sample_hw(self) -> tuple[int, int]:
+        s = self.sample_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    @property
+    def default_height(self) -> int:
+        """Image height when none is given, as diffusers: sample_size[0] * vae_factor."""
+        return self.sample_hw[0] * self.vae_factor
+
+    @property
+    def default_width(self) -> int:
+        return self.sample_hw[1] * self.vae_factor
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["sample_size"] = self.sample_size if isinstance(self.sample_size, int) else list(self.sample_hw)
+        return d
 
     @staticmethod
     def from_json(d: dict) -> "ModelConfig":
         # older exports also wrote the VAE's scaling_factor: the decoder graph has it folded in
-        return ModelConfig(**{k: v for k, v in d.items() if k != "scaling_factor"})
+        d = {k: v for k, v in d.items() if k != "scaling_factor"}
+        if isinstance(d.get("sample_size"), list):
+            d["sample_size"] = tuple(d["sample_size"])
+        return ModelConfig(**d)
 
 
 @dataclass(frozen=True)

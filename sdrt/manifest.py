@@ -52,6 +52,19 @@ def config(manifest: dict) -> ModelConfig:
     return ModelConfig.from_json(manifest["config"])
 
 
+def model_precision(manifest: dict, name: str) -> str:
+    """fp16 or fp32 of one model: --vae-precision / --text-encoder-precision may differ from the
+    export's --precision (which the UNet and the step graphs always follow)."""
+    return manifest.get("precisions", {}).get(name, manifest.get("precision", "fp16"))
+
+
+def precision_label(manifest: dict) -> str:
+    """"fp16", or "fp16 (vae_decoder fp32)" when a model differs from the UNet."""
+    base = manifest.get("precision", "fp16")
+    odd = [f"{n} {p}" for n, p in manifest.get("precisions", {}).items() if p != base]
+    return base + (f" ({', '.join(odd)})" if odd else "")
+
+
 def onnx_path(work_dir: Path, model: Model, manifest: dict | None = None, variant: str | None = None) -> Path:
     """The graph of `model`: onnx/<file>, or the variant's (e.g. onnx/ort/<file>) when asked for
     and exported."""

@@ -119,7 +119,8 @@ def test_trailing_drops_spurious_last_timestep():
                                    dict(trained_betas=np.linspace(1e-4, 0.03, 1000).tolist())])
 def test_alphas_cumprod_are_diffusers_float32(extra):
     """diffusers' float32 ᾱ to a few float32 ulps: torch's float32 linspace rounds some β the other
-    way (how many depends on the CPU's vector width), and the zero-SNR rescale is float64 here."""
+    way (how many depends on the CPU's vector width), and torch's float32 sqrt in the zero-SNR rescale
+    is not always correctly rounded (see test_zero_snr_rescale_is_diffusers_float32)."""
     config = {**SD15, **extra}
     ref = DDIMScheduler(**config).alphas_cumprod.double().numpy()
     ours = scheduler.alphas_cumprod(DDIMConfig.from_json(config))
@@ -248,3 +249,21 @@ def test_epsilon_at_zero_snr_is_refused():
     with pytest.raises(UserError, match="prediction_type"):
         step_table(cfg, 20, 7.5)
     assert np.isfinite(step_table(DDIMConfig.from_json({**SD15, "rescale_betas_zero_snr": True}), 20, 7.5)).all()
+
+
+@pytest.mark.parametrize("schedule", ["squaredcos_cap_v2", "scaled_linear", "linear"])
+def test_zero_snr_rescale_is_diffusers_float32(schedule):
+    """The rescaled β are diffusers' float32 operations, bit for bit. torch's float32 sqrt on some
+    CPU builds is not correctly rounded (1 ulp off for ~20% of inputs), so the reference runs
+    diffusers' own function with an IEEE sqrt; the rest of its float32 arithmetic is as is."""
+    from unittest import mock
+
+    import torch
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+    betas = scheduler._betas(DDIMConfig.from_json({**SD15, "beta_schedule": schedule}))
+    ieee_sqrt = lambda t: torch.sqrt(t.double()).to(t.dtype)
+    with mock.patch.object(torch.Tensor, "sqrt", ieee_sqrt):
+        ref = rescale_zero_terminal_snr(torch.from_numpy(betas)).numpy()
+    ours = scheduler._rescale_zero_terminal_snr(betas)
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, ref)

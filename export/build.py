@@ -69,11 +69,21 @@ def parse_dynamic(spec: str | None, batch: int, height: int, width: int, vae_fac
     return {k: {d: ranges[d][i] for d in DIMS} for i, k in enumerate(("min", "opt", "max"))}
 
 
-def profile_for(model: Model, ranges: dict, guidance: bool, vae_factor: int) -> dict:
-    """{input: {"min": [...], "opt": [...], "max": [...]}} via the contract's own dims."""
-    shapes = {k: model.shapes(Dims(**ranges[k], cfg=guidance, vae_factor=vae_factor))
+def profile_for(model: Model, ranges: dict, guidance: bool, vae_factor: int, max_chunks: int = 1,
+                text_len: int = 77) -> dict:
+    """{input: {"min": [...], "opt": [...], "max": [...]}} via the contract's own dims; prompts
+    of 1 chunk (min, opt) to max_chunks chunks of text_len tokens (max)."""
+    chunks = {"min": 1, "opt": 1, "max": max_chunks}
+    shapes = {k: model.shapes(Dims(**ranges[k], cfg=guidance, vae_factor=vae_factor, chunks=chunks[k],
+                                   text_len=text_len))
               for k in ("min", "opt", "max")}
     return {t.name: {k: list(shapes[k][t.name]) for k in ("min", "opt", "max")} for t in model.inputs}
+
+
+def model_options(model: Model, options: dict, max_prompt_chunks: int) -> dict:
+    """The options one engine is keyed by: models that take text record the prompt-chunk limit."""
+    takes_text = any(d in ("text_rows", "text_seq") for t in model.inputs for d in t.shape)
+    return {**options, "max_prompt_chunks": max_prompt_chunks} if takes_text else options
 
 
 # ---- the builder's differences between TensorRT 10, TensorRT 11 and TensorRT-RTX -----------------
@@ -188,6 +198,26 @@ def _make_refittable(trt, network, config, names: list[str], model_name: str) ->
         config.set_flag(trt.BuilderFlag.REFIT)
 
 
+def allow_decomposed_attention(network, trt) -> int:
+    """Prompt lengths as a range (77..77K): TensorRT has no fused attention kernel for every key
+    length of the cross attention (RTX 1.7 refuses the build), so each attention may fall back
+    to MatMul/Softmax/MatMul where no fused kernel fits; where one fits it is still used.
+    Returns how many attentions were marked."""
+    marked = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == getattr(trt.LayerType, "ATTENTION_INPUT", None):
+            layer = _as(trt, layer, "IAttentionInputLayer")
+            layer.attention.decomposable = True
+            marked += 1
+    return marked
+
+
+def _as(trt, layer, cls: str):
+    layer.__class__ = getattr(trt, cls)   # the bindings' way to reach a layer's own interface
+    return layer
+
+
 def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile: dict,
                options: dict, cache_bytes: bytes | None, progress: bool, weights: list[str] = ()):
     """Parse + build one model: (plan bytes, build seconds, timing cache bytes or None)."""
@@ -207,6 +237,8 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
                    else "export again")
             raise UserError(f"cannot parse {files[0]}{where}: {' '.join(e.desc().split())}: {fix}")
         _check_network(network, model, trt, files[0])
+        if options.get("max_prompt_chunks", 1) > 1:
+            allow_decomposed_attention(network, trt)
         prof = builder.create_optimization_profile()
         for name, p in profile.items():
             prof.set_shape(name, p["min"], p["opt"], p["max"])  # min/opt/max for profile 0
@@ -252,7 +284,7 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
 def build(work_dir: Path, backend: str, height: int | None = None, width: int | None = None,
           batch: int = 1, dynamic: str | None = None, opt_level: int | None = None,
           timing_cache: Path | None = None, guidance: bool = True, workspace_mb: int | None = None,
-          progress: bool = True, refit: bool = False) -> dict:
+          progress: bool = True, max_prompt_chunks: int = 3, refit: bool = False) -> dict:
     """refit: the engines of LoRA-mapped models (text encoder, denoise step) are refittable in
     exactly the weights LoRA may change, so `generate --lora` refits instead of rebuilding."""
     """Build the runtime's engines; returns {"backend", "built", "up_to_date", "engines"}."""
@@ -272,6 +304,8 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         raise UserError(f"opt level {opt_level} must be 0..5")
     if workspace_mb is not None and workspace_mb <= 0:
         raise UserError(f"workspace {workspace_mb} MB must be positive")
+    if not isinstance(max_prompt_chunks, int) or max_prompt_chunks < 1:
+        raise UserError(f"--max-prompt-chunks {max_prompt_chunks} must be at least 1 (one chunk: 75 tokens)")
     ranges = parse_dynamic(dynamic, batch, height or cfg.default_height, width or cfg.default_width,
                            cfg.vae_factor)
     backend, trt = import_trt(backend)
@@ -296,11 +330,11 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         model = contracts[name]
         entry = mf.load(work_dir).get("engines", {}).get(backend, {}).get(name)
         onnx_hash, files = current_hash(work_dir, man, name, entry)
-        profile = profile_for(model, ranges, guidance, cfg.vae_factor)
+        profile = profile_for(model, ranges, guidance, cfg.vae_factor, max_prompt_chunks, cfg.text_len)
         weights = refit_names(man, name) if refit else []
-        model_options = {**options, "precision": mf.model_precision(man, name),
-                         "refit": bool(weights)}   # in the engine key
-        key = engine_key(backend, trt, onnx_hash, profile, model_options)
+        key = engine_key(backend, trt, onnx_hash, profile, model_options(
+            model, {**options, "precision": mf.model_precision(man, name), "refit": bool(weights)},
+            max_prompt_chunks))
         plan_path = out_dir / f"{name}.plan"
         why = first_change(entry.get("key") or {}, key) if entry else None
         if (entry and why is None and plan_path.is_file()
@@ -311,7 +345,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
             continue
         print(f"building {name} ({backend} {trt.__version__}{', ' + why if why else ''}) …",
               file=sys.stderr, flush=True)
-        plan, seconds, cache_bytes2 = _build_one(trt, api, backend, model, files, profile, model_options,
+        plan, seconds, cache_bytes2 = _build_one(trt, api, backend, model, files, profile, key["options"],
                                                  cache_bytes, progress, weights)
         if cache_bytes2 is not None:
             cache_bytes = cache_bytes2

@@ -29,14 +29,15 @@ def cmd_build(a):
     from sdrt.export.build import build
     build(a.work_dir, a.backend, height=a.height, width=a.width, batch=a.batch, dynamic=a.dynamic,
           opt_level=a.opt_level, timing_cache=a.timing_cache, guidance=not a.no_guidance,
-          workspace_mb=a.workspace_mb, refit=a.refit)
+          workspace_mb=a.workspace_mb, max_prompt_chunks=a.max_prompt_chunks, refit=a.refit)
 
 
 def cmd_generate(a):
     from sdrt.generate import generate_files
     generate_files(a.work_dir, a.prompt, a.out, backend=a.backend, negative=a.negative, steps=a.steps,
                    guidance=a.guidance, height=a.height, width=a.width, batch=a.batch, seed=a.seed,
-                   latents=a.latents, timings=a.timings, vae_batch=a.vae_batch, loras=a.lora)
+                   latents=a.latents, timings=a.timings, vae_batch=a.vae_batch, clip_skip=a.clip_skip,
+                   embeddings=a.embedding, loras=a.lora)
 
 
 def cmd_bench(a):
@@ -108,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timing-cache", type=Path)
     s.add_argument("--workspace-mb", type=int, help="builder memory limit (Jetson: keep it small)")
     s.add_argument("--no-guidance", action="store_true", help="build the step for guidance <= 1 (no CFG)")
+    s.add_argument("--max-prompt-chunks", type=int, default=3,
+                   help="longest prompt the engines take, in chunks of 75 tokens (text length 77..77*K)")
     s.add_argument("--refit", action="store_true",
                    help="refittable engines: LoRA switches weights in place (generate --lora) without a rebuild")
     s.set_defaults(fn=cmd_build)
@@ -176,6 +179,10 @@ def add_generate_args(s) -> None:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--seed", type=int)
     s.add_argument("--latents", type=Path, help=".npy of shape [B, C, H/f, W/f]")
+    s.add_argument("--clip-skip", type=int, default=1,
+                   help="text encoder layer to condition on, counted from the last: 1 = last (default), 2 = penultimate")
+    s.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="textual-inversion embedding (.safetensors, .bin, .pt); repeatable")
     s.add_argument("--vae-batch", type=int, metavar="N",
                    help="decode N images at a time (default: the whole batch, or what fits the free GPU memory)")
     s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",

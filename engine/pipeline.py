@@ -24,6 +24,7 @@ from sdrt.contract import Dims, check_size
 from sdrt.engine import backends, cuda, scheduler, vae_slices
 from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows
 from sdrt.engine.conditioning import Conditioning, emphasize
+from sdrt.engine.lora import LoraState
 from sdrt.engine.timing import Clock
 from sdrt.engine.tokenizer import ClipTokenizer
 from sdrt.errors import UserError
@@ -59,7 +60,8 @@ class Pipeline:
     """embeddings: textual-inversion files ("FILE[:TOKEN]" or (FILE, TOKEN)) for every generate
     call that does not name its own."""
 
-    def __init__(self, work_dir: Path, backend: str = "auto", ort_fusion: bool = True, embeddings=()):
+    def __init__(self, work_dir: Path, backend: str = "auto", ort_fusion: bool = True, embeddings=(),
+                 loras=()):
         self.work_dir = Path(work_dir)
         self.manifest = mf.load(self.work_dir)
         self.config = mf.config(self.manifest)
@@ -73,6 +75,19 @@ class Pipeline:
         self.backend = backends.open_backend(backend, self.work_dir, self.manifest, ort_fusion)
         self.plans: dict[Dims, Plan] = {}
         self.graph: tuple[str, str] = ("", "")  # (path, error) of the last generation's step
+        self.loras = LoraState(self.work_dir, self.manifest)
+        if loras:
+            self.set_loras(loras)
+
+    def set_loras(self, loras) -> dict:
+        """Apply [(path, scale), ...] instead of the LoRAs before (an empty list: the base model).
+        Merged weights W₀ + Σ s·ΔW are computed from the export's base weights and handed to the
+        backend: new ONNX Runtime sessions, or a TensorRT refit; nothing is exported or built.
+        Returns {"read_ms", "merge_ms", "apply_ms", "weights"}; the sessions or CUDA graphs are
+        made by the next generate (its setup_ms)."""
+        timings = self.loras.switch(self.backend, loras)
+        self.plans.clear()                     # bindings and CUDA graphs follow the new weights
+        return timings
 
     @property
     def backend_name(self) -> str:

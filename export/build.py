@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sdrt import manifest as mf
 from sdrt.contract import RUNTIME_MODELS, Dims, Model, check_size
+from sdrt.engine import cuda
 from sdrt.engine_keys import (MODULES, current_hash, engine_key, first_change, import_trt, major_minor,
                               onnx_stat)
 from sdrt.errors import UserError
@@ -175,6 +176,28 @@ def check_attention_support(trt, backend: str, form: str) -> None:
                         f"export again with --attention decomposed")
 
 
+def refit_names(manifest: dict, name: str) -> list[str]:
+    """ONNX initializers of model `name` that LoRA may change (the export's map; the step graphs
+    use the UNet's)."""
+    rec = manifest["models"][name]
+    source = manifest["models"].get(rec.get("weights_of", name), {})
+    return sorted({t["initializer"] for t in (source.get("lora_targets") or {}).values()})
+
+
+def _make_refittable(trt, network, config, names: list[str], model_name: str) -> None:
+    """Only the LoRA-mappable weights refittable (REFIT_INDIVIDUAL: the rest may still be folded);
+    TensorRT names a parsed initializer's weights by the initializer, so a refit finds them by the
+    names the export recorded. Without that API: every weight refittable (REFIT)."""
+    if hasattr(trt.BuilderFlag, "REFIT_INDIVIDUAL") and hasattr(network, "mark_weights_refittable"):
+        missing = [n for n in names if not network.mark_weights_refittable(n)]
+        if missing:
+            raise UserError(f"{model_name}: the parsed network has no weights named {missing[0]!r} "
+                            f"({len(missing)} of {len(names)} LoRA weights): export again")
+        config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+    else:
+        config.set_flag(trt.BuilderFlag.REFIT)
+
+
 def allow_decomposed_attention(network, trt) -> int:
     """Prompt lengths as a range (77..77K): TensorRT has no fused attention kernel for every key
     length of the cross attention (RTX 1.7 refuses the build), so each attention may fall back
@@ -196,7 +219,7 @@ def _as(trt, layer, cls: str):
 
 
 def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile: dict,
-               options: dict, cache_bytes: bytes | None, progress: bool):
+               options: dict, cache_bytes: bytes | None, progress: bool, weights: list[str] = ()):
     """Parse + build one model: (plan bytes, build seconds, timing cache bytes or None)."""
     logger = _logger(trt)
     builder = trt.Builder(logger)
@@ -225,6 +248,8 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options["workspace_mb"] << 20)
         if options["require_user_allocation"]:  # graph-capturable RTX engine
             config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+        if options["refit"]:
+            _make_refittable(trt, network, config, weights, model.name)
         if options["opt_level"] is not None and api["opt_level"]:
             config.builder_optimization_level = options["opt_level"]  # 0..5, TRT default 3
         if monitor is not None:
@@ -243,6 +268,10 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
             plan = None
         if plan is None:
             first = " ".join(logger.errors[0].split()) if logger.errors else "no message"
+            if options["refit"] and backend == "tensorrt-rtx" and not cuda.available():
+                raise UserError(f"building {model.name} failed ({first[:200]}): TensorRT-RTX "
+                                f"{trt.__version__} builds refittable engines only where a CUDA GPU is "
+                                f"present; build with --refit on the GPU machine, or without --refit here")
             raise UserError(f"building {model.name} failed ({first}): if it ran out "
                             f"of memory, lower --workspace-mb or build a smaller --dynamic profile")
         new_cache = bytes(memoryview(cache.serialize())) if cache is not None else None
@@ -255,7 +284,9 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
 def build(work_dir: Path, backend: str, height: int | None = None, width: int | None = None,
           batch: int = 1, dynamic: str | None = None, opt_level: int | None = None,
           timing_cache: Path | None = None, guidance: bool = True, workspace_mb: int | None = None,
-          progress: bool = True, max_prompt_chunks: int = 3) -> dict:
+          progress: bool = True, max_prompt_chunks: int = 3, refit: bool = False) -> dict:
+    """refit: the engines of LoRA-mapped models (text encoder, denoise step) are refittable in
+    exactly the weights LoRA may change, so `generate --lora` refits instead of rebuilding."""
     """Build the runtime's engines; returns {"backend", "built", "up_to_date", "engines"}."""
     work_dir = Path(work_dir)
     if backend not in MODULES:
@@ -289,6 +320,9 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         cache_bytes = loaded_cache = timing_cache.read_bytes() if timing_cache.is_file() else b""
     elif timing_cache is not None:
         print(f"timing cache {timing_cache} not used: {backend} has none", file=sys.stderr)
+    if refit and not any(refit_names(man, n) for n in names):
+        raise UserError(f"{work_dir} records no LoRA weight map (an export from before LoRA support): "
+                        f"run `sdrt export` again to build with --refit")
     out_dir = work_dir / "engines" / backend
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"backend": backend, "built": [], "up_to_date": [], "engines": {}}
@@ -297,8 +331,10 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         entry = mf.load(work_dir).get("engines", {}).get(backend, {}).get(name)
         onnx_hash, files = current_hash(work_dir, man, name, entry)
         profile = profile_for(model, ranges, guidance, cfg.vae_factor, max_prompt_chunks, cfg.text_len)
+        weights = refit_names(man, name) if refit else []
         key = engine_key(backend, trt, onnx_hash, profile, model_options(
-            model, {**options, "precision": mf.model_precision(man, name)}, max_prompt_chunks))
+            model, {**options, "precision": mf.model_precision(man, name), "refit": bool(weights)},
+            max_prompt_chunks))
         plan_path = out_dir / f"{name}.plan"
         why = first_change(entry.get("key") or {}, key) if entry else None
         if (entry and why is None and plan_path.is_file()
@@ -310,7 +346,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         print(f"building {name} ({backend} {trt.__version__}{', ' + why if why else ''}) …",
               file=sys.stderr, flush=True)
         plan, seconds, cache_bytes2 = _build_one(trt, api, backend, model, files, profile, key["options"],
-                                                 cache_bytes, progress)
+                                                 cache_bytes, progress, weights)
         if cache_bytes2 is not None:
             cache_bytes = cache_bytes2
         write_atomic(plan_path, plan)

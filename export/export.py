@@ -18,8 +18,8 @@ from sdrt import manifest as mf
 from sdrt.contract import Dims, ModelConfig, all_models
 from sdrt.errors import UserError
 from sdrt.fileio import temp_dir_beside, write_json_atomic
-from sdrt.export import (attention, compose_step, pipeline_folder, scheduler_config, single_file, to_onnx,
-                         validate)
+from sdrt.export import (attention, compose_step, lora_targets, pipeline_folder, scheduler_config, single_file,
+                         to_onnx, validate)
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder")
 STEP_MODELS = ("denoise_step_cfg", "denoise_step")
@@ -140,6 +140,10 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
         if name == "text_encoder":
             records[name]["validation"]["deepest_clip_skip"] = _check_deepest_clip_skip(
                 module, model, path, inputs, precisions[name], cfg.text_layers)
+        if name in to_onnx.WEIGHTS_BESIDE:
+            records[name]["lora_targets"] = _lora_targets(module, path, precisions[name], name)
+        elif name in STEP_MODELS:  # the step graphs read the UNet's initializers (same names, file)
+            records[name]["weights_of"] = "unet"
     token_embedding = _write_token_table(folder, out, precision)   # the contract's dtype (the UNet's)
     variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, form, vdims, sched)} \
         if ort_fusion else {}
@@ -180,6 +184,15 @@ def _write_token_table(folder, out: Path, precision: str) -> dict:
     np.save(out / TOKEN_TABLE, table, allow_pickle=False)
     return {"file": TOKEN_TABLE, "dtype": table.dtype.name, "shape": list(table.shape),
             "sha256": mf.sha256_file(out / TOKEN_TABLE)}
+
+
+def _lora_targets(module, path: Path, precision: str, name: str) -> dict:
+    """Torch Linear/Conv weight -> ONNX initializer map of one graph (sdrt.export.lora_targets)."""
+    targets, missing = lora_targets.record(module, path, precision)
+    if missing:
+        say(f"  {name}: {len(missing)} Linear/Conv weights not found among the initializers "
+            f"(e.g. {missing[0]}): LoRA modules on them will be refused")
+    return targets
 
 
 def _validated_record(out: Path, name: str, model, path: Path, inputs: dict, ref: list,

@@ -15,6 +15,10 @@ from sdrt.contract import Dims, Model
 from sdrt.export import attention
 
 TWO_GB = 2 ** 31 - 1
+# Graphs whose weights LoRA changes at run time: every initializer goes to the external .data file,
+# where the runtime reads the base weights (sdrt.engine.lora) without parsing the graph.
+WEIGHTS_BESIDE = ("text_encoder", "unet")
+FLOAT_TYPES = (1, 10, 16)  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16
 
 
 def _modules():
@@ -147,7 +151,7 @@ def export(module, model: Model, out_path: Path, inputs: dict, precision: str, o
                               input_names=[t.name for t in model.inputs],
                               output_names=[t.name for t in model.outputs],
                               dynamic_axes=model.dynamic_axes(), do_constant_folding=True)
-        cleanup_and_save(raw, out_path, external=model.name == "unet", opset=opset)
+        cleanup_and_save(raw, out_path, external=model.name in WEIGHTS_BESIDE, opset=opset)
     module.float()
 
 
@@ -166,8 +170,16 @@ def cleanup_and_save(src: Path, dst: Path, external: bool, opset: int) -> None:
     if size < TWO_GB:
         model = onnx.shape_inference.infer_shapes(model)
     if external or size >= TWO_GB:
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=dst.name + ".data", size_threshold=1024)
+        from onnx.external_data_helper import convert_model_to_external_data, set_external_data
+        location = dst.name + ".data"
+        convert_model_to_external_data(model, all_tensors_to_one_file=True, location=location,
+                                       size_threshold=1024)
+        if external:  # weights of any size too (LoRA reads them there); shape constants stay inline
+            for t in model.graph.initializer:
+                if (len(t.dims) >= 2 and t.data_type in FLOAT_TYPES and t.HasField("raw_data")
+                        and t.data_location != onnx.TensorProto.EXTERNAL):
+                    set_external_data(t, location)
+        onnx.save_model(model, str(dst))
     else:
         onnx.save_model(model, str(dst))
 

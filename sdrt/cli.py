@@ -34,7 +34,7 @@ def cmd_build(a):
     from sdrt.export.build import build
     build(a.work_dir, a.backend, height=a.height, width=a.width, batch=a.batch, dynamic=a.dynamic,
           opt_level=a.opt_level, timing_cache=a.timing_cache, guidance=not a.no_guidance,
-          workspace_mb=a.workspace_mb, max_prompt_chunks=a.max_prompt_chunks)
+          workspace_mb=a.workspace_mb, max_prompt_chunks=a.max_prompt_chunks, refit=a.refit)
 
 
 def cmd_generate(a):
@@ -42,13 +42,18 @@ def cmd_generate(a):
     generate_files(a.work_dir, a.prompt, a.out, backend=a.backend, negative=a.negative, steps=a.steps,
                    guidance=a.guidance, height=a.height, width=a.width, batch=a.batch, seed=a.seed,
                    latents=a.latents, timings=a.timings, vae_batch=a.vae_batch, clip_skip=a.clip_skip,
-                   embeddings=a.embedding)
+                   embeddings=a.embedding, loras=a.lora)
 
 
 def cmd_bench(a):
     from sdrt.benchmarks.bench import bench
     bench(a.work_dirs, a.reference, backends=a.backends, sizes=a.sizes, steps=a.steps, batches=a.batches,
           runs=a.runs, warmup=a.warmup, out=a.out, no_reference=a.no_reference)
+
+
+def cmd_bench_lora(a):
+    from sdrt.benchmarks.lora_switch import bench_lora
+    bench_lora(a.work_dir, backend=a.backend, rank=a.rank, steps=a.steps, size=a.size, out=a.out)
 
 
 def cmd_memory(a):
@@ -124,6 +129,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-guidance", action="store_true", help="build the step for guidance <= 1 (no CFG)")
     s.add_argument("--max-prompt-chunks", type=int, default=3,
                    help="longest prompt the engines take, in chunks of 75 tokens (text length 77..77*K)")
+    s.add_argument("--refit", action="store_true",
+                   help="refittable engines: LoRA switches weights in place (generate --lora) without a rebuild")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("generate", help="text to image")
@@ -147,6 +154,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     s.add_argument("--no-reference", action="store_true", help="skip the diffusers reference")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("bench-lora", help="time LoRA switches on a work folder (random LoRA files shaped for it)")
+    s.add_argument("work_dir", type=Path)
+    s.add_argument("--backend", default="onnxruntime-cpu")
+    s.add_argument("--rank", type=int, default=16)
+    s.add_argument("--steps", type=int, default=1, help="denoising steps of each timed generate")
+    s.add_argument("--size", type=int, help="image height and width (default: the model's)")
+    s.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    s.set_defaults(fn=cmd_bench_lora)
 
     s = sub.add_parser("memory", help="GPU memory a generation needs, and a Jetson budget (no GPU needed)")
     s.add_argument("work_dirs", type=Path, nargs="+", metavar="WORK_DIR")
@@ -216,6 +232,9 @@ def add_generate_args(s) -> None:
                    help="textual-inversion embedding (.safetensors, .bin, .pt); repeatable")
     s.add_argument("--vae-batch", type=int, metavar="N",
                    help="decode N images at a time (default: the whole batch, or what fits the free GPU memory)")
+    s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA .safetensors (diffusers/PEFT or kohya keys), scale default 1; repeatable. "
+                        "Merged at run time: no re-export, no rebuild (TensorRT: engines built with --refit)")
     # checked by open_backend, so a wrong name is one line like every other mistake
     s.add_argument("--backend", default="auto",
                    help="auto, tensorrt, tensorrt-rtx, onnxruntime-cuda or onnxruntime-cpu")

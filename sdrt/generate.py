@@ -30,15 +30,18 @@ def generate_files(work_dir: Path, prompt: str, out: Path, backend: str = "auto"
                    steps: int = 50, guidance: float = 7.5, height: int | None = None,
                    width: int | None = None, batch: int = 1, seed: int | None = None,
                    latents: Path | None = None, timings: bool = False, vae_batch: int | None = None,
-                   clip_skip: int = 1, embeddings=()) -> list[Path]:
+                   clip_skip: int = 1, embeddings=(), loras=()) -> list[Path]:
     """Generate and write out.png (out-0.png ... for a batch); timings: the table on stderr.
-    embeddings: textual-inversion files, "FILE[:TOKEN]" each."""
+    embeddings: textual-inversion files, "FILE[:TOKEN]" each; loras: "FILE[:SCALE]" strings (or
+    (path, scale) pairs)."""
+    from sdrt.engine.lora import parse_spec
     from sdrt.engine.pipeline import Pipeline
     from sdrt.engine.timing import timing_table
     if out.suffix.lower() not in ("", ".png"):
         raise UserError(f"--out {out}: sdrt writes PNG files, give a .png path")
     x_T = load_latents(latents)
-    pipe = Pipeline(work_dir, backend=backend, embeddings=embeddings)
+    pipe = Pipeline(work_dir, backend=backend, embeddings=embeddings,
+                    loras=[parse_spec(x) if isinstance(x, str) else x for x in loras])
     result = pipe.generate(prompt, negative=negative, steps=steps, guidance=guidance,
                            height=height, width=width, batch=batch, seed=seed, latents=x_T,
                            vae_batch=vae_batch, clip_skip=clip_skip)

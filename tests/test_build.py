@@ -171,7 +171,7 @@ def test_manifest_records_engine_keys(built):
         assert key["gpu_name"] and key["compute_capability"]  # portable RTX targets, no GPU here
         text = {"max_prompt_chunks": 3} if name != "vae_decoder" else {}   # models that take text
         assert key["options"] == {"opt_level": None, "precision": "fp16", "strongly_typed": True,
-                                  "workspace_mb": None, "require_user_allocation": True, **text}
+                                  "workspace_mb": None, "require_user_allocation": True, "refit": False, **text}
         model = mf.models(_manifest(work))[name]
         assert key["onnx_sha256"] == mf.files_sha256(mf.model_files(work, _manifest(work), name))
         assert set(key["profile"]) == {t.name for t in model.inputs}

@@ -213,17 +213,31 @@ def load_exports(work_dirs: list) -> list[dict]:
     return manifests
 
 
-def bench(work_dirs: list, reference, backends: str = "available", sizes: str | None = None,
+def demo_defaults(work_dirs: list, reference, no_reference: bool) -> tuple[list, object]:
+    """No WORK_DIR: the demo model's export (made under ./sdrt-demo on first use), against the demo
+    model's diffusers folder unless --reference says otherwise."""
+    if work_dirs:
+        if reference is None and not no_reference:
+            raise UserError("--reference is required with a WORK_DIR (the diffusers pipeline folder it was "
+                            "exported from), or pass --no-reference")
+        return work_dirs, reference
+    from sdrt.demo import DEMO_MODEL, demo_export
+    return [demo_export()], DEMO_MODEL if reference is None else reference
+
+
+def bench(work_dirs: list | None = None, reference=None, backends: str = "available", sizes: str | None = None,
           steps: int = 50, batches: str = "1,4,8", runs: int = 5, warmup: int = 1,
           out="benchmarks/results", no_reference: bool = False, image=None, mask=None,
           strength: float | None = None) -> list:
     """Measure, print the table, write the results under `out`; returns the files written.
-    sizes: default 512x512, or the image's size with `image` (image to image; with `mask`,
-    inpainting)."""
+    sizes None: the model's own size (512x512 for SD 1.5), or the image's size with `image`
+    (image to image; with `mask`, inpainting)."""
     from sdrt.benchmarks import report
+    work_dirs, reference = demo_defaults(work_dirs, reference, no_reference)
     manifests = load_exports(work_dirs)
     cfg = mf.config(manifests[0])
-    size_list, batch_list = parse_sizes(sizes or "512x512"), parse_ints(batches, "batches")
+    size_list = parse_sizes(sizes or f"{cfg.default_height}x{cfg.default_width}")
+    batch_list = parse_ints(batches, "batches")
     if steps <= 0 or runs <= 0 or warmup < 0:
         raise UserError("--steps and --runs must be positive, --warmup not negative")
     inputs, image_size = image_inputs(image, mask, strength, steps, cfg)

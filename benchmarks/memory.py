@@ -140,7 +140,8 @@ def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str =
         raise UserError(f"batch {batch} must be positive")
     if vae_batch is not None and vae_batch <= 0:
         raise UserError(f"vae batch {vae_batch} must be positive")
-    dims = Dims(batch=batch, height=height, width=width, cfg=True, vae_factor=cfg.vae_factor)
+    dims = Dims(batch=batch, height=height, width=width, cfg=True, vae_factor=cfg.vae_factor,
+                text_len=cfg.text_len)   # a one-chunk prompt (77 tokens)
     vae_n = min(vae_batch or batch, batch)
     names = runtime_models(man)
     model_dims = {name: dims for name in names}

@@ -28,6 +28,12 @@ class HostBuffer:
     def copy_from(self, other: "HostBuffer") -> None:
         np.copyto(self.array, other.array)
 
+    def view(self, shape: tuple) -> "HostBuffer":
+        """The same memory under another shape of the same size (no copy)."""
+        v = object.__new__(HostBuffer)
+        v.array, v.shape, v.dtype = self.array.reshape(shape), tuple(shape), self.dtype
+        return v
+
 
 class DeviceBuffer:
     def __init__(self, shape: tuple, dtype: str, stream: cuda.Stream):
@@ -57,6 +63,9 @@ class DeviceBuffer:
     def copy_from(self, other: "DeviceBuffer") -> None:
         cuda.copy_dtod(self.ptr, other.ptr, self.nbytes, self.stream)
 
+    def view(self, shape: tuple) -> "DeviceView":
+        return DeviceView(self, shape)
+
     def __del__(self):
         try:
             cuda.free(self.ptr)
@@ -81,3 +90,17 @@ def _checked(buf, values: np.ndarray) -> np.ndarray:
     if values.shape != buf.shape:
         raise ValueError(f"buffer holds {buf.shape}, got {values.shape}")
     return np.ascontiguousarray(values, dtype=buf.dtype)
+
+
+class DeviceView(DeviceBuffer):
+    """A DeviceBuffer's memory under another shape of the same size; the owner frees it."""
+
+    def __init__(self, owner: DeviceBuffer, shape: tuple):
+        if int(np.prod(shape)) != int(np.prod(owner.shape)):
+            raise ValueError(f"view {tuple(shape)} does not fit buffer {owner.shape}")
+        self.owner, self.shape, self.dtype, self.stream = owner, tuple(shape), owner.dtype, owner.stream
+        self.nbytes, self.ptr = owner.nbytes, owner.ptr
+        self.staging = self.uploaded = None   # its own staging for writes under this shape
+
+    def __del__(self):
+        pass

@@ -19,7 +19,8 @@ from pathlib import Path
 from sdrt import manifest as mf
 from sdrt.contract import Dims, Model
 from sdrt.engine import cuda
-from sdrt.engine.ort_session import OrtBinding, OrtSession, cuda_ep_available, import_ort, open_session
+from sdrt.engine.ort_session import (OrtBinding, OrtSession, cuda_ep_available, import_ort, open_session,
+                                     replace_weights)
 from sdrt.engine_keys import major_minor
 from sdrt.errors import UserError
 
@@ -51,6 +52,7 @@ class OrtCuda:
         self.stream = cuda.Stream()
         self.work_dir, self.manifest, self.variant = work_dir, manifest, variant
         self.name = "onnxruntime-cuda" + ("+ort-fusion" if variant else "")
+        self.weights: dict = {}   # {model: {initializer: array}} replacing the export's (LoRA)
         self.sessions: dict[tuple[str, Dims], OrtSession] = {}
         self.capture_failed: dict[tuple[str, Dims], str] = {}   # why sdrt's capture failed, per session
 
@@ -58,7 +60,8 @@ class OrtCuda:
         key = (model.name, dims)
         if key not in self.sessions:
             path = mf.onnx_path(self.work_dir, model, self.manifest, self.variant)
-            self.sessions[key] = open_session(self.ort, model, path, "cuda", self.stream, dims)
+            self.sessions[key] = open_session(self.ort, model, path, "cuda", self.stream, dims,
+                                              weights=self.weights.get(model.name))
         return self.sessions[key]
 
     def launcher(self, binding: OrtBinding) -> cuda.Launch:
@@ -78,7 +81,8 @@ class OrtCuda:
             session = self.sessions[key]
             if not session.cuda_graph:   # one graph-mode session replaces the plain one
                 session = open_session(self.ort, session.model, session.path, "cuda", self.stream,
-                                       session.dims, cuda_graph=True)
+                                       session.dims, cuda_graph=True,
+                                       weights=self.weights.get(session.model.name))
                 self.sessions[key] = session
             session.graph_ids += 1
             graph_binding = session.bind(binding.buffers, binding.shapes, graph_id=session.graph_ids)
@@ -93,3 +97,11 @@ class OrtCuda:
     def drop_plans(self) -> None:
         self.sessions.clear()
         self.capture_failed.clear()
+
+    refits = False            # LoRA: new sessions with overriding initializers, not in place
+    weights: dict = {}        # LoRA: {model: {initializer: array}}; set_weights replaces it, never mutates
+
+    def set_weights(self, weights: dict) -> None:
+        """LoRA: {model: {initializer: merged array}} for the sessions made from now on."""
+        replace_weights(self, weights)
+        self.capture_failed.clear()   # new sessions: sdrt's capture is tried afresh

@@ -15,7 +15,10 @@ the two ping-pong bindings of the step get ids 1 and 2 (0 is ORT's default, -1 d
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+
+import numpy as np
 
 from sdrt.contract import Dims, Model
 from sdrt.errors import UserError
@@ -46,12 +49,16 @@ def cuda_provider_options(stream, cuda_graph: bool = False) -> dict:
 
 
 def open_session(ort, model: Model, path: Path, device: str, stream=None, dims: Dims | None = None,
-                 cuda_graph: bool = False) -> "OrtSession":
+                 cuda_graph: bool = False, weights: dict | None = None) -> "OrtSession":
     """An InferenceSession of `path` on the CPU, or on the CUDA EP on `stream` with static `dims`
-    (cuda_graph: ORT captures and replays the runs itself)."""
+    (cuda_graph: ORT captures and replays the runs itself); weights: {initializer: array} that
+    replace the graph's own at session creation (LoRA)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (weights or {}).values()]
+    if values:  # ORT's external-initializer override; the arrays must outlive the session
+        opts.add_external_initializers(list(weights), values)
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
         for t in model.tensors:  # static shapes: every node stays on the CUDA EP
@@ -64,15 +71,36 @@ def open_session(ort, model: Model, path: Path, device: str, stream=None, dims: 
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile...)
         raise UserError(f"cannot load {path}: {str(e).splitlines()[0][:300]} "
                         "(missing or corrupt: run `sdrt export` again)") from None
-    return OrtSession(ort, model, sess, device, path, dims, cuda_graph)
+    return OrtSession(ort, model, sess, device, path, dims, cuda_graph, (values, weights))
+
+
+def replace_weights(backend, weights: dict) -> None:
+    """LoRA on an ONNX Runtime backend (`sessions` keyed by model name or (name, dims), `weights`
+    {model: {initializer: array}} passed to open_session): drop the sessions whose weights change,
+    so the next runner() call makes them anew from the export with the new overrides. The fused
+    variant (onnx/ort/) has other initializers, so LoRA runs the plain graphs."""
+    if backend.variant and any(weights.values()):
+        warnings.warn("LoRA runs the plain graphs (onnx/), not ONNX Runtime's fused variant (onnx/ort/)")
+        backend.variant, backend.name, backend.weights = None, backend.name.split("+")[0], {}
+        backend.sessions.clear()
+    for name in set(weights) | set(backend.weights):
+        if _differ(weights.get(name, {}), backend.weights.get(name, {})):
+            for key in [k for k in backend.sessions if (k[0] if isinstance(k, tuple) else k) == name]:
+                del backend.sessions[key]
+    backend.weights = {n: w for n, w in weights.items() if w}
+
+
+def _differ(a: dict, b: dict) -> bool:
+    return a.keys() != b.keys() or any(x is not b[k] and not np.array_equal(x, b[k]) for k, x in a.items())
 
 
 class OrtSession:
     def __init__(self, ort, model: Model, sess, device: str, path: Path | None = None,
-                 dims: Dims | None = None, cuda_graph: bool = False):
+                 dims: Dims | None = None, cuda_graph: bool = False, keep=()):
         self.ort, self.model, self.sess, self.device = ort, model, sess, device
         self.path, self.dims, self.cuda_graph = path, dims, cuda_graph
         self.graph_ids = 0   # CUDA graphs handed out to bindings (cuda_graph sessions)
+        self._keep = keep    # override tensors (LoRA) the session reads
 
     def bind(self, buffers: dict, shapes: dict, graph_id: int | None = None) -> "OrtBinding":
         """Bind every I/O tensor of the model to its buffer, once. graph_id: which of the

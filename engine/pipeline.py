@@ -1,8 +1,8 @@
 """Text to image, image to image, inpainting: prompt -> token ids -> embeddings; image -> latents;
 the loop; decode. Over any backend.
 
-    ids     = tokenize([negative] * B + [prompt] * B)          (CFG: unconditional rows first)
-    emb     = text_encoder(ids)
+    ids, w  = chunks([negative] * B + [prompt] * B)            (CFG: unconditional rows first)
+    emb     = emphasize(text_encoder(table[ids], clip_skip), w)  77-token chunks, see conditioning
     ε       = N(0, I) from the seed, or the given latents
     text to image:   s = 0,                              x = ε
     image to image:  s = steps - int(steps·strength),    x = sqrt(ᾱ_s) vae_encoder(image) + sqrt(1-ᾱ_s) ε
@@ -28,6 +28,8 @@ from sdrt import manifest as mf
 from sdrt.contract import Dims, check_size, step_name
 from sdrt.engine import backends, cuda, image_input, scheduler, vae_slices
 from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows
+from sdrt.engine.conditioning import Conditioning, emphasize
+from sdrt.engine.lora import LoraState
 from sdrt.engine.timing import Clock
 from sdrt.engine.tokenizer import ClipTokenizer
 from sdrt.errors import UserError
@@ -63,42 +65,77 @@ class Plan:
 
 
 class Pipeline:
-    def __init__(self, work_dir: Path, backend: str = "auto", ort_fusion: bool = True):
+    """embeddings: textual-inversion files ("FILE[:TOKEN]" or (FILE, TOKEN)) for every generate
+    call that does not name its own."""
+
+    def __init__(self, work_dir: Path, backend: str = "auto", ort_fusion: bool = True, embeddings=(),
+                 loras=()):
         self.work_dir = Path(work_dir)
         self.manifest = mf.load(self.work_dir)
         self.config = mf.config(self.manifest)
         self.models = mf.models(self.manifest)
         self.tokenizer = ClipTokenizer.from_dir(self.work_dir / "tokenizer")
+        self.token_table = load_token_table(self.work_dir, self.manifest)
+        self.conditionings: dict[tuple, Conditioning] = {}
+        self.embeddings = tuple(embeddings)
+        self.conditioning(self.embeddings)               # bad files fail here, before any session
         self.scheduler = scheduler.DDIMConfig.from_json(self.work_dir / "scheduler" / "scheduler_config.json")
         self.backend = backends.open_backend(backend, self.work_dir, self.manifest, ort_fusion)
         self.plans: dict[tuple[Dims, str], Plan] = {}
         self.graph: tuple[str, str] = ("", "")  # (path, error) of the last generation's step
+        self.loras = LoraState(self.work_dir, self.manifest)
+        if loras:
+            self.set_loras(loras)
+
+    def set_loras(self, loras) -> dict:
+        """Apply [(path, scale), ...] instead of the LoRAs before (an empty list: the base model).
+        Merged weights W₀ + Σ s·ΔW are computed from the export's base weights and handed to the
+        backend: new ONNX Runtime sessions, or a TensorRT refit; nothing is exported or built.
+        Returns {"read_ms", "merge_ms", "apply_ms", "weights"}; the sessions or CUDA graphs are
+        made by the next generate (its setup_ms)."""
+        timings = self.loras.switch(self.backend, loras)
+        self.plans.clear()                     # bindings and CUDA graphs follow the new weights
+        return timings
 
     @property
     def backend_name(self) -> str:
         return self.backend.name
 
+    def conditioning(self, embeddings) -> Conditioning:
+        """Tokenizer + token table with these embeddings' tokens (kept per set of files)."""
+        key = tuple(map(str, embeddings))
+        if key not in self.conditionings:
+            self.conditionings[key] = Conditioning(self.tokenizer, self.token_table, self.config.text_len,
+                                                   embeddings)
+        return self.conditionings[key]
+
     def generate(self, prompt, negative="", steps=50, guidance=7.5, height=None, width=None,
-                 batch=1, seed=None, latents=None, vae_batch=None, image=None, mask=None, strength=None,
-                 resize=False) -> Result:
+                 batch=1, seed=None, latents=None, vae_batch=None, clip_skip=1, embeddings=None, image=None,
+                 mask=None, strength=None, resize=False) -> Result:
         """Text to image; with `image` (path, PIL image or uint8 array), image to image (strength
         default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0).
+        prompt/negative: any length (77-token chunks), emphasis syntax (sdrt.engine.prompt_parser).
+        clip_skip: the web UI's numbering, 1 = last layer. embeddings: None = the pipeline's.
         latents: the noise ε; vae_batch: decode in slices of this many images (None: the whole
         batch, or what fits the free device memory; see sdrt.engine.vae_slices)."""
         t0 = time.perf_counter()
+        check_batch(batch)
         source = self.source(image, mask, resize, height, width)
         variant = self.variant(source)
         if source is not None:
             height, width = source.height, source.width
-        dims = self.dims(height, width, batch, guidance)
         if vae_batch is not None and (not isinstance(vae_batch, int) or vae_batch <= 0):
             raise UserError(f"vae batch must be a positive integer, got {vae_batch}")
+        cond = self.conditioning(self.embeddings if embeddings is None else embeddings)
+        layers = self.check_clip_skip(clip_skip)
         table = scheduler.step_table(self.scheduler, steps, guidance)   # also checks steps
         strength = self.strength(source, strength)
         start = scheduler.start_index(steps, strength) if source is not None else 0
+        rows = [negative] * batch + [prompt] * batch if guidance > 1.0 else [prompt] * batch
+        text = cond.rows(rows)                 # ids, weights [rows * k, 77]
+        dims = self.dims(height, width, batch, guidance, chunks=len(text.ids) // len(rows))
         noise = self.initial_latents(dims, seed, latents)              # ε (x_T for text to image)
-        rows = [negative] * batch + [prompt] * batch if dims.cfg else [prompt] * batch
-        ids = self.tokenizer.encode(rows, self.config.text_len)
+        embeds = cond.lookup(text.ids)
         t_tok = time.perf_counter()
 
         fresh = (dims, variant) not in self.plans
@@ -107,11 +144,15 @@ class Pipeline:
         vae_runs = self.vae_bindings(plan, dims, vae_size)
         t_plan = time.perf_counter()
         buf, clock = plan.buf, Clock(self.backend.stream)
-        buf["input_ids"].write(ids)
+        buf["inputs_embeds"].write(embeds)
+        buf["clip_skip"].write(layers)
         buf["step_index_0"].write(np.array([start], np.int32))
         buf["step_table"].write(table[:, :buf["step_table"].shape[1]])  # older exports: fewer columns
         clock.mark("start")
         plan.text.run()
+        if (text.weights != 1.0).any():       # emphasis: a round trip (and sync) of the embeddings
+            z = buf["text_rows"].read()
+            buf["text_rows"].write(emphasize(z, text.weights))
         clock.mark("text_encoder")
         x = noise if source is None else self.image_latents(plan, source, variant, noise, steps, start, strength)
         clock.mark("vae_encoder")
@@ -231,13 +272,31 @@ class Pipeline:
                else "its weights give non-finite values even in FP32")
         raise UserError(f"the {what} ({precision}) produced NaN/inf values, no image written: {fix}")
 
-    def dims(self, height, width, batch, guidance) -> Dims:
+    def dims(self, height, width, batch, guidance, chunks=1) -> Dims:
         height = self.config.default_height if height is None else height
         width = self.config.default_width if width is None else width
-        if not isinstance(batch, int) or batch <= 0:
-            raise UserError(f"batch must be a positive integer, got {batch}")
+        check_batch(batch)
         check_size(height, width, self.config.vae_factor)
-        return Dims(batch, height, width, cfg=guidance > 1.0, vae_factor=self.config.vae_factor)
+        self.check_chunks(chunks)
+        return Dims(batch, height, width, cfg=guidance > 1.0, vae_factor=self.config.vae_factor,
+                    chunks=chunks, text_len=self.config.text_len)
+
+    def check_clip_skip(self, clip_skip) -> np.ndarray:
+        layers = self.config.text_layers
+        if not isinstance(clip_skip, (int, np.integer)) or not 1 <= clip_skip <= layers:
+            raise UserError(f"clip skip {clip_skip} must be 1..{layers} (1 = the last of this text "
+                            f"encoder's {layers} layers, 2 = the one before, ...)")
+        return np.array([clip_skip], np.int32)
+
+    def check_chunks(self, chunks: int) -> None:
+        """Engines built with a fixed prompt-length range refuse longer prompts: say so first."""
+        built = self.manifest.get("engines", {}).get(self.backend.name, {})
+        limit = min((e["key"]["options"]["max_prompt_chunks"] for e in built.values()
+                     if "max_prompt_chunks" in e["key"]["options"]), default=None)
+        if limit is not None and chunks > limit:
+            raise UserError(f"the prompt needs {chunks} chunks of {self.config.text_len - 2} tokens; the "
+                            f"{self.backend.name} engines take at most {limit}: run `sdrt build "
+                            f"{self.work_dir} --backend {self.backend.name} --max-prompt-chunks {chunks}`")
 
     def initial_latents(self, dims: Dims, seed, latents) -> np.ndarray:
         shape = (dims.batch, self.config.latent_channels, dims["latent_h"], dims["latent_w"])
@@ -275,13 +334,16 @@ class Pipeline:
         shapes = {**te.shapes(dims), **step.shapes(dims), **vae.shapes(dims)}
         dtypes = {t.name: t.dtype for m in (te, step, vae) for t in m.tensors}
         new = lambda name, key=None: Buffer(shapes[key or name], dtypes[key or name], be.stream)
+        shapes["text_embeddings"] = step.shapes(dims)["text_embeddings"]    # [text_batch, 77 k, D]
         extra = [t.name for t in step.inputs[4:]]   # the variant's inputs, bound once per call
-        buf = {n: new(n) for n in ("input_ids", "text_embeddings", "step_table", "image", *extra)}
+        buf = {n: new(n) for n in ("inputs_embeds", "clip_skip", "text_embeddings", "step_table", "image", *extra)}
+        buf["text_rows"] = buf["text_embeddings"].view(te.shapes(dims)["text_embeddings"])  # [text_batch k, 77, D]
         for k in (0, 1):
             buf[f"latents_{k}"] = new(f"latents_{k}", "latents")
             buf[f"step_index_{k}"] = new(f"step_index_{k}", "step_index")
 
-        text = be.runner(te, dims).bind({n: buf[n] for n in ("input_ids", "text_embeddings")}, te.shapes(dims))
+        text = be.runner(te, dims).bind({"inputs_embeds": buf["inputs_embeds"], "clip_skip": buf["clip_skip"],
+                                         "text_embeddings": buf["text_rows"]}, te.shapes(dims))
         step_runner = be.runner(step, dims)
         steps = []
         for k in (0, 1):                      # even steps: 0 -> 1, odd steps: 1 -> 0
@@ -326,6 +388,28 @@ class Pipeline:
                 "text_encoder_ms": t["text_encoder"], "vae_encoder_ms": t["vae_encoder"], "steps_ms": steps,
                 "unet_step_ms": float(np.median(steps)), "denoise_ms": float(sum(steps)),
                 "vae_ms": t["vae"], "total_ms": (time.perf_counter() - t0) * 1e3}
+
+
+def check_batch(batch) -> None:
+    if not isinstance(batch, int) or batch <= 0:
+        raise UserError(f"batch must be a positive integer, got {batch}")
+
+
+def load_token_table(work_dir: Path, manifest: dict) -> np.ndarray:
+    """WORK_DIR/token_embedding.npy, as `sdrt export` recorded it."""
+    rec = manifest.get("token_embedding")
+    if rec is None:
+        raise UserError(f"{work_dir} is an export whose text encoder takes token ids: export again "
+                        "(the text encoder now takes token embeddings)")
+    path = Path(work_dir) / rec["file"]
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}): export again") from None
+    if list(table.shape) != rec["shape"] or table.dtype.name != rec["dtype"]:
+        raise UserError(f"{path} is {table.dtype.name} {list(table.shape)}, the export wrote "
+                        f"{rec['dtype']} {rec['shape']}: export again")
+    return table
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -117,6 +117,20 @@ class TensorRT:
     def drop_plans(self) -> None:
         pass  # engines serve every shape plan within their profile
 
+    refits = True             # LoRA: weights change in place (a refit), not new sessions
+
+    def set_weights(self, weights: dict) -> None:
+        """LoRA: refit exactly these initializers ({model: {ONNX initializer: array}}; TensorRT
+        names a parsed initializer's weights after it) in each engine; the pipeline then makes new
+        contexts and recaptures its CUDA graphs."""
+        todo = {name: w for name, w in weights.items() if name in self.engines and w}
+        for name in todo:  # all or none: refuse before the first engine changes
+            self.engines[name].check_refittable()
+        for name, w in todo.items():
+            self.engines[name].refit(w)
+        for e in self.engines.values():
+            e.contexts.clear()   # the pipeline drops its plans: new contexts and graphs
+
 
 def open_tensorrt(name: str, work_dir: Path, manifest: dict) -> TensorRT:
     """The backend with every engine `sdrt build` recorded for it, each checked for staleness."""
@@ -140,6 +154,33 @@ class TrtEngine:
         self.trt, self.model, self.engine, self.stream = trt, model, engine, stream
         self.activation = None  # (ptr, size) from share_activation_memory, else TRT allocates
         self.contexts: list[TrtContext] = []
+
+    def refit(self, weights: dict) -> None:
+        """Replace the named weights ({ONNX initializer name: array in the initializer's layout and
+        dtype}) in the engine, synchronously. Needs an engine built with `sdrt build --refit`."""
+        trt = self.trt
+        self.check_refittable()
+        refitter = trt.Refitter(self.engine, trt.Logger(trt.Logger.WARNING))
+        known = set(refitter.get_all_weights())          # names of the refittable weights
+        unknown = sorted(set(weights) - known)
+        if unknown:
+            raise UserError(f"the {self.model.name} engine has no refittable weight {unknown[0]!r} "
+                            f"({len(unknown)} of {len(weights)} missing): rebuild with `sdrt build ... --refit`")
+        keep = []
+        for name, a in weights.items():
+            a = np.ascontiguousarray(a)
+            keep.append(a)                               # TRT reads the host memory at refit time
+            if not refitter.set_named_weights(name, trt.Weights(a)):
+                raise RuntimeError(f"{self.model.name}: refitter refused weight {name} {a.dtype} {a.shape}")
+        if not refitter.refit_cuda_engine():
+            missing = refitter.get_missing_weights()
+            raise RuntimeError(f"{self.model.name}: refit failed (missing weights: {list(missing)[:3]})")
+        del keep
+
+    def check_refittable(self) -> None:
+        if not getattr(self.engine, "refittable", False):
+            raise UserError(f"the {self.trt.__name__} engine of {self.model.name} is not refittable, so "
+                            f"LoRA cannot change it: rebuild with `sdrt build ... --refit`")
 
     def bind(self, buffers: dict, shapes: dict) -> "TrtContext":
         """A new execution context with every I/O tensor's shape and address set, once."""

@@ -69,6 +69,25 @@ class ClipTokenizer:
         warn_truncated(prompts, dropped, max_length)
         return Encoded(ids, dropped)
 
+    def token_ids(self, text: str) -> list[int]:
+        """BPE ids of `text`, no bos/eos (added tokens match whole, as in transformers)."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def with_added_tokens(self, tokens: list[str]) -> "ClipTokenizer":
+        """A copy that also knows `tokens`, each a new id after the vocab, as transformers'
+        add_tokens makes them (normalized, not special); this tokenizer and its files are left as
+        they are. UserError for a token the vocab already has."""
+        backend = Tokenizer.from_str(self.backend.to_str())
+        for token in tokens:
+            if backend.token_to_id(token) is not None:
+                raise UserError(f"embedding token {token!r} is already in the tokenizer's vocabulary: "
+                                f"give another token with FILE:TOKEN")
+            backend.add_tokens([AddedToken(token, normalized=True, special=False)])
+        return ClipTokenizer(backend, self.bos_id, self.eos_id, self.pad_id, self.model_max_length)
+
     def encode(self, prompts: list[str], max_length: int) -> np.ndarray:
         """int32 [len(prompts), max_length]: what CLIPTokenizer(..., padding="max_length",
         max_length=max_length, truncation=True).input_ids returns."""

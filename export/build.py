@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sdrt import manifest as mf
 from sdrt.contract import Dims, Model, check_size, step_name
+from sdrt.engine import cuda
 from sdrt.engine_keys import (MODULES, current_hash, engine_key, first_change, import_trt, io_digest,
                               major_minor, onnx_stat)
 from sdrt.errors import UserError
@@ -68,13 +69,23 @@ def parse_dynamic(spec: str | None, batch: int, height: int, width: int, vae_fac
     return {k: {d: ranges[d][i] for d in DIMS} for i, k in enumerate(("min", "opt", "max"))}
 
 
-def profile_for(model: Model, ranges: dict, guidance: bool, vae_factor: int) -> dict:
-    """{input: {"min": [...], "opt": [...], "max": [...]}} via the contract's own dims. The VAE
-    encoder runs at batch 1 (one input image per call, its latents repeated over the batch)."""
+def profile_for(model: Model, ranges: dict, guidance: bool, vae_factor: int, max_chunks: int = 1,
+                text_len: int = 77) -> dict:
+    """{input: {"min": [...], "opt": [...], "max": [...]}} via the contract's own dims; prompts
+    of 1 chunk (min, opt) to max_chunks chunks of text_len tokens (max). The VAE encoder runs at
+    batch 1 (one input image per call, its latents repeated over the batch)."""
     one = {"batch": 1} if model.name == "vae_encoder" else {}
-    shapes = {k: model.shapes(Dims(**{**ranges[k], **one}, cfg=guidance, vae_factor=vae_factor))
+    chunks = {"min": 1, "opt": 1, "max": max_chunks}
+    shapes = {k: model.shapes(Dims(**{**ranges[k], **one}, cfg=guidance, vae_factor=vae_factor,
+                                   chunks=chunks[k], text_len=text_len))
               for k in ("min", "opt", "max")}
     return {t.name: {k: list(shapes[k][t.name]) for k in ("min", "opt", "max")} for t in model.inputs}
+
+
+def model_options(model: Model, options: dict, max_prompt_chunks: int) -> dict:
+    """The options one engine is keyed by: models that take text record the prompt-chunk limit."""
+    takes_text = any(d in ("text_rows", "text_seq") for t in model.inputs for d in t.shape)
+    return {**options, "max_prompt_chunks": max_prompt_chunks} if takes_text else options
 
 
 # ---- the builder's differences between TensorRT 10, TensorRT 11 and TensorRT-RTX -----------------
@@ -167,8 +178,50 @@ def check_attention_support(trt, backend: str, form: str) -> None:
                         f"export again with --attention decomposed")
 
 
+def refit_names(manifest: dict, name: str) -> list[str]:
+    """ONNX initializers of model `name` that LoRA may change (the export's map; the step graphs
+    use the UNet's)."""
+    rec = manifest["models"][name]
+    source = manifest["models"].get(rec.get("weights_of", name), {})
+    return sorted({t["initializer"] for t in (source.get("lora_targets") or {}).values()})
+
+
+def _make_refittable(trt, network, config, names: list[str], model_name: str) -> None:
+    """Only the LoRA-mappable weights refittable (REFIT_INDIVIDUAL: the rest may still be folded);
+    TensorRT names a parsed initializer's weights by the initializer, so a refit finds them by the
+    names the export recorded. Without that API: every weight refittable (REFIT)."""
+    if hasattr(trt.BuilderFlag, "REFIT_INDIVIDUAL") and hasattr(network, "mark_weights_refittable"):
+        missing = [n for n in names if not network.mark_weights_refittable(n)]
+        if missing:
+            raise UserError(f"{model_name}: the parsed network has no weights named {missing[0]!r} "
+                            f"({len(missing)} of {len(names)} LoRA weights): export again")
+        config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+    else:
+        config.set_flag(trt.BuilderFlag.REFIT)
+
+
+def allow_decomposed_attention(network, trt) -> int:
+    """Prompt lengths as a range (77..77K): TensorRT has no fused attention kernel for every key
+    length of the cross attention (RTX 1.7 refuses the build), so each attention may fall back
+    to MatMul/Softmax/MatMul where no fused kernel fits; where one fits it is still used.
+    Returns how many attentions were marked."""
+    marked = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == getattr(trt.LayerType, "ATTENTION_INPUT", None):
+            layer = _as(trt, layer, "IAttentionInputLayer")
+            layer.attention.decomposable = True
+            marked += 1
+    return marked
+
+
+def _as(trt, layer, cls: str):
+    layer.__class__ = getattr(trt, cls)   # the bindings' way to reach a layer's own interface
+    return layer
+
+
 def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile: dict,
-               options: dict, cache_bytes: bytes | None, progress: bool):
+               options: dict, cache_bytes: bytes | None, progress: bool, weights: list[str] = ()):
     """Parse + build one model: (plan bytes, build seconds, timing cache bytes or None)."""
     logger = _logger(trt)
     builder = trt.Builder(logger)
@@ -186,6 +239,8 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
                    else "export again")
             raise UserError(f"cannot parse {files[0]}{where}: {' '.join(e.desc().split())}: {fix}")
         _check_network(network, model, trt, files[0])
+        if options.get("max_prompt_chunks", 1) > 1:
+            allow_decomposed_attention(network, trt)
         prof = builder.create_optimization_profile()
         for name, p in profile.items():
             prof.set_shape(name, p["min"], p["opt"], p["max"])  # min/opt/max for profile 0
@@ -195,6 +250,8 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options["workspace_mb"] << 20)
         if options["require_user_allocation"]:  # graph-capturable RTX engine
             config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+        if options["refit"]:
+            _make_refittable(trt, network, config, weights, model.name)
         if options["opt_level"] is not None and api["opt_level"]:
             config.builder_optimization_level = options["opt_level"]  # 0..5, TRT default 3
         if monitor is not None:
@@ -213,6 +270,10 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
             plan = None
         if plan is None:
             first = " ".join(logger.errors[0].split()) if logger.errors else "no message"
+            if options["refit"] and backend == "tensorrt-rtx" and not cuda.available():
+                raise UserError(f"building {model.name} failed ({first[:200]}): TensorRT-RTX "
+                                f"{trt.__version__} builds refittable engines only where a CUDA GPU is "
+                                f"present; build with --refit on the GPU machine, or without --refit here")
             raise UserError(f"building {model.name} failed ({first}): if it ran out "
                             f"of memory, lower --workspace-mb or build a smaller --dynamic profile")
         new_cache = bytes(memoryview(cache.serialize())) if cache is not None else None
@@ -236,11 +297,16 @@ def runtime_names(cfg, contracts: dict, guidance: bool, inpaint: bool) -> list[s
 def build(work_dir: Path, backend: str, height: int | None = None, width: int | None = None,
           batch: int = 1, dynamic: str | None = None, opt_level: int | None = None,
           timing_cache: Path | None = None, guidance: bool = True, workspace_mb: int | None = None,
-          progress: bool = True, inpaint: bool = False) -> dict:
+          progress: bool = True, inpaint: bool = False, max_prompt_chunks: int = 3,
+          refit: bool = False) -> dict:
     """Build the runtime's engines; returns {"backend", "built", "up_to_date", "engines"}.
 
     inpaint: with a 4-channel UNet, also the inpainting (blend) step; an export of a 9-channel
-    inpainting UNet has only its inpainting step."""
+    inpainting UNet has only its inpainting step.
+    max_prompt_chunks: the longest prompt the text models take, in 77-token chunks.
+    refit: the engines of LoRA-mapped models (text encoder, every denoise step variant) are
+    refittable in exactly the weights LoRA may change, so `generate --lora` refits instead of
+    rebuilding."""
     work_dir = Path(work_dir)
     if backend not in MODULES:
         raise UserError(f"unknown backend {backend!r}: use one of {', '.join(MODULES)}")
@@ -256,6 +322,8 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         raise UserError(f"opt level {opt_level} must be 0..5")
     if workspace_mb is not None and workspace_mb <= 0:
         raise UserError(f"workspace {workspace_mb} MB must be positive")
+    if not isinstance(max_prompt_chunks, int) or max_prompt_chunks < 1:
+        raise UserError(f"--max-prompt-chunks {max_prompt_chunks} must be at least 1 (one chunk: 75 tokens)")
     ranges = parse_dynamic(dynamic, batch, height or cfg.default_height, width or cfg.default_width,
                            cfg.vae_factor)
     backend, trt = import_trt(backend)
@@ -270,6 +338,9 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         cache_bytes = loaded_cache = timing_cache.read_bytes() if timing_cache.is_file() else b""
     elif timing_cache is not None:
         print(f"timing cache {timing_cache} not used: {backend} has none", file=sys.stderr)
+    if refit and not any(refit_names(man, n) for n in names):
+        raise UserError(f"{work_dir} records no LoRA weight map (an export from before LoRA support): "
+                        f"run `sdrt export` again to build with --refit")
     out_dir = work_dir / "engines" / backend
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"backend": backend, "built": [], "up_to_date": [], "engines": {}}
@@ -277,9 +348,11 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
         model = contracts[name]
         entry = mf.load(work_dir).get("engines", {}).get(backend, {}).get(name)
         onnx_hash, files = current_hash(work_dir, man, name, entry)
-        profile = profile_for(model, ranges, guidance, cfg.vae_factor)
-        key = engine_key(backend, trt, onnx_hash, profile,
-                         {**options, "precision": mf.model_precision(man, name)}, io=io_digest(model))
+        profile = profile_for(model, ranges, guidance, cfg.vae_factor, max_prompt_chunks, cfg.text_len)
+        weights = refit_names(man, name) if refit else []
+        key = engine_key(backend, trt, onnx_hash, profile, model_options(
+            model, {**options, "precision": mf.model_precision(man, name), "refit": bool(weights)},
+            max_prompt_chunks), io=io_digest(model))
         plan_path = out_dir / f"{name}.plan"
         why = first_change(entry.get("key") or {}, key) if entry else None
         if (entry and why is None and plan_path.is_file()
@@ -290,8 +363,8 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
             continue
         print(f"building {name} ({backend} {trt.__version__}{', ' + why if why else ''}) …",
               file=sys.stderr, flush=True)
-        plan, seconds, cache_bytes2 = _build_one(trt, api, backend, model, files, profile, options,
-                                                 cache_bytes, progress)
+        plan, seconds, cache_bytes2 = _build_one(trt, api, backend, model, files, profile, key["options"],
+                                                 cache_bytes, progress, weights)
         if cache_bytes2 is not None:
             cache_bytes = cache_bytes2
         write_atomic(plan_path, plan)

@@ -79,3 +79,54 @@ def write_tokenizer_json(dir: Path) -> Path:
     backend.no_truncation()
     backend.save(str(dir / "tokenizer.json"))
     return dir / "tokenizer.json"
+
+
+def chain(word: str) -> list[tuple[str, str]]:
+    """The merges that build one word left to right: c i, ci r, cir c, circ l, circl e</w>."""
+    parts = [*word[:-1], word[-1] + END]
+    return [("".join(parts[:i]), parts[i]) for i in range(1, len(parts))]
+
+
+def bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
+    """BPE of one word as CLIP applies it: repeatedly merge the adjacent pair of lowest rank."""
+    rank = {m: i for i, m in enumerate(merges)}
+    parts = [*word[:-1], word[-1] + END]
+    while len(parts) > 1:
+        pairs = [(rank.get(p, len(rank)), i) for i, p in enumerate(zip(parts, parts[1:]))]
+        best, i = min(pairs)
+        if best == len(rank):
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def word_merges(words) -> list[tuple[str, str]]:
+    """Merges under which each word is one token. A merge of one word can fire inside another
+    ("r e" of "red" inside "green") and break its chain; such a word's chain moves to the front,
+    until every word comes out whole."""
+    order = list(dict.fromkeys(words))
+    for _ in range(len(order) + 1):
+        merges = list(dict.fromkeys(m for w in order for m in chain(w)))
+        broken = [w for w in order if len(bpe(w, merges)) > 1]
+        if not broken:
+            return merges
+        order = [*broken, *(w for w in order if w not in broken)]
+    raise ValueError(f"cannot make every word one token: {broken}")
+
+
+def write_vocab_merges(dir: Path, merges: list[tuple[str, str]]) -> None:
+    """vocab.json and merges.txt: CLIP's own tokenizer format."""
+    write_json(dir / "vocab.json", clip_vocab(merges))
+    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_word_tokenizer(dir: Path, words, model_max_length: int) -> Path:
+    """A CLIP-format tokenizer whose merges spell out the given words: each is one token; any other
+    text falls back to byte-level tokens, as in CLIP. Same four files as write_clip_tokenizer."""
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    write_vocab_merges(dir, word_merges(words))
+    write_json(dir / "tokenizer_config.json", tokenizer_config(model_max_length))
+    write_json(dir / "special_tokens_map.json", special_tokens_map())
+    return dir

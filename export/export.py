@@ -18,11 +18,12 @@ from sdrt import manifest as mf
 from sdrt.contract import STEP_COLUMNS, STEP_VARIANTS, Dims, ModelConfig, all_models, step_models, step_name
 from sdrt.errors import UserError
 from sdrt.fileio import temp_dir_beside, write_json_atomic
-from sdrt.export import (attention, compose_step, pipeline_folder, scheduler_config, single_file, to_onnx,
-                         validate)
+from sdrt.export import (attention, compose_step, lora_targets, pipeline_folder, scheduler_config, single_file,
+                         to_onnx, validate)
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 STEP_MODELS = tuple(step_name(v, g) for v in STEP_VARIANTS for g in (True, False))   # every step name
+TOKEN_TABLE = "token_embedding.npy"
 
 
 def step_names(cfg: ModelConfig) -> tuple[str, ...]:
@@ -47,7 +48,7 @@ def validation_dims(cfg: ModelConfig) -> Dims:
     at even sizes fails here."""
     h = min(max(cfg.sample_hw[0] // 2, 4), 14) | 1
     return Dims(batch=1, height=h * cfg.vae_factor, width=(h + 3) * cfg.vae_factor, cfg=True,
-                vae_factor=cfg.vae_factor)
+                vae_factor=cfg.vae_factor, chunks=2, text_len=cfg.text_len)  # 2 chunks: a long prompt
 
 
 def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int | None = None,
@@ -121,7 +122,7 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     models = all_models(cfg, precision)
     (out / "onnx").mkdir()
     vdims = validation_dims(cfg)
-    trace = to_onnx.trace_dims(cfg.sample_hw, folder.unet.num_upsamplers)
+    trace = to_onnx.trace_dims(cfg.sample_hw, folder.unet.num_upsamplers, cfg.text_len)
     records = {}
     for i, name in enumerate(BASE_MODELS + step_names(cfg), 1):
         model, path = models[name], out / "onnx" / models[name].onnx
@@ -130,9 +131,9 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
         if name in BASE_MODELS:
             module = to_onnx.wrap(name, folder)
             traced = to_onnx.image_trace_dims(trace, cfg.vae_factor) if name == "vae_encoder" else trace
-            to_onnx.export(module, model, path, to_onnx.example_inputs(model, traced, cfg.vocab_size),
+            to_onnx.export(module, model, path, _inputs(folder, model, traced, 0, precision),
                            precisions[name], opset, form)
-            inputs = to_onnx.example_inputs(model, vdims, cfg.vocab_size, seed=1)
+            inputs = _inputs(folder, model, vdims, 1, precision)
             ref = validate.run_torch(module, model, inputs)
         else:
             compose_step.compose(out / "onnx" / models["unet"].onnx, models["unet"], model, path)
@@ -142,6 +143,14 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
         records[name]["precision"] = precisions[name]
         if name in BASE_MODELS:
             records[name]["attention_ops"] = attention.count_ops(to_onnx.onnx_graph(path))
+        if name == "text_encoder":
+            records[name]["validation"]["deepest_clip_skip"] = _check_deepest_clip_skip(
+                module, model, path, inputs, precisions[name], cfg.text_layers)
+        if name in to_onnx.WEIGHTS_BESIDE:
+            records[name]["lora_targets"] = _lora_targets(module, path, precisions[name], name)
+        elif name in STEP_MODELS:  # the step graphs read the UNet's initializers (same names, file)
+            records[name]["weights_of"] = "unet"
+    token_embedding = _write_token_table(folder, out, precision)   # the contract's dtype (the UNet's)
     variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, form, vdims, sched)} \
         if ort_fusion else {}
     shutil.copytree(model_dir / "tokenizer", out / "tokenizer")
@@ -150,9 +159,46 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     write_json_atomic(out / mf.NAME, {
         "format": mf.FORMAT, "precision": precision, "precisions": precisions, "opset": opset, "attention": form,
         "config": cfg.to_json(), "scheduler": {"config": sched, "updated": updated}, "models": records, "variants": variants, "engines": {},
+        "token_embedding": token_embedding,
         "source": source or {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
         "versions": _versions(), "export_s": round(time.perf_counter() - t0, 1)})
     say(f"export done in {time.perf_counter() - t0:.1f} s")
+
+
+def _inputs(folder, model, dims: Dims, seed: int, precision: str) -> dict:
+    """Random contract inputs; the text encoder gets rows of its own token table (real inputs)."""
+    inputs = to_onnx.example_inputs(model, dims, folder.config.vocab_size, seed=seed)
+    if model.name == "text_encoder":
+        table = to_onnx.token_table(folder.text_encoder, precision)
+        inputs["inputs_embeds"] = to_onnx.token_embeddings(table, dims, seed)
+    return inputs
+
+
+def _check_deepest_clip_skip(module, model, path: Path, inputs: dict, precision: str, layers: int) -> dict:
+    """The text encoder validated again at the largest clip skip (the first layer's output)."""
+    inputs = {**inputs, "clip_skip": np.array([layers], np.int32)}
+    record = validate.check(model, validate.run_onnx(path, inputs), validate.run_torch(module, model, inputs),
+                            precision)
+    say(f"  text_encoder at clip skip {inputs['clip_skip'][0]}: rel L2 error {record['rel_l2']:.2e}")
+    return {"clip_skip": int(inputs["clip_skip"][0]), "rel_l2": record["rel_l2"]}
+
+
+def _write_token_table(folder, out: Path, precision: str) -> dict:
+    """WORK_DIR/token_embedding.npy: the rows the runtime looks token ids up in (the graph takes
+    embeddings, so new tokens need no new graph)."""
+    table = to_onnx.token_table(folder.text_encoder, precision)
+    np.save(out / TOKEN_TABLE, table, allow_pickle=False)
+    return {"file": TOKEN_TABLE, "dtype": table.dtype.name, "shape": list(table.shape),
+            "sha256": mf.sha256_file(out / TOKEN_TABLE)}
+
+
+def _lora_targets(module, path: Path, precision: str, name: str) -> dict:
+    """Torch Linear/Conv weight -> ONNX initializer map of one graph (sdrt.export.lora_targets)."""
+    targets, missing = lora_targets.record(module, path, precision)
+    if missing:
+        say(f"  {name}: {len(missing)} Linear/Conv weights not found among the initializers "
+            f"(e.g. {missing[0]}): LoRA modules on them will be refused")
+    return targets
 
 
 def _validated_record(out: Path, name: str, model, path: Path, inputs: dict, ref: list,
@@ -186,7 +232,7 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
         fp32 = all_models(folder.config, "fp32")["unet"]
         say("[ort] unet: exporting fp32, decomposed attention, for fusion ...")
         to_onnx.export(module, fp32, src, to_onnx.example_inputs(
-            fp32, to_onnx.trace_dims(folder.config.sample_hw, folder.unet.num_upsamplers),
+            fp32, to_onnx.trace_dims(folder.config.sample_hw, folder.unet.num_upsamplers, folder.config.text_len),
             folder.config.vocab_size), "fp32",
             min(opset, attention.TRACE_OPSET_MAX), "decomposed")
     # every torch reference first: the fusion of a 3.4 GB graph needs the memory the modules hold
@@ -219,7 +265,8 @@ def _step_reference(folder, step, dims: Dims, sched_config: dict):
     from sdrt.export.compose_step import step_variant
     guidance = step.name.endswith("_cfg")
     variant = step_variant(step)
-    d = Dims(dims.batch, dims.height, dims.width, cfg=guidance, vae_factor=dims.vae_factor)
+    d = Dims(dims.batch, dims.height, dims.width, cfg=guidance, vae_factor=dims.vae_factor, chunks=dims.chunks,
+             text_len=dims.text_len)
     sched = scheduler.DDIMConfig.from_json(sched_config)
     table = scheduler.step_table(sched, 50, 7.5 if guidance else 1.0)
     k = 10

@@ -88,6 +88,7 @@ def model_config(text, unet, vae) -> ModelConfig:
     if getattr(u, "addition_embed_type", None) or getattr(u, "class_embed_type", None):
         raise UserError("UNet has extra conditioning (class/addition embeddings): not supported")
     return ModelConfig(text_len=t.max_position_embeddings, text_dim=t.hidden_size,
+                       text_layers=t.num_hidden_layers,
                        vocab_size=t.vocab_size, latent_channels=c, unet_channels=u.in_channels,
                        vae_factor=2 ** (len(v.block_out_channels) - 1),
                        sample_size=sample_size(u.sample_size))

@@ -15,22 +15,46 @@ from sdrt.contract import Dims, Model
 from sdrt.export import attention
 
 TWO_GB = 2 ** 31 - 1
+# Graphs whose weights LoRA changes at run time: every initializer goes to the external .data file,
+# where the runtime reads the base weights (sdrt.engine.lora) without parsing the graph.
+WEIGHTS_BESIDE = ("text_encoder", "unet")
+FLOAT_TYPES = (1, 10, 16)  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16
 
 
 def _modules():
     import torch
 
     class TextEncoder(torch.nn.Module):
-        """int32 token ids -> last hidden state (what SD conditions on), in the UNet's dtype (an
-        FP32 text encoder of an FP16 export casts its output)."""
+        """Token embeddings -> final_layer_norm(hidden state of layer L - clip_skip + 1).
+
+            h_0 = inputs_embeds + position_embedding        (the token lookup is the runtime's)
+            h_l = layer_l(h_l-1, causal mask),  l = 1..L
+            out = final_layer_norm(h_{L + 1 - clip_skip})  clip_skip 1: h_L, CLIPTextModel's output
+
+        Every layer runs; the chosen one is gathered from their stack, so one graph (and one
+        engine) serves every clip skip. The CLIPTextModel stays `self.m`, so the graph's weights
+        are what they were with token ids: initializers named m.encoder.layers.N... (layer norms,
+        biases) and the Linear weights as the exporter's transposed MatMul initializers; only the
+        token table left the graph (WORK_DIR/token_embedding.npy). The output is in the UNet's
+        dtype (an FP32 text encoder of an FP16 export casts its output, and its input)."""
         def __init__(self, m):
             super().__init__()
             self.m = m
             self.out_dtype = None
 
-        def forward(self, input_ids):
-            h = self.m(input_ids.long(), return_dict=False)[0]
-            return h if self.out_dtype is None else h.to(self.out_dtype)
+        def forward(self, inputs_embeds, clip_skip):
+            from transformers.masking_utils import create_causal_mask
+            dtype = self.m.final_layer_norm.weight.dtype
+            h = self.m.embeddings(inputs_embeds=inputs_embeds.to(dtype))
+            mask = create_causal_mask(config=self.m.config, inputs_embeds=h, attention_mask=None, cache=None)
+            states = []
+            for layer in self.m.encoder.layers:
+                h = layer(h, mask, is_causal=True)
+                states.append(h)
+            index = (len(states) - clip_skip).long()                       # [1]
+            chosen = torch.stack(states).index_select(0, index).reshape(h.shape)  # [rows, 77, D]
+            out = self.m.final_layer_norm(chosen)
+            return out if self.out_dtype is None else out.to(self.out_dtype)
 
     class UNet(torch.nn.Module):
         def __init__(self, m):
@@ -76,7 +100,7 @@ def wrap(name: str, folder) -> object:
             "vae_encoder": lambda: VaeEncoder(folder.vae)}[name]()
 
 
-def trace_dims(sample_hw: tuple[int, int], upsamplers: int) -> Dims:
+def trace_dims(sample_hw: tuple[int, int], upsamplers: int, text_len: int = 77) -> Dims:
     """Shapes to trace at. Neither latent side is a multiple of the UNet's overall upsampling
     (2 ** upsamplers): diffusers then passes every upsampler the size of its skip connection
     (`forward_upsample_size`), the traced Resize nodes take their size from that tensor, and the
@@ -84,14 +108,14 @@ def trace_dims(sample_hw: tuple[int, int], upsamplers: int) -> Dims:
     happened to be a multiple would bake x2 upsampling into the graph."""
     f = 2 ** upsamplers
     h = f * max(sample_hw[0] // (4 * f), 1) + 1            # == 1 (mod f): 17 for SD 1.5
-    return Dims(batch=1, height=h, width=h + 2, cfg=True, vae_factor=1)
+    return Dims(batch=1, height=h, width=h + 2, cfg=True, vae_factor=1, text_len=text_len)
 
 
 def image_trace_dims(trace: Dims, vae_factor: int) -> Dims:
     """The trace shape for a model that takes images (the VAE encoder): the same latent size in
     pixels."""
     return Dims(batch=1, height=trace.height * vae_factor, width=trace.width * vae_factor, cfg=True,
-                vae_factor=vae_factor)
+                vae_factor=vae_factor, text_len=trace.text_len)
 
 
 def example_inputs(model: Model, dims: Dims, vocab_size: int, seed: int = 0) -> dict:
@@ -101,16 +125,31 @@ def example_inputs(model: Model, dims: Dims, vocab_size: int, seed: int = 0) -> 
     out = {}
     for t in model.inputs:
         shape = t.resolve(dims)
-        if t.name == "input_ids":
-            ids = rng.integers(0, vocab_size - 2, size=shape)
-            ids[:, 0] = vocab_size - 2
-            ids[:, -1] = vocab_size - 1
-            out[t.name] = ids.astype(np.int32)
+        if t.name == "clip_skip":
+            out[t.name] = np.ones(1, np.int32)
         elif t.name == "timestep":
             out[t.name] = np.array([rng.integers(1, 1000)], dtype=np.float32)
         else:
             out[t.name] = rng.standard_normal(shape).astype(t.dtype)
     return out
+
+
+def token_embeddings(table, dims: Dims, seed: int = 0):
+    """Rows of `table` for random prompts: [text_rows, text_len, D], bos first, eos last (the
+    realistic inputs of the text encoder, for tracing and validation)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    vocab = table.shape[0]
+    ids = rng.integers(0, vocab - 2, size=(dims["text_rows"], dims.text_len))
+    ids[:, 0], ids[:, -1] = vocab - 2, vocab - 1
+    return np.ascontiguousarray(table[ids])
+
+
+def token_table(text_encoder, precision: str):
+    """The text encoder's token-embedding table as numpy, in the export's precision."""
+    import numpy as np
+    table = text_encoder.get_input_embeddings().weight.detach().float().numpy()
+    return table.astype(np.float16 if precision == "fp16" else np.float32)
 
 
 def export(module, model: Model, out_path: Path, inputs: dict, precision: str, opset: int,
@@ -133,7 +172,7 @@ def export(module, model: Model, out_path: Path, inputs: dict, precision: str, o
                               input_names=[t.name for t in model.inputs],
                               output_names=[t.name for t in model.outputs],
                               dynamic_axes=model.dynamic_axes(), do_constant_folding=True)
-        cleanup_and_save(raw, out_path, external=model.name == "unet", opset=opset)
+        cleanup_and_save(raw, out_path, external=model.name in WEIGHTS_BESIDE, opset=opset)
     module.float()
 
 
@@ -152,8 +191,16 @@ def cleanup_and_save(src: Path, dst: Path, external: bool, opset: int) -> None:
     if size < TWO_GB:
         model = onnx.shape_inference.infer_shapes(model)
     if external or size >= TWO_GB:
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=dst.name + ".data", size_threshold=1024)
+        from onnx.external_data_helper import convert_model_to_external_data, set_external_data
+        location = dst.name + ".data"
+        convert_model_to_external_data(model, all_tensors_to_one_file=True, location=location,
+                                       size_threshold=1024)
+        if external:  # weights of any size too (LoRA reads them there); shape constants stay inline
+            for t in model.graph.initializer:
+                if (len(t.dims) >= 2 and t.data_type in FLOAT_TYPES and t.HasField("raw_data")
+                        and t.data_location != onnx.TensorProto.EXTERNAL):
+                    set_external_data(t, location)
+        onnx.save_model(model, str(dst))
     else:
         onnx.save_model(model, str(dst))
 

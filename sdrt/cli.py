@@ -9,6 +9,11 @@ from sdrt.errors import UserError
 
 
 def cmd_init(a):
+    if a.arch == "demo":
+        from sdrt.demo import copy_demo_model
+        out = copy_demo_model(a.dir, force=a.force)
+        print(f"copied the trained demo pipeline to {out}")
+        return
     from sdrt.export.init_models import init
     out = init(a.dir, a.arch, seed=a.seed, force=a.force)
     print(f"wrote {a.arch} pipeline to {out}")
@@ -29,15 +34,17 @@ def cmd_build(a):
     from sdrt.export.build import build
     build(a.work_dir, a.backend, height=a.height, width=a.width, batch=a.batch, dynamic=a.dynamic,
           opt_level=a.opt_level, timing_cache=a.timing_cache, guidance=not a.no_guidance,
-          workspace_mb=a.workspace_mb, inpaint=a.inpaint)
+          workspace_mb=a.workspace_mb, inpaint=a.inpaint, max_prompt_chunks=a.max_prompt_chunks,
+          refit=a.refit)
 
 
 def cmd_generate(a):
     from sdrt.generate import generate_files
     generate_files(a.work_dir, a.prompt, a.out, backend=a.backend, negative=a.negative, steps=a.steps,
                    guidance=a.guidance, height=a.height, width=a.width, batch=a.batch, seed=a.seed,
-                   latents=a.latents, timings=a.timings, vae_batch=a.vae_batch, image=a.image, mask=a.mask,
-                   strength=a.strength, resize=a.resize)
+                   latents=a.latents, timings=a.timings, vae_batch=a.vae_batch, clip_skip=a.clip_skip,
+                   embeddings=a.embedding, loras=a.lora, image=a.image, mask=a.mask, strength=a.strength,
+                   resize=a.resize)
 
 
 def cmd_bench(a):
@@ -45,6 +52,11 @@ def cmd_bench(a):
     bench(a.work_dirs, a.reference, backends=a.backends, sizes=a.sizes, steps=a.steps, batches=a.batches,
           runs=a.runs, warmup=a.warmup, out=a.out, no_reference=a.no_reference, image=a.image, mask=a.mask,
           strength=a.strength)
+
+
+def cmd_bench_lora(a):
+    from sdrt.benchmarks.lora_switch import bench_lora
+    bench_lora(a.work_dir, backend=a.backend, rank=a.rank, steps=a.steps, size=a.size, out=a.out)
 
 
 def cmd_memory(a):
@@ -59,7 +71,19 @@ def cmd_doctor(a):
 
 def cmd_demo(a):
     from sdrt.demo import main
-    main(a.dir, a.prompt)
+    main(a.dir, a.prompt, backend=a.backend, steps=a.steps, guidance=a.guidance, seed=a.seed)
+
+
+def cmd_train_demo(a):
+    from sdrt.export.train_demo import train
+    out = train(a.out_dir, steps=a.steps, seed=a.seed, vae_steps=a.vae_steps, force=a.force)
+    print(f"wrote {out}")
+
+
+def cmd_eval(a):
+    from sdrt.benchmarks.eval import main
+    main(a.work_dir, backend=a.backend, n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed, out=a.out,
+         grid_path=a.grid)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,9 +91,10 @@ def parser() -> argparse.ArgumentParser:
                                 "diffusers folder -> ONNX -> TensorRT / ONNX Runtime")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("init", help="write a random-weight pipeline folder (tiny or SD 1.5 shaped)")
+    s = sub.add_parser("init", help="write a random-weight pipeline folder (tiny or SD 1.5 shaped), "
+                                    "or copy the trained demo model (--arch demo)")
     s.add_argument("dir", type=Path)
-    s.add_argument("--arch", choices=("tiny", "sd15", "tiny-inpaint", "sd15-inpaint"), default="tiny")
+    s.add_argument("--arch", choices=("tiny", "sd15", "demo", "tiny-inpaint", "sd15-inpaint"), default="tiny")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace DIR if it exists")
     s.set_defaults(fn=cmd_init)
@@ -108,6 +133,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--inpaint", action="store_true",
                    help="4-channel UNet: also build the inpainting step (a second UNet engine); "
                         "9-channel inpainting exports build only theirs")
+    s.add_argument("--max-prompt-chunks", type=int, default=3,
+                   help="longest prompt the engines take, in chunks of 75 tokens (text length 77..77*K)")
+    s.add_argument("--refit", action="store_true",
+                   help="refittable engines: LoRA switches weights in place (generate --lora) without a rebuild")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("generate", help="text to image, image to image (--image), inpainting (--image --mask)")
@@ -117,11 +146,14 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("bench", help="benchmark sdrt backends against the eager diffusers pipeline")
-    s.add_argument("work_dirs", type=Path, nargs="+", metavar="WORK_DIR",
-                   help="one export, or several of the same model to compare (e.g. --attention op vs decomposed)")
-    s.add_argument("--reference", type=Path, required=True, help="the diffusers pipeline folder")
+    s.add_argument("work_dirs", type=Path, nargs="*", metavar="WORK_DIR",
+                   help="one export, or several of the same model to compare (e.g. --attention op vs decomposed); "
+                        "none: the demo model's export (made in ./sdrt-demo if absent)")
+    s.add_argument("--reference", type=Path, help="the diffusers pipeline folder (default with no WORK_DIR: "
+                                                   "the demo model)")
     s.add_argument("--backends", default="available", help="comma list or 'available'")
-    s.add_argument("--sizes", help="comma list of HxW (default 512x512; with --image: the image's size)")
+    s.add_argument("--sizes", help="comma list of HxW (default: the model's own size, 512x512 for SD 1.5; "
+                                   "with --image: the image's size)")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--batches", default="1,4,8")
     s.add_argument("--image", type=Path, help="benchmark image to image from this image (times the VAE encoder)")
@@ -132,6 +164,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     s.add_argument("--no-reference", action="store_true", help="skip the diffusers reference")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("bench-lora", help="time LoRA switches on a work folder (random LoRA files shaped for it)")
+    s.add_argument("work_dir", type=Path)
+    s.add_argument("--backend", default="onnxruntime-cpu")
+    s.add_argument("--rank", type=int, default=16)
+    s.add_argument("--steps", type=int, default=1, help="denoising steps of each timed generate")
+    s.add_argument("--size", type=int, help="image height and width (default: the model's)")
+    s.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    s.set_defaults(fn=cmd_bench_lora)
 
     s = sub.add_parser("memory", help="GPU memory a generation needs, and a Jetson budget (no GPU needed)")
     s.add_argument("work_dirs", type=Path, nargs="+", metavar="WORK_DIR")
@@ -150,10 +191,37 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", type=Path, metavar="FILE", help="also write everything as JSON")
     s.set_defaults(fn=cmd_doctor)
 
-    s = sub.add_parser("demo", help="the embedded default: tiny model on CPU -> PNG + timing table")
-    s.add_argument("--dir", type=Path, default=Path("sdrt-demo"))
-    s.add_argument("--prompt", default="a red fox in the snow, watercolor")
+    s = sub.add_parser("demo", help="the embedded default: the trained demo model -> a captioned grid + timing table")
+    s.add_argument("--dir", type=Path, default=Path("sdrt-demo"), help="where the export and the grid go")
+    s.add_argument("--prompt", action="append",
+                   help="your own sentence, e.g. 'a large green triangle on a white background, top left' "
+                        "(repeatable; default: eight example captions)")
+    s.add_argument("--backend", default="auto", help="auto (the best available), tensorrt, tensorrt-rtx, "
+                                                     "onnxruntime-cuda or onnxruntime-cpu")
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, default=5.0)
+    s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("train-demo", help="train the demo model (shapes on backgrounds, 32x32) into a pipeline "
+                                          "folder (export extra; about an hour on 2 CPU cores)")
+    s.add_argument("out_dir", type=Path)
+    s.add_argument("--steps", type=int, help="text encoder + UNet steps (default 3800: the shipped model)")
+    s.add_argument("--vae-steps", type=int, help="VAE steps (default 1000)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    s.set_defaults(fn=cmd_train_demo)
+
+    s = sub.add_parser("eval", help="demo model quality: checker accuracies and domain FID, seen vs held-out captions")
+    s.add_argument("work_dir", type=Path)
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--n", type=int, default=200, help="captions per split (seen, held-out)")
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, default=5.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, help="also write the report as JSON here")
+    s.add_argument("--grid", type=Path, help="also write a PNG of the first 8 images of each split, captioned")
+    s.set_defaults(fn=cmd_eval)
     return p
 
 
@@ -174,8 +242,15 @@ def add_generate_args(s) -> None:
                    help="0 < S <= 1: share of the steps run on the noised image (default 0.75; inpainting 1.0)")
     s.add_argument("--resize", action="store_true",
                    help="resize an image whose size is not a multiple of 8 down to one (else refused)")
+    s.add_argument("--clip-skip", type=int, default=1,
+                   help="text encoder layer to condition on, counted from the last: 1 = last (default), 2 = penultimate")
+    s.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="textual-inversion embedding (.safetensors, .bin, .pt); repeatable")
     s.add_argument("--vae-batch", type=int, metavar="N",
                    help="decode N images at a time (default: the whole batch, or what fits the free GPU memory)")
+    s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA .safetensors (diffusers/PEFT or kohya keys), scale default 1; repeatable. "
+                        "Merged at run time: no re-export, no rebuild (TensorRT: engines built with --refit)")
     # checked by open_backend, so a wrong name is one line like every other mistake
     s.add_argument("--backend", default="auto",
                    help="auto, tensorrt, tensorrt-rtx, onnxruntime-cuda or onnxruntime-cpu")

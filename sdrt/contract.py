@@ -6,6 +6,8 @@ read the same `Model` objects, serialized into WORK_DIR/manifest.json. Nothing e
 Dims are symbolic strings resolved per run by `Dims`:
   batch       images per call (B)
   text_batch  rows of text embeddings: 2B with classifier-free guidance, else B
+  text_rows   prompt chunks the text encoder runs at once: text_batch * chunks
+  text_seq    conditioning length the UNet attends to: 77 * chunks (prompts of 75 * chunks tokens)
   latent_h/w  latent height/width: image size / vae_factor
   height/width  image size in pixels
 Fixed sizes (77 tokens, 768 hidden, 4 channels, ...) are plain ints taken from the model config.
@@ -85,6 +87,7 @@ class ModelConfig:
     """The numbers of a pipeline that shape its tensors (read from the diffusers configs)."""
     text_len: int = 77             # tokenizer / text encoder positions
     text_dim: int = 768            # text encoder hidden size == UNet cross-attention dim
+    text_layers: int = 12          # text encoder layers: --clip-skip 1..text_layers
     vocab_size: int = 49408
     latent_channels: int = 4       # VAE latent channels == UNet out channels
     unet_channels: int = 4         # UNet in channels: 4, or 9 for inpainting UNets (latents, mask,
@@ -133,12 +136,18 @@ class Dims:
     width: int
     cfg: bool = True               # classifier-free guidance doubles the text/UNet batch
     vae_factor: int = 8
+    chunks: int = 1                # prompt chunks of text_len tokens (long prompts: 2, 3, ...)
+    text_len: int = 77
 
     def __getitem__(self, name: str) -> int:
         if name == "batch":
             return self.batch
         if name == "text_batch":
             return 2 * self.batch if self.cfg else self.batch
+        if name == "text_rows":
+            return self["text_batch"] * self.chunks
+        if name == "text_seq":
+            return self.text_len * self.chunks
         if name == "latent_h":
             return self.height // self.vae_factor
         if name == "latent_w":
@@ -159,9 +168,14 @@ def check_size(height: int, width: int, vae_factor: int) -> None:
 
 
 def text_encoder(cfg: ModelConfig, precision: str) -> Model:
+    """Token embeddings (looked up by the runtime in WORK_DIR/token_embedding.npy; positions are
+    added inside) -> the final layer norm of the hidden state `clip_skip` layers from the top
+    (1 = the last layer). One row per 77-token prompt chunk."""
+    f = _float(precision)
     return Model("text_encoder", "text_encoder.onnx",
-                 (Tensor("input_ids", "int32", ("text_batch", cfg.text_len)),),
-                 (Tensor("text_embeddings", _float(precision), ("text_batch", cfg.text_len, cfg.text_dim)),))
+                 (Tensor("inputs_embeds", f, ("text_rows", cfg.text_len, cfg.text_dim)),
+                  Tensor("clip_skip", "int32", (1,))),
+                 (Tensor("text_embeddings", f, ("text_rows", cfg.text_len, cfg.text_dim)),))
 
 
 def unet(cfg: ModelConfig, precision: str) -> Model:
@@ -170,7 +184,7 @@ def unet(cfg: ModelConfig, precision: str) -> Model:
     return Model("unet", "unet.onnx",
                  (Tensor("sample", f, ("text_batch", cfg.unet_channels, "latent_h", "latent_w")),
                   Tensor("timestep", "float32", (1,)),
-                  Tensor("encoder_hidden_states", f, ("text_batch", cfg.text_len, cfg.text_dim))),
+                  Tensor("encoder_hidden_states", f, ("text_batch", "text_seq", cfg.text_dim))),
                  (Tensor("noise_pred", f, ("text_batch", c, "latent_h", "latent_w")),))
 
 
@@ -227,7 +241,7 @@ def denoise_step(cfg: ModelConfig, precision: str, guidance: bool, variant: str 
     name = step_name(variant, guidance)
     return Model(name, name + ".onnx",
                  (Tensor("latents", "float32", latent),
-                  Tensor("text_embeddings", _float(precision), ("text_batch", cfg.text_len, cfg.text_dim)),
+                  Tensor("text_embeddings", _float(precision), ("text_batch", "text_seq", cfg.text_dim)),
                   Tensor("step_table", "float32", (STEP_TABLE_ROWS, len(STEP_COLUMNS))),
                   Tensor("step_index", "int32", (1,)))
                  + tuple(extra[n] for n in STEP_EXTRA_INPUTS[variant]),

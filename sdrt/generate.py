@@ -31,10 +31,13 @@ def generate_files(work_dir: Path, prompt: str, out: Path, backend: str = "auto"
                    steps: int = 50, guidance: float = 7.5, height: int | None = None,
                    width: int | None = None, batch: int = 1, seed: int | None = None,
                    latents: Path | None = None, timings: bool = False, vae_batch: int | None = None,
-                   image: Path | None = None, mask: Path | None = None, strength: float | None = None,
-                   resize: bool = False) -> list[Path]:
+                   clip_skip: int = 1, embeddings=(), loras=(), image: Path | None = None,
+                   mask: Path | None = None, strength: float | None = None, resize: bool = False) -> list[Path]:
     """Generate and write out.png (out-0.png ... for a batch); timings: the table on stderr.
-    latents: the initial noise (.npy); image / mask / strength / resize: Pipeline.generate's."""
+    latents: the initial noise (.npy); embeddings: textual-inversion files, "FILE[:TOKEN]" each;
+    loras: "FILE[:SCALE]" strings (or (path, scale) pairs); image / mask / strength / resize:
+    Pipeline.generate's."""
+    from sdrt.engine.lora import parse_spec
     from sdrt.engine.pipeline import Pipeline
     from sdrt.engine.timing import timing_table
     if out.suffix.lower() not in ("", ".png"):
@@ -44,10 +47,12 @@ def generate_files(work_dir: Path, prompt: str, out: Path, backend: str = "auto"
         raise UserError("--mask needs --image: inpainting repaints the white part of the mask in the image")
     if strength is not None and image is None:
         raise UserError("--strength needs --image (image to image or inpainting)")
-    pipe = Pipeline(work_dir, backend=backend)
+    pipe = Pipeline(work_dir, backend=backend, embeddings=embeddings,
+                    loras=[parse_spec(x) if isinstance(x, str) else x for x in loras])
     result = pipe.generate(prompt, negative=negative, steps=steps, guidance=guidance,
                            height=height, width=width, batch=batch, seed=seed, latents=noise,
-                           vae_batch=vae_batch, image=image, mask=mask, strength=strength, resize=resize)
+                           vae_batch=vae_batch, clip_skip=clip_skip, image=image, mask=mask,
+                           strength=strength, resize=resize)
     paths = output_paths(out, batch)
     save_images(result.pil(), paths)
     for p in paths:

@@ -123,3 +123,22 @@ def test_a_failed_call_raises_cudas_message(rt):
     rt.cudaGetErrorString = lambda err: (0, b"out of memory")
     with pytest.raises(RuntimeError, match="CUDA error 2: out of memory"):
         buffers.DeviceBuffer((1,), "float32", cuda.Stream())
+
+
+def test_view_shares_memory_under_another_shape(rt):
+    """The text encoder writes [rows * chunks, 77, D] into what the step reads as [rows, 77 * chunks, D]."""
+    stream = cuda.Stream()
+    buf = buffers.DeviceBuffer((2, 6), "float32", stream)
+    view = buf.view((4, 3))
+    assert view.ptr == buf.ptr and view.shape == (4, 3) and view.nbytes == buf.nbytes
+    view.write(np.arange(12).reshape(4, 3))
+    np.testing.assert_array_equal(buf.read(), np.arange(12, dtype=np.float32).reshape(2, 6))
+    buf.write(np.ones((2, 6)))
+    np.testing.assert_array_equal(view.read(), np.ones((4, 3)))
+    del view                                     # the owner frees the memory, the view never does
+    np.testing.assert_array_equal(buf.read(), np.ones((2, 6)))
+    with pytest.raises(ValueError, match="does not fit"):
+        buf.view((5, 3))
+    host = buffers.HostBuffer((2, 6), "float16")
+    host.view((3, 4)).write(np.full((3, 4), 2.0))
+    np.testing.assert_array_equal(host.read(), np.full((2, 6), 2.0))

@@ -56,10 +56,13 @@ def _save(model: contract.Model, nodes, inits, path: Path, external: str | None 
 
 def write_text_encoder(onnx_dir: Path, seed: int = 0):
     from onnx import helper, numpy_helper
+    from onnx import TensorProto
     m = contract.text_encoder(CFG, "fp16")
-    table = np.random.default_rng(seed).standard_normal((CFG.vocab_size, CFG.text_dim)).astype(np.float16)
-    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["text_embeddings"], axis=0)]
-    _save(m, nodes, [numpy_helper.from_array(table, "table")], onnx_dir / m.onnx,
+    scale = np.random.default_rng(seed).standard_normal(CFG.text_dim).astype(np.float16)
+    nodes = [helper.make_node("Mul", ["inputs_embeds", "scale"], ["scaled"]),   # embeddings x scale + clip_skip
+             helper.make_node("Cast", ["clip_skip"], ["skip16"], to=TensorProto.FLOAT16),
+             helper.make_node("Add", ["scaled", "skip16"], ["text_embeddings"])]
+    _save(m, nodes, [numpy_helper.from_array(scale, "scale")], onnx_dir / m.onnx,
           external="text_encoder.onnx.data")
 
 
@@ -166,17 +169,20 @@ def test_manifest_records_engine_keys(built):
         assert set(key) == set(EC.KEY_FIELDS)
         assert key["backend"] == RTX and key["trt_version"] == tensorrt_rtx.__version__
         assert key["gpu_name"] and key["compute_capability"]  # portable RTX targets, no GPU here
+        text = {"max_prompt_chunks": 3} if name != "vae_decoder" else {}   # models that take text
         assert key["options"] == {"opt_level": None, "precision": "fp16", "strongly_typed": True,
-                                  "workspace_mb": None, "require_user_allocation": True}
+                                  "workspace_mb": None, "require_user_allocation": True, "refit": False, **text}
         model = mf.models(_manifest(work))[name]
         assert key["onnx_sha256"] == mf.files_sha256(mf.model_files(work, _manifest(work), name))
         assert set(key["profile"]) == {t.name for t in model.inputs}
     # static native profile: 64 px, batch 1; guidance doubles the text batch
-    te = engines["text_encoder"]["key"]["profile"]["input_ids"]
-    assert te == {"min": [2, 8], "opt": [2, 8], "max": [2, 8]}
+    # prompts of 1..3 chunks (--max-prompt-chunks 3): 3 encoder rows per text row, 3 * 8 tokens
+    te = engines["text_encoder"]["key"]["profile"]
+    assert te["inputs_embeds"] == {"min": [2, 8, 16], "opt": [2, 8, 16], "max": [6, 8, 16]}
+    assert te["clip_skip"] == {"min": [1], "opt": [1], "max": [1]}
     step = engines["denoise_step_cfg"]["key"]["profile"]
     assert step["latents"]["opt"] == [1, 4, 8, 8]
-    assert step["text_embeddings"]["max"] == [2, 8, 16]
+    assert step["text_embeddings"] == {"min": [2, 8, 16], "opt": [2, 8, 16], "max": [2, 24, 16]}
     assert step["step_table"] == {k: [contract.STEP_TABLE_ROWS, len(contract.STEP_COLUMNS)]
                                   for k in ("min", "opt", "max")}
     assert step["step_index"]["min"] == [1]
@@ -233,14 +239,14 @@ def test_other_trt_version_is_stale_then_rebuilt(work):
 def test_check_engine_profile(work):
     man = _manifest(work)
     model = mf.models(man)["denoise_step_cfg"]
-    shapes = model.shapes(contract.Dims(1, 64, 64, vae_factor=8))
+    shapes = model.shapes(contract.Dims(1, 64, 64, vae_factor=8, chunks=3, text_len=CFG.text_len))
     fits = {t.name: shapes[t.name] for t in model.inputs}
     EC.check_engine(work, RTX, "denoise_step_cfg", fits)
     exact = man["engines"][RTX]["denoise_step_cfg"]["key"]["profile"]
     EC.check_engine(work, RTX, "denoise_step_cfg", exact)
     with pytest.raises(UserError, match=r"stale: profile does not cover latents \[2, 4, 8, 8\]"):
         EC.check_engine(work, RTX, "denoise_step_cfg", {**fits, "latents": (2, 4, 8, 8)})
-    other = B.profile_for(model, B.parse_dynamic("height=64:64:128", 1, 64, 64, 8), True, 8)
+    other = B.profile_for(model, B.parse_dynamic("height=64:64:128", 1, 64, 64, 8), True, 8, 3, CFG.text_len)
     with pytest.raises(UserError, match="stale: profile changed for latents"):
         EC.check_engine(work, RTX, "denoise_step_cfg", other)
 
@@ -252,9 +258,21 @@ def test_dynamic_profile_build_and_rebuild(work):
     assert sorted(result["built"]) == ["denoise_step_cfg", "text_encoder", "vae_decoder"]
     key = _manifest(work)["engines"][RTX]["denoise_step_cfg"]["key"]
     assert key["profile"]["latents"] == {"min": [1, 4, 8, 8], "opt": [1, 4, 8, 8], "max": [2, 4, 16, 8]}
-    assert key["profile"]["text_embeddings"]["max"] == [4, 8, 16]
+    assert key["profile"]["text_embeddings"]["max"] == [4, 24, 16]
     assert key["options"]["opt_level"] == 2 and key["options"]["workspace_mb"] == 64
     assert _plans(work) == ["denoise_step_cfg.plan", "text_encoder.plan", "vae_decoder.plan"]
+
+
+@needs_rtx
+def test_max_prompt_chunks_is_in_the_key(work):
+    """Another --max-prompt-chunks changes the text encoder and step profiles: both are rebuilt,
+    the VAE is up to date."""
+    result = B.build(work, RTX, max_prompt_chunks=2, progress=False)
+    assert sorted(result["built"]) == ["denoise_step_cfg", "text_encoder"]
+    assert result["up_to_date"] == ["vae_decoder"]
+    key = _manifest(work)["engines"][RTX]["denoise_step_cfg"]["key"]
+    assert key["options"]["max_prompt_chunks"] == 2
+    assert key["profile"]["text_embeddings"]["max"] == [2, 16, 16]
 
 
 @needs_rtx
@@ -408,13 +426,17 @@ def test_invalid_static_size_and_options(tmp_path):
         B.build(work, RTX, batch=0)
     with pytest.raises(UserError, match="opt level 9"):
         B.build(work, RTX, opt_level=9)
+    with pytest.raises(UserError, match="--max-prompt-chunks 0 must be at least 1"):
+        B.build(work, RTX, max_prompt_chunks=0)
 
 
 def test_profile_from_contract():
     m = contract.denoise_step(CFG, "fp16", guidance=False)
-    p = B.profile_for(m, B.parse_dynamic("batch=1:2:3", 1, 64, 128, 8), False, 8)
+    p = B.profile_for(m, B.parse_dynamic("batch=1:2:3", 1, 64, 128, 8), False, 8, max_chunks=2,
+                      text_len=CFG.text_len)
     assert p["latents"] == {"min": [1, 4, 8, 16], "opt": [2, 4, 8, 16], "max": [3, 4, 8, 16]}
-    assert p["text_embeddings"]["max"] == [3, 8, 16]  # no guidance: text batch == batch
+    # no guidance: text batch == batch; text length 1 chunk (min, opt) to 2 chunks (max)
+    assert p["text_embeddings"] == {"min": [1, 8, 16], "opt": [2, 8, 16], "max": [3, 16, 16]}
     assert p["step_index"] == {"min": [1], "opt": [1], "max": [1]}
 
 

@@ -49,6 +49,49 @@ def test_fp16_graph_is_strongly_typed_fp16(tiny_fp16):
         assert {n.op_type for n in proto.graph.node} >= {"MatMul"}
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_token_table_and_text_encoder_inputs(precision, request, tiny_dir):
+    """The text encoder takes token embeddings; its table is written beside it, in the export's
+    precision, and the graph holds no vocabulary-sized weight (new tokens need no new graph)."""
+    import torch
+    from transformers import CLIPTextModel
+    work = request.getfixturevalue(f"tiny_{precision}")
+    data = mf.load(work)
+    rec = data["token_embedding"]
+    table = np.load(work / rec["file"])
+    te = CLIPTextModel.from_pretrained(tiny_dir / "text_encoder")
+    ref = te.get_input_embeddings().weight.detach().numpy()
+    assert table.dtype.name == rec["dtype"] == ("float16" if precision == "fp16" else "float32")
+    assert list(table.shape) == rec["shape"] == list(ref.shape)
+    np.testing.assert_array_equal(table, ref.astype(table.dtype))
+    assert rec["sha256"] == mf.sha256_file(work / rec["file"])
+    proto = onnx.load(str(work / "onnx" / "text_encoder.onnx"))
+    assert all(ref.shape[0] not in t.dims for t in proto.graph.initializer)
+    assert any(t.name.startswith("m.encoder.layers.0.") for t in proto.graph.initializer)   # weights keep their names
+    skip = data["models"]["text_encoder"]["validation"]["deepest_clip_skip"]
+    assert skip["clip_skip"] == mf.config(data).text_layers and skip["rel_l2"] <= TOLERANCE[precision]
+
+
+def test_text_encoder_module_is_clip_with_clip_skip(tiny_dir):
+    """The exported module: CLIPTextModel on looked-up tokens; clip skip N = final layer norm of
+    hidden_states[-N] (transformers' own hidden states)."""
+    import torch
+    from transformers import CLIPTextModel
+    from sdrt.export import pipeline_folder, to_onnx
+    folder = pipeline_folder.load(tiny_dir)
+    module = to_onnx.wrap("text_encoder", folder)
+    te = CLIPTextModel.from_pretrained(tiny_dir / "text_encoder", attn_implementation="eager")
+    ids = torch.randint(0, 998, (3, 77))
+    embeds = te.get_input_embeddings()(ids)
+    with torch.no_grad():
+        out = te(ids, output_hidden_states=True)
+        for skip in range(1, folder.config.text_layers + 1):
+            got = module(embeds, torch.tensor([skip], dtype=torch.int32))
+            want = te.final_layer_norm(out.hidden_states[-skip])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(module(embeds, torch.tensor([1], dtype=torch.int32)), out.last_hidden_state)
+
+
 def test_step_graph_shares_unet_weights(tiny_fp16):
     """The denoise-step graphs point at unet.onnx.data instead of copying the weights."""
     proto = onnx.load(str(tiny_fp16 / "onnx" / "denoise_step_cfg.onnx"), load_external_data=False)

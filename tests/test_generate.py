@@ -161,19 +161,3 @@ def test_manifest_of_an_older_export_with_scaling_factor_still_loads(tiny_fp32, 
     old = Pipeline(work, "onnxruntime-cpu").generate("a boat", steps=2, latents=lat, height=64, width=64)
     new = Pipeline(tiny_fp32, "onnxruntime-cpu").generate("a boat", steps=2, latents=lat, height=64, width=64)
     assert np.array_equal(old.images, new.images)
-
-
-def test_demo_reuses_its_export_and_writes_a_png(tiny_dir, tiny_fp32, tmp_path, monkeypatch):
-    import shutil
-    from sdrt import demo
-    root = tmp_path / "demo"
-    shutil.copytree(tiny_dir, root / "tiny")
-    shutil.copytree(tiny_fp32, root / "tiny-fp32")
-    from sdrt.export import export, init_models
-    monkeypatch.setattr(init_models, "init", lambda *a, **k: pytest.fail("init ran again"))
-    monkeypatch.setattr(export, "export", lambda *a, **k: pytest.fail("export ran again"))
-    assert demo.demo_export(root) == root / "tiny-fp32"
-    p = run_cli("demo", "--dir", root, "--prompt", "a red fox")
-    assert p.returncode == 0, p.stderr
-    assert (root / "demo.png").is_file() and "backend: onnxruntime-cpu" in p.stdout
-    assert "[demo] sdrt init" not in p.stderr and "[demo] sdrt export" not in p.stderr

@@ -131,6 +131,32 @@ def test_inpaint_9_channel_unet_matches_diffusers(monkeypatch, tiny_inpaint_dir,
     assert psnr(res.images, ref) >= 50, psnr(res.images, ref)
 
 
+@pytest.mark.parametrize("inpainting_unet", [False, True], ids=["blend", "concat"])
+def test_long_prompt_inpainting_matches_diffusers(monkeypatch, tiny_dir, tiny_fp32, tiny_inpaint_dir,
+                                                  tiny_inpaint_fp32, inpainting_unet):
+    """Both inpainting step variants take a long prompt's [2B, 77 k, D] text embeddings (the dynamic
+    text_seq), against diffusers' inpainting pipeline fed the same chunks as prompt_embeds."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as mod
+    from test_prompts import LONG, NEGATIVE_LONG, encode, reference_chunks
+    model_dir, work = (tiny_inpaint_dir, tiny_inpaint_fp32) if inpainting_unet else (tiny_dir, tiny_fp32)
+    noise, steps, strength = noise_for(b=1, seed=10), 7, 0.7
+    _patched(monkeypatch, mod, noise)
+    ref_pipe = _load(StableDiffusionInpaintPipeline, model_dir)
+    pos, neg = reference_chunks(ref_pipe.tokenizer, LONG), reference_chunks(ref_pipe.tokenizer, NEGATIVE_LONG)
+    k = max(len(pos), len(neg))
+    assert k >= 2
+    out = ref_pipe(prompt_embeds=encode(ref_pipe, pos, k), negative_prompt_embeds=encode(ref_pipe, neg, k),
+                   image=test_image(), mask_image=test_mask(), height=H, width=W, strength=strength,
+                   num_inference_steps=steps, guidance_scale=7.5, output_type="np")
+    ref = (out.images * 255).round().astype(np.uint8)
+    pipe = Pipeline(work, backend="onnxruntime-cpu")
+    res = pipe.generate(LONG, negative=NEGATIVE_LONG, steps=steps, latents=noise, image=test_image(),
+                        mask=test_mask(), strength=strength)
+    assert {(d.chunks, v) for d, v in pipe.plans} == {(k, "concat" if inpainting_unet else "blend")}
+    assert psnr(res.images, ref) >= 50, psnr(res.images, ref)
+
+
 def test_image_processing_matches_diffusers():
     """Resize (Lanczos, rounded down), RGBA / greyscale conversion, mask binarisation and its
     nearest-neighbour downsampling, against VaeImageProcessor and torch's interpolate."""

@@ -1,0 +1,117 @@
+"""`sdrt eval WORK_DIR`: does an export of the demo model draw what its captions say?
+
+Generates n images for seen captions and n for held-out ones (sdrt.scenes.HELD_OUT), with fixed
+seeds, on one backend; reads each back with benchmarks/checker.py and reports, per split, the
+accuracy of colour, background, shape, size and position, and the FID on this domain's features
+(benchmarks/scene_features.py: not Inception-FID) between the generated images and the dataset's
+images of the same captions. torch-free: numpy and the chosen backend.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sdrt import scenes
+from sdrt.benchmarks import checker, scene_features
+from sdrt.errors import UserError
+from sdrt.fileio import write_json_atomic
+
+
+def pick(held_out: bool, n: int, seed: int) -> list[scenes.Scene]:
+    """n scenes of a split, the same for every run with this seed."""
+    pool = scenes.split(held_out)
+    idx = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
+    return [pool[i] for i in sorted(idx)]
+
+
+def generate_all(pipe, scene_list, steps: int, guidance: float, seed: int) -> np.ndarray:
+    """One image per scene, image i from seed + i; uint8 [N, H, W, 3]."""
+    out, t0 = [], time.perf_counter()
+    for i, s in enumerate(scene_list):
+        out.append(pipe.generate(s.caption, steps=steps, guidance=guidance, seed=seed + i,
+                                 height=scenes.SIZE, width=scenes.SIZE).images[0])
+        print(f"\r[eval] {i + 1}/{len(scene_list)} images, {time.perf_counter() - t0:.0f}s", end="",
+              file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return np.stack(out)
+
+
+def accuracies(images: np.ndarray, scene_list) -> dict[str, float]:
+    hits = [checker.correct(checker.read(img), s) for img, s in zip(images, scene_list)]
+    acc = {f: 100.0 * float(np.mean([h[f] for h in hits])) for f in checker.FIELDS}
+    acc["all"] = 100.0 * float(np.mean([all(h.values()) for h in hits]))
+    return acc
+
+
+def fid(images: np.ndarray, scene_list, weights) -> float:
+    real = np.stack([scenes.render(s) for s in scene_list])
+    return scene_features.frechet_distance(scene_features.features(images, weights),
+                                           scene_features.features(real, weights))
+
+
+def save_grid(path: Path, images: dict, scene_lists: dict, per_split: int = 8) -> None:
+    """The first images of each split with their captions (held-out ones marked), as `sdrt demo` shows them."""
+    from sdrt.demo import grid
+    from sdrt.fileio import save_images
+    tiles, captions = [], []
+    for split in images:
+        for img, s in list(zip(images[split], scene_lists[split]))[:per_split]:
+            tiles.append(img)
+            captions.append(s.caption + (" [held out]" if s.held_out else ""))
+    save_images([grid(tiles, captions)], [path])
+
+
+def evaluate(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 25,
+             guidance: float = 5.0, seed: int = 0, grid_path: Path | None = None) -> dict:
+    from sdrt.engine.pipeline import Pipeline
+    if n < 2:
+        raise UserError(f"--n must be at least 2 (FID needs a covariance), got {n}")
+    pipe = Pipeline(work_dir, backend=backend)
+    if pipe.tokenizer.backend.token_to_id("triangle</w>") is None:
+        raise UserError(f"{work_dir} is not an export of the demo model (its tokenizer has no 'triangle'): "
+                        "sdrt eval measures the demo domain only")
+    weights = scene_features.load()
+    report = {"work_dir": str(work_dir), "backend": pipe.backend_name, "n": n, "steps": steps,
+              "guidance": guidance, "seed": seed, "precision": pipe.manifest.get("precision")}
+    images, scene_lists = {}, {}
+    for name, held_out in (("seen", False), ("held_out", True)):
+        scene_lists[name] = pick(held_out, n, seed)
+        print(f"[eval] {name}: {len(scene_lists[name])} captions", file=sys.stderr)
+        images[name] = generate_all(pipe, scene_lists[name], steps, guidance, seed)
+        report[name] = {**accuracies(images[name], scene_lists[name]),
+                        "fid": fid(images[name], scene_lists[name], weights), "n": len(scene_lists[name])}
+    if grid_path:
+        save_grid(grid_path, images, scene_lists)
+    return report
+
+
+def table(report: dict) -> str:
+    cols = (*checker.FIELDS, "all", "fid")
+    lines = [f"backend {report['backend']}, precision {report['precision']}, {report['steps']} steps, "
+             f"guidance {report['guidance']}",
+             f"{'split':<10}{'n':>5}" + "".join(f"{c:>12}" for c in cols)]
+    for split in ("seen", "held_out"):
+        r = report[split]
+        lines.append(f"{split:<10}{r['n']:>5}" + "".join(
+            f"{r[c]:>12.2f}" if c == "fid" else f"{r[c]:>11.1f}%" for c in cols))
+    return "\n".join(lines)
+
+
+def main(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 25, guidance: float = 5.0,
+         seed: int = 0, out: Path | None = None, grid_path: Path | None = None) -> dict:
+    """Evaluate, print the table, write the JSON report and the grid if asked."""
+    for path in (out, grid_path):
+        if path is not None and not Path(path).parent.is_dir():
+            raise UserError(f"cannot write {path}: its folder does not exist")
+    report = evaluate(work_dir, backend, n, steps, guidance, seed, grid_path)
+    print(table(report))
+    if out:
+        write_json_atomic(out, report)
+        print(f"wrote {out}")
+    if grid_path:
+        print(f"wrote {grid_path}")
+    return report

@@ -10,12 +10,11 @@ diffusers' `StableDiffusionPipeline.from_pretrained`. The `-inpaint` archs are t
 """
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
 from sdrt.errors import UserError
-from sdrt.fileio import temp_dir_beside
+from sdrt.fileio import atomic_dir
 
 # SD 1.5's scheduler, as DDIM wants it (the original folder ships PNDM with the same betas).
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -118,14 +117,6 @@ def init(out_dir: Path, arch: str, seed: int = 0, force: bool = False) -> Path:
         raise UserError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose a new folder or pass --force to replace it")
-    tmp = temp_dir_beside(out_dir)
-    try:
-        pipe = build_pipeline(arch, seed)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(out_dir) as tmp:
+        build_pipeline(arch, seed).save_pretrained(tmp, safe_serialization=True)
     return out_dir

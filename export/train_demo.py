@@ -23,7 +23,6 @@ settings, versions, times and the loss curve.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 
 from sdrt import scenes
 from sdrt.errors import UserError
-from sdrt.fileio import temp_dir_beside
+from sdrt.fileio import atomic_dir
 
 TEXT_LEN = 16   # tokens: the longest caption is 13 with bos and eos
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
@@ -258,11 +257,9 @@ def vae_stage(vae_dir: Path, data, seed: int, steps: int, cfg: dict):
     log(f"VAE: {sum(p.numel() for p in AutoencoderKL(**VAE).parameters()) / 1e6:.2f} M parameters, "
         f"{steps} steps of {cfg['vae_batch']} crops")
     vae = train_vae(data, steps, seed, cfg)
-    tmp = temp_dir_beside(vae_dir)
-    vae.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "trained_with.json").write_text(json.dumps(stamp))
-    shutil.rmtree(vae_dir, ignore_errors=True)
-    tmp.rename(vae_dir)
+    with atomic_dir(vae_dir) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "trained_with.json").write_text(json.dumps(stamp))
     return vae
 
 
@@ -286,8 +283,7 @@ def train(out_dir: Path, steps: int | None = None, seed: int = 0, vae_steps: int
     train_scenes = scenes.split(held_out=False)
     log(f"{len(train_scenes)} training scenes ({len(scenes.split(True))} held out), seed {seed}")
     data = torch.from_numpy(images(train_scenes))
-    tmp = temp_dir_beside(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         tokenizer = make_tokenizer(tmp / "tokenizer")
         vae = vae_stage(out_dir.parent / f".{out_dir.name}.vae", data, seed, vae_steps, cfg)
         latents = encode_latents(vae, data)
@@ -306,10 +302,4 @@ def train(out_dir: Path, steps: int | None = None, seed: int = 0, vae_steps: int
             f"{sum(p.numel() for p in text.parameters()) / 1e6:.2f} M parameters")
         save_pipeline(tmp, vae, text, unet, tokenizer)
         write_record(tmp, record(seed, steps, vae_steps, cfg, losses, t0, psnr_db))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -16,7 +16,7 @@ import numpy as np
 
 from sdrt import manifest as mf
 from sdrt.errors import UserError
-from sdrt.fileio import temp_dir_beside
+from sdrt.fileio import atomic_dir
 
 DEMO_MODEL = Path(__file__).with_name("demo_model")
 EXPORT_NAME = "demo-fp32"
@@ -61,15 +61,8 @@ def copy_demo_model(out_dir: Path, force: bool = False) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose a new folder or pass --force to replace it")
-    tmp = temp_dir_beside(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         shutil.copytree(DEMO_MODEL, tmp, dirs_exist_ok=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -28,6 +29,22 @@ def temp_dir_beside(target: Path) -> Path:
         raise UserError(f"cannot write to {parent}: {e.strerror}") from None
     default_mode(tmp)
     return tmp
+
+
+@contextmanager
+def atomic_dir(target: Path):
+    """Yields an empty folder beside `target`; when the block completes it replaces `target` (or
+    becomes it), and when the block fails it is removed, so `target` is never half-written."""
+    target = Path(target)
+    tmp = temp_dir_beside(target)
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @contextmanager

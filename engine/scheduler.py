@@ -66,7 +66,7 @@ class DDIMConfig:
         (SD 1.5 ships PNDM): shared keys are taken, missing ones get DDIM's defaults, other keys
         are ignored, as DDIMScheduler.from_config does."""
         if not isinstance(source, dict):
-            source = _read_json(Path(source))
+            source = read_config_json(Path(source))
         known = {f.name for f in fields(DDIMConfig)}
         kw = {k: v for k, v in source.items() if k in known and v is not None}
         if isinstance(kw.get("trained_betas"), list):
@@ -76,7 +76,8 @@ class DDIMConfig:
         return cfg
 
 
-def _read_json(path: Path) -> dict:
+def read_config_json(path: Path) -> dict:
+    """A scheduler_config.json as a dict; one-line UserError when unreadable or not an object."""
     try:
         d = json.loads(path.read_text())
     except (OSError, ValueError) as e:

@@ -12,6 +12,7 @@ import json
 import warnings
 from pathlib import Path
 
+from sdrt.engine.scheduler import read_config_json
 from sdrt.errors import UserError
 
 
@@ -29,12 +30,7 @@ def effective_config(scheduler_dir: Path, class_name: str | None) -> tuple[dict,
     """(config, updated): the config diffusers' pipeline would run with, and {key: [old, new]}
     for what was rewritten."""
     path = Path(scheduler_dir) / "scheduler_config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read scheduler config {path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"scheduler config {path} is not a JSON object")
+    raw = read_config_json(path)
     try:
         sched = _scheduler_class(class_name or raw.get("_class_name")).from_config(raw)
     except Exception as e:  # diffusers raises NotImplementedError, ValueError, TypeError ...

@@ -365,7 +365,8 @@ class Pipeline:
         budget (GPU backends whose runtime sizes activations itself: ONNX Runtime)."""
         if self.backend.device != "cuda" or self.backend.activation_bytes is not None:
             return dims.batch
-        per_image = vae_slices.vae_bytes_per_image(dims.height, dims.width, self.manifest["precision"])
+        per_image = vae_slices.vae_bytes_per_image(dims.height, dims.width,
+                                                   mf.model_precision(self.manifest, "vae_decoder"))
         budget = int(cuda.mem_free_bytes() * vae_slices.VAE_BUDGET_FRACTION)
         return vae_slices.slice_size(dims.batch, per_image, budget)
 

@@ -156,8 +156,8 @@ def backend_problem(name: str, mod, cuda_env: dict) -> str | None:
 # ---- the export ------------------------------------------------------------------------------------
 
 def model_precisions(manifest: dict) -> dict:
-    """{model: fp16 | fp32}: the model's own record where the export keeps one, else the export's."""
-    return {m: rec.get("precision", manifest["precision"]) for m, rec in manifest["models"].items()}
+    """{model: fp16 | fp32}, as the manifest records them (sdrt.manifest.model_precision)."""
+    return {m: mf.model_precision(manifest, m) for m in manifest["models"]}
 
 
 def attention_check(manifest: dict, statuses: dict) -> list[str]:
@@ -213,8 +213,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def fixed_latents(manifest: dict) -> np.ndarray:
     cfg = mf.config(manifest)
-    n = cfg.sample_size
-    shape = (LIVE["batch"], cfg.latent_channels, n, n)
+    shape = (LIVE["batch"], cfg.latent_channels, *cfg.sample_hw)   # the model's default size
     return np.random.default_rng(LIVE["seed"]).standard_normal(shape, dtype=np.float32)
 
 

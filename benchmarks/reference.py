@@ -61,11 +61,12 @@ class Reference:
         noise = torch.from_numpy(latents).to(self.pipe.device, self.pipe.unet.dtype)
         common = dict(prompt=[prompt] * b, negative_prompt=[negative] * b, num_inference_steps=steps,
                       guidance_scale=guidance, output_type="np")
+        if image is not None:   # built (once) outside the timed call
+            pipe, module = self.image_pipeline(mask is not None)
         t0 = time.perf_counter()
         if image is None:
             out = self.pipe(height=height, width=width, latents=noise, **common)
         else:
-            pipe, module = self.image_pipeline(mask is not None)
             with same_noise(module, noise):
                 if mask is None:
                     out = pipe(image=[image] * b, strength=0.75 if strength is None else strength, **common)
@@ -84,7 +85,14 @@ class Reference:
         return (out.images * 255).round().astype(np.uint8), timings
 
     def image_pipeline(self, inpaint: bool):
-        """The img2img / inpainting pipeline on the same modules, and its module (to patch)."""
+        """The img2img / inpainting pipeline on the same modules, and its module (to patch);
+        made once per kind."""
+        cache = self.__dict__.setdefault("_image_pipes", {})
+        if inpaint not in cache:
+            cache[inpaint] = self._make_image_pipeline(inpaint)
+        return cache[inpaint]
+
+    def _make_image_pipeline(self, inpaint: bool):
         from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
         from diffusers.pipelines.stable_diffusion import (pipeline_stable_diffusion_img2img as img2img,
                                                           pipeline_stable_diffusion_inpaint as inpainting)

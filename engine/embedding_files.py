@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.errors import UserError
+from sdrt.errors import UserError, first_line
 
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bf16"}
 TORCH_STORAGES = {"DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
@@ -178,7 +178,3 @@ class TensorUnpickler(pickle.Unpickler):
         if dtype == "bf16":
             return to_float32(raw, dtype, (-1,))
         return np.frombuffer(raw, np.dtype(dtype).newbyteorder("<"))
-
-
-def first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

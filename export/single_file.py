@@ -19,13 +19,12 @@ needs more than tensors is refused.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
 from pathlib import Path
 
-from sdrt.errors import UserError
+from sdrt.errors import UserError, first_line
 
 SUFFIXES = (".safetensors", ".ckpt")
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
@@ -97,7 +96,7 @@ def _read_ckpt(path: Path) -> dict:
 
 
 def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return first_line(e)[:160]
 
 
 # --- detection -------------------------------------------------------------------------------

@@ -176,28 +176,43 @@ def sdrt_note(r: dict) -> str:
     return note
 
 
+ZOOM = 5.0      # the reference this many times slower: sdrt's bars again on their own scale
+
+
 def plot(records: list[dict], path: Path) -> None:
     """Per configuration, stacked bars of where the time goes (sdrt contenders and the reference
-    side by side, the speed-up on sdrt's bars); a second panel of ms per image over batch (or over
-    size) only when the run has more than one."""
+    side by side, the speed-up on sdrt's bars); when the reference is over ZOOM times slower,
+    sdrt's bars again on their own scale (else they are slivers); a panel of ms per image over
+    batch (or over size) only when the run has more than one."""
     from sdrt.benchmarks import plots
-    groups = {}
+    groups, ref_max = {}, 0.0
     for r in records:
         groups.setdefault(config_key(r), (config_label(r), []))[1].append(bar_of(short_name(r), r["stages"],
                                                                                 sdrt_note(r)))
+    sdrt_groups = [(label, list(bars)) for label, bars in groups.values()]
+    sdrt_max = max(b.total for _, bars in sdrt_groups for b in bars)
     for r in records:
         bars = groups[config_key(r)][1]
         if r.get("reference_stages") and not any(b.label == "diffusers" for b in bars):
             bars.append(bar_of("diffusers", r["reference_stages"]))
-    n_bars = sum(len(b) for _, b in groups.values())
+            ref_max = max(ref_max, r["reference_stages"]["total"]["median"])
+    zoom = ref_max > ZOOM * sdrt_max
     over = lines_over(records)
-    widths = [max(5.0, 0.85 * n_bars + 0.6 * len(groups) + 2.5)] + ([5.5] if over else [])
+    n_bars = sum(len(b) for _, b in groups.values())
+    widths = [max(5.0, 0.85 * n_bars + 0.6 * len(groups) + 2.5)]
+    if zoom:
+        widths.append(max(4.0, 0.85 * (n_bars - len(groups)) + 0.6 * len(groups) + 1.5))
+    if over:
+        widths.append(5.5)
     fig, axes = plots.figure(len(widths), width=widths, height=4.6)
     r0 = records[0]
-    plots.stacked_bars(axes[0], list(groups.values()), f"ms per generation (median; whiskers: min-max)",
+    plots.stacked_bars(axes[0], list(groups.values()), "ms per generation (median; whiskers: min-max)",
                        f"where the time goes: {r0['steps']} DDIM steps")
+    if zoom:
+        plots.stacked_bars(axes[1], sdrt_groups, "ms per generation (median; whiskers: min-max)",
+                           "sdrt alone, on its own scale")
     if over:
-        plots.lines(axes[1], over[1], over[0], "ms per image (median, min-max)", "per image")
+        plots.lines(axes[-1], over[1], over[0], "ms per image (median, min-max)", "per image")
     text = plots.caption(r0["device"], r0["versions"],
                          f"{r0['runs']} runs per contender" + (", interleaved" if r0.get("interleaved") else ""),
                          f"speed-up: diffusers' median end to end / sdrt's; reference: {r0['reference']}"

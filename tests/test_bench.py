@@ -249,6 +249,11 @@ def test_plot_bars_for_one_configuration_lines_over_batch(tmp_path, monkeypatch)
     for path, fig in ((tmp_path / "one.png", fig1), (tmp_path / "two.png", fig2)):
         w, h = fig.get_size_inches()
         assert Image.open(path).size == (round(w * plots.DPI), round(h * plots.DPI))
+    # a reference over 5x slower: sdrt's bars again on their own scale (else slivers)
+    report.plot([fake_record(ref_total=(900, 850, 1000))], tmp_path / "zoom.png")
+    _, (whole, alone), _ = figs[2]
+    assert whole.get_ylim()[1] >= 1000 and 104 <= alone.get_ylim()[1] < 200 and alone.get_ylim()[0] == 0
+    assert [t.get_text() for t in alone.get_xticklabels()] == ["sdrt ort-cpu\ntiny-op"]
 
 
 def write_result(path: Path, records: list) -> Path:

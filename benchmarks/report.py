@@ -350,22 +350,23 @@ def compare_table(paths: list[Path], labels: list[str], rows: list, unmatched: l
 
 
 def compare_plot(labels: list[str], rows: list, path: Path, devices: list[str], versions: list[dict]) -> None:
-    """Per (configuration, contender): one stacked bar per file, the time ratio to the first on the others."""
+    """One panel per (configuration, contender), each on its own scale from zero: one stacked bar
+    per file, the time ratio to the first file (and whether the spreads overlap) on the others."""
     from sdrt.benchmarks import plots
-    groups = []
-    for config, contender, stats in rows:
-        base = stats[0]["total"]["median"]
-        bars = [bar_of(lab, s, "" if i == 0 else f"{s['total']['median'] / base:.2f}x time")
-                for i, (lab, s) in enumerate(zip(labels, stats))]
-        groups.append((f"{config}\n{contender.replace(' (', chr(10) + '(')}", bars))
-    n_bars = sum(len(b) for _, b in groups)
-    fig, (ax,) = plots.figure(1, width=max(6.0, 0.9 * n_bars + 0.6 * len(groups) + 2.5), height=5.0)
-    plots.stacked_bars(ax, groups, "ms per generation (median; whiskers: min-max)",
-                       f"compared: {', '.join(labels)}")
+    width = max(2.6, 0.9 * len(labels) + 1.4)
+    fig, axes = plots.figure(len(rows), width=[width] * (len(rows) - 1) + [width + 1.3], height=4.8)
+    for i, (ax, (config, contender, stats)) in enumerate(zip(axes, rows)):
+        base = stats[0]["total"]
+        bars = [bar_of(lab, s, "" if k == 0 else f"{s['total']['median'] / base['median']:.2f}x time\n"
+                       + ("within noise" if overlap(s["total"], base) else "spreads apart"))
+                for k, (lab, s) in enumerate(zip(labels, stats))]
+        title = f"{config}\n{contender.replace(' (', chr(10) + '(').replace(' vs ', chr(10) + 'vs ')}"
+        plots.stacked_bars(ax, [("", bars)], "ms per generation (median; whiskers: min-max)" if i == 0 else "",
+                           title, legend=i == len(rows) - 1)
     same = len(set(devices)) == 1
     text = plots.caption(devices[0] if same else " / ".join(devices), versions[0],
                          "" if same else "different devices",
-                         "time ratio to the first file written on the bars")
+                         f"time ratio to {labels[0]} written on the bars; each panel on its own scale")
     plots.save(fig, path, text)
 
 

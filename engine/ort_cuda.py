@@ -21,7 +21,7 @@ from sdrt.contract import Dims, Model
 from sdrt.engine import cuda
 from sdrt.engine.ort_session import (OrtBinding, OrtSession, cuda_ep_available, import_ort, open_session,
                                      replace_weights)
-from sdrt.engine_keys import major_minor
+from sdrt.engine.engine_keys import major_minor
 from sdrt.errors import UserError
 
 ORT_CUDA_ATTENTION = (1, 25)   # first onnxruntime-gpu with a CUDA kernel for ONNX's Attention op

@@ -321,8 +321,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
     backend, trt = import_trt(backend)
     check_attention_support(trt, backend, man.get("attention", "decomposed"))
     api = builder_api(trt, backend)
-    options = {"opt_level": opt_level, "precision": man.get("precision", "fp16"),
-               "strongly_typed": True, "workspace_mb": workspace_mb,
+    options = {"opt_level": opt_level, "strongly_typed": True, "workspace_mb": workspace_mb,
                "require_user_allocation": api["user_allocation"]}
     cache_bytes = loaded_cache = None
     if timing_cache is not None and api["timing_cache"]:

@@ -89,9 +89,12 @@ class GenerateRequest:
         positive_int("steps", self.steps)
         if not is_number(self.guidance):
             raise RequestError("guidance", f"{{guidance}} {self.guidance!r} must be a finite number")
-        for name in ("height", "width", "vae_batch"):
-            if getattr(self, name) is not None:
-                positive_int(name, getattr(self, name))
+        for name in ("height", "width"):       # their range is the model's: checked by the Pipeline
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)):
+                raise RequestError(name, f"{{{name}}} must be an integer, got {v!r}")
+        if self.vae_batch is not None:
+            positive_int("vae_batch", self.vae_batch)
         self.seed = self._seeds()
         if self.latents is not None:
             self.latents = np.asarray(self.latents)
@@ -183,7 +186,7 @@ def resolve_seed(seed: int | None) -> int:
 
 def positive_int(name: str, value) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-        raise RequestError(name, f"{{{name}}} {value!r} must be a positive integer")
+        raise RequestError(name, f"{{{name}}} must be a positive integer, got {value!r}")
 
 
 def is_number(x) -> bool:

@@ -355,7 +355,7 @@ class LoraState:
         t1 = time.perf_counter()
         merged = merged_weights(self.onnx_dir, resolved)
         changed = {c: set(merged[c]) for c in COMPONENTS}
-        if getattr(backend, "refits", False):
+        if backend.refits:
             restore = {c: self.changed[c] - changed[c] for c in self.targets}
             for c, arrays in base_weights(self.onnx_dir, self.targets, restore).items():
                 merged[c].update(arrays)

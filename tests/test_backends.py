@@ -47,7 +47,8 @@ def test_no_mutable_class_attributes(cls):
     """State (sessions, LoRA weights, engines) lives on the instance: two pipelines never share it."""
     for klass in cls.__mro__[:-1]:
         for name, value in vars(klass).items():
-            assert name.startswith("__") or not isinstance(value, (dict, list, set)), f"{klass.__name__}.{name} is a mutable class attribute"
+            mutable = not name.startswith("__") and isinstance(value, (dict, list, set))
+            assert not mutable, f"{klass.__name__}.{name} is a mutable class attribute"
 
 
 def test_ort_backends_share_session_keys_and_weights(monkeypatch, tmp_path):

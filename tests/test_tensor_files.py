@@ -118,8 +118,8 @@ def craft_safetensors(kind: str) -> bytes:
 
 
 PT_KINDS = ["oversized-size", "oversized-stride", "offset-past-storage", "negative-stride", "negative-offset",
-            "size-stride-mismatch", "storage-numel-lies", "unknown-storage-type", "storage-type-as-text", "missing-storage",
-            "tensor-over-non-storage"]
+            "size-stride-mismatch", "storage-numel-lies", "unknown-storage-type", "storage-type-as-text",
+            "missing-storage", "tensor-over-non-storage"]
 ST_KINDS = ["offsets-past-end", "offsets-reversed", "overlapping", "hole", "size-mismatch", "huge-header",
             "header-past-end", "list-header", "bad-entry", "unknown-dtype", "wrong-dtype-type", "negative-shape",
             "bool-shape", "bad-metadata", "duplicate-name", "short", "not-json"]
@@ -129,7 +129,8 @@ PROBLEM = {"oversized-size": "reaches element 65535 of a 4-element storage",
            "negative-stride": "negative", "negative-offset": "negative",
            "size-stride-mismatch": "not integers of one length",
            "storage-numel-lies": "holds 16 bytes",
-           "unknown-storage-type": "needs torch.ComplexFloatStorage", "storage-type-as-text": "unsupported storage", "missing-storage": "no entry",
+           "unknown-storage-type": "needs torch.ComplexFloatStorage", "storage-type-as-text": "unsupported storage",
+           "missing-storage": "no entry",
            "tensor-over-non-storage": "not a storage",
            "offsets-past-end": "past the end of the file", "offsets-reversed": "0 <= begin <= end",
            "overlapping": "overlap", "hole": "hole", "size-mismatch": "32 bytes of data for shape [1, 4]",

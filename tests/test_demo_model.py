@@ -106,6 +106,7 @@ def test_demo_tokenizer_same_in_sdrt_and_transformers():
     from transformers import CLIPTokenizer
 
     from sdrt.engine.tokenizer import ClipTokenizer
+    from test_tokenizer import runtime_ids
     ours = ClipTokenizer.from_dir(DEMO_MODEL / "tokenizer")
     theirs = CLIPTokenizer.from_pretrained(DEMO_MODEL / "tokenizer")
     prompts = [s.caption for s in scenes.all_scenes()[::37]] + [
@@ -113,8 +114,8 @@ def test_demo_tokenizer_same_in_sdrt_and_transformers():
         "a small red circle on a blue background, top left, top left, top left, top left"]
     for p in prompts:
         want = theirs(p, padding="max_length", max_length=16, truncation=True).input_ids
-        assert ours.encode([p], 16)[0].tolist() == want, p
-    assert ours.encode(["triangle"], 16)[0, 1] == theirs.convert_tokens_to_ids("triangle</w>")
+        assert runtime_ids(ours, [p], 16)[0].tolist() == want, p
+    assert runtime_ids(ours, ["triangle"], 16)[0, 1] == theirs.convert_tokens_to_ids("triangle</w>")
 
 
 def test_demo_tokenizer_clip_files_match_tokenizer_json(tmp_path):
@@ -122,11 +123,12 @@ def test_demo_tokenizer_clip_files_match_tokenizer_json(tmp_path):
     import shutil
 
     from sdrt.engine.tokenizer import ClipTokenizer
+    from test_tokenizer import runtime_ids
     shutil.copytree(DEMO_MODEL / "tokenizer", tmp_path / "tok")
     (tmp_path / "tok" / "tokenizer.json").unlink()
     prompts = [s.caption for s in scenes.all_scenes()[::41]] + ["a zebra, über-purple!"]
-    want = ClipTokenizer.from_dir(DEMO_MODEL / "tokenizer").encode(prompts, 16)
-    assert np.array_equal(ClipTokenizer.from_dir(tmp_path / "tok").encode(prompts, 16), want)
+    want = runtime_ids(ClipTokenizer.from_dir(DEMO_MODEL / "tokenizer"), prompts, 16)
+    assert np.array_equal(runtime_ids(ClipTokenizer.from_dir(tmp_path / "tok"), prompts, 16), want)
 
 
 # --- the committed model on ONNX Runtime CPU ----------------------------------------------------
@@ -214,6 +216,20 @@ def test_cli_eval_small(demo_fp32, tmp_path):
         assert all(0 <= r[split][f] <= 100 for f in checker.FIELDS)
         assert np.isfinite(r[split]["fid"])
     assert r["seen"]["background"] > 60      # 3 images: at least 2 backgrounds right
+
+
+def test_cli_demo_and_eval_random_seed(demo_root, demo_fp32, tmp_path):
+    """--seed -1: a random seed, reported (demo: the seeds line; eval: the report and stdout)."""
+    import re
+    p = run_cli("demo", "--dir", demo_root / "sdrt-demo", "--steps", "2", "--seed", "-1", "--prompt",
+                "a small red circle on a blue background", cwd=demo_root)
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"seeds (\d+)\.\.\1\b", p.stderr), p.stderr
+    p = run_cli("eval", demo_fp32, "--n", "3", "--steps", "2", "--seed", "-1", "--backend", "onnxruntime-cpu",
+                "--out", tmp_path / "eval.json")
+    assert p.returncode == 0, p.stderr
+    seed = json.loads((tmp_path / "eval.json").read_text())["seed"]
+    assert 0 <= seed < 2 ** 32 and f"seed {seed}" in p.stdout
 
 
 def test_cli_eval_rejects_other_models(tiny_fp32):

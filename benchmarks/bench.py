@@ -207,8 +207,12 @@ class ReferenceContender:
     is_reference = True
 
     def __init__(self, model_dir: Path):
-        from sdrt.benchmarks.reference import Reference
-        self.ref = Reference(model_dir)
+        try:
+            from sdrt.benchmarks.reference import Reference
+            self.ref = Reference(model_dir)
+        except ImportError as e:
+            raise UserError(f"the diffusers reference needs the export extra ({e}): "
+                            "pip install 'sdrt[export]', or pass --no-reference") from None
         self.name = self.ref.description
 
     def run(self, prompt: Prompt, steps: int, h: int, w: int, batch: int, latents, inputs: dict) -> Sample:
@@ -400,10 +404,9 @@ def bench(work_dirs: list | None = None, reference=None, backends: str = "availa
     prompt = bench_prompt(work_dirs[0], manifests[0])
     configs = [(h, w, b) for h, w in size_list for b in batch_list]
 
+    ref = None if no_reference else ReferenceContender(reference)     # first: the slowest to fail
     contenders = [SdrtContender(w, name, fused) for w, m, ns in zip(work_dirs, manifests, names)
-                  for name, fused in variants(ns, m)]
-    if not no_reference:
-        contenders.append(ReferenceContender(reference))
+                  for name, fused in variants(ns, m)] + ([ref] if ref else [])
     interleave = len(contenders) > 1 if interleave is None else interleave
     say(f"prompt: {prompt.text!r}, negative {prompt.negative!r}, guidance {prompt.guidance}; "
         f"{len(contenders)} contender(s), {'interleaved' if interleave else 'one after another'}")

@@ -90,7 +90,7 @@ def cmd_serve(a):
     from sdrt.serve.server import serve
     return serve(a.work_dir, host=a.host, port=a.port, backend=a.backend, max_batch=a.max_batch,
                  max_queue=a.max_queue, timeout=a.timeout, api_key=a.api_key, batching=a.batching,
-                 lora_dir=a.lora_dir, embedding_dir=a.embedding_dir)
+                 lora_dir=a.lora_dir, embedding_dir=a.embedding_dir, max_body_mb=a.max_body_mb)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -228,6 +228,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--lora-dir", type=Path, help="LoRA .safetensors files, chosen by name (the file's stem)")
     s.add_argument("--embedding-dir", type=Path,
                    help="textual-inversion files, each loaded with its file's stem as the token")
+    s.add_argument("--max-body-mb", type=float, default=32, help="largest request body (413 above)")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("train-demo", help="train the demo model (shapes on backgrounds, 32x32) into a pipeline "

@@ -131,10 +131,22 @@ def lora_dir(demo_fp32, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(demo_fp32, lora_dir, tmp_path_factory):
-    """Request-level batching, up to 4 images a call, a queue of 16."""
+def embedding_dir(demo_fp32, tmp_path_factory) -> Path:
+    """crimson.safetensors (web UI layout): the token embedding of "red", under a new word."""
+    from safetensors.numpy import save_file
+    from sdrt.engine.tokenizer import ClipTokenizer
+    d = tmp_path_factory.mktemp("embeddings")
+    table = np.load(demo_fp32 / "token_embedding.npy")
+    (red,) = ClipTokenizer.from_dir(demo_fp32 / "tokenizer").token_ids("red")
+    save_file({"emb_params": table[red][None].astype(np.float32)}, str(d / "crimson.safetensors"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(demo_fp32, lora_dir, embedding_dir, tmp_path_factory):
+    """Request-level batching, up to 4 images a call, a queue of 16, a LoRA and an embedding."""
     s = ServeProcess(demo_fp32, tmp_path_factory.mktemp("log") / "serve.log", "--max-batch", 4, "--max-queue", 16,
-                     "--lora-dir", lora_dir)
+                     "--lora-dir", lora_dir, "--embedding-dir", embedding_dir)
     try:
         yield s.wait_ready()
     finally:
@@ -170,6 +182,8 @@ def error_of(r) -> dict:
 # ---- the native jobs API -------------------------------------------------------------------------
 
 def test_job_progress_events_result_and_cancel(server):
+    assert server.http.get("/openapi.json").json()["paths"].keys() >= {"/v1/jobs", "/sdapi/v1/txt2img"}
+    assert server.http.get("/docs").status_code == 200
     info = server.http.get("/v1/info").json()
     assert info["samplers"] == ["DDIM"] and info["loras"] == ["grain"] and info["max_batch"] == 4
     assert (info["default_width"], info["size"]["multiple"]) == (32, 4)
@@ -255,6 +269,14 @@ def test_lora_by_name(server):
     assert server.metric("sdrt_lora_switches_total") >= before + 1
     r = server.http.post("/v1/jobs", json={"prompt": RED, "loras": [{"name": "../grain"}]})
     assert r.status_code == 400 and error_of(r)["param"] == "loras[0].name"
+
+
+def test_embedding_by_its_token(server):
+    """--embedding-dir: crimson.safetensors is the token "crimson", drawn as the red it holds."""
+    assert server.http.get("/v1/info").json()["embeddings"] == ["crimson"]
+    job = server.job(prompt=RED.replace("red", "crimson"), seed=4)
+    assert server.wait_job(job["id"])["state"] == "succeeded"
+    assert draws(png(server.http.get(f"/v1/jobs/{job['id']}/result").json()["images"][0]), RED)
 
 
 # ---- OpenAI --------------------------------------------------------------------------------------

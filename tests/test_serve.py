@@ -605,3 +605,14 @@ def test_scheduler_batches_compatible_jobs_only():
     assert err.value.status == 429
     none.cancel(g)
     assert g.state == "cancelled" and none.next_batch() == [h]
+
+
+def test_tensorrt_engine_profile_bounds_batch_and_sizes():
+    """Built step engines take a batch and size range: the server's limits stay inside it."""
+    from sdrt.serve.server import engine_profile
+    prof = lambda lo, hi: {"key": {"profile": {"latents": {"min": lo, "opt": lo, "max": hi}}}}
+    manifest = {"engines": {"tensorrt": {"denoise_step_cfg": prof([1, 4, 32, 32], [4, 4, 96, 64]),
+                                         "denoise_step": prof([1, 4, 40, 32], [2, 4, 96, 96]),
+                                         "text_encoder": {"key": {"profile": {}}}}}}
+    assert engine_profile(manifest, "tensorrt", 8) == {"batch": 2, "min_size": 320, "max_size": 512}
+    assert engine_profile(manifest, "onnxruntime-cpu", 8) is None

@@ -1,0 +1,545 @@
+"""Load on `sdrt serve` over loopback, for each batching policy.
+
+    sdrt bench-serve [WORK_DIR] [--url URL] [--batching none,request,step] [--rates 0.5,1,2]
+                     [--concurrency 1,4,16] [--requests N] [--point-timeout S] [--steps S] [--size PX]
+                     [--max-batch B] [--max-queue Q] [--api-key KEY] [--out DIR]
+
+For each policy the benchmark starts `sdrt serve WORK_DIR --batching POLICY` on 127.0.0.1 at a free
+port in its own process group (a policy the server refuses is skipped, with its reason), sends
+one warm-up request, then
+  open loop    Poisson arrivals at each rate (requests/s): a request is sent at its arrival time
+               whether or not the earlier ones are done, as independent users would;
+  closed loop  C clients, each sending its next request when its last one is done;
+and stops the server (SIGTERM to its group). --url targets a running server instead (one policy,
+whatever it serves). Every load point is bounded: at most N requests, sent within S seconds, and
+each request waits at most S seconds for its job.
+
+Each request is a job: POST /v1/jobs (202, or 429 when the queue is full: a rejection), its
+progress events until `done`, then its result. Nothing is lost: each accepted job ends as
+ok (its n PNG images came back), failed or cancelled (the server's error, counted), or unfinished
+(still not done at the time bound: cancelled by the benchmark and counted). Per point: throughput,
+latency p50/p95/p99 (submit to images received), queue wait (submit to the first `running` event),
+mean batch occupancy (the server's batch-size histogram from /metrics, per denoising step), and the
+outcome counts. Results: OUT/serve-load-<model>-<device>.json, .md and .png.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.errors import UserError
+from sdrt.fileio import write_atomic, write_json_atomic
+
+POLICIES = ("none", "request", "step")
+PROMPTS = (
+    "a small red circle on a blue background",
+    "a large yellow triangle on a black background, top left",
+    "a large white square on a green background",
+    "a small purple triangle on a yellow background, bottom right",
+    "a large orange circle on a purple background, right",
+    "a small blue square on a white background, top",
+)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TERMINAL = ("succeeded", "failed", "cancelled")
+READY_TIMEOUT_S = 300
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- HTTP, one request = one job
+
+
+@dataclass
+class Client:
+    base: str
+    key: str | None = None
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 30):
+        """(status, parsed body or text, headers) of one request."""
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        data = None
+        if body is not None:
+            data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, parse(r.read()), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, parse(e.read()), dict(e.headers)
+
+    def events(self, job_id: str, timeout: float):
+        """Yields (event, status dict) from GET /v1/jobs/ID/events until the stream ends."""
+        headers = {"Accept": "text/event-stream"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        req = urllib.request.Request(f"{self.base}/v1/jobs/{job_id}/events", headers=headers)
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            event, data = "message", []
+            for raw in r:
+                line = raw.decode().rstrip("\r\n")
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].lstrip(" "))
+                elif not line and data:
+                    yield event, json.loads("\n".join(data))
+                    event, data = "message", []
+
+
+def parse(raw: bytes):
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:
+        return raw.decode(errors="replace")[:300]
+
+
+def error_line(body) -> str:
+    if isinstance(body, dict):
+        for k in ("detail", "error", "message"):
+            if body.get(k):
+                v = body[k]
+                return v if isinstance(v, str) else json.dumps(v)[:300]
+    return str(body)[:300]
+
+
+def wait_job(client: Client, job_id: str, deadline: float, rec: dict) -> dict | None:
+    """Follow the job's events (polling its status if the stream breaks) until it is done or the
+    deadline passes; notes when it first ran. Returns the final status, or None at the deadline."""
+    def seen(status):
+        if status.get("state") == "running" and "t_running" not in rec:
+            rec["t_running"] = time.perf_counter()
+        return status.get("state") in TERMINAL
+    try:
+        for event, status in client.events(job_id, timeout=max(1.0, deadline - time.perf_counter())):
+            if seen(status) or event == "done":
+                return status
+            if time.perf_counter() > deadline:
+                return None
+    except (OSError, ValueError):
+        pass                     # stream broke or timed out: poll what is left of the time
+    while time.perf_counter() < deadline:
+        code, status, _ = client.call("GET", f"/v1/jobs/{job_id}")
+        if code == 200 and seen(status):
+            return status
+        time.sleep(0.1)
+    return None
+
+
+def one_request(client: Client, payload: dict, timeout: float) -> dict:
+    """Submit one job and see it through; the record says how it ended and when."""
+    rec = {"t_submit": time.perf_counter(), "n": payload.get("n", 1)}
+    deadline = rec["t_submit"] + timeout
+    try:
+        code, body, headers = client.call("POST", "/v1/jobs", payload)
+    except OSError as e:
+        return {**rec, "outcome": "error", "error": f"submit: {e}"}
+    if code == 429:
+        return {**rec, "outcome": "rejected", "retry_after": headers.get("Retry-After")}
+    if code != 202:
+        return {**rec, "outcome": "error", "status": code, "error": error_line(body)}
+    rec["accepted"], rec["id"] = True, body["id"]
+    final = wait_job(client, body["id"], deadline, rec)
+    if final is None:
+        client.call("DELETE", f"/v1/jobs/{body['id']}")    # free its slot: the next point starts clean
+        return {**rec, "outcome": "unfinished", "error": f"not done in {timeout:g} s"}
+    if final["state"] != "succeeded":
+        return {**rec, "outcome": final["state"], "error": final.get("error")}
+    code, result, _ = client.call("GET", f"/v1/jobs/{body['id']}/result")
+    rec["t_done"] = time.perf_counter()
+    if code != 200:
+        return {**rec, "outcome": "failed", "error": f"result: HTTP {code} {error_line(result)}"}
+    images = result.get("images") or []
+    good = [b for b in images if base64.b64decode(b)[:8] == PNG_MAGIC]
+    if len(good) != rec["n"]:
+        return {**rec, "outcome": "failed", "error": f"{len(good)} PNG images of {rec['n']} asked"}
+    return {**rec, "outcome": "ok", "info": result.get("info") or {}}
+
+
+# ---------------------------------------------------------------- load generators (bounded)
+
+
+def payloads(steps: int, size: int | None, start: int = 0):
+    """The i-th request: the demo prompts in turn, seed i."""
+    def make(i: int) -> dict:
+        p = {"prompt": PROMPTS[(start + i) % len(PROMPTS)], "steps": steps, "n": 1, "seed": start + i}
+        if size:
+            p["width"] = p["height"] = size
+        return p
+    return make
+
+
+def open_loop(client: Client, rate: float, count: int, window_s: float, timeout: float, make, seed: int = 0):
+    """Poisson arrivals at `rate`/s: at most `count` requests, none sent after `window_s`; each
+    waits at most `timeout` for its job. Returns the records in arrival order."""
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, count)
+    arrivals = [t for t in np.cumsum(gaps) if t <= window_s] or [0.0]
+    records = [None] * len(arrivals)
+    t0 = time.perf_counter()
+
+    def send(i: int):
+        records[i] = one_request(client, make(i), timeout)
+
+    threads = []
+    for i, at in enumerate(arrivals):
+        time.sleep(max(0.0, t0 + at - time.perf_counter()))
+        th = threading.Thread(target=send, args=(i,), daemon=True)
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join(timeout=max(0.0, t0 + window_s + timeout + 30 - time.perf_counter()))
+    return [r or {"outcome": "unfinished", "error": "client thread did not return"} for r in records]
+
+
+def closed_loop(client: Client, concurrency: int, count: int, window_s: float, timeout: float, make):
+    """`concurrency` clients back to back: at most `count` requests in all, none sent after `window_s`."""
+    records, lock, t0 = [], threading.Lock(), time.perf_counter()
+    issued = [0]
+
+    def worker():
+        while True:
+            with lock:
+                if issued[0] >= count or time.perf_counter() - t0 > window_s:
+                    return
+                i = issued[0]
+                issued[0] += 1
+            rec = one_request(client, make(i), timeout)
+            with lock:
+                records.append(rec)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=max(0.0, t0 + window_s + timeout + 30 - time.perf_counter()))
+    with lock:
+        missing = issued[0] - len(records)
+        return records + [{"outcome": "unfinished", "error": "client thread did not return"}] * missing
+
+
+# ---------------------------------------------------------------- metrics and summaries
+
+
+def read_metrics(client: Client) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value}; {} when the server has no /metrics."""
+    try:
+        headers = {"Authorization": f"Bearer {client.key}"} if client.key else {}
+        with urllib.request.urlopen(urllib.request.Request(client.base + "/metrics", headers=headers),
+                                    timeout=10) as r:
+            text = r.read().decode()
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name.strip()] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def batch_histogram(metrics: dict[str, float]) -> tuple[float, float] | None:
+    """(sum, count) of the server's per-step batch-size histogram: a metric named *batch_size*
+    with _sum and _count (one observation per denoising step, the images in that step)."""
+    for key in metrics:
+        if key.endswith("_sum") and "batch_size" in key and key[:-4] + "_count" in metrics:
+            return metrics[key], metrics[key[:-4] + "_count"]
+    return None
+
+
+def mean_occupancy(before: dict, after: dict) -> float | None:
+    a, b = batch_histogram(before), batch_histogram(after)
+    if not (a and b) or b[1] <= a[1]:
+        return None
+    return (b[0] - a[0]) / (b[1] - a[1])
+
+
+def pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarize(records: list[dict]) -> dict:
+    """Outcome counts and the timing figures of the ok requests; `lost` must be 0."""
+    counts = {k: sum(r["outcome"] == k for r in records)
+              for k in ("ok", "failed", "cancelled", "unfinished", "rejected", "error")}
+    accepted = sum(bool(r.get("accepted")) for r in records)
+    ok = [r for r in records if r["outcome"] == "ok"]
+    latency = [r["t_done"] - r["t_submit"] for r in ok]
+    wait = [r["t_running"] - r["t_submit"] for r in ok if "t_running" in r]
+    times = [r["t_submit"] for r in records if "t_submit" in r] + [r["t_done"] for r in ok]
+    span = (max(times) - min(times)) if len(times) > 1 else 0.0
+    images = sum(r["n"] for r in ok)
+    return {
+        "sent": len(records), "accepted": accepted, **counts,
+        "lost": accepted - counts["ok"] - counts["failed"] - counts["cancelled"] - counts["unfinished"],
+        "images": images, "wall_s": span,
+        "images_per_s": images / span if span > 0 else None,
+        "latency_s": {f"p{q}": pct(latency, q) for q in (50, 95, 99)},
+        "queue_wait_s": {"mean": float(np.mean(wait)) if wait else None, "p50": pct(wait, 50), "p95": pct(wait, 95)},
+        "errors": sorted({str(r.get("error")) for r in records if r["outcome"] not in ("ok", "rejected")})[:5],
+    }
+
+
+def run_point(client: Client, kind: str, level: float, count: int, window_s: float, timeout: float, make) -> dict:
+    before = read_metrics(client)
+    if kind == "open":
+        records = open_loop(client, level, count, window_s, timeout, make)
+    else:
+        records = closed_loop(client, int(level), count, window_s, timeout, make)
+    point = {"load": kind, "level": level, **summarize(records),
+             "mean_batch_occupancy": mean_occupancy(before, read_metrics(client))}
+    lat = point["latency_s"]
+    say(f"[bench-serve]   {kind} {'rate' if kind == 'open' else 'concurrency'} {level:g}: "
+        f"{point['ok']}/{point['sent']} ok, {point['rejected']} rejected, {point['failed'] + point['error']} failed, "
+        f"{point['unfinished']} unfinished; {fmt(point['images_per_s'])} img/s, p50 {fmt(lat['p50'])} s, "
+        f"p95 {fmt(lat['p95'])} s, occupancy {fmt(point['mean_batch_occupancy'])}")
+    return point
+
+
+def fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+# ---------------------------------------------------------------- the server's lifetime
+
+
+def parse_list(text: str, what: str, kind=float) -> list:
+    """'0.5,1,2' -> [0.5, 1.0, 2.0]; one line naming the option when it is not a list of positive numbers."""
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise UserError(f"--{what} {text!r}: give comma-separated positive numbers, e.g. "
+                        f"{'0.5,1,2' if kind is float else '1,4,16'}")
+    return values
+
+
+def parse_policies(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in POLICIES]
+    if not names or bad:
+        raise UserError(f"--batching {text!r}: choose from {', '.join(POLICIES)} (comma-separated)")
+    return names
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(work_dir: Path, policy: str, max_batch: int, max_queue: int, key: str | None, log: Path):
+    """`sdrt serve` in its own process group; returns (process, client) once /ready answers, or
+    (None, reason) when the server refused to start."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "sdrt.cli", "serve", str(work_dir), "--host", "127.0.0.1", "--port", str(port),
+           "--batching", policy, "--max-batch", str(max_batch), "--max-queue", str(max_queue)]
+    if key:
+        cmd += ["--api-key", key]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    client = Client(f"http://127.0.0.1:{port}", key)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            lines = log.read_text(errors="replace").strip().splitlines()
+            return None, (lines[-1] if lines else f"exit status {proc.returncode}")
+        try:
+            if client.call("GET", "/ready", timeout=5)[0] == 200:
+                return proc, client
+        except OSError:
+            pass
+        time.sleep(0.25)
+    stop_server(proc)
+    raise UserError(f"sdrt serve --batching {policy} was not ready in {READY_TIMEOUT_S} s: see {log}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (it drains its jobs), SIGKILL after 60 s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- one policy, all points
+
+
+@dataclass
+class Load:
+    rates: list[float]
+    concurrency: list[int]
+    requests: int = 24
+    window_s: float = 60.0
+    timeout_s: float = 120.0
+    steps: int = 10
+    size: int | None = None
+
+
+def bench_policy(client: Client, load: Load) -> list[dict]:
+    warm = one_request(client, payloads(load.steps, load.size, start=1000)(0), load.timeout_s)
+    if warm["outcome"] != "ok":
+        raise UserError(f"the warm-up request did not succeed ({warm['outcome']}: {warm.get('error')}): "
+                        "check the server's log")
+    points = []
+    for i, rate in enumerate(load.rates):
+        make = payloads(load.steps, load.size, start=100 * i)
+        points.append(run_point(client, "open", rate, load.requests, load.window_s, load.timeout_s, make))
+    for c in load.concurrency:
+        make = payloads(load.steps, load.size, start=10 * c)
+        points.append(run_point(client, "closed", c, load.requests, load.window_s, load.timeout_s, make))
+    return points
+
+
+def server_info(client: Client) -> dict:
+    code, info, _ = client.call("GET", "/v1/info")
+    return info if code == 200 and isinstance(info, dict) else {}
+
+
+def device_label(info: dict) -> str:
+    backend = str(info.get("backend", ""))
+    if info.get("device"):
+        return str(info["device"])
+    if backend in ("", "onnxruntime-cpu"):
+        return f"{os.cpu_count()} CPU cores, ONNX Runtime CPU"
+    return backend
+
+
+def bench_serve(work_dir: Path | None = None, url: str | None = None, policies=POLICIES, load: Load | None = None,
+                max_batch: int = 4, max_queue: int = 16, api_key: str | None = None,
+                out: Path = Path("bench-serve")) -> Path:
+    """Run every policy's points; writes OUT/serve-load-<model>-<device>.json/.md/.png; returns the JSON path."""
+    load = load or Load(rates=[0.5, 1.0, 2.0], concurrency=[1, 4, 16])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, info = [], {}
+    if url:
+        client = Client(url.rstrip("/"), api_key)
+        info = server_info(client)
+        policy = str(info.get("batching", "as served"))
+        say(f"[bench-serve] {url} (batching {policy})")
+        runs.append({"batching": policy, "points": bench_policy(client, load)})
+    else:
+        if work_dir is None:
+            from sdrt.demo import demo_export
+            work_dir = demo_export()
+        for policy in policies:
+            log = out / f".serve-{policy}.log"
+            proc, client = start_server(Path(work_dir), policy, max_batch, max_queue, api_key, log)
+            if proc is None:
+                say(f"[bench-serve] --batching {policy}: skipped, the server refused it: {client}")
+                runs.append({"batching": policy, "skipped": client})
+                continue
+            try:
+                info = info or server_info(client)
+                say(f"[bench-serve] --batching {policy} on {client.base}")
+                runs.append({"batching": policy, "points": bench_policy(client, load)})
+            finally:
+                stop_server(proc)
+            log.unlink(missing_ok=True)
+    result = {
+        "device": device_label(info), "model": info.get("model"), "backend": info.get("backend"),
+        "max_batch": max_batch if not url else info.get("max_batch"), "max_queue": max_queue if not url else None,
+        "steps": load.steps, "size": load.size or default_size(info), "requests_per_point": load.requests,
+        "window_s": load.window_s, "timeout_s": load.timeout_s, "runs": runs,
+    }
+    stem = out / f"serve-load-{slug(str(result['model'] or 'model'))}-{slug(result['device'])}"
+    write_json_atomic(stem.with_suffix(".json"), result)
+    write_atomic(stem.with_suffix(".md"), table(result) + "\n")
+    plot(result, stem.with_suffix(".png"))
+    lost = sum(p["lost"] for r in runs for p in r.get("points", []))
+    say(f"[bench-serve] wrote {stem}.json/.md/.png; lost requests: {lost}")
+    return stem.with_suffix(".json")
+
+
+def default_size(info: dict):
+    d = info.get("defaults") or {}
+    return d.get("width") or info.get("width")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def table(result: dict) -> str:
+    lines = [f"# sdrt serve under load: {result['model']}, {result['device']}", "",
+             f"{result['steps']} steps, {result['size']} px, n=1, max batch {result['max_batch']}, "
+             f"max queue {result['max_queue']}; at most {result['requests_per_point']} requests per point "
+             f"within {result['window_s']:g} s.", "",
+             "| batching | load | level | ok/sent | rejected | failed | unfinished | lost | img/s | p50 s | p95 s "
+             "| p99 s | queue wait s (mean) | batch occupancy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in result["runs"]:
+        if "skipped" in run:
+            lines.append(f"| {run['batching']} | skipped: {run['skipped']} |" + " |" * 12)
+            continue
+        for p in run["points"]:
+            lat = p["latency_s"]
+            level = f"{p['level']:g}/s" if p["load"] == "open" else f"{p['level']:g} clients"
+            lines.append(f"| {run['batching']} | {p['load']} | {level} | {p['ok']}/{p['sent']} | {p['rejected']} | "
+                         f"{p['failed'] + p['error'] + p['cancelled']} | {p['unfinished']} | {p['lost']} | "
+                         f"{fmt(p['images_per_s'])} | {fmt(lat['p50'])} | {fmt(lat['p95'])} | {fmt(lat['p99'])} | "
+                         f"{fmt(p['queue_wait_s']['mean'])} | {fmt(p['mean_batch_occupancy'])} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sdrt.fileio import atomic_path
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for run in result["runs"]:
+        if "skipped" in run:
+            continue
+        for row, kind in enumerate(("open", "closed")):
+            ps = sorted((p for p in run["points"] if p["load"] == kind), key=lambda p: p["level"])
+            xs = [p["level"] for p in ps]
+            line, = axes[row][0].plot(xs, [p["images_per_s"] or 0 for p in ps], "o-", label=run["batching"])
+            axes[row][1].plot(xs, [p["latency_s"]["p50"] or np.nan for p in ps], "o-", color=line.get_color(),
+                              label=f"{run['batching']} p50")
+            axes[row][1].plot(xs, [p["latency_s"]["p95"] or np.nan for p in ps], "^--", color=line.get_color(),
+                              label=f"{run['batching']} p95")
+            for p in ps:
+                if p["rejected"]:
+                    axes[row][0].annotate(f"{p['rejected']} rej.", (p["level"], p["images_per_s"] or 0),
+                                          fontsize=7, textcoords="offset points", xytext=(3, 3))
+    for row, x in enumerate(("offered load (requests / s, Poisson)", "concurrent clients (closed loop)")):
+        axes[row][0].set(xlabel=x, ylabel="images / s")
+        axes[row][1].set(xlabel=x, ylabel="latency s (submit to images)")
+        if row == 1:
+            for ax in axes[row]:
+                ax.set_xscale("log", base=2)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"sdrt serve: {result['model']}, {result['steps']} steps, {result['size']} px, "
+                 f"max batch {result['max_batch']} ({result['device']})")
+    fig.tight_layout()
+    try:
+        with atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)

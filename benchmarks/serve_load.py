@@ -505,41 +505,43 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sdrt.fileio import atomic_path
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for run in result["runs"]:
-        if "skipped" in run:
-            continue
-        for row, kind in enumerate(("open", "closed")):
-            ps = sorted((p for p in run["points"] if p["load"] == kind), key=lambda p: p["level"])
-            xs = [p["level"] for p in ps]
-            line, = axes[row][0].plot(xs, [p["images_per_s"] or 0 for p in ps], "o-", label=run["batching"])
-            axes[row][1].plot(xs, [p["latency_s"]["p50"] or np.nan for p in ps], "o-", color=line.get_color(),
-                              label=f"{run['batching']} p50")
-            axes[row][1].plot(xs, [p["latency_s"]["p95"] or np.nan for p in ps], "^--", color=line.get_color(),
-                              label=f"{run['batching']} p95")
-            for p in ps:
-                if p["rejected"]:
-                    axes[row][0].annotate(f"{p['rejected']} rej.", (p["level"], p["images_per_s"] or 0),
-                                          fontsize=7, textcoords="offset points", xytext=(3, 3))
-    for row, x in enumerate(("offered load (requests / s, Poisson)", "concurrent clients (closed loop)")):
-        axes[row][0].set(xlabel=x, ylabel="images / s")
-        axes[row][1].set(xlabel=x, ylabel="latency s (submit to images)")
-        if row == 1:
-            for ax in axes[row]:
-                ax.set_xscale("log", base=2)
-    for ax in axes.flat:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"sdrt serve: {result['model']}, {result['steps']} steps, {result['size']} px, "
-                 f"max batch {result['max_batch']} ({result['device']})")
-    fig.tight_layout()
+def versions() -> dict:
+    import platform
+    import sdrt
+    out = {"sdrt": sdrt.__version__, "python": platform.python_version()}
     try:
-        with atomic_path(path, ".png") as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
+        import onnxruntime
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    """Four panels, one line per policy: images/s and p95 latency (whisker p50 to p99) against the
+    open loop's offered rate and the closed loop's clients."""
+    from sdrt.benchmarks import plots
+    fig, axes = plots.figure(panels=4, width=4.2, height=4.0)
+    runs = [r for r in result["runs"] if "points" in r]
+    for col, kind, xlabel in ((0, "open", "offered requests / s (Poisson)"), (2, "closed", "concurrent clients")):
+        thr, lat = [], []
+        for run in runs:
+            ps = sorted((p for p in run["points"] if p["load"] == kind and p["ok"]), key=lambda p: p["level"])
+            if not ps:
+                continue
+            xs = [p["level"] for p in ps]
+            thr.append(plots.Series(run["batching"], xs, [p["images_per_s"] or 0.0 for p in ps]))
+            q = [p["latency_s"] for p in ps]
+            lat.append(plots.Series(run["batching"], xs, [v["p95"] for v in q], low=[v["p50"] for v in q],
+                                    high=[v["p99"] for v in q]))
+        plots.lines(axes[col], thr, xlabel, "images / s", f"{kind} loop: throughput")
+        plots.lines(axes[col + 1], lat, xlabel, "latency s: p95 (whisker p50 to p99)", f"{kind} loop: latency")
+    skipped = [f"--batching {r['batching']} skipped ({r['skipped']})" for r in result["runs"] if "skipped" in r]
+    rejected = sum(p["rejected"] for r in runs for p in r["points"])
+    lost = sum(p["lost"] for r in runs for p in r["points"])
+    text = plots.caption(result["device"], versions(),
+                         f"sdrt serve, {result['model']}, {result['steps']} steps, {result['size']} px, "
+                         f"max batch {result['max_batch']}, max queue {result['max_queue']}, "
+                         f"at most {result['requests_per_point']} requests per point on 127.0.0.1",
+                         f"{rejected} rejected (429) in all, {lost} lost", *skipped)
+    plots.save(fig, path, text)

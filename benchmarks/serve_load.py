@@ -19,8 +19,8 @@ progress events until `done`, then its result. Nothing is lost: each accepted jo
 ok (its n PNG images came back), failed or cancelled (the server's error, counted), or unfinished
 (still not done at the time bound: cancelled by the benchmark and counted). Per point: throughput,
 latency p50/p95/p99 (submit to images received), queue wait (submit to the first `running` event),
-mean batch occupancy (the server's batch-size histogram from /metrics, per denoising step), and the
-outcome counts. Results: OUT/serve-load-<model>-<device>.json, .md and .png.
+mean batch occupancy (images per engine batch, from the server's /metrics), and the outcome
+counts. Results: OUT/serve-load-<model>-<device>.json, .md and .png.
 """
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def one_request(client: Client, payload: dict, timeout: float) -> dict:
     good = [b for b in images if base64.b64decode(b)[:8] == PNG_MAGIC]
     if len(good) != rec["n"]:
         return {**rec, "outcome": "failed", "error": f"{len(good)} PNG images of {rec['n']} asked"}
-    return {**rec, "outcome": "ok", "info": result.get("info") or {}}
+    return {**rec, "outcome": "ok", "batch_images": (result.get("info") or {}).get("batch_images")}
 
 
 # ---------------------------------------------------------------- load generators (bounded)
@@ -255,20 +255,19 @@ def read_metrics(client: Client) -> dict[str, float]:
     return out
 
 
-def batch_histogram(metrics: dict[str, float]) -> tuple[float, float] | None:
-    """(sum, count) of the server's per-step batch-size histogram: a metric named *batch_size*
-    with _sum and _count (one observation per denoising step, the images in that step)."""
-    for key in metrics:
-        if key.endswith("_sum") and "batch_size" in key and key[:-4] + "_count" in metrics:
-            return metrics[key], metrics[key[:-4] + "_count"]
-    return None
-
-
 def mean_occupancy(before: dict, after: dict) -> float | None:
-    a, b = batch_histogram(before), batch_histogram(after)
-    if not (a and b) or b[1] <= a[1]:
-        return None
-    return (b[0] - a[0]) / (b[1] - a[1])
+    """Images per engine batch over the point, from the server's /metrics: a per-step batch-size
+    histogram (*batch_size*_sum / _count) when the server has one, else images generated over
+    engine calls (sdrt_images_total / sdrt_engine_calls_total); None without metrics."""
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+    for key in after:
+        if key.endswith("_sum") and "batch_size" in key and key[:-4] + "_count" in after:
+            count = delta(key[:-4] + "_count")
+            if count > 0:
+                return delta(key) / count
+    calls = delta("sdrt_engine_calls_total")
+    return delta("sdrt_images_total") / calls if calls > 0 else None
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -305,6 +304,8 @@ def run_point(client: Client, kind: str, level: float, count: int, window_s: flo
         records = closed_loop(client, int(level), count, window_s, timeout, make)
     point = {"load": kind, "level": level, **summarize(records),
              "mean_batch_occupancy": mean_occupancy(before, read_metrics(client))}
+    seen = [r["batch_images"] for r in records if r.get("batch_images") is not None]
+    point["mean_batch_per_job"] = float(np.mean(seen)) if seen else None   # the batch each ok job ran in
     lat = point["latency_s"]
     say(f"[bench-serve]   {kind} {'rate' if kind == 'open' else 'concurrency'} {level:g}: "
         f"{point['ok']}/{point['sent']} ok, {point['rejected']} rejected, {point['failed'] + point['error']} failed, "

@@ -116,7 +116,8 @@ def handler(fake: FakeJobs):
             if self.path.endswith("/result"):
                 if job["state"] != "succeeded":
                     return self.reply(409, {"detail": "not finished"})
-                return self.reply(200, {"id": job["id"], "images": [fake.image], "seeds": [job["seed"]], "info": {}})
+                return self.reply(200, {"id": job["id"], "images": [fake.image], "seeds": [job["seed"]],
+                                        "info": {"batch_images": 2}})
             if self.path.endswith("/events"):
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -163,7 +164,7 @@ def test_every_request_is_counted_once(fake_server, kind):
     assert point["ok"] + point["failed"] + point["unfinished"] == point["accepted"]
     assert point["lost"] == 0 and point["error"] == 0 and point["cancelled"] == 0
     assert point["images"] == point["ok"]
-    assert point["mean_batch_occupancy"] == 3.0
+    assert point["mean_batch_occupancy"] == 3.0 and point["mean_batch_per_job"] == 2.0
     assert point["latency_s"]["p50"] is not None and point["latency_s"]["p50"] <= point["latency_s"]["p99"]
     if fake.seen["failed"]:
         assert "engine fault (fake)" in point["errors"]
@@ -181,6 +182,16 @@ def test_bench_serve_writes_json_table_and_plot(fake_server, tmp_path):
     assert sum(p["sent"] for p in run["points"]) + 1 == fake.posts          # + the warm-up request
     assert path.with_suffix(".md").read_text().count("| step |") == 3
     assert path.with_suffix(".png").stat().st_size > 0
+
+
+def test_occupancy_from_a_histogram_or_images_over_engine_calls():
+    hist = ({"sdrt_batch_size_sum": 4.0, "sdrt_batch_size_count": 2.0},
+            {"sdrt_batch_size_sum": 16.0, "sdrt_batch_size_count": 6.0})
+    assert sl.mean_occupancy(*hist) == 3.0
+    calls = ({"sdrt_images_total": 10.0, "sdrt_engine_calls_total": 5.0},
+             {"sdrt_images_total": 22.0, "sdrt_engine_calls_total": 9.0})
+    assert sl.mean_occupancy(*calls) == 3.0
+    assert sl.mean_occupancy({}, {}) is None and sl.mean_occupancy(calls[0], calls[0]) is None
 
 
 def test_bad_arguments_are_one_line(tmp_path):

@@ -1,0 +1,4 @@
+"""The web UI's API subset (filled in below)."""
+from fastapi import APIRouter
+
+router = APIRouter(tags=["webui"])

@@ -1,0 +1,66 @@
+"""A job: one request's life (queued -> running -> succeeded | failed | cancelled), its progress
+and result. The scheduler changes jobs under its lock; HTTP handlers wait on changes without
+holding a thread (wait_change)."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from sdrt.serve.spec import Spec
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+@dataclass(eq=False)
+class Job:
+    spec: Spec
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    state: str = "queued"
+    step: int = 0
+    created: float = field(default_factory=time.monotonic)
+    created_unix: float = field(default_factory=time.time)
+    deadline: float | None = None        # monotonic seconds; None: no timeout
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    error_status: int | None = None      # the HTTP status of a failed job's error
+    images: list | None = None           # uint8 [H, W, 3] each, when succeeded
+    info: dict = field(default_factory=dict)
+    version: int = 0
+    watchers: set = field(default_factory=set)
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINAL
+
+    @property
+    def steps(self) -> int:
+        return self.spec.steps
+
+    def changed(self) -> None:
+        """Called by the scheduler (under its lock) after every change."""
+        self.version += 1
+        for notify in list(self.watchers):
+            notify()
+
+
+async def wait_change(job: Job, seen: int, timeout: float) -> None:
+    """Return when job.version != seen, or after timeout seconds."""
+    if job.version != seen:
+        return
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+
+    def notify():
+        loop.call_soon_threadsafe(event.set)
+    job.watchers.add(notify)
+    try:
+        if job.version == seen:
+            await asyncio.wait_for(event.wait(), timeout)
+    except (asyncio.TimeoutError, TimeoutError):
+        pass
+    finally:
+        job.watchers.discard(notify)

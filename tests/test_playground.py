@@ -181,10 +181,10 @@ def test_page_draws_the_prompt_and_shows_the_servers_png(server, browser, tmp_pa
     assert status == 200 and result["images"] == [src.split(",", 1)[1]]   # the server's own image
     assert result["seeds"] == [11]
     assert not browser.find_element(By.ID, "error").is_displayed()
-    assert "done" in browser.find_element(By.ID, "status").text
+    assert "done, seed 11" in browser.find_element(By.ID, "status").text
 
 
-def test_cancel_from_the_page(server, browser):
+def test_cancel_from_the_page(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
     open_page(browser, server)
     status, info = http(server, "GET", "/v1/info")
@@ -194,6 +194,7 @@ def test_cancel_from_the_page(server, browser):
     browser.find_element(By.ID, "generate").click()
     wait_for(browser, lambda d: page_state(d)[0] in ("queued", "running"), PAGE_WAIT_S, "the job queued or running")
     _, job_id = page_state(browser)
+    browser.save_screenshot(str(tmp_path / "playground-running.png"))
     browser.find_element(By.ID, "cancel").click()
     wait_for(browser, lambda d: "cancelled" in d.find_element(By.ID, "status").text, 60, "the cancellation")
     wait_for(browser, lambda d: d.find_element(By.ID, "generate").is_enabled(), 30, "the form ready again")

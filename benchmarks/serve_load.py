@@ -9,7 +9,8 @@ port in its own process group (a policy the server refuses is skipped, with its 
 one warm-up request, then
   open loop    Poisson arrivals at each rate (requests/s): a request is sent at its arrival time
                whether or not the earlier ones are done, as independent users would;
-  closed loop  C clients, each sending its next request when its last one is done;
+  closed loop  C clients, each sending its next request when its last one is done (after a 429,
+               when its Retry-After has passed, at most 5 s);
 and stops the server (SIGTERM to its group). --url targets a running server instead (one policy,
 whatever it serves). Every load point is bounded: at most N requests, sent within S seconds, and
 each request waits at most S seconds for its job.
@@ -221,6 +222,9 @@ def closed_loop(client: Client, concurrency: int, count: int, window_s: float, t
             rec = one_request(client, make(i), timeout)
             with lock:
                 records.append(rec)
+            if rec["outcome"] == "rejected":        # a polite client waits as told (at most 5 s)
+                time.sleep(min(retry_seconds(rec.get("retry_after")), 5.0,
+                               max(0.0, t0 + window_s - time.perf_counter())))
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for th in threads:
@@ -230,6 +234,13 @@ def closed_loop(client: Client, concurrency: int, count: int, window_s: float, t
     with lock:
         missing = issued[0] - len(records)
         return records + [{"outcome": "unfinished", "error": "client thread did not return"}] * missing
+
+
+def retry_seconds(value) -> float:
+    try:
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        return 1.0
 
 
 # ---------------------------------------------------------------- metrics and summaries
@@ -362,7 +373,8 @@ def start_server(work_dir: Path, policy: str, max_batch: int, max_queue: int, ke
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             lines = log.read_text(errors="replace").strip().splitlines()
-            return None, (lines[-1] if lines else f"exit status {proc.returncode}")
+            reason = lines[-1] if lines else f"exit status {proc.returncode}"
+            return None, reason.removeprefix("sdrt serve: error: ")
         try:
             if client.call("GET", "/ready", timeout=5)[0] == 200:
                 return proc, client

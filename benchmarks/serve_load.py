@@ -33,11 +33,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -382,7 +383,8 @@ def start_server(work_dir: Path, policy: str, max_batch: int, max_queue: int, ke
             pass
         time.sleep(0.25)
     stop_server(proc)
-    raise UserError(f"sdrt serve --batching {policy} was not ready in {READY_TIMEOUT_S} s: see {log}")
+    raise UserError(f"sdrt serve --batching {policy} was not ready in {READY_TIMEOUT_S} s: "
+                    f"{log.read_text(errors='replace').strip()[-300:]}")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -414,8 +416,7 @@ class Load:
 def bench_policy(client: Client, load: Load) -> list[dict]:
     warm = one_request(client, payloads(load.steps, load.size, start=1000)(0), load.timeout_s)
     if warm["outcome"] != "ok":
-        raise UserError(f"the warm-up request did not succeed ({warm['outcome']}: {warm.get('error')}): "
-                        "check the server's log")
+        raise UserError(f"the warm-up request did not succeed ({warm['outcome']}: {warm.get('error')})")
     points = []
     for i, rate in enumerate(load.rates):
         make = payloads(load.steps, load.size, start=100 * i)
@@ -459,19 +460,22 @@ def bench_serve(work_dir: Path | None = None, url: str | None = None, policies=P
             from sdrt.demo import demo_export
             work_dir = demo_export()
         for policy in policies:
-            log = out / f".serve-{policy}.log"
-            proc, client = start_server(Path(work_dir), policy, max_batch, max_queue, api_key, log)
-            if proc is None:
-                say(f"[bench-serve] --batching {policy}: skipped, the server refused it: {client}")
-                runs.append({"batching": policy, "skipped": client})
-                continue
-            try:
-                info = info or server_info(client)
-                say(f"[bench-serve] --batching {policy} on {client.base}")
-                runs.append({"batching": policy, "points": bench_policy(client, load)})
-            finally:
-                stop_server(proc)
-            log.unlink(missing_ok=True)
+            with tempfile.TemporaryDirectory(prefix="sdrt-bench-serve-") as tmp:
+                log = Path(tmp) / "serve.log"
+                proc, client = start_server(Path(work_dir), policy, max_batch, max_queue, api_key, log)
+                if proc is None:
+                    say(f"[bench-serve] --batching {policy}: skipped, the server refused it: {client}")
+                    runs.append({"batching": policy, "skipped": client})
+                    continue
+                try:
+                    info = info or server_info(client)
+                    say(f"[bench-serve] --batching {policy} on {client.base}")
+                    runs.append({"batching": policy, "points": bench_policy(client, load)})
+                except BaseException:
+                    say(f"[bench-serve] the server's log ends with:\n{log.read_text(errors='replace')[-2000:]}")
+                    raise
+                finally:
+                    stop_server(proc)
     result = {
         "device": device_label(info), "model": info.get("model"), "backend": info.get("backend"),
         "max_batch": max_batch if not url else info.get("max_batch"), "max_queue": max_queue if not url else None,
@@ -510,7 +514,7 @@ def table(result: dict) -> str:
             continue
         for p in run["points"]:
             lat = p["latency_s"]
-            level = f"{p['level']:g}/s" if p["load"] == "open" else f"{p['level']:g} clients"
+            level = f"{p['level']:g}/s" if p["load"] == "open" else f"{p['level']:g} client" + "s" * (p["level"] != 1)
             lines.append(f"| {run['batching']} | {p['load']} | {level} | {p['ok']}/{p['sent']} | {p['rejected']} | "
                          f"{p['failed'] + p['error'] + p['cancelled']} | {p['unfinished']} | {p['lost']} | "
                          f"{fmt(p['images_per_s'])} | {fmt(lat['p50'])} | {fmt(lat['p95'])} | {fmt(lat['p99'])} | "

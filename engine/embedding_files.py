@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.engine import request
 from sdrt.errors import UserError, first_line
 
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bf16"}
@@ -37,16 +38,10 @@ class Embedding:
 
 
 def parse_spec(spec) -> tuple[Path, str | None]:
-    """"FILE[:TOKEN]" (or a (FILE, TOKEN) pair) -> (path, token or None). A colon that belongs to
-    an existing path (C:\\, a file named a:b) is part of the path."""
-    if isinstance(spec, (tuple, list)):
-        path, token = spec
-        return Path(path), token
-    spec = str(spec)
-    path, sep, token = spec.rpartition(":")
-    if not sep or not path or Path(spec).exists() or "/" in token or "\\" in token:
-        return Path(spec), None
-    return Path(path), token or None
+    """"FILE[:TOKEN]" (or a (FILE, TOKEN) pair) -> (path, token or None), by request.parse_spec's
+    rule: a colon that belongs to an existing path (C:\\, a file named a:b) is part of the path."""
+    path, token = request.parse_spec(spec, str, None)
+    return Path(path), token
 
 
 def load(spec) -> Embedding:

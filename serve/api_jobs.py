@@ -87,6 +87,9 @@ async def job_result(job_id: str, request: Request):
         raise ApiError(409, f"job {job_id} is {job.state}: the result is ready when its state is succeeded", "id")
     if job.state != "succeeded":
         raise ApiError(409, f"job {job_id} {job.state}: {job.error}", "id")
+    if job.images is None:
+        raise ApiError(410, f"job {job_id}'s images are no longer kept (the newest results are): "
+                       f"fetch results soon after the job succeeds", "id")
     return {"id": job.id, "images": [sp.png_base64(a) for a in job.images], "seeds": list(job.spec.seeds),
             "info": job.info}
 

@@ -58,7 +58,7 @@ def job_error(job: Job) -> ApiError:
     if job.state == "failed":
         kind = "server_error" if (job.error_status or 500) >= 500 else "invalid_request_error"
         return ApiError(job.error_status or 500, job.error or "failed", kind=kind)
-    return ApiError(409, f"job {job.id} was cancelled: {job.error}", kind="cancelled")
+    return ApiError(job.error_status or 409, f"job {job.id} was cancelled: {job.error}", kind="cancelled")
 
 
 def create_app(server: Server) -> FastAPI:

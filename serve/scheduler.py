@@ -22,7 +22,8 @@ from sdrt.serve.spec import ApiError, Spec
 POLICIES = ("none", "request", "step")
 STEP_NEEDS = ("--batching step needs per-sample step rows in the runtime (each batch slot its own step "
               "index, sampler row and guidance), which this sdrt does not have yet: use --batching request")
-KEEP_FINISHED = 512      # finished jobs kept for status/result reads (oldest dropped first)
+KEEP_FINISHED = 512      # finished jobs kept for status reads (oldest dropped first)
+KEEP_RESULTS = 32        # ... of which the newest keep their images for GET /v1/jobs/{id}/result
 
 
 class Scheduler:
@@ -131,7 +132,7 @@ class Scheduler:
             self.accepting = False
             for job in list(self.queue):
                 self.queue.remove(job)
-                self.end(job, "cancelled", error="the server is shutting down: the job did not start")
+                self.end(job, "cancelled", error="the server is shutting down: the job did not start", status=503)
             self.gauge_queue()
             self.cond.notify_all()
 
@@ -242,9 +243,12 @@ class Scheduler:
         self.gauge_queue()
 
     def forget_old(self) -> None:
+        """Bounded memory: old finished jobs are forgotten, and all but the newest results' images."""
         finished = [j for j in self.jobs.values() if j.done]
         for job in finished[:max(0, len(finished) - KEEP_FINISHED)]:
             del self.jobs[job.id]
+        for job in finished[:max(0, len(finished) - KEEP_RESULTS)]:
+            job.images = None
 
     def reject(self, reason: str) -> None:
         if self.metrics:

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from sdrt import manifest as mf
@@ -47,7 +48,8 @@ def make_limits(work_dir: Path, max_batch: int, loras: dict, embeddings: list):
 
 def build(work_dir: Path, backend: str = "auto", max_batch: int = 4, max_queue: int = 64,
           timeout: float | None = None, api_key: str | None = None, batching: str = "request",
-          lora_dir: Path | None = None, embedding_dir: Path | None = None, warmup: bool = True):
+          lora_dir: Path | None = None, embedding_dir: Path | None = None, warmup: bool = True,
+          max_body_mb: float = 32):
     """(ASGI app, Server): everything but the listening socket."""
     from sdrt.serve import spec as sp
     from sdrt.serve.app import Server, create_app
@@ -66,7 +68,9 @@ def build(work_dir: Path, backend: str = "auto", max_batch: int = 4, max_queue: 
         if d is not None and not Path(d).is_dir():
             raise UserError(f"{flag} {d} is not a folder")
     loras, embeddings = sp.lora_files(lora_dir), sp.embedding_files(embedding_dir)
-    limits = make_limits(work_dir, max_batch, loras, embeddings)
+    if max_body_mb <= 0:
+        raise UserError(f"--max-body-mb {max_body_mb}: give a positive size")
+    limits = replace(make_limits(work_dir, max_batch, loras, embeddings), max_body_bytes=int(max_body_mb * 2**20))
     metrics = Metrics()
     scheduler = Scheduler(batching, max_batch, max_queue, timeout, metrics)
 
@@ -80,7 +84,8 @@ def build(work_dir: Path, backend: str = "auto", max_batch: int = 4, max_queue: 
 
 def serve(work_dir: Path | None = None, host: str = "127.0.0.1", port: int = 7860, backend: str = "auto",
           max_batch: int = 4, max_queue: int = 64, timeout: float | None = None, api_key: str | None = None,
-          batching: str = "request", lora_dir: Path | None = None, embedding_dir: Path | None = None) -> int:
+          batching: str = "request", lora_dir: Path | None = None, embedding_dir: Path | None = None,
+          max_body_mb: float = 32) -> int:
     check_deps()
     import uvicorn
     if work_dir is None:
@@ -89,7 +94,7 @@ def serve(work_dir: Path | None = None, host: str = "127.0.0.1", port: int = 786
     work_dir = Path(work_dir)
     api_key = api_key or os.environ.get("SDRT_API_KEY") or None
     app, server = build(work_dir, backend, max_batch, max_queue, timeout, api_key, batching, lora_dir,
-                        embedding_dir)
+                        embedding_dir, max_body_mb=max_body_mb)
     logging.basicConfig(level=logging.INFO, format="sdrt serve: %(message)s", stream=sys.stderr)
     server.worker.start()
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,

@@ -6,16 +6,13 @@ import logging
 import threading
 import time
 
+from sdrt.engine.request import Cancelled
+from sdrt.errors import UserError, first_line
 from sdrt.serve import runner
 from sdrt.serve.jobs import Job
 from sdrt.serve.scheduler import Scheduler
-from sdrt.errors import UserError, first_line
 
 log = logging.getLogger("sdrt.serve")
-
-
-class Abandoned(Exception):
-    """Every job of the running call was cancelled or timed out: stop between steps."""
 
 
 class EngineWorker(threading.Thread):
@@ -54,7 +51,7 @@ class EngineWorker(threading.Thread):
         """One engine call; a fault splits the batch so that only the faulty job fails."""
         try:
             self.call(batch)
-        except Abandoned:
+        except Cancelled:            # every job of the call was cancelled or timed out
             pass
         except UserError as e:
             self.split_or_fail(batch, 400, first_line(e))
@@ -83,7 +80,7 @@ class EngineWorker(threading.Thread):
             live = self.scheduler.on_step(batch, done, now - last[0])
             last[0] = now
             if not live:
-                raise Abandoned()
+                raise Cancelled()
 
         t0 = time.perf_counter()
         result = runner.run(self.pipe, samples, spec.steps, spec.guidance, spec.height, spec.width,

@@ -4,7 +4,8 @@ they all read alike (value axes from zero, min-max whiskers, device and versions
 Public functions (names and signatures are stable; benchmarks import them):
 
     figure(panels=1, width=6.0, height=4.2) -> (fig, [ax, ...])
-        A figure with `panels` axes side by side.
+        A figure with `panels` axes side by side, each `width` inches wide (or a list of widths,
+        one per panel).
     stacked_bars(ax, groups, ylabel, title=None) -> None
         groups: [(group label, [Bar, ...]), ...]. Bars of one group stand side by side, groups
         apart, each bar stacked from its `segments` (bottom first), one colour per segment name
@@ -76,10 +77,15 @@ def _matplotlib():
     return plt
 
 
-def figure(panels: int = 1, width: float = 6.0, height: float = 4.2):
-    """(fig, [ax, ...]): `panels` axes side by side, each `width` inches wide."""
+def figure(panels: int = 1, width=6.0, height: float = 4.2):
+    """(fig, [ax, ...]): `panels` axes side by side, each `width` inches wide (a number, or a list
+    of one width per panel)."""
     plt = _matplotlib()
-    fig, axes = plt.subplots(1, panels, figsize=(width * panels, height), squeeze=False)
+    widths = list(width) if isinstance(width, (list, tuple)) else [float(width)] * panels
+    if len(widths) != panels:
+        raise ValueError(f"figure: {panels} panels but {len(widths)} widths")
+    fig, axes = plt.subplots(1, panels, figsize=(sum(widths), height), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     return fig, list(axes[0])
 
 

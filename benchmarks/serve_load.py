@@ -443,7 +443,7 @@ def device_label(info: dict) -> str:
 
 def bench_serve(work_dir: Path | None = None, url: str | None = None, policies=POLICIES, load: Load | None = None,
                 max_batch: int = 4, max_queue: int = 16, api_key: str | None = None,
-                out: Path = Path("bench-serve")) -> Path:
+                out: Path = Path("sdrt-results")) -> Path:
     """Run every policy's points; writes OUT/serve-load-<model>-<device>.json/.md/.png; returns the JSON path."""
     load = load or Load(rates=[0.5, 1.0, 2.0], concurrency=[1, 4, 16])
     out = Path(out)

@@ -230,7 +230,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=4)
     s.add_argument("--max-queue", type=int, default=16)
     s.add_argument("--api-key", help="the server's key (sent as Authorization: Bearer)")
-    s.add_argument("--out", type=Path, default=Path("bench-serve"), help="folder for the .json, .md and .png")
+    s.add_argument("--out", type=Path, default=Path("sdrt-results"),
+                   help="folder for the .json, .md and .png (default: ./sdrt-results)")
     s.set_defaults(fn=cmd_bench_serve)
 
     s = sub.add_parser("memory", help="GPU memory a generation needs, and a Jetson budget (no GPU needed)")

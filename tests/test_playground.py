@@ -18,7 +18,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -69,20 +68,14 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_work(tmp_path_factory) -> Path:
-    from sdrt.demo import demo_export
-    return demo_export(tmp_path_factory.mktemp("playground") / "sdrt-demo")
-
-
-@pytest.fixture(scope="module")
-def server(demo_work, tmp_path_factory):
+def server(demo_fp32, tmp_path_factory):
     """`sdrt serve` with an API key; yields its base URL once /ready answers."""
     pytest.importorskip("uvicorn", reason="sdrt serve needs the serve extra: pip install 'sdrt[serve]'")
     chromium_paths()     # skip before starting a server no browser will use
     port = free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "serve", str(demo_work), "--host", "127.0.0.1",
+        proc = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "serve", str(demo_fp32), "--host", "127.0.0.1",
                                  "--port", str(port), "--api-key", KEY, "--max-batch", "2"],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -21,18 +21,17 @@ import urllib.request
 
 import pytest
 
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+if not (BROWSER and DRIVER):
+    pytest.skip("headless Chromium not installed: apt-get install -y chromium chromium-driver "
+                "(.ci/run installs them)", allow_module_level=True)
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed: pip install 'sdrt[test]'")
+pytest.importorskip("uvicorn", reason="sdrt serve needs the serve extra: pip install 'sdrt[serve]'")
+
 KEY = "playground-test-key"
 PAGE_WAIT_S = 30      # the page loads /v1/info
 IMAGE_WAIT_S = 180    # one demo image on 2 busy cores
-
-
-def chromium_paths() -> tuple[str, str]:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (browser and driver):
-        pytest.skip("headless Chromium not installed: apt-get install -y chromium chromium-driver "
-                    "(.ci/run installs them)")
-    return browser, driver
 
 
 def free_port() -> int:
@@ -70,8 +69,6 @@ def stop_group(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def server(demo_fp32, tmp_path_factory):
     """`sdrt serve` with an API key; yields its base URL once /ready answers."""
-    pytest.importorskip("uvicorn", reason="sdrt serve needs the serve extra: pip install 'sdrt[serve]'")
-    chromium_paths()     # skip before starting a server no browser will use
     port = free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     with open(log, "wb") as out:
@@ -97,15 +94,13 @@ def server(demo_fp32, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed: pip install 'sdrt[test]'")
     from selenium.webdriver.chrome.service import Service
-    binary, driver_path = chromium_paths()
     options = webdriver.ChromeOptions()
-    options.binary_location = binary
+    options.binary_location = BROWSER
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1100,900", "--disable-extensions", "--no-first-run"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
     driver.set_page_load_timeout(30)
     yield driver
     driver.quit()

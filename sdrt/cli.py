@@ -273,8 +273,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=4, help="images per engine call (and per request)")
     s.add_argument("--max-queue", type=int, default=64, help="jobs waiting; more: 429 with Retry-After")
     s.add_argument("--timeout", type=float, help="seconds a job may take from submission (default: none)")
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
-                                     "(default: $SDRT_API_KEY)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and the "
+                                     "playground page / (default: $SDRT_API_KEY)")
     s.add_argument("--batching", default="request", choices=("none", "request", "step"),
                    help="none: one request per engine call; request: compatible queued requests share one "
                         "call; step: join and leave between steps (needs per-sample step rows)")

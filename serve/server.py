@@ -56,6 +56,9 @@ def build(work_dir: Path, backend: str = "auto", max_batch: int = 4, max_queue: 
     from sdrt.serve.metrics import Metrics
     from sdrt.serve.scheduler import POLICIES, STEP_NEEDS, Scheduler
     from sdrt.serve.worker import EngineWorker
+    from sdrt.engine.backends import NAMES
+    if backend != "auto" and backend not in NAMES:
+        raise UserError(f"unknown backend {backend!r}: choose auto or one of {', '.join(NAMES)}")
     if batching not in POLICIES:
         raise UserError(f"--batching {batching}: use one of {', '.join(POLICIES)}")
     if batching == "step":
@@ -100,12 +103,26 @@ def serve(work_dir: Path | None = None, host: str = "127.0.0.1", port: int = 786
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=DRAIN_GRACE_S)
     uv = DrainingServer(config, server)
+    threading.Thread(target=stop_if_engine_fails, args=(server, uv), daemon=True).start()
     print(f"sdrt serve: {work_dir} on http://{host}:{port} (batching {batching}, max batch {max_batch}, "
           f"queue {max_queue}{', API key required' if api_key else ''}); docs at /docs", file=sys.stderr, flush=True)
     uv.run()
     server.scheduler.stop()
     server.worker.join(timeout=5)
+    if server.worker.load_error:
+        raise UserError(f"the engine did not start: {server.worker.load_error}")
+    if not uv.started:
+        raise UserError(f"cannot listen on {host}:{port} (see the line above): choose another --port or --host")
     return 0
+
+
+def stop_if_engine_fails(server, uv) -> None:
+    """The engine could not be opened (a backend missing, a stale engine...): stop serving, so the
+    command ends with that one line instead of a server that can never run a job."""
+    while not server.worker.ready.wait(0.2):
+        if server.worker.load_error:
+            uv.should_exit = True
+            return
 
 
 def drain(server, uv) -> None:

@@ -36,7 +36,6 @@ class EngineWorker(threading.Thread):
                 runner.run(self.pipe, [runner.Sample("", "", 0)], 1, 5.0, None, None)
         except Exception as e:       # noqa: BLE001 (the reason goes to /ready and the log)
             self.load_error = first_line(e)
-            log.error("the engine did not start: %s", self.load_error)
             self.scheduler.drain()
             return
         self.ready.set()
@@ -45,10 +44,21 @@ class EngineWorker(threading.Thread):
             if batch is None:
                 return
             if batch:
-                self.run_batch(batch)
+                try:
+                    self.run_batch(batch)
+                except Exception as e:   # noqa: BLE001 (never lose the worker: fail the jobs, go on)
+                    log.exception("serving fault")
+                    for job in batch:
+                        self.scheduler.fail(job, 500, f"server error: {first_line(e)}")
+                    self.scheduler.batch_done(batch)
 
     def run_batch(self, batch: list[Job]) -> None:
         """One engine call; a fault splits the batch so that only the faulty job fails."""
+        groups = self.by_prompt_chunks(batch)
+        if len(groups) > 1:
+            for group in groups:
+                self.run_batch(group)
+            return
         try:
             self.call(batch)
         except Cancelled:            # every job of the call was cancelled or timed out
@@ -60,6 +70,22 @@ class EngineWorker(threading.Thread):
             self.split_or_fail(batch, 500, f"engine error: {first_line(e)}")
         finally:
             self.scheduler.batch_done(batch)
+
+    def by_prompt_chunks(self, batch: list[Job]) -> list[list[Job]]:
+        """Jobs grouped by their text length in 77-token chunks: a call pads every prompt to its
+        longest, so a short prompt beside a long one would not draw what it draws alone."""
+        if len(batch) == 1:
+            return [batch]
+        cond = self.pipe.conditioning(self.pipe.embeddings)
+        guided = batch[0].spec.guidance > 1.0
+        groups: dict[int, list[Job]] = {}
+        try:
+            for job in batch:
+                k = max(len(cond.chunks(job.spec.prompt)), len(cond.chunks(job.spec.negative)) if guided else 1)
+                groups.setdefault(k, []).append(job)
+        except Exception:            # noqa: BLE001 (the engine call reports a bad prompt, per job)
+            return [batch]
+        return list(groups.values())
 
     def split_or_fail(self, batch: list[Job], status: int, message: str) -> None:
         live = [j for j in batch if not j.done]

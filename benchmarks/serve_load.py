@@ -85,8 +85,10 @@ class Client:
         except urllib.error.HTTPError as e:
             return e.code, parse(e.read()), dict(e.headers)
 
-    def events(self, job_id: str, timeout: float):
-        """Yields (event, status dict) from GET /v1/jobs/ID/events until the stream ends."""
+    def events(self, job_id: str, deadline: float):
+        """Yields (event, status dict) from GET /v1/jobs/ID/events until the stream ends or the
+        deadline (perf_counter seconds) passes; keep-alive comments count against it too."""
+        timeout = max(1.0, deadline - time.perf_counter())
         headers = {"Accept": "text/event-stream"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
@@ -94,6 +96,8 @@ class Client:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             event, data = "message", []
             for raw in r:
+                if time.perf_counter() > deadline:
+                    return
                 line = raw.decode().rstrip("\r\n")
                 if line.startswith("event:"):
                     event = line[6:].strip()
@@ -128,11 +132,9 @@ def wait_job(client: Client, job_id: str, deadline: float, rec: dict) -> dict | 
             rec["t_running"] = time.perf_counter()
         return status.get("state") in TERMINAL
     try:
-        for event, status in client.events(job_id, timeout=max(1.0, deadline - time.perf_counter())):
+        for event, status in client.events(job_id, deadline):
             if seen(status) or event == "done":
                 return status
-            if time.perf_counter() > deadline:
-                return None
     except (OSError, ValueError):
         pass                     # stream broke or timed out: poll what is left of the time
     while time.perf_counter() < deadline:

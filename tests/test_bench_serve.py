@@ -125,9 +125,12 @@ def handler(fake: FakeJobs):
                 for _ in range(100):          # the fake's stream gives up after 1 s: the client polls on
                     if job["state"] not in ("queued", "running"):
                         break
-                    self.wfile.write(f"event: progress\ndata: {json.dumps(fake.status(job))}\n\n".encode())
+                    if job["seed"] == HANG_SEED:   # only keep-alive comments: the client's deadline ends it
+                        self.wfile.write(b": keep-alive\n\n")
+                    else:
+                        self.wfile.write(f"event: progress\ndata: {json.dumps(fake.status(job))}\n\n".encode())
                     self.wfile.flush()
-                    time.sleep(0.01)
+                    time.sleep(0.05 if job["seed"] == HANG_SEED else 0.01)   # the hung one: 5 s of keep-alives
                 else:
                     return
                 self.wfile.write(f"event: done\ndata: {json.dumps(fake.status(job))}\n\n".encode())

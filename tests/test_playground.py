@@ -146,6 +146,9 @@ def page_state(driver) -> tuple[str, str]:
 def test_page_draws_the_prompt_and_shows_the_servers_png(server, browser, tmp_path):
     from PIL import Image
     from selenium.webdriver.common.by import By
+    with urllib.request.urlopen(server + "/", timeout=30) as r:       # the page needs no key; its API calls do
+        assert r.status == 200 and b"sdrt playground" in r.read()
+    assert http(server, "GET", "/v1/info", key=None)[0] == 401
     open_page(browser, server)
     width = int(browser.find_element(By.ID, "width").get_attribute("value"))
     height = int(browser.find_element(By.ID, "height").get_attribute("value"))

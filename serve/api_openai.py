@@ -6,11 +6,11 @@ loras, strength."""
 from __future__ import annotations
 
 import json
-import time
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
+from sdrt.errors import first_line
 from sdrt.serve import spec as sp
 from sdrt.serve.api_jobs import LoraChoice
 from sdrt.serve.app import job_error, server_of, wait_done
@@ -107,7 +107,7 @@ async def edits(request: Request):
     try:
         form = await request.form(max_files=4, max_fields=64, max_part_size=lim.max_body_bytes)
     except Exception as e:                       # noqa: BLE001 (a malformed multipart body)
-        raise ApiError(400, f"the body is not a valid multipart form ({sp.first_line(e)}): send image, "
+        raise ApiError(400, f"the body is not a valid multipart form ({first_line(e)}): send image, "
                        f"prompt, ... as multipart/form-data") from None
     fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
     files = {k: v for k, v in form.multi_items() if not isinstance(v, str)}

@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict
 
 from sdrt.serve import spec as sp
 from sdrt.serve.app import job_error, server_of, wait_done
-from sdrt.serve.spec import ApiError
 
 router = APIRouter(prefix="/sdapi/v1", tags=["webui"])
 TASK_ID = re.compile(r"^[A-Za-z0-9_.():-]{1,96}$")

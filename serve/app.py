@@ -3,7 +3,6 @@ API (api_*.py), health/readiness/metrics here; authentication, the body size lim
 metrics as one ASGI layer (Guard) around it."""
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging

@@ -4,6 +4,7 @@ holding a thread (wait_change)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ class Job:
     images: list | None = None           # uint8 [H, W, 3] each, when succeeded
     info: dict = field(default_factory=dict)
     version: int = 0
-    watchers: set = field(default_factory=set)
+    watchers: set = field(default_factory=set)      # callbacks of waiting HTTP handlers
+    watch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def done(self) -> bool:
@@ -43,8 +45,18 @@ class Job:
     def changed(self) -> None:
         """Called by the scheduler (under its lock) after every change."""
         self.version += 1
-        for notify in list(self.watchers):
+        with self.watch_lock:
+            notify_all = list(self.watchers)
+        for notify in notify_all:
             notify()
+
+    def watch(self, notify) -> None:
+        with self.watch_lock:
+            self.watchers.add(notify)
+
+    def unwatch(self, notify) -> None:
+        with self.watch_lock:
+            self.watchers.discard(notify)
 
 
 async def wait_change(job: Job, seen: int, timeout: float) -> None:
@@ -56,11 +68,11 @@ async def wait_change(job: Job, seen: int, timeout: float) -> None:
 
     def notify():
         loop.call_soon_threadsafe(event.set)
-    job.watchers.add(notify)
+    job.watch(notify)
     try:
         if job.version == seen:
             await asyncio.wait_for(event.wait(), timeout)
     except (asyncio.TimeoutError, TimeoutError):
         pass
     finally:
-        job.watchers.discard(notify)
+        job.unwatch(notify)

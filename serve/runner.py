@@ -35,8 +35,7 @@ def run(pipe, samples: list[Sample], steps: int, guidance: float, height: int | 
         clip_skip: int = 1, image=None, mask=None, strength=None, on_step=None) -> Result:
     """on_step(step, steps) after each denoising step, counted over all `steps` (image inputs
     start part-way: strength); it may raise sdrt.engine.request.Cancelled to stop the call."""
-    hook = None
-    if on_step is not None:
-        def hook(done: int, total: int) -> None:
-            on_step(steps - total + done, steps)
-    return pipe.run(request(samples, steps, guidance, height, width, clip_skip, image, mask, strength), on_step=hook)
+    def hook(done: int, total: int) -> None:
+        on_step(steps - total + done, steps)
+    return pipe.run(request(samples, steps, guidance, height, width, clip_skip, image, mask, strength),
+                    on_step=hook if on_step is not None else None)

@@ -155,13 +155,8 @@ class Scheduler:
                 if not self.queue:
                     return None if self.stopped else []
             head = self.queue[0]
-            batch = [head]
-            if self.policy == "request":
-                key, images = head.spec.batch_key(), head.spec.n
-                for job in self.queue[1:]:
-                    if job.spec.batch_key() == key and images + job.spec.n <= self.max_batch:
-                        batch.append(job)
-                        images += job.spec.n
+            batch = [head] + (self.compatible(head.spec.batch_key(), self.max_batch - head.spec.n, head)
+                              if self.policy == "request" else [])
             now = time.monotonic()
             for job in batch:
                 self.queue.remove(job)
@@ -174,6 +169,17 @@ class Scheduler:
             if self.metrics:
                 self.metrics.batch_size.set(sum(j.spec.n for j in batch))
             return batch
+
+    def compatible(self, key: tuple, room: int, skip: Job | None = None) -> list[Job]:
+        """Queued jobs (oldest first) that can share a call of this batch key, within `room`
+        images. The request policy fills a new call with them; a step policy would fill the free
+        slots of the running batch with them between steps."""
+        out = []
+        for job in self.queue:
+            if job is not skip and job.spec.batch_key() == key and job.spec.n <= room:
+                out.append(job)
+                room -= job.spec.n
+        return out
 
     def on_step(self, batch: list[Job], step: int, seconds: float) -> list[Job]:
         """After each denoising step: progress, timeouts; returns the jobs still wanted."""

@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdrt.errors import first_line  # noqa: F401 (api_openai uses sp.first_line)
+from sdrt.errors import first_line
 
 SAMPLERS = ("DDIM",)            # what the runtime steps with today
 SAMPLER_ALIASES = {"ddim": "DDIM"}

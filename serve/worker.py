@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 
-from sdrt.engine.request import Cancelled
+from sdrt.engine.request import Cancelled, RequestError
 from sdrt.errors import UserError, first_line
 from sdrt.serve import runner
 from sdrt.serve.jobs import Job
@@ -33,7 +33,7 @@ class EngineWorker(threading.Thread):
             self.pipe = self.open_pipeline()
             self.backend_name = self.pipe.backend_name
             if self.warmup:          # sessions, buffers and graphs of the default shape, before /ready
-                runner.run(self.pipe, [runner.Sample("", "", 0)], 1, 5.0, None, None)
+                self.warm()
         except Exception as e:       # noqa: BLE001 (the reason goes to /ready and the log)
             self.load_error = first_line(e)
             self.scheduler.drain()
@@ -52,6 +52,17 @@ class EngineWorker(threading.Thread):
                         self.scheduler.fail(job, 500, f"server error: {first_line(e)}")
                     self.scheduler.batch_done(batch)
 
+    def warm(self) -> None:
+        """One step at the default size (an inpainting UNet: with a blank image and mask)."""
+        cfg = self.pipe.config
+        image = mask = None
+        if cfg.inpainting_unet:
+            from PIL import Image
+            image = Image.new("RGB", (cfg.default_width, cfg.default_height))
+            mask = Image.new("L", image.size, 255)
+        runner.run(self.pipe, [runner.Sample("", "", 0)], 1, 5.0, cfg.default_height, cfg.default_width,
+                   image=image, mask=mask)
+
     def run_batch(self, batch: list[Job]) -> None:
         """One engine call; a fault splits the batch so that only the faulty job fails."""
         groups = self.by_prompt_chunks(batch)
@@ -63,8 +74,8 @@ class EngineWorker(threading.Thread):
             self.call(batch)
         except Cancelled:            # every job of the call was cancelled or timed out
             pass
-        except UserError as e:
-            self.split_or_fail(batch, 400, first_line(e))
+        except UserError as e:       # what the runtime checks itself (a prompt longer than the engines take...)
+            self.split_or_fail(batch, 400, e.render(str) if isinstance(e, RequestError) else first_line(e))
         except Exception as e:      # noqa: BLE001 (an engine fault: logged, that job gets a 500)
             log.exception("engine fault on job(s) %s", ", ".join(j.id for j in batch))
             self.split_or_fail(batch, 500, f"engine error: {first_line(e)}")

@@ -564,3 +564,27 @@ def test_cli_refuses_bad_serve_options(demo_fp32, tmp_path):
     assert_user_error(run_cli("serve", demo_fp32, "--lora-dir", tmp_path / "none"), "--lora-dir")
     assert_user_error(run_cli("serve", tmp_path / "missing"), "missing")
     assert_user_error(run_cli("serve", demo_fp32, "--backend", "fastest"), "unknown backend")
+
+
+def test_scheduler_batches_compatible_jobs_only():
+    """request: the oldest job plus the queued ones with its size, steps, guidance, clip skip,
+    task and LoRA set, within --max-batch images; none: one job a call; a full queue is a 429."""
+    from sdrt.serve import spec as sp
+    from sdrt.serve.scheduler import Scheduler
+    mk = lambda n=1, steps=10, loras=(), w=32: sp.Spec("p", "", steps, 5.0, w, 32, n, list(range(n)), loras=loras)
+    sched = Scheduler("request", max_batch=4, max_queue=8)
+    a, b, c, d, e, f = (sched.submit(s) for s in (mk(), mk(steps=20), mk(n=2), mk(loras=(("x", 1.0),)), mk(n=2),
+                                                  mk(w=64)))
+    assert sched.next_batch() == [a, c]                      # e would make 5 images
+    assert sched.next_batch() == [b]
+    assert sched.next_batch() == [d]                         # another LoRA set
+    assert sched.next_batch() == [e]
+    assert sched.next_batch() == [f]                         # another size
+    assert sched.next_batch(wait=0.01) == []
+    none = Scheduler("none", max_batch=4, max_queue=2)
+    g, h = none.submit(mk()), none.submit(mk())
+    with pytest.raises(sp.ApiError) as err:
+        none.submit(mk())
+    assert err.value.status == 429
+    none.cancel(g)
+    assert g.state == "cancelled" and none.next_batch() == [h]

@@ -6,11 +6,12 @@ Public functions (names and signatures are stable; benchmarks import them):
     figure(panels=1, width=6.0, height=4.2) -> (fig, [ax, ...])
         A figure with `panels` axes side by side, each `width` inches wide (or a list of widths,
         one per panel).
-    stacked_bars(ax, groups, ylabel, title=None) -> None
+    stacked_bars(ax, groups, ylabel, title=None, legend=True) -> None
         groups: [(group label, [Bar, ...]), ...]. Bars of one group stand side by side, groups
         apart, each bar stacked from its `segments` (bottom first), one colour per segment name
         across the whole axes, one legend entry per segment name; `low`/`high` draw a min-max
         whisker on the bar's total, `note` is written above the bar (e.g. "1.23x"). y from zero.
+        legend=False: none (several panels of the same segments: one legend is enough).
     lines(ax, series, xlabel, ylabel, title=None) -> None
         series: [Series, ...], one line each with markers and, where `low`/`high` are given,
         min-max whiskers. Both axes from zero (all values here are sizes, counts, times, rates).
@@ -95,7 +96,7 @@ def color_of(name: str, seen: dict) -> str:
     return seen[name]
 
 
-def stacked_bars(ax, groups: list, ylabel: str, title: str | None = None) -> None:
+def stacked_bars(ax, groups: list, ylabel: str, title: str | None = None, legend: bool = True) -> None:
     """Grouped stacked bars with min-max whiskers and notes; y axis from zero."""
     colors: dict = {}
     x, ticks, labels, centres = 0.0, [], [], []
@@ -134,7 +135,8 @@ def stacked_bars(ax, groups: list, ylabel: str, title: str | None = None) -> Non
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    _legend_once(ax)
+    if legend:
+        _legend_once(ax)
 
 
 def lines(ax, series: list, xlabel: str, ylabel: str, title: str | None = None) -> None:
@@ -176,7 +178,7 @@ def caption(device: str, versions: dict, *more: str) -> str:
     text = f"measured on {device}"
     if versions:
         text += "; " + ", ".join(f"{k} {v}" for k, v in versions.items())
-    return ". ".join([text, *more])
+    return ". ".join([text, *(m for m in more if m)])
 
 
 def save(fig, path, caption_text: str = "") -> Path:

@@ -176,28 +176,43 @@ def sdrt_note(r: dict) -> str:
     return note
 
 
+ZOOM = 5.0      # the reference this many times slower: sdrt's bars again on their own scale
+
+
 def plot(records: list[dict], path: Path) -> None:
     """Per configuration, stacked bars of where the time goes (sdrt contenders and the reference
-    side by side, the speed-up on sdrt's bars); a second panel of ms per image over batch (or over
-    size) only when the run has more than one."""
+    side by side, the speed-up on sdrt's bars); when the reference is over ZOOM times slower,
+    sdrt's bars again on their own scale (else they are slivers); a panel of ms per image over
+    batch (or over size) only when the run has more than one."""
     from sdrt.benchmarks import plots
-    groups = {}
+    groups, ref_max = {}, 0.0
     for r in records:
         groups.setdefault(config_key(r), (config_label(r), []))[1].append(bar_of(short_name(r), r["stages"],
                                                                                 sdrt_note(r)))
+    sdrt_groups = [(label, list(bars)) for label, bars in groups.values()]
+    sdrt_max = max(b.total for _, bars in sdrt_groups for b in bars)
     for r in records:
         bars = groups[config_key(r)][1]
         if r.get("reference_stages") and not any(b.label == "diffusers" for b in bars):
             bars.append(bar_of("diffusers", r["reference_stages"]))
-    n_bars = sum(len(b) for _, b in groups.values())
+            ref_max = max(ref_max, r["reference_stages"]["total"]["median"])
+    zoom = ref_max > ZOOM * sdrt_max
     over = lines_over(records)
-    widths = [max(5.0, 0.85 * n_bars + 0.6 * len(groups) + 2.5)] + ([5.5] if over else [])
+    n_bars = sum(len(b) for _, b in groups.values())
+    widths = [max(5.0, 0.85 * n_bars + 0.6 * len(groups) + 2.5)]
+    if zoom:
+        widths.append(max(4.0, 0.85 * (n_bars - len(groups)) + 0.6 * len(groups) + 1.5))
+    if over:
+        widths.append(5.5)
     fig, axes = plots.figure(len(widths), width=widths, height=4.6)
     r0 = records[0]
-    plots.stacked_bars(axes[0], list(groups.values()), f"ms per generation (median; whiskers: min-max)",
+    plots.stacked_bars(axes[0], list(groups.values()), "ms per generation (median; whiskers: min-max)",
                        f"where the time goes: {r0['steps']} DDIM steps")
+    if zoom:
+        plots.stacked_bars(axes[1], sdrt_groups, "ms per generation (median; whiskers: min-max)",
+                           "sdrt alone, on its own scale")
     if over:
-        plots.lines(axes[1], over[1], over[0], "ms per image (median, min-max)", "per image")
+        plots.lines(axes[-1], over[1], over[0], "ms per image (median, min-max)", "per image")
     text = plots.caption(r0["device"], r0["versions"],
                          f"{r0['runs']} runs per contender" + (", interleaved" if r0.get("interleaved") else ""),
                          f"speed-up: diffusers' median end to end / sdrt's; reference: {r0['reference']}"
@@ -335,22 +350,23 @@ def compare_table(paths: list[Path], labels: list[str], rows: list, unmatched: l
 
 
 def compare_plot(labels: list[str], rows: list, path: Path, devices: list[str], versions: list[dict]) -> None:
-    """Per (configuration, contender): one stacked bar per file, the time ratio to the first on the others."""
+    """One panel per (configuration, contender), each on its own scale from zero: one stacked bar
+    per file, the time ratio to the first file (and whether the spreads overlap) on the others."""
     from sdrt.benchmarks import plots
-    groups = []
-    for config, contender, stats in rows:
-        base = stats[0]["total"]["median"]
-        bars = [bar_of(lab, s, "" if i == 0 else f"{s['total']['median'] / base:.2f}x time")
-                for i, (lab, s) in enumerate(zip(labels, stats))]
-        groups.append((f"{config}\n{contender.replace(' (', chr(10) + '(')}", bars))
-    n_bars = sum(len(b) for _, b in groups)
-    fig, (ax,) = plots.figure(1, width=max(6.0, 0.9 * n_bars + 0.6 * len(groups) + 2.5), height=5.0)
-    plots.stacked_bars(ax, groups, "ms per generation (median; whiskers: min-max)",
-                       f"compared: {', '.join(labels)}")
+    width = max(2.6, 0.9 * len(labels) + 1.4)
+    fig, axes = plots.figure(len(rows), width=[width] * (len(rows) - 1) + [width + 1.3], height=4.8)
+    for i, (ax, (config, contender, stats)) in enumerate(zip(axes, rows)):
+        base = stats[0]["total"]
+        bars = [bar_of(lab, s, "" if k == 0 else f"{s['total']['median'] / base['median']:.2f}x time\n"
+                       + ("within noise" if overlap(s["total"], base) else "spreads apart"))
+                for k, (lab, s) in enumerate(zip(labels, stats))]
+        title = f"{config}\n{contender.replace(' (', chr(10) + '(').replace(' vs ', chr(10) + 'vs ')}"
+        plots.stacked_bars(ax, [("", bars)], "ms per generation (median; whiskers: min-max)" if i == 0 else "",
+                           title, legend=i == len(rows) - 1)
     same = len(set(devices)) == 1
     text = plots.caption(devices[0] if same else " / ".join(devices), versions[0],
                          "" if same else "different devices",
-                         "time ratio to the first file written on the bars")
+                         f"time ratio to {labels[0]} written on the bars; each panel on its own scale")
     plots.save(fig, path, text)
 
 

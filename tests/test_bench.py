@@ -249,6 +249,11 @@ def test_plot_bars_for_one_configuration_lines_over_batch(tmp_path, monkeypatch)
     for path, fig in ((tmp_path / "one.png", fig1), (tmp_path / "two.png", fig2)):
         w, h = fig.get_size_inches()
         assert Image.open(path).size == (round(w * plots.DPI), round(h * plots.DPI))
+    # a reference over 5x slower: sdrt's bars again on their own scale (else slivers)
+    report.plot([fake_record(ref_total=(900, 850, 1000))], tmp_path / "zoom.png")
+    _, (whole, alone), _ = figs[2]
+    assert whole.get_ylim()[1] >= 1000 and 104 <= alone.get_ylim()[1] < 200 and alone.get_ylim()[0] == 0
+    assert [t.get_text() for t in alone.get_xticklabels()] == ["sdrt ort-cpu\ntiny-op"]
 
 
 def write_result(path: Path, records: list) -> Path:
@@ -271,10 +276,13 @@ def test_compare_matches_configurations_ratio_and_overlap(tmp_path, monkeypatch)
     assert "| 0.978 | yes: within the noise |" in rows[2]         # batch 2: the spreads overlap
     assert rows[1].startswith("| 64x64, batch 1, 4 steps | diffusers eager FP32, CPU |")   # the machine's own check
     assert "batch 4, 4 steps: only from file 2 on" in text
-    [(fig, [ax], _)] = figs
-    assert ax.get_ylim()[0] == 0
-    assert [t.get_text() for t in ax.texts] == ["0.80x time", "1.00x time", "0.98x time", "1.00x time"]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["before", "after"] * 4
+    [(fig, axes, caption)] = figs                 # one panel per row, each on its own scale from zero
+    assert len(axes) == 4 and all(ax.get_ylim()[0] == 0 for ax in axes)
+    assert [t.get_text() for ax in axes for t in ax.texts] == [
+        "0.80x time\nspreads apart", "1.00x time\nwithin noise", "0.98x time\nwithin noise", "1.00x time\nwithin noise"]
+    assert all([t.get_text() for t in ax.get_xticklabels()] == ["before", "after"] for ax in axes)
+    assert [ax.get_legend() is not None for ax in axes] == [False, False, False, True]
+    assert "time ratio to before" in caption and "cpu (x86_64, 2 cores)" in caption
 
 
 def test_compare_cli_and_its_errors(tmp_path):

@@ -49,5 +49,14 @@ def test_lines_from_zero_with_whiskers(tmp_path):
 
 
 def test_caption_names_device_and_versions():
-    text = caption("NVIDIA H100", {"sdrt": "0.1.0", "tensorrt": "10.14"}, "5 runs each", "batch 1")
+    text = caption("NVIDIA H100", {"sdrt": "0.1.0", "tensorrt": "10.14"}, "5 runs each", "", "batch 1")
     assert text == "measured on NVIDIA H100; sdrt 0.1.0, tensorrt 10.14. 5 runs each. batch 1"
+
+
+def test_stacked_bars_without_legend():
+    fig, (a, b) = figure(2, width=[3, 4])
+    stacked_bars(a, GROUPS[:1], "ms", legend=False)
+    stacked_bars(b, GROUPS[1:], "ms")
+    assert a.get_legend() is None and b.get_legend() is not None
+    assert [round(w, 2) for w in fig.get_size_inches()] == [7, 4.2]
+    fig.clf()

@@ -152,27 +152,26 @@ def test_page_draws_the_prompt_and_shows_the_servers_png(server, browser, tmp_pa
     open_page(browser, server)
     width = int(browser.find_element(By.ID, "width").get_attribute("value"))
     height = int(browser.find_element(By.ID, "height").get_attribute("value"))
-    fill(browser, prompt="a large red circle on a blue background", steps=8, seed=11)
+    fill(browser, prompt="a large red circle on a blue background", steps=8, seed=11, n=2)
     browser.find_element(By.ID, "generate").click()
-    images = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#images img"), IMAGE_WAIT_S, "the image")
-    assert len(images) == 1
+    images = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#images img"), IMAGE_WAIT_S, "the images")
+    assert len(images) == 2
     browser.save_screenshot(str(tmp_path / "playground.png"))
 
-    src = images[0].get_attribute("src")
-    assert src.startswith("data:image/png;base64,")
-    png = base64.b64decode(src.split(",", 1)[1])
-    img = Image.open(io.BytesIO(png))
-    assert img.format == "PNG" and img.size == (width, height)
-    assert img.convert("L").getextrema()[0] < img.convert("L").getextrema()[1], "a blank image"
-    assert images[0].get_attribute("naturalWidth") == str(width)      # the browser decoded it
-
     state, job_id = page_state(browser)
-    assert job_id, "the page did not record the job id"
+    assert state == "succeeded" and job_id, "the page did not record the job"
     status, result = http(server, "GET", f"/v1/jobs/{job_id}/result")
-    assert status == 200 and result["images"] == [src.split(",", 1)[1]]   # the server's own image
-    assert result["seeds"] == [11]
+    assert status == 200 and result["seeds"] == [11, 12]
+    for img_el, b64 in zip(images, result["images"]):
+        src = img_el.get_attribute("src")
+        assert src == "data:image/png;base64," + b64                  # the server's own image, in order
+        img = Image.open(io.BytesIO(base64.b64decode(b64)))
+        assert img.format == "PNG" and img.size == (width, height)
+        lo, hi = img.convert("L").getextrema()
+        assert lo < hi, "a blank image"
+        assert img_el.get_attribute("naturalWidth") == str(width)      # the browser decoded it
     assert not browser.find_element(By.ID, "error").is_displayed()
-    assert "done, seed 11" in browser.find_element(By.ID, "status").text
+    assert "done, seeds 11, 12" in browser.find_element(By.ID, "status").text
 
 
 def test_cancel_from_the_page(server, browser, tmp_path):

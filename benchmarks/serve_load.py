@@ -310,6 +310,25 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
+def compact(records: list[dict]) -> list[dict]:
+    """Each request as the JSON keeps it: sent at (s from the point's first), outcome, latency,
+    queue wait, the batch it ran in, its error."""
+    t0 = min((r["t_submit"] for r in records if "t_submit" in r), default=0.0)
+    out = []
+    for r in records:
+        row = {"sent_s": r.get("t_submit", t0) - t0, "outcome": r["outcome"]}
+        if "t_done" in r:
+            row["latency_s"] = r["t_done"] - r["t_submit"]
+        if "t_running" in r:
+            row["queue_wait_s"] = r["t_running"] - r["t_submit"]
+        if r.get("batch_images") is not None:
+            row["batch_images"] = r["batch_images"]
+        if r.get("error"):
+            row["error"] = str(r["error"])
+        out.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+    return sorted(out, key=lambda row: row["sent_s"])
+
+
 def run_point(client: Client, kind: str, level: float, count: int, window_s: float, timeout: float, make) -> dict:
     before = read_metrics(client)
     if kind == "open":
@@ -320,6 +339,7 @@ def run_point(client: Client, kind: str, level: float, count: int, window_s: flo
              "mean_batch_occupancy": mean_occupancy(before, read_metrics(client))}
     seen = [r["batch_images"] for r in records if r.get("batch_images") is not None]
     point["mean_batch_per_job"] = float(np.mean(seen)) if seen else None   # the batch each ok job ran in
+    point["requests"] = compact(records)
     lat = point["latency_s"]
     say(f"[bench-serve]   {kind} {'rate' if kind == 'open' else 'concurrency'} {level:g}: "
         f"{point['ok']}/{point['sent']} ok, {point['rejected']} rejected, {point['failed'] + point['error']} failed, "

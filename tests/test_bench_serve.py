@@ -167,6 +167,10 @@ def test_every_request_is_counted_once(fake_server, kind):
     assert point["ok"] + point["failed"] + point["unfinished"] == point["accepted"]
     assert point["lost"] == 0 and point["error"] == 0 and point["cancelled"] == 0
     assert point["images"] == point["ok"]
+    rows = point["requests"]
+    assert len(rows) == 12 and [r["outcome"] for r in rows].count("ok") == point["ok"]
+    assert all("latency_s" in r for r in rows if r["outcome"] == "ok")
+    assert all(r["batch_images"] == 2 for r in rows if r["outcome"] == "ok")
     assert point["mean_batch_occupancy"] == 3.0 and point["mean_batch_per_job"] == 2.0
     assert point["latency_s"]["p50"] is not None and point["latency_s"]["p50"] <= point["latency_s"]["p99"]
     if fake.seen["failed"]:

@@ -16,6 +16,7 @@ and the seeds: -1 (the web UI's "random seed") or None picks a random seed that 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import secrets
@@ -45,7 +46,8 @@ class RequestError(UserError):
     def render(self, name: Callable[[str], str] | None = None) -> str:
         """The message with each {field} written as name(field) (default: the field in words)."""
         name = name or (lambda field: field.replace("_", " "))
-        return re.sub(r"\{(\w+)\}", lambda m: name(m[1]), self.template)
+        fields = {f.name for f in dataclasses.fields(GenerateRequest)}   # other braces are text
+        return re.sub(r"\{(\w+)\}", lambda m: name(m[1]) if m[1] in fields else m[0], self.template)
 
 
 class Cancelled(Exception):

@@ -10,6 +10,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdrt.engine.request import RequestError
+from sdrt.engine.scheduler import start_index
 from sdrt.errors import first_line
 
 SAMPLERS = ("DDIM",)            # what the runtime steps with today
@@ -220,6 +222,10 @@ def make(lim: Limits, *, prompt, negative=None, steps=None, guidance=None, width
         strength = number(f["strength"], strength, 0.0, 1.0)
         if strength == 0.0:
             raise bad(f["strength"], "must be above 0 (0 would return the input image unchanged)")
+        try:
+            start_index(steps, strength)
+        except RequestError as e:
+            raise ApiError(400, e.render(lambda name: f.get(name, name)), f["strength"]) from None
     if lim.inpainting_unet and (image is None or mask is None):
         raise ApiError(400, "this model is an inpainting UNet: it needs an image and a mask", "image")
     return Spec(prompt=prompt, negative=negative, steps=steps, guidance=guidance, width=width, height=height,

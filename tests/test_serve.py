@@ -444,9 +444,12 @@ def bomb_png() -> str:
     ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 3, "n_iter": 2}, "batch_size"),
     ("/sdapi/v1/img2img", {"prompt": "x", "init_images": ["%%%"]}, "init_images[0]"),
     ("/sdapi/v1/img2img", {"prompt": "x"}, "init_images"),
+    ("/sdapi/v1/img2img", {"prompt": "x", "init_images": ["INIT"], "steps": 10, "denoising_strength": 0.05},
+     "denoising_strength"),
 ])
 def test_bad_input_is_a_4xx_naming_the_field(server, route, body, field):
-    body = {k: bomb_png() if v == "BOMB" else v for k, v in body.items()}
+    init = [b64png(np.zeros((32, 32, 3), np.uint8))]
+    body = {k: bomb_png() if v == "BOMB" else init if v == ["INIT"] else v for k, v in body.items()}
     r = server.http.post(route, json=body)
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert error_of(r)["param"] == field, r.text

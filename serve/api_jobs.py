@@ -13,6 +13,7 @@ import json
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from sdrt.serve import spec as sp
 from sdrt.serve.app import server_of
@@ -67,7 +68,7 @@ def job_spec(server, req: JobRequest) -> sp.Spec:
 async def submit_job(req: JobRequest, request: Request):
     """Queue a generation; poll its status, follow its events, fetch its result."""
     server = server_of(request)
-    job = server.scheduler.submit(job_spec(server, req))
+    job = server.scheduler.submit(await run_in_threadpool(job_spec, server, req))   # images decode off the loop
     st = server.scheduler.status(job)
     return JSONResponse({"id": job.id, "state": st["state"], "queue_position": st["queue_position"]},
                         status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
@@ -90,7 +91,7 @@ async def job_result(job_id: str, request: Request):
     if job.images is None:
         raise ApiError(410, f"job {job_id}'s images are no longer kept (the newest results are): "
                        f"fetch results soon after the job succeeds", "id")
-    return {"id": job.id, "images": [sp.png_base64(a) for a in job.images], "seeds": list(job.spec.seeds),
+    return {"id": job.id, "images": await sp.pngs_base64(job.images), "seeds": list(job.spec.seeds),
             "info": job.info}
 
 

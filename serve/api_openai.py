@@ -9,6 +9,7 @@ import json
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 
 from sdrt.errors import first_line
 from sdrt.serve import spec as sp
@@ -70,7 +71,7 @@ async def run_blocking(request: Request, spec: sp.Spec) -> dict:
     await wait_done(request, server.scheduler, job)
     if job.state != "succeeded":
         raise job_error(job)
-    data = [{"b64_json": sp.png_base64(a), "revised_prompt": spec.prompt} for a in job.images]
+    data = [{"b64_json": b, "revised_prompt": spec.prompt} for b in await sp.pngs_base64(job.images)]
     job.images = None                           # delivered: keep only the status
     return {"created": int(job.created_unix), "data": data, "output_format": "png",
             "size": f"{spec.width}x{spec.height}", "info": job.info}
@@ -125,16 +126,9 @@ async def edits(request: Request):
     not_applied = check_common(server, get("model"), get("response_format"), get("output_format"),
                                get("background"), get("stream") in ("true", "True", "1"), {})
     not_applied += [k for k in ("quality", "output_compression", "input_fidelity") if k in fields]
-    img = sp.open_image(lim, "image", await images[0].read())
-    mask = None
-    if "mask" in files:
-        mask = sp.binary_mask(sp.open_image(lim, "mask", await files["mask"].read()))
-    else:
-        mask = sp.alpha_mask(img)
-    wh = sp.parse_size(lim, get("size"))
-    img = sp.fit(lim, img, "image", *(wh or (None, None)))
-    if mask is not None and mask.size != img.size:
-        mask = mask.resize(img.size)
+    image_bytes = await images[0].read()
+    mask_bytes = await files["mask"].read() if "mask" in files else None
+    img, mask = await run_in_threadpool(edit_inputs, lim, image_bytes, mask_bytes, get("size"))
     spec = sp.make(lim, prompt=get("prompt"), negative=get("negative_prompt"),
                    steps=form_number("steps", get("steps"), int), guidance=form_number("guidance_scale",
                    get("guidance_scale"), float), n=form_number("n", get("n"), int),
@@ -144,6 +138,17 @@ async def edits(request: Request):
                    strength=form_number("strength", get("strength"), float), not_applied=not_applied,
                    fields={"width": "size", "height": "size"})
     return await run_blocking(request, spec)
+
+
+def edit_inputs(lim, image_bytes: bytes, mask_bytes: bytes | None, size):
+    """(image at the asked size, repaint mask or None), decoded off the event loop."""
+    img = sp.open_image(lim, "image", image_bytes)
+    mask = sp.binary_mask(sp.open_image(lim, "mask", mask_bytes)) if mask_bytes is not None else sp.alpha_mask(img)
+    wh = sp.parse_size(lim, size)
+    img = sp.fit(lim, img, "image", *(wh or (None, None)))
+    if mask is not None and mask.size != img.size:
+        mask = mask.resize(img.size)
+    return img, mask
 
 
 def form_number(field: str, v, kind):

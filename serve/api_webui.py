@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 
 from sdrt.serve import spec as sp
 from sdrt.serve.app import job_error, server_of, wait_done
@@ -210,7 +211,7 @@ async def answer(request: Request, req: Processing, spec: sp.Spec) -> dict:
     await wait_done(request, server.scheduler, job)
     if job.state == "failed":
         raise job_error(job)
-    images = [sp.png_base64(a) for a in job.images] if job.state == "succeeded" and req.send_images else []
+    images = await sp.pngs_base64(job.images) if job.state == "succeeded" and req.send_images else []
     job.images = None
     return {"images": images, "parameters": req.model_dump(mode="json"), "info": info_json(server, req, job, spec)}
 
@@ -224,6 +225,11 @@ async def txt2img(req: Txt2Img, request: Request):
 @router.post("/img2img")
 async def img2img(req: Img2Img, request: Request):
     server = server_of(request)
+    return await answer(request, req, await run_in_threadpool(img2img_spec, server, req))
+
+
+def img2img_spec(server, req: Img2Img) -> sp.Spec:
+    """The images decoded and checked (off the event loop)."""
     lim = server.limits
     if not req.init_images:
         raise sp.bad("init_images", "give one base64 image to start from")
@@ -239,8 +245,7 @@ async def img2img(req: Img2Img, request: Request):
                               invert=bool(req.inpainting_mask_invert))
         mask = mask.resize(img.size) if mask.size != img.size else mask
     strength = 0.75 if req.denoising_strength is None else req.denoising_strength
-    spec = common(server, req, image=img.convert("RGB"), mask=mask, strength=strength)
-    return await answer(request, req, spec)
+    return common(server, req, image=img.convert("RGB"), mask=mask, strength=strength)
 
 
 @router.get("/progress")

@@ -204,7 +204,9 @@ class Scheduler:
         with self.cond:
             if job.done:
                 return
-            job.images, job.info, job.step = images, info, job.steps
+            job.images, job.step = images, job.steps
+            job.info = {**info, "queue_wait_s": round(job.started - job.created, 3),
+                        "run_s": round(time.monotonic() - job.started, 3)}
             self.end(job, "succeeded")
             if self.metrics:
                 self.metrics.images.inc(len(images))

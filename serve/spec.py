@@ -309,6 +309,12 @@ def alpha_mask(img):
     return None
 
 
+async def pngs_base64(images) -> list[str]:
+    """PNG-encode off the event loop (a large batch takes a while)."""
+    from starlette.concurrency import run_in_threadpool
+    return await run_in_threadpool(lambda: [png_base64(a) for a in images])
+
+
 def png_base64(image) -> str:
     """uint8 [H, W, 3] -> base64 PNG."""
     from PIL import Image

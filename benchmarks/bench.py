@@ -102,9 +102,16 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
-def peak_mem_mb(baseline: int) -> float | None:
+def mem_used() -> int:
+    return cuda.mem_used_bytes() if cuda.available() else 0
+
+
+def peak_mem_mb(held_bytes: int) -> float:
+    """GPU: the device memory this contender holds (what its load and its own runs added: weights,
+    sessions, buffers, arenas), the others loaded beside it left out. CPU: the process's peak RSS
+    (every contender and the reference share the process)."""
     if cuda.available():
-        return (cuda.mem_used_bytes() - baseline) / 2 ** 20
+        return held_bytes / 2 ** 20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -174,18 +181,20 @@ class SdrtContender:
     def __init__(self, work_dir: Path, backend: str, ort_fusion: bool):
         from sdrt.engine.pipeline import Pipeline
         self.work_dir = Path(work_dir)
-        self.baseline = cuda.mem_used_bytes() if cuda.available() else 0
-        t = time.perf_counter()
+        before, t = mem_used(), time.perf_counter()
         self.pipe = Pipeline(work_dir, backend=backend, ort_fusion=ort_fusion)
         self.load_s = time.perf_counter() - t
+        self.held_bytes = max(mem_used() - before, 0)     # grows by what its own runs keep
         # ONNX Runtime with the UNet of onnx/ort/ (its attention fusion), where exported
         self.ort_fused = (ort_fusion and self.pipe.backend_name.startswith("onnxruntime")
                           and bool(self.pipe.manifest.get("variants", {}).get("ort")))
         self.name = f"sdrt {self.pipe.backend_name} ({self.work_dir.name}{', ORT fusion' if self.ort_fused else ''})"
 
     def run(self, prompt: Prompt, steps: int, h: int, w: int, batch: int, latents, inputs: dict) -> Sample:
+        before = mem_used()
         r = self.pipe.generate(prompt.text, prompt.negative, steps, prompt.guidance, h, w, batch,
                                latents=latents, **inputs)
+        self.held_bytes += max(mem_used() - before, 0)
         t = r.timings
         stages = {"tokenize": t["tokenize_ms"], "text_encoder": t["text_encoder_ms"],
                   "vae_encoder": t["vae_encoder_ms"] if inputs.get("image") is not None else None,
@@ -279,7 +288,7 @@ def record(c, samples: list, ref_samples: list | None, ref_name: str | None, h: 
         "tokenize_ms": median_of(st, "tokenize"), "text_encoder_ms": median_of(st, "text_encoder"),
         "vae_encoder_ms": median_of(st, "vae_encoder"), "vae_ms": median_of(st, "vae_decoder"),
         "images_per_s": batch / (e2e / 1e3),
-        "peak_mem_mb": peak_mem_mb(c.baseline), "load_s": c.load_s,
+        "peak_mem_mb": peak_mem_mb(c.held_bytes), "load_s": c.load_s,
         "activation_mb": (pipe.backend.activation_bytes / 2 ** 20
                           if pipe.backend.activation_bytes is not None else None),
         "engine_build_s": _build_seconds(pipe.manifest, pipe.backend_name),

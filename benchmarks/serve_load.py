@@ -19,9 +19,10 @@ Each request is a job: POST /v1/jobs (202, or 429 when the queue is full: a reje
 progress events until `done`, then its result. Nothing is lost: each accepted job ends as
 ok (its n PNG images came back), failed or cancelled (the server's error, counted), or unfinished
 (still not done at the time bound: cancelled by the benchmark and counted). Per point: throughput,
-latency p50/p95/p99 (submit to images received), queue wait (submit to the first `running` event),
-mean batch occupancy (images per engine batch, from the server's /metrics), and the outcome
-counts. Results: OUT/serve-load-<model>-<device>.json, .md and .png.
+latency p50/p95/p99 (submit to images received), queue wait (the server's submit-to-start from each
+result's info, else submit to the first `running` event), mean batch occupancy (images per engine
+batch, from the server's /metrics), the outcome counts and each request's record. Results:
+OUT/serve-load-<model>-<device>.json, .md and .png.
 """
 from __future__ import annotations
 
@@ -172,7 +173,9 @@ def one_request(client: Client, payload: dict, timeout: float) -> dict:
     good = [b for b in images if base64.b64decode(b)[:8] == PNG_MAGIC]
     if len(good) != rec["n"]:
         return {**rec, "outcome": "failed", "error": f"{len(good)} PNG images of {rec['n']} asked"}
-    return {**rec, "outcome": "ok", "batch_images": (result.get("info") or {}).get("batch_images")}
+    info = result.get("info") or {}
+    return {**rec, "outcome": "ok", "batch_images": info.get("batch_images"),
+            "server_queue_wait_s": info.get("queue_wait_s")}
 
 
 # ---------------------------------------------------------------- load generators (bounded)
@@ -295,7 +298,11 @@ def summarize(records: list[dict]) -> dict:
     accepted = sum(bool(r.get("accepted")) for r in records)
     ok = [r for r in records if r["outcome"] == "ok"]
     latency = [r["t_done"] - r["t_submit"] for r in ok]
-    wait = [r["t_running"] - r["t_submit"] for r in ok if "t_running" in r]
+    # queue wait: the server's own figure (submit to start) when every job has it, else the client's
+    # (submit to the first `running` event)
+    by_server = bool(ok) and all(r.get("server_queue_wait_s") is not None for r in ok)
+    wait = ([r["server_queue_wait_s"] for r in ok] if by_server
+            else [r["t_running"] - r["t_submit"] for r in ok if "t_running" in r])
     times = [r["t_submit"] for r in records if "t_submit" in r] + [r["t_done"] for r in ok]
     span = (max(times) - min(times)) if len(times) > 1 else 0.0
     images = sum(r["n"] for r in ok)
@@ -305,7 +312,8 @@ def summarize(records: list[dict]) -> dict:
         "images": images, "wall_s": span,
         "images_per_s": images / span if span > 0 else None,
         "latency_s": {f"p{q}": pct(latency, q) for q in (50, 95, 99)},
-        "queue_wait_s": {"mean": float(np.mean(wait)) if wait else None, "p50": pct(wait, 50), "p95": pct(wait, 95)},
+        "queue_wait_s": {"mean": float(np.mean(wait)) if wait else None, "p50": pct(wait, 50), "p95": pct(wait, 95),
+                         "source": "server" if by_server else "client"},
         "errors": sorted({str(r.get("error")) for r in records if r["outcome"] not in ("ok", "rejected")})[:5],
     }
 
@@ -319,7 +327,9 @@ def compact(records: list[dict]) -> list[dict]:
         row = {"sent_s": r.get("t_submit", t0) - t0, "outcome": r["outcome"]}
         if "t_done" in r:
             row["latency_s"] = r["t_done"] - r["t_submit"]
-        if "t_running" in r:
+        if r.get("server_queue_wait_s") is not None:
+            row["queue_wait_s"] = float(r["server_queue_wait_s"])
+        elif "t_running" in r:
             row["queue_wait_s"] = r["t_running"] - r["t_submit"]
         if r.get("batch_images") is not None:
             row["batch_images"] = r["batch_images"]

@@ -117,7 +117,7 @@ def handler(fake: FakeJobs):
                 if job["state"] != "succeeded":
                     return self.reply(409, {"detail": "not finished"})
                 return self.reply(200, {"id": job["id"], "images": [fake.image], "seeds": [job["seed"]],
-                                        "info": {"batch_images": 2}})
+                                        "info": {"batch_images": 2, "queue_wait_s": 0.25}})
             if self.path.endswith("/events"):
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -170,7 +170,8 @@ def test_every_request_is_counted_once(fake_server, kind):
     rows = point["requests"]
     assert len(rows) == 12 and [r["outcome"] for r in rows].count("ok") == point["ok"]
     assert all("latency_s" in r for r in rows if r["outcome"] == "ok")
-    assert all(r["batch_images"] == 2 for r in rows if r["outcome"] == "ok")
+    assert all(r["batch_images"] == 2 and r["queue_wait_s"] == 0.25 for r in rows if r["outcome"] == "ok")
+    assert point["queue_wait_s"]["source"] == "server" and point["queue_wait_s"]["mean"] == 0.25
     assert point["mean_batch_occupancy"] == 3.0 and point["mean_batch_per_job"] == 2.0
     assert point["latency_s"]["p50"] is not None and point["latency_s"]["p50"] <= point["latency_s"]["p99"]
     if fake.seen["failed"]:

@@ -158,19 +158,41 @@ def one_request(client: Client, payload: dict, timeout: float) -> dict:
         return {**rec, "outcome": "rejected", "retry_after": headers.get("Retry-After")}
     if code != 202:
         return {**rec, "outcome": "error", "status": code, "error": error_line(body)}
+    if not isinstance(body, dict) or not body.get("id"):
+        return {**rec, "outcome": "error", "status": code, "error": f"202 without a job id: {str(body)[:200]}"}
     rec["accepted"], rec["id"] = True, body["id"]
-    final = wait_job(client, body["id"], deadline, rec)
+    try:
+        return see_through(client, rec, deadline, timeout)
+    except (OSError, ValueError) as e:          # the connection or the server went away: counted
+        try:
+            client.call("DELETE", f"/v1/jobs/{rec['id']}", timeout=5)
+        except (OSError, ValueError):
+            pass
+        return {**rec, "outcome": "unfinished", "error": f"lost contact: {e}"}
+
+
+def is_png(b64) -> bool:
+    try:
+        return base64.b64decode(b64, validate=True)[:8] == PNG_MAGIC
+    except (TypeError, ValueError):
+        return False
+
+
+def see_through(client: Client, rec: dict, deadline: float, timeout: float) -> dict:
+    """An accepted job: wait for it, fetch and check its images."""
+    job_id = rec["id"]
+    final = wait_job(client, job_id, deadline, rec)
     if final is None:
-        client.call("DELETE", f"/v1/jobs/{body['id']}")    # free its slot: the next point starts clean
+        client.call("DELETE", f"/v1/jobs/{job_id}")    # free its slot: the next point starts clean
         return {**rec, "outcome": "unfinished", "error": f"not done in {timeout:g} s"}
     if final["state"] != "succeeded":
         return {**rec, "outcome": final["state"], "error": final.get("error")}
-    code, result, _ = client.call("GET", f"/v1/jobs/{body['id']}/result")
+    code, result, _ = client.call("GET", f"/v1/jobs/{job_id}/result")
     rec["t_done"] = time.perf_counter()
-    if code != 200:
+    if code != 200 or not isinstance(result, dict):
         return {**rec, "outcome": "failed", "error": f"result: HTTP {code} {error_line(result)}"}
     images = result.get("images") or []
-    good = [b for b in images if base64.b64decode(b)[:8] == PNG_MAGIC]
+    good = [b for b in images if is_png(b)]
     if len(good) != rec["n"]:
         return {**rec, "outcome": "failed", "error": f"{len(good)} PNG images of {rec['n']} asked"}
     info = result.get("info") or {}

@@ -142,7 +142,7 @@ def handler(fake: FakeJobs):
 @pytest.fixture()
 def fake_server():
     fake = FakeJobs()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler(fake))
+    httpd = fake.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler(fake))
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -200,6 +200,23 @@ def test_occupancy_from_a_histogram_or_images_over_engine_calls():
              {"sdrt_images_total": 22.0, "sdrt_engine_calls_total": 9.0})
     assert sl.mean_occupancy(*calls) == 3.0
     assert sl.mean_occupancy({}, {}) is None and sl.mean_occupancy(calls[0], calls[0]) is None
+
+
+def test_a_server_that_goes_away_leaves_no_request_uncounted(fake_server):
+    fake, url = fake_server
+    out = {}
+    th = threading.Thread(target=lambda: out.update(sl.one_request(
+        sl.Client(url), {"prompt": "x", "steps": 2, "seed": HANG_SEED}, timeout=60)))
+    th.start()
+    for _ in range(500):                              # until the job runs (bounded: 5 s)
+        if any(j["state"] == "running" for j in fake.jobs.values()):
+            break
+        time.sleep(0.01)
+    fake.httpd.shutdown()                             # the server stops answering
+    fake.httpd.server_close()
+    th.join(timeout=60)
+    assert out["accepted"] and out["outcome"] == "unfinished" and "lost contact" in out["error"]
+    assert not sl.is_png("not base64!") and not sl.is_png(base64.b64encode(b"GIF89a").decode())
 
 
 def test_bad_arguments_are_one_line(tmp_path):

@@ -127,7 +127,7 @@ def sse(event: str, data: dict) -> str:
 async def cancel_job(job_id: str, request: Request):
     """Cancel: a queued job leaves the queue; a running one stops at the next step."""
     sched = server_of(request).scheduler
-    job = sched.cancel(sched.get(job_id), "cancelled by the client")
+    job = sched.cancel(sched.get(job_id))
     return sched.status(job)
 
 

@@ -294,7 +294,7 @@ async def interrupt(request: Request, id_task: str | None = None, task_id: str |
     wanted = id_task or task_id or (body.id_task or body.task_id if body else None)
     ids = [wanted] if wanted else sched.running_ids()
     for job_id in ids:
-        sched.cancel(sched.get(job_id), "interrupted")
+        sched.cancel(sched.get(job_id), "interrupted", "interrupt")
     return {"interrupted": ids}
 
 

@@ -48,7 +48,7 @@ async def wait_done(request: Request, sched: Scheduler, job: Job, poll: float = 
         seen = job.version
         await wait_change(job, seen, poll)
         if not job.done and await request.is_disconnected():
-            sched.cancel(job, "client disconnected")
+            sched.cancel(job, "the client disconnected", "disconnect")
             return
 
 

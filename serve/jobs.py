@@ -30,6 +30,7 @@ class Job:
     error_status: int | None = None      # the HTTP status of a failed job's error
     images: list | None = None           # uint8 [H, W, 3] each, when succeeded
     info: dict = field(default_factory=dict)
+    passed: int = 0                      # calls run before it for the loaded LoRA set (scheduler)
     version: int = 0
     watchers: set = field(default_factory=set)      # callbacks of waiting HTTP handlers
     watch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

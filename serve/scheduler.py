@@ -6,8 +6,11 @@ Policies (--batching):
   none     one job per engine call
   request  the oldest job, plus every queued job with the same batch key (size, steps, guidance,
            clip skip, task, LoRA set) up to --max-batch images: one engine call, each job with its
-           own prompts and seeds. A LoRA switch happens only between calls, when the next batch's
-           set differs from the loaded one (counted in the metrics).
+           own prompts and seeds.
+LoRA sets: a switch happens only between calls (counted in the metrics). When the oldest job needs
+another set than the loaded one and a queued job uses the loaded one, that job runs first, up to
+LORA_PASSES times per oldest job (so a LoRA request waits a bounded number of calls, and
+alternating requests do not switch every call).
   step     jobs join and leave the running batch between denoising steps: needs per-sample step
            rows in the runtime (refused at start until it has them, see POLICIES)."""
 from __future__ import annotations
@@ -23,6 +26,7 @@ POLICIES = ("none", "request", "step")
 STEP_NEEDS = ("--batching step needs per-sample step rows in the runtime (each batch slot its own step "
               "index, sampler row and guidance), which this sdrt does not have yet: use --batching request")
 KEEP_FINISHED = 512      # finished jobs kept for status reads (oldest dropped first)
+LORA_PASSES = 2          # calls a job may wait for jobs of the loaded LoRA set
 KEEP_RESULTS = 32        # ... of which the newest keep their images for GET /v1/jobs/{id}/result
 
 
@@ -41,6 +45,7 @@ class Scheduler:
         self.stopped = False
         self.step_s: float | None = None      # moving average of one denoising step's seconds
         self.decode_s: float = 0.0
+        self.loaded_loras: tuple = ()         # the engine's LoRA set (the worker sets it)
 
     # ---- the HTTP side ---------------------------------------------------------------------------
 
@@ -80,9 +85,10 @@ class Scheduler:
             raise ApiError(404, f"no job {job_id!r} (unknown, or finished long ago)", "id", kind="not_found_error")
         return job
 
-    def cancel(self, job: Job, reason: str = "cancelled") -> Job:
+    def cancel(self, job: Job, reason: str = "cancelled by the client", label: str = "client") -> Job:
         """Queued: removed now. Running: marked cancelled now; its engine call drops it at the next
-        step (and stops when no job in it is left)."""
+        step (and stops when no job in it is left). label: the metric's reason (client, disconnect,
+        interrupt)."""
         with self.cond:
             if job.done:
                 return job
@@ -91,7 +97,7 @@ class Scheduler:
                 self.gauge_queue()
             self.end(job, "cancelled", error=reason)
             if self.metrics:
-                self.metrics.cancellations.labels(reason=reason.split(":")[0].split(" (")[0]).inc()
+                self.metrics.cancellations.labels(reason=label).inc()
             self.cond.notify_all()
             return job
 
@@ -133,6 +139,8 @@ class Scheduler:
             for job in list(self.queue):
                 self.queue.remove(job)
                 self.end(job, "cancelled", error="the server is shutting down: the job did not start", status=503)
+                if self.metrics:
+                    self.metrics.cancellations.labels(reason="shutdown").inc()
             self.gauge_queue()
             self.cond.notify_all()
 
@@ -154,7 +162,7 @@ class Scheduler:
                 self.expire()
                 if not self.queue:
                     return None if self.stopped else []
-            head = self.queue[0]
+            head = self.pick_head()
             batch = [head] + (self.compatible(head.spec.batch_key(), self.max_batch - head.spec.n, head)
                               if self.policy == "request" else [])
             now = time.monotonic()
@@ -169,6 +177,16 @@ class Scheduler:
             if self.metrics:
                 self.metrics.batch_size.set(sum(j.spec.n for j in batch))
             return batch
+
+    def pick_head(self) -> Job:
+        """The oldest job, unless it needs a LoRA switch that a job of the loaded set can defer."""
+        head = self.queue[0]
+        if head.spec.loras != self.loaded_loras and head.passed < LORA_PASSES:
+            same = next((j for j in self.queue if j.spec.loras == self.loaded_loras), None)
+            if same is not None:
+                head.passed += 1
+                return same
+        return head
 
     def compatible(self, key: tuple, room: int, skip: Job | None = None) -> list[Job]:
         """Queued jobs (oldest first) that can share a call of this batch key, within `room`

@@ -140,11 +140,11 @@ class EngineWorker(threading.Thread):
     def switch_loras(self, loras: tuple) -> None:
         if loras == self.active_loras:
             return
-        self.active_loras = None
+        self.active_loras = self.scheduler.loaded_loras = None
         try:
             self.pipe.set_loras([(self.loras[name], scale) for name, scale in loras])
         except UserError as e:
             raise UserError(f"LoRA {', '.join(n for n, _ in loras)} cannot be applied: {e}") from None
-        self.active_loras = loras
+        self.active_loras = self.scheduler.loaded_loras = loras
         if self.metrics:
             self.metrics.lora_switches.inc()

@@ -94,6 +94,7 @@ class Scheduler:
                 return job
             if job in self.queue:
                 self.queue.remove(job)
+                self.moved()
                 self.gauge_queue()
             self.end(job, "cancelled", error=reason)
             if self.metrics:
@@ -173,6 +174,7 @@ class Scheduler:
                 if self.metrics:
                     self.metrics.queue_wait.observe(now - job.created)
             self.running = list(batch)
+            self.moved()
             self.gauge_queue()
             if self.metrics:
                 self.metrics.batch_size.set(sum(j.spec.n for j in batch))
@@ -253,6 +255,7 @@ class Scheduler:
     def end(self, job: Job, state: str, error: str | None = None, status: int | None = None) -> None:
         job.state, job.error, job.error_status = state, error, status
         job.finished = time.monotonic()
+        job.spec.release_inputs()
         job.changed()
 
     def time_out(self, job: Job) -> None:
@@ -275,6 +278,11 @@ class Scheduler:
             del self.jobs[job.id]
         for job in finished[:max(0, len(finished) - KEEP_RESULTS)]:
             job.images = None
+
+    def moved(self) -> None:
+        """The queue moved: its jobs' positions changed (their event streams say so)."""
+        for job in self.queue:
+            job.changed()
 
     def reject(self, reason: str) -> None:
         if self.metrics:

@@ -32,18 +32,43 @@ def importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def make_limits(work_dir: Path, max_batch: int, loras: dict, embeddings: list):
-    """The server's limits from the export's manifest (read only: the worker opens the Pipeline)."""
+def make_limits(work_dir: Path, max_batch: int, loras: dict, embeddings: list, backend: str = "auto"):
+    """The server's limits from the export's manifest (read only: the worker opens the Pipeline);
+    on TensorRT, within the built engines' profile."""
+    from sdrt.engine import backends
     from sdrt.engine import scheduler as ddim
     from sdrt.serve.spec import Limits
     manifest = mf.load(work_dir)
     cfg = mf.config(manifest)
     sched = ddim.DDIMConfig.from_json(work_dir / "scheduler" / "scheduler_config.json")
+    min_size, max_size, max_pixels = cfg.vae_factor, MAX_SIDE, MAX_PIXELS
+    name = backends.pick_auto(manifest) if backend == "auto" else backend
+    profile = engine_profile(manifest, name, cfg.vae_factor)
+    if profile is not None:
+        if max_batch > profile["batch"]:
+            raise UserError(f"--max-batch {max_batch}: the {name} engines take batches up to {profile['batch']}: "
+                            f"give --max-batch {profile['batch']}, or build with --dynamic batch=1:1:{max_batch}")
+        min_size, max_size = profile["min_size"], profile["max_size"]
+        max_pixels = min(max_pixels, max_size * max_size)
     return Limits(model=work_dir.name, default_width=cfg.default_width, default_height=cfg.default_height,
-                  multiple=cfg.vae_factor, min_size=cfg.vae_factor, max_size=MAX_SIDE, max_pixels=MAX_PIXELS,
+                  multiple=cfg.vae_factor, min_size=min_size, max_size=max_size, max_pixels=max_pixels,
                   max_batch=max_batch, max_steps=min(MAX_STEPS, sched.num_train_timesteps),
                   clip_skip_max=cfg.text_layers, loras=loras, embeddings=tuple(t for _, t in embeddings),
                   inpainting_unet=cfg.inpainting_unet)
+
+
+def engine_profile(manifest: dict, backend: str, vae_factor: int) -> dict | None:
+    """{"batch", "min_size", "max_size"} every built step engine of `backend` takes (its
+    latents' profile; sides in pixels, the same range for height and width), or None when none is
+    built (ONNX Runtime takes any shape)."""
+    engines = manifest.get("engines", {}).get(backend, {})
+    latents = [e["key"]["profile"]["latents"] for name, e in engines.items()
+               if name.startswith("denoise_step") and "latents" in e.get("key", {}).get("profile", {})]
+    if not latents:
+        return None
+    return {"batch": min(p["max"][0] for p in latents),
+            "min_size": max(max(p["min"][2], p["min"][3]) for p in latents) * vae_factor,
+            "max_size": min(min(p["max"][2], p["max"][3]) for p in latents) * vae_factor}
 
 
 def build(work_dir: Path, backend: str = "auto", max_batch: int = 4, max_queue: int = 64,
@@ -73,7 +98,8 @@ def build(work_dir: Path, backend: str = "auto", max_batch: int = 4, max_queue: 
     loras, embeddings = sp.lora_files(lora_dir), sp.embedding_files(embedding_dir)
     if max_body_mb <= 0:
         raise UserError(f"--max-body-mb {max_body_mb}: give a positive size")
-    limits = replace(make_limits(work_dir, max_batch, loras, embeddings), max_body_bytes=int(max_body_mb * 2**20))
+    limits = replace(make_limits(work_dir, max_batch, loras, embeddings, backend),
+                     max_body_bytes=int(max_body_mb * 2**20))
     metrics = Metrics()
     scheduler = Scheduler(batching, max_batch, max_queue, timeout, metrics)
 

@@ -48,12 +48,13 @@ def free_port() -> int:
 class ServeProcess:
     """`sdrt serve WORK_DIR --port P ARGS...` in its own process group."""
 
-    def __init__(self, work_dir: Path, log: Path, *args, key: str | None = None):
+    def __init__(self, work_dir: Path | None, log: Path, *args, key: str | None = None, cwd: Path | None = None):
         self.port, self.key, self.log = free_port(), key, log
         self.url = f"http://127.0.0.1:{self.port}"
         self.out = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "serve", str(work_dir), "--port",
-                                      str(self.port), *map(str, args)], stdout=self.out, stderr=subprocess.STDOUT,
+        where = [] if work_dir is None else [str(work_dir)]
+        self.proc = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "serve", *where, "--port", str(self.port),
+                                      *map(str, args)], stdout=self.out, stderr=subprocess.STDOUT, cwd=cwd,
                                      start_new_session=True, env={**os.environ, "SDRT_API_KEY": ""})
         self.http = httpx.Client(base_url=self.url, timeout=WAIT_S, headers=self.headers())
 
@@ -188,6 +189,7 @@ def test_job_progress_events_result_and_cancel(server):
     assert info["samplers"] == ["DDIM"] and info["loras"] == ["grain"] and info["max_batch"] == 4
     assert (info["default_width"], info["size"]["multiple"]) == (32, 4)
 
+    blocker = server.job(prompt=BLUE, steps=30)
     job = server.job(prompt=RED, seed=7, steps=25, guidance_scale=5.0)
     assert job["state"] in ("queued", "running") and set(job) == {"id", "state", "queue_position"}
     events = []
@@ -202,6 +204,8 @@ def test_job_progress_events_result_and_cancel(server):
                 if kind == "done":
                     break
     assert events[-1][0] == "done" and events[-1][1]["state"] == "succeeded"
+    assert events[0][1]["state"] == "queued" and events[0][1]["queue_position"] in (0, 1)   # behind the blocker
+    assert server.http.get(f"/v1/jobs/{blocker['id']}").json()["state"] == "succeeded"
     steps_seen = [e["step"] for k, e in events if k == "progress" and e["state"] == "running"]
     assert steps_seen == sorted(steps_seen) and len(set(steps_seen)) > 1     # progress step by step
     res = server.http.get(f"/v1/jobs/{job['id']}/result").json()
@@ -499,9 +503,13 @@ def test_queue_limit_timeout_auth_and_body_size(demo_fp32, tmp_path):
 
 
 def test_sigterm_finishes_running_jobs_refuses_new_and_exits_0(demo_fp32, tmp_path):
-    s = ServeProcess(demo_fp32, tmp_path / "serve.log")
+    """Also: with no WORK_DIR, the demo model's export in ./sdrt-demo is served."""
+    import shutil
+    shutil.copytree(demo_fp32, tmp_path / "sdrt-demo" / demo_fp32.name)
+    s = ServeProcess(None, tmp_path / "serve.log", cwd=tmp_path)
     try:
         s.wait_ready()
+        assert s.http.get("/v1/info").json()["model"] == demo_fp32.name
         job = s.job(prompt=BLUE, steps=60, seed=3)
         events = []
 
@@ -597,3 +605,14 @@ def test_scheduler_batches_compatible_jobs_only():
     assert err.value.status == 429
     none.cancel(g)
     assert g.state == "cancelled" and none.next_batch() == [h]
+
+
+def test_tensorrt_engine_profile_bounds_batch_and_sizes():
+    """Built step engines take a batch and size range: the server's limits stay inside it."""
+    from sdrt.serve.server import engine_profile
+    prof = lambda lo, hi: {"key": {"profile": {"latents": {"min": lo, "opt": lo, "max": hi}}}}
+    manifest = {"engines": {"tensorrt": {"denoise_step_cfg": prof([1, 4, 32, 32], [4, 4, 96, 64]),
+                                         "denoise_step": prof([1, 4, 40, 32], [2, 4, 96, 96]),
+                                         "text_encoder": {"key": {"profile": {}}}}}}
+    assert engine_profile(manifest, "tensorrt", 8) == {"batch": 2, "min_size": 320, "max_size": 512}
+    assert engine_profile(manifest, "onnxruntime-cpu", 8) is None

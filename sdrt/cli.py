@@ -69,6 +69,19 @@ def cmd_bench_lora(a):
         print(f"wrote {p}")
 
 
+def cmd_bench_serve(a):
+    from sdrt.benchmarks import serve_load as sl
+    for name in ("requests", "window", "timeout", "steps"):
+        if getattr(a, name) <= 0:
+            raise UserError(f"--{name} {getattr(a, name)}: give a positive number")
+    load = sl.Load(rates=sl.parse_list(a.rates, "rates"), concurrency=sl.parse_list(a.concurrency, "concurrency", int),
+                   requests=a.requests, window_s=a.window, timeout_s=a.timeout, steps=a.steps, size=a.size)
+    if a.work_dir and a.url:
+        raise UserError("give WORK_DIR (the benchmark starts the server) or --url (a running server), not both")
+    sl.bench_serve(a.work_dir, url=a.url, policies=sl.parse_policies(a.batching), load=load, max_batch=a.max_batch,
+                   max_queue=a.max_queue, api_key=a.api_key, out=a.out)
+
+
 def cmd_memory(a):
     from sdrt.benchmarks.memory import main
     main(a.work_dirs, sizes=a.sizes, batches=a.batches, backend=a.backend, out=a.out, vae_batch=a.vae_batch)
@@ -201,6 +214,26 @@ def parser() -> argparse.ArgumentParser:
                    help="folder for the .md and .json (default: ./sdrt-results)")
     s.set_defaults(fn=cmd_bench_lora)
 
+    s = sub.add_parser("bench-serve", help="load on sdrt serve over loopback: open loop (Poisson) and closed loop, "
+                                           "per batching policy; throughput, latency, queue wait, occupancy")
+    s.add_argument("work_dir", type=Path, nargs="?", metavar="WORK_DIR",
+                   help="the export to serve (default: the demo model's, made in ./sdrt-demo if absent)")
+    s.add_argument("--url", help="load a running server instead (e.g. http://127.0.0.1:7860); one policy")
+    s.add_argument("--batching", default="none,request,step", help="policies to compare (comma list)")
+    s.add_argument("--rates", default="0.5,1,2", help="open loop: Poisson arrival rates, requests/s")
+    s.add_argument("--concurrency", default="1,4,16", help="closed loop: numbers of clients")
+    s.add_argument("--requests", type=int, default=24, help="at most this many requests per load point")
+    s.add_argument("--window", type=float, default=60, help="no request of a point is sent after this many s")
+    s.add_argument("--timeout", type=float, default=120, help="each request waits at most this many s for its job")
+    s.add_argument("--steps", type=int, default=10, help="denoising steps per request")
+    s.add_argument("--size", type=int, help="image height and width (default: the model's)")
+    s.add_argument("--max-batch", type=int, default=4)
+    s.add_argument("--max-queue", type=int, default=16)
+    s.add_argument("--api-key", help="the server's key (sent as Authorization: Bearer)")
+    s.add_argument("--out", type=Path, default=Path("sdrt-results"),
+                   help="folder for the .json, .md and .png (default: ./sdrt-results)")
+    s.set_defaults(fn=cmd_bench_serve)
+
     s = sub.add_parser("memory", help="GPU memory a generation needs, and a Jetson budget (no GPU needed)")
     s.add_argument("work_dirs", type=Path, nargs="+", metavar="WORK_DIR")
     s.add_argument("--sizes", default="512x512", help="comma list of HxW")
@@ -240,8 +273,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=4, help="images per engine call (and per request)")
     s.add_argument("--max-queue", type=int, default=64, help="jobs waiting; more: 429 with Retry-After")
     s.add_argument("--timeout", type=float, help="seconds a job may take from submission (default: none)")
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
-                                     "(default: $SDRT_API_KEY)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and the "
+                                     "playground page / (default: $SDRT_API_KEY)")
     s.add_argument("--batching", default="request", choices=("none", "request", "step"),
                    help="none: one request per engine call; request: compatible queued requests share one "
                         "call; step: join and leave between steps (needs per-sample step rows)")

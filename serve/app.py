@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.serve.jobs import Job, wait_change
@@ -20,7 +20,8 @@ from sdrt.serve.scheduler import Scheduler
 from sdrt.serve.spec import ApiError, Limits
 
 log = logging.getLogger("sdrt.serve")
-OPEN_PATHS = ("/health",)         # the only route without the API key
+OPEN_PATHS = ("/health", "/")     # the routes without the API key (the page asks for it and sends it)
+PAGE = Path(__file__).with_name("static") / "index.html"
 
 
 @dataclass
@@ -82,6 +83,11 @@ def create_app(server: Server) -> FastAPI:
     async def http_error(request: Request, e: StarletteHTTPException):
         return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        """The playground page: a static form over the jobs API."""
+        return FileResponse(PAGE, media_type="text/html")
 
     @app.get("/health", tags=["server"])
     async def health():

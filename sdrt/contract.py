@@ -19,13 +19,16 @@ from dataclasses import asdict, dataclass
 from sdrt.errors import UserError
 
 STEP_TABLE_ROWS = 1000  # max denoising steps; the step table is padded to this (static shape)
-# Per-step table columns (see sdrt.engine.scheduler): one row per denoising step.
-# The last two drive the inpainting blend (the known region re-noised to the next timestep); they
-# were appended, so exports with the first nine still run (the runtime writes the columns the
-# export's contract declares).
+# Per-step table columns (see sdrt.engine.samplers): one row per denoising step.
+# Columns were appended over time, so older exports still run (the runtime writes the columns the
+# export's contract declares): the first nine are DDIM's; the next two drive the inpainting blend
+# (the known region re-noised to the next timestep); the last four the other samplers (the model
+# input's scale, and the coefficients of x, the previous step's x̂0 and the step's noise z).
 STEP_COLUMNS = ("timestep", "c_x0_x", "c_x0_m", "c_eps_x", "c_eps_m",
                 "sqrt_alpha_prev", "sqrt_one_minus_alpha_prev", "clip", "guidance",
-                "sqrt_alpha_next", "sqrt_one_minus_alpha_next")
+                "sqrt_alpha_next", "sqrt_one_minus_alpha_next",
+                "model_in_scale", "c_x", "c_x0_prev", "c_noise")
+SAMPLER_COLUMNS = STEP_COLUMNS[11:]   # an export whose table lacks them runs DDIM only
 
 
 @dataclass(frozen=True)

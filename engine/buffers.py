@@ -85,6 +85,25 @@ class Rows:
         self.shape, self.dtype = (n,) + tuple(parent.shape[1:]), parent.dtype
 
 
+def copy_rows(dst, src) -> None:
+    """dst <- src, both the same size: buffers or Rows of one (on the device: queued on the stream,
+    no sync; the CFG cut-off hands the conditional embeddings and the sampler state over so)."""
+    if src.shape != dst.shape:
+        raise ValueError(f"copy of {src.shape} into {dst.shape}")
+    if isinstance(dst, HostBuffer):
+        np.copyto(dst.array, _host_array(src))
+    else:
+        nbytes = int(np.prod(dst.shape)) * dst.dtype.itemsize
+        cuda.copy_dtod(dst.ptr, src.ptr, nbytes, dst.stream)
+
+
+def _host_array(buf) -> np.ndarray:
+    if isinstance(buf, Rows):
+        start = (buf.ptr - buf.parent.ptr) // (int(np.prod(buf.shape[1:])) * buf.dtype.itemsize)
+        return _host_array(buf.parent)[start:start + buf.shape[0]]
+    return buf.array
+
+
 def _checked(buf, values: np.ndarray) -> np.ndarray:
     values = np.asarray(values)
     if values.shape != buf.shape:

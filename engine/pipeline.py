@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from sdrt import manifest as mf
-from sdrt.contract import Dims, check_size, step_name
-from sdrt.engine import backends, cuda, image_input, scheduler, vae_slices
-from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows
+from sdrt.contract import Dims, check_size, has_sampler_state, step_extra_inputs, step_name
+from sdrt.engine import backends, cuda, image_input, samplers, scheduler, vae_slices
+from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows, copy_rows
 from sdrt.engine.conditioning import Conditioning, emphasize
 from sdrt.engine.lora import LoraState
 from sdrt.engine.timing import Clock
@@ -79,7 +79,8 @@ class Pipeline:
         self.conditionings: dict[tuple, Conditioning] = {}
         self.embeddings = tuple(embeddings)
         self.conditioning(self.embeddings)               # bad files fail here, before any session
-        self.scheduler = scheduler.DDIMConfig.from_json(self.work_dir / "scheduler" / "scheduler_config.json")
+        self.scheduler_config = scheduler.read_config_json(self.work_dir / "scheduler" / "scheduler_config.json")
+        self.scheduler = scheduler.DDIMConfig.from_json(self.scheduler_config)
         self.backend = backends.open_backend(backend, self.work_dir, self.manifest, ort_fusion)
         self.plans: dict[tuple[Dims, str], Plan] = {}
         self.graph: tuple[str, str] = ("", "")  # (path, error) of the last generation's step
@@ -111,13 +112,18 @@ class Pipeline:
 
     def generate(self, prompt, negative="", steps=50, guidance=7.5, height=None, width=None,
                  batch=1, seed=None, latents=None, vae_batch=None, clip_skip=1, embeddings=None, image=None,
-                 mask=None, strength=None, resize=False) -> Result:
+                 mask=None, strength=None, resize=False, sampler=None, schedule=None, noise=None,
+                 cfg_cutoff=None) -> Result:
         """Text to image; with `image` (path, PIL image or uint8 array), image to image (strength
         default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0).
         prompt/negative: any length (77-token chunks), emphasis syntax (sdrt.engine.prompt_parser).
         clip_skip: the web UI's numbering, 1 = last layer. embeddings: None = the pipeline's.
         latents: the noise ε; vae_batch: decode in slices of this many images (None: the whole
-        batch, or what fits the free device memory; see sdrt.engine.vae_slices)."""
+        batch, or what fits the free device memory; see sdrt.engine.vae_slices).
+        sampler: a name of sdrt.engine.samplers.SAMPLER_NAMES (default DDIM), schedule: uniform |
+        trailing | karras. noise: the stochastic samplers' per-step z, [steps, B, C, h, w] (default:
+        from the seed, sdrt.engine.samplers.step_noise). cfg_cutoff: after this fraction of the
+        steps run, the step runs without guidance (the unguided graph at batch B)."""
         t0 = time.perf_counter()
         check_batch(batch)
         source = self.source(image, mask, resize, height, width)
@@ -128,51 +134,112 @@ class Pipeline:
             raise UserError(f"vae batch must be a positive integer, got {vae_batch}")
         cond = self.conditioning(self.embeddings if embeddings is None else embeddings)
         layers = self.check_clip_skip(clip_skip)
-        table = scheduler.step_table(self.scheduler, steps, guidance)   # also checks steps
+        sampler = samplers.Sampler.parse(sampler, schedule)
+        cutoff = samplers.check_cfg_cutoff(cfg_cutoff)
+        samplers.check_steps(steps)
         strength = self.strength(source, strength)
         start = scheduler.start_index(steps, strength) if source is not None else 0
+        table = samplers.step_table(self.scheduler_config, sampler, steps, guidance, start)
         rows = [negative] * batch + [prompt] * batch if guidance > 1.0 else [prompt] * batch
         text = cond.rows(rows)                 # ids, weights [rows * k, 77]
         dims = self.dims(height, width, batch, guidance, chunks=len(text.ids) // len(rows))
-        noise = self.initial_latents(dims, seed, latents)              # ε (x_T for text to image)
+        if table.stochastic:
+            dims = replace(dims, noise_steps=steps)
+        if seed is None:                       # one generator for ε and the step noise
+            seed = int(np.random.SeedSequence().generate_state(1)[0])
+        eps = self.initial_latents(dims, seed, latents)                # ε (x_T for text to image)
+        z = self.step_noise(dims, steps, seed, noise) if table.stochastic else None
         embeds = cond.lookup(text.ids)
         t_tok = time.perf_counter()
 
         fresh = (dims, variant) not in self.plans
         plan = self.plan(dims, variant)
-        vae_size = min(vae_batch or plan.vae_batch, batch)
-        vae_runs = self.vae_bindings(plan, dims, vae_size)
+        self.check_sampler(plan, sampler)
+        guided = samplers.guided_steps(steps - start, cutoff) if dims.cfg else steps - start
+        unguided = self.cutoff_plan(plan, variant) if guided < steps - start else None
+        vae_plan = unguided or plan
+        vae_size = min(vae_batch or vae_plan.vae_batch, batch)
+        vae_runs = self.vae_bindings(vae_plan, vae_plan.dims, vae_size)
         t_plan = time.perf_counter()
         buf, clock = plan.buf, Clock(self.backend.stream)
         buf["inputs_embeds"].write(embeds)
         buf["clip_skip"].write(layers)
-        buf["step_index_0"].write(np.array([start], np.int32))
-        buf["step_table"].write(table[:, :buf["step_table"].shape[1]])  # older exports: fewer columns
+        for p in (plan, unguided) if unguided else (plan,):
+            self.write_sampler_inputs(p, table, start, z)
         clock.mark("start")
         plan.text.run()
         if (text.weights != 1.0).any():       # emphasis: a round trip (and sync) of the embeddings
-            z = buf["text_rows"].read()
-            buf["text_rows"].write(emphasize(z, text.weights))
+            zt = buf["text_rows"].read()
+            buf["text_rows"].write(emphasize(zt, text.weights))
+        if unguided:                           # the conditional half, for the steps after the cut-off
+            copy_rows(unguided.buf["text_embeddings"], Rows(buf["text_embeddings"], batch, batch))
         clock.mark("text_encoder")
-        x = noise if source is None else self.image_latents(plan, source, variant, noise, steps, start, strength)
+        if source is None:
+            x = eps if table.init_sigma == 1.0 else (eps * np.float32(table.init_sigma)).astype(np.float32)
+        else:
+            x = self.image_latents((plan, unguided), source, variant, eps, table, strength)
         clock.mark("vae_encoder")
         buf["latents_0"].write(x)
-        for i in range(steps - start):
+        for i in range(guided):
             plan.steps[i % 2].run()
             clock.mark("step")
-        if (steps - start) % 2:                # x_0 landed in the odd buffer; the VAE reads latents_0
-            buf["latents_0"].copy_from(buf["latents_1"])
+        final, k = plan, guided % 2
+        if unguided:                           # hand the sampler state over, on the stream (no sync)
+            for name in ("latents", "x0", "step_index"):
+                if f"{name}_{k}" in buf:
+                    copy_rows(unguided.buf[f"{name}_0"], buf[f"{name}_{k}"])
+            for i in range(steps - start - guided):
+                unguided.steps[i % 2].run()
+                clock.mark("step")
+            final, k = unguided, (steps - start - guided) % 2
+        if k:                                  # x_0 landed in the odd buffer; the VAE reads latents_0
+            final.buf["latents_0"].copy_from(final.buf["latents_1"])
         for vae in vae_runs:
             vae.run()
         clock.mark("vae")
-        image = buf["image"].read()            # the one sync (image inputs: one more, after the encoder)
-        self.check_finite(image, buf)
+        image = final.buf["image"].read()      # the one sync (image inputs: one more, after the encoder)
+        self.check_finite(image, final.buf)
         timings = self.timings(clock, t0, t_tok)
         timings["setup_ms"] = (t_plan - t_tok) * 1e3 if fresh else 0.0  # buffers, bindings, graphs
         self.graph = plan.graph
         timings["graph"], timings["graph_error"] = plan.graph
         timings["vae_batch"] = vae_size
+        timings["sampler"], timings["guided_steps"] = sampler.label, guided
+        timings["unet_evaluations"] = (steps - start) + (guided if dims.cfg else 0)
         return Result(to_uint8(image), timings)
+
+    # ---- samplers ---------------------------------------------------------------------------------
+
+    def check_sampler(self, plan: "Plan", sampler) -> None:
+        if sampler.kind != "ddim" and "x0_0" not in plan.buf:
+            raise UserError(f"{self.work_dir} was exported before the samplers: it runs DDIM only; "
+                            f"run `sdrt export` again for --sampler {sampler.kind}")
+
+    def step_noise(self, dims: Dims, steps: int, seed, noise) -> np.ndarray:
+        """z for every step, [steps, B, C, h, w]: given, or drawn from the seed."""
+        shape = (dims.batch, self.config.latent_channels, dims["latent_h"], dims["latent_w"])
+        if noise is not None:
+            return samplers.check_noise(noise, steps, shape)
+        return samplers.step_noise(seed, steps, shape)
+
+    def write_sampler_inputs(self, plan: "Plan", table, start: int, z) -> None:
+        """The step table, every sample's first row, a zero x̂0_prev and the step noise (sample-major:
+        the graph gathers step_noise[b, step_index[b]])."""
+        buf = plan.buf
+        index = np.full(buf["step_index_0"].shape, start, np.int32)    # [B] (older exports: [1])
+        buf["step_index_0"].write(index)
+        buf["step_table"].write(table.rows[:, :buf["step_table"].shape[1]])  # older exports: fewer columns
+        if "x0_0" in buf:
+            buf["x0_0"].write(np.zeros(buf["x0_0"].shape, np.float32))
+            if z is not None:                  # else rows of finite values times c_noise = 0
+                buf["step_noise"].write(np.ascontiguousarray(z.transpose(1, 0, 2, 3, 4)))
+
+    def cutoff_plan(self, plan: "Plan", variant: str) -> "Plan":
+        """The unguided plan (batch B) the steps after the CFG cut-off run on."""
+        if self.backend.max_plans is not None and self.backend.max_plans < 2:
+            raise UserError(f"cfg cutoff runs two shape plans (guided and unguided); the {self.backend.name} "
+                            f"backend keeps one: use --backend tensorrt or onnxruntime-cpu, or leave it out")
+        return self.plan(replace(plan.dims, cfg=False), variant)
 
     # ---- image inputs -----------------------------------------------------------------------------
 
@@ -210,23 +277,27 @@ class Pipeline:
             return 1.0 if source.mask is not None else 0.75
         return strength
 
-    def image_latents(self, plan: Plan, source, variant: str, noise: np.ndarray, steps: int, start: int,
-                      strength: float) -> np.ndarray:
-        """x at the first step run; writes the inpainting inputs the step graph is bound to. Encodes
-        at batch 1 and repeats over the batch (one host sync: the latents are noised here, once per
-        call)."""
+    def image_latents(self, plans, source, variant: str, noise: np.ndarray, table, strength: float) -> np.ndarray:
+        """x at the first step run; writes the inpainting inputs the step graphs (guided, and the
+        cut-off's unguided one) are bound to. Encodes at batch 1 and repeats over the batch (one
+        host sync: the latents are noised here, once per call) with the sampler's forward process."""
+        plan = plans[0]
         b = noise.shape[0]
         x0 = np.repeat(self.encode(plan, source.image), b, 0)
+        inputs = {}
         if variant != "plain":
-            plan.buf["mask"].write(np.repeat(source.latent_mask(self.config.vae_factor), b, 0))
+            inputs["mask"] = np.repeat(source.latent_mask(self.config.vae_factor), b, 0)
         if variant == "blend":
-            plan.buf["image_latents"].write(x0)
-            plan.buf["noise"].write(noise)
+            inputs["image_latents"], inputs["noise"] = x0, noise
         if variant == "concat":
-            plan.buf["masked_image_latents"].write(np.repeat(self.encode(plan, source.masked_image), b, 0))
-        if variant != "plain" and strength == 1.0:
-            return noise                       # inpainting at strength 1 starts from pure noise
-        return scheduler.add_noise(self.scheduler, steps, start, x0, noise)
+            inputs["masked_image_latents"] = np.repeat(self.encode(plan, source.masked_image), b, 0)
+        for p in plans:
+            for name, v in inputs.items() if p is not None else ():
+                p.buf[name].write(v)
+        if variant != "plain" and strength == 1.0:   # inpainting at strength 1 starts from pure noise
+            return noise if table.init_sigma == 1.0 else (noise * np.float32(table.init_sigma)).astype(np.float32)
+        p, q = table.add_noise                       # x_s = p x0 + q ε (sdrt.engine.samplers)
+        return (np.float32(p) * x0 + np.float32(q) * noise).astype(np.float32)
 
     def encode(self, plan: Plan, image: np.ndarray) -> np.ndarray:
         """vae_encoder: [1, 3, H, W] in [-1, 1] -> [1, C, H/f, W/f] (posterior mean · scaling factor)."""
@@ -335,12 +406,17 @@ class Pipeline:
         dtypes = {t.name: t.dtype for m in (te, step, vae) for t in m.tensors}
         new = lambda name, key=None: Buffer(shapes[key or name], dtypes[key or name], be.stream)
         shapes["text_embeddings"] = step.shapes(dims)["text_embeddings"]    # [text_batch, 77 k, D]
-        extra = [t.name for t in step.inputs[4:]]   # the variant's inputs, bound once per call
+        extra = list(step_extra_inputs(step))   # the variant's inputs, bound once per call
         buf = {n: new(n) for n in ("inputs_embeds", "clip_skip", "text_embeddings", "step_table", "image", *extra)}
         buf["text_rows"] = buf["text_embeddings"].view(te.shapes(dims)["text_embeddings"])  # [text_batch k, 77, D]
+        state = has_sampler_state(step)       # exports before the samplers: DDIM only
+        if state:
+            buf["step_noise"] = new("step_noise")
         for k in (0, 1):
             buf[f"latents_{k}"] = new(f"latents_{k}", "latents")
             buf[f"step_index_{k}"] = new(f"step_index_{k}", "step_index")
+            if state:
+                buf[f"x0_{k}"] = new(f"x0_{k}", "x0_prev")
 
         text = be.runner(te, dims).bind({"inputs_embeds": buf["inputs_embeds"], "clip_skip": buf["clip_skip"],
                                          "text_embeddings": buf["text_rows"]}, te.shapes(dims))
@@ -352,6 +428,8 @@ class Pipeline:
                                   "step_index_next": buf[f"step_index_{1 - k}"],
                                   "text_embeddings": buf["text_embeddings"],
                                   "step_table": buf["step_table"],
+                                  **({"x0_prev": buf[f"x0_{k}"], "x0_next": buf[f"x0_{1 - k}"],
+                                      "step_noise": buf["step_noise"]} if state else {}),
                                   **{n: buf[n] for n in extra}}, step.shapes(dims))
             steps.append(b)
         launches = [be.launcher(b) for b in steps]

@@ -365,7 +365,7 @@ def _dpm(cfg: SamplerConfig, steps: int, start: int):
     if cfg.euler_at_final or (cfg.lower_order_final and steps < 15) or cfg.final_sigmas_type == "zero":
         first[last] = True
     first[:start] = True
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):
         b = np.where(first, k0, k0 + k1 / r)
         c = np.where(first, 0.0, -k1 / r)
     # h = inf at a final σ = 0: e^{-h} = 0, x' = x̂0 exactly
@@ -444,6 +444,11 @@ def step_noise(seed, steps: int, shape: tuple) -> np.ndarray:
     rng = np.random.default_rng(seed)
     rng.standard_normal(shape, dtype=np.float32)
     return rng.standard_normal((steps, *shape), dtype=np.float32)
+
+
+def check_steps(steps) -> None:
+    if not isinstance(steps, Integral) or isinstance(steps, bool) or steps <= 0:
+        raise UserError(f"steps must be a positive integer, got {steps!r}")
 
 
 def check_noise(noise, steps: int, shape: tuple) -> np.ndarray:

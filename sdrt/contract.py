@@ -9,6 +9,7 @@ Dims are symbolic strings resolved per run by `Dims`:
   text_rows   prompt chunks the text encoder runs at once: text_batch * chunks
   text_seq    conditioning length the UNet attends to: 77 * chunks (prompts of 75 * chunks tokens)
   latent_h/w  latent height/width: image size / vae_factor
+  noise_steps rows of the step graph's noise buffer: the steps of a stochastic sampler, else 1
   height/width  image size in pixels
 Fixed sizes (77 tokens, 768 hidden, 4 channels, ...) are plain ints taken from the model config.
 """
@@ -141,6 +142,7 @@ class Dims:
     vae_factor: int = 8
     chunks: int = 1                # prompt chunks of text_len tokens (long prompts: 2, 3, ...)
     text_len: int = 77
+    noise_steps: int = 1           # rows of the per-step noise buffer (stochastic samplers: steps)
 
     def __getitem__(self, name: str) -> int:
         if name == "batch":
@@ -159,6 +161,8 @@ class Dims:
             return self.height
         if name == "width":
             return self.width
+        if name == "noise_steps":
+            return self.noise_steps
         raise KeyError(f"unknown dim {name!r}")
 
 
@@ -214,6 +218,7 @@ def vae_encoder(cfg: ModelConfig, precision: str) -> Model:
 #           replaces the step's output outside the mask
 #   concat  inpainting with a 9-channel UNet: concat(x_t, mask, masked-image latents) in
 STEP_VARIANTS = ("plain", "blend", "concat")
+SAMPLER_STATE = ("x0_prev", "step_noise")   # step inputs of the samplers beyond DDIM
 STEP_EXTRA_INPUTS = {"plain": (), "blend": ("mask", "image_latents", "noise"),
                      "concat": ("mask", "masked_image_latents")}
 
@@ -229,11 +234,14 @@ def step_variants(cfg: ModelConfig) -> tuple[str, ...]:
 
 
 def denoise_step(cfg: ModelConfig, precision: str, guidance: bool, variant: str = "plain") -> Model:
-    """One whole denoising step: UNet + classifier-free guidance + DDIM update (+ the variant's
-    inpainting inputs, bound once per call).
+    """One whole denoising step: UNet + classifier-free guidance + the sampler's update (+ the
+    variant's inpainting inputs, bound once per call).
 
-    Reads its per-step values from `step_table[step_index]` and writes `step_index + 1`, so the
-    same bound buffers (ping-ponged) and one captured CUDA graph serve every step.
+    Per sample b it reads its row `step_table[step_index[b]]` and writes `step_index + 1`, so the
+    same bound buffers (ping-ponged) and one captured CUDA graph serve every step, and samples at
+    different steps (rows of different requests in one shared table) can share a batch. The
+    sampler's state rides along: x0_prev -> x0_next (the previous step's x̂0, ping-ponged like the
+    latents) and step_noise[b, step_index[b]] (z; rows past the buffer's last read its last).
     """
     c = cfg.latent_channels
     latent = ("batch", c, "latent_h", "latent_w")
@@ -246,10 +254,24 @@ def denoise_step(cfg: ModelConfig, precision: str, guidance: bool, variant: str 
                  (Tensor("latents", "float32", latent),
                   Tensor("text_embeddings", _float(precision), ("text_batch", "text_seq", cfg.text_dim)),
                   Tensor("step_table", "float32", (STEP_TABLE_ROWS, len(STEP_COLUMNS))),
-                  Tensor("step_index", "int32", (1,)))
+                  Tensor("step_index", "int32", ("batch",)),
+                  Tensor("x0_prev", "float32", latent),
+                  Tensor("step_noise", "float32", ("batch", "noise_steps", c, "latent_h", "latent_w")))
                  + tuple(extra[n] for n in STEP_EXTRA_INPUTS[variant]),
                  (Tensor("latents_next", "float32", latent),
-                  Tensor("step_index_next", "int32", (1,))))
+                  Tensor("step_index_next", "int32", ("batch",)),
+                  Tensor("x0_next", "float32", latent)))
+
+
+def step_extra_inputs(step: Model) -> tuple[str, ...]:
+    """The variant's inputs of a step model (after the common ones and the sampler state)."""
+    common = ("latents", "text_embeddings", "step_table", "step_index") + SAMPLER_STATE
+    return tuple(t.name for t in step.inputs if t.name not in common)
+
+
+def has_sampler_state(step: Model) -> bool:
+    """Exports made before the samplers have neither x0_prev nor step_noise: DDIM only."""
+    return all(n in {t.name for t in step.inputs} for n in SAMPLER_STATE)
 
 
 def step_models(cfg: ModelConfig, precision: str) -> list[Model]:

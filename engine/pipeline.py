@@ -140,7 +140,8 @@ class Pipeline:
         strength = self.strength(source, strength)
         start = scheduler.start_index(steps, strength) if source is not None else 0
         table = samplers.step_table(self.scheduler_config, sampler, steps, guidance, start)
-        rows = [negative] * batch + [prompt] * batch if guidance > 1.0 else [prompt] * batch
+        prompts = self.prompts(prompt, batch)
+        rows = [negative] * batch + prompts if guidance > 1.0 else prompts
         text = cond.rows(rows)                 # ids, weights [rows * k, 77]
         dims = self.dims(height, width, batch, guidance, chunks=len(text.ids) // len(rows))
         if table.stochastic:
@@ -207,6 +208,15 @@ class Pipeline:
         timings["sampler"], timings["guided_steps"] = sampler.label, guided
         timings["unet_evaluations"] = (steps - start) + (guided if dims.cfg else 0)
         return Result(to_uint8(image), timings)
+
+    @staticmethod
+    def prompts(prompt, batch: int) -> list:
+        """One prompt for the whole batch, or a list of `batch` prompts (one per image)."""
+        if isinstance(prompt, (list, tuple)):
+            if len(prompt) != batch or not all(isinstance(p, str) for p in prompt):
+                raise UserError(f"a list of prompts needs one string per image: {len(prompt)} for batch {batch}")
+            return list(prompt)
+        return [prompt] * batch
 
     # ---- samplers ---------------------------------------------------------------------------------
 

@@ -149,7 +149,8 @@ class Pipeline:
         if seed is None:                       # one generator for ε and the step noise
             seed = int(np.random.SeedSequence().generate_state(1)[0])
         eps = self.initial_latents(dims, seed, latents)                # ε (x_T for text to image)
-        z = self.step_noise(dims, steps, seed, noise) if table.stochastic else None
+        z = self.step_noise(dims, steps, seed, noise) if table.stochastic or noise is not None else None
+        z = z if table.stochastic else None
         embeds = cond.lookup(text.ids)
         t_tok = time.perf_counter()
 

@@ -44,7 +44,8 @@ def cmd_generate(a):
                    guidance=a.guidance, height=a.height, width=a.width, batch=a.batch, seed=a.seed,
                    latents=a.latents, timings=a.timings, vae_batch=a.vae_batch, clip_skip=a.clip_skip,
                    embeddings=a.embedding, loras=a.lora, image=a.image, mask=a.mask, strength=a.strength,
-                   resize=a.resize)
+                   resize=a.resize, sampler=a.sampler, schedule=a.schedule, noise=a.noise,
+                   cfg_cutoff=a.cfg_cutoff)
 
 
 def cmd_bench(a):
@@ -254,6 +255,16 @@ def add_generate_args(s) -> None:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--seed", type=int)
     s.add_argument("--latents", type=Path, help=".npy of shape [B, C, H/f, W/f]: the initial noise")
+    s.add_argument("--sampler", default="DDIM",
+                   help="DDIM (default), DDPM, Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, DPM++ 2M SDE, "
+                        "DPM++ 2M SDE Karras, LCM (case-insensitive; the web UI's and k-diffusion's names)")
+    s.add_argument("--schedule", metavar="{uniform,trailing,karras}",
+                   help="uniform (the model's timestep spacing), trailing, karras (Euler, Euler a, DPM++); "
+                        "default: what the sampler's name and the model's scheduler config say")
+    s.add_argument("--noise", type=Path, metavar="FILE.npy",
+                   help="the stochastic samplers' per-step noise, [steps, B, C, H/f, W/f] (default: from --seed)")
+    s.add_argument("--cfg-cutoff", type=float, metavar="F",
+                   help="after this fraction of the steps, run without the unconditional half (half the UNet work)")
     s.add_argument("--image", type=Path, help="input image: image to image, or inpainting with --mask")
     s.add_argument("--mask", type=Path, help="inpainting mask, the image's size: white = repaint")
     s.add_argument("--strength", type=float,

@@ -11,13 +11,13 @@ from sdrt.errors import UserError
 from sdrt.fileio import save_images
 
 
-def load_latents(path: Path | None):
+def load_latents(path: Path | None, what: str = "latents"):
     if path is None:
         return None
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read latents {path}: {e}") from None
+        raise UserError(f"cannot read {what} {path}: {e}") from None
 
 
 def output_paths(out: Path, batch: int) -> list[Path]:
@@ -32,17 +32,23 @@ def generate_files(work_dir: Path, prompt: str, out: Path, backend: str = "auto"
                    width: int | None = None, batch: int = 1, seed: int | None = None,
                    latents: Path | None = None, timings: bool = False, vae_batch: int | None = None,
                    clip_skip: int = 1, embeddings=(), loras=(), image: Path | None = None,
-                   mask: Path | None = None, strength: float | None = None, resize: bool = False) -> list[Path]:
+                   mask: Path | None = None, strength: float | None = None, resize: bool = False,
+                   sampler: str | None = None, schedule: str | None = None, noise: Path | None = None,
+                   cfg_cutoff: float | None = None) -> list[Path]:
     """Generate and write out.png (out-0.png ... for a batch); timings: the table on stderr.
     latents: the initial noise (.npy); embeddings: textual-inversion files, "FILE[:TOKEN]" each;
     loras: "FILE[:SCALE]" strings (or (path, scale) pairs); image / mask / strength / resize:
-    Pipeline.generate's."""
+    Pipeline.generate's; sampler / schedule / cfg_cutoff: Pipeline.generate's, noise a .npy."""
     from sdrt.engine.lora import parse_spec
     from sdrt.engine.pipeline import Pipeline
     from sdrt.engine.timing import timing_table
     if out.suffix.lower() not in ("", ".png"):
         raise UserError(f"--out {out}: sdrt writes PNG files, give a .png path")
-    noise = load_latents(latents)
+    from sdrt.engine import samplers
+    samplers.Sampler.parse(sampler, schedule)              # a bad name fails before any model loads
+    samplers.check_cfg_cutoff(cfg_cutoff)
+    initial = load_latents(latents)
+    step_noise = load_latents(noise, "noise")
     if mask is not None and image is None:
         raise UserError("--mask needs --image: inpainting repaints the white part of the mask in the image")
     if strength is not None and image is None:
@@ -50,9 +56,10 @@ def generate_files(work_dir: Path, prompt: str, out: Path, backend: str = "auto"
     pipe = Pipeline(work_dir, backend=backend, embeddings=embeddings,
                     loras=[parse_spec(x) if isinstance(x, str) else x for x in loras])
     result = pipe.generate(prompt, negative=negative, steps=steps, guidance=guidance,
-                           height=height, width=width, batch=batch, seed=seed, latents=noise,
+                           height=height, width=width, batch=batch, seed=seed, latents=initial,
                            vae_batch=vae_batch, clip_skip=clip_skip, image=image, mask=mask,
-                           strength=strength, resize=resize)
+                           strength=strength, resize=resize, sampler=sampler, schedule=schedule,
+                           noise=step_noise, cfg_cutoff=cfg_cutoff)
     paths = output_paths(out, batch)
     save_images(result.pil(), paths)
     for p in paths:

@@ -97,6 +97,31 @@ def copy_rows(dst, src) -> None:
         cuda.copy_dtod(dst.ptr, src.ptr, nbytes, dst.stream)
 
 
+def write_rows(buf, start: int, values: np.ndarray) -> None:
+    """Rows [start, start + len(values)) of a buffer's first axis <- values; the other rows are
+    untouched (a batch slot of a step-level batch). On the device the upload is waited for (one
+    sync per write: slots are filled per request, not per step)."""
+    rows = Rows(buf, start, len(values))
+    values = _checked(rows, values)
+    if isinstance(buf, HostBuffer):
+        np.copyto(_host_array(rows), values)
+        return
+    staging = cuda.PinnedHost(values.shape, values.dtype)
+    np.copyto(staging.array, values)
+    cuda.copy_htod(rows.ptr, staging, values.nbytes, buf.stream)
+    buf.stream.sync()
+
+
+def read_rows(buf, start: int, n: int) -> np.ndarray:
+    """Rows [start, start + n) of a buffer's first axis (on the device: waits for the stream)."""
+    rows = Rows(buf, start, n)
+    if isinstance(buf, HostBuffer):
+        return _host_array(rows).copy()
+    out = np.empty(rows.shape, rows.dtype)
+    cuda.copy_dtoh(out, rows.ptr, buf.stream)
+    return out
+
+
 def _host_array(buf) -> np.ndarray:
     if isinstance(buf, Rows):
         start = (buf.ptr - buf.parent.ptr) // (int(np.prod(buf.shape[1:])) * buf.dtype.itemsize)

@@ -83,6 +83,7 @@ class Pipeline:
         self.scheduler = scheduler.DDIMConfig.from_json(self.scheduler_config)
         self.backend = backends.open_backend(backend, self.work_dir, self.manifest, ort_fusion)
         self.plans: dict[tuple[Dims, str], Plan] = {}
+        self.decoders: dict = {}               # Pipeline.decode's VAE bindings
         self.graph: tuple[str, str] = ("", "")  # (path, error) of the last generation's step
         self.loras = LoraState(self.work_dir, self.manifest)
         if loras:
@@ -244,6 +245,29 @@ class Pipeline:
             buf["x0_0"].write(np.zeros(buf["x0_0"].shape, np.float32))
             if z is not None:                  # else rows of finite values times c_noise = 0
                 buf["step_noise"].write(np.ascontiguousarray(z.transpose(1, 0, 2, 3, 4)))
+
+    def step_slots(self, batch: int, height: int | None = None, width: int | None = None, guidance: bool = True,
+                   noise_steps: int = 1, variant: str = "plain"):
+        """Step-level batching over one shape plan: each of `batch` slots its own request, rows,
+        guidance, embeddings and noise, at its own step (sdrt.engine.step_slots.StepSlots)."""
+        from sdrt.engine.step_slots import StepSlots
+        return StepSlots(self, batch, height, width, guidance, noise_steps, variant)
+
+    def decode(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
+        """uint8 [n, H, W, 3] from latents [n, C, h, w]: the VAE decoder bound at batch n (kept)."""
+        n = len(latents)
+        key = ("decode", n, height, width)
+        if key not in self.decoders:
+            vae = self.models["vae_decoder"]
+            d = replace(self.dims(height, width, n, 1.0))
+            shapes = vae.shapes(d)
+            Buffer = DeviceBuffer if self.backend.device == "cuda" else HostBuffer
+            buf = {t.name: Buffer(shapes[t.name], t.dtype, self.backend.stream) for t in vae.tensors}
+            self.decoders[key] = (self.backend.runner(vae, d).bind(buf, shapes), buf)
+        run, buf = self.decoders[key]
+        buf["latents"].write(latents)
+        run.run()
+        return to_uint8(buf["image"].read())
 
     def cutoff_plan(self, plan: "Plan", variant: str) -> "Plan":
         """The unguided plan (batch B) the steps after the CFG cut-off run on."""

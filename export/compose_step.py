@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.contract import STEP_COLUMNS, STEP_EXTRA_INPUTS, Model, step_extra_inputs
+from sdrt.contract import STEP_COLUMNS, STEP_EXTRA_INPUTS, STEP_TABLE_ROWS, Model, step_extra_inputs
 from sdrt.export.to_onnx import onnx_graph
 
 P = "sdrt_step/"  # prefix for everything this module adds to the UNet graph
@@ -53,7 +53,9 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
     col = {c: P + "col_" + c for c in STEP_COLUMNS}
     # per sample b: row b = step_table[step_index[b]], as [B, columns, 1, 1] so each column splits
     # out as [B, 1, 1, 1] and broadcasts over that sample's latents
-    pre = [node("Gather", ["step_table", "step_index"], ["row_b"], axis=0),          # [B, columns]
+    # (an index past the table reads its last row, which the runtime keeps zero: parked slots)
+    pre = [node("Min", ["step_index", "last_row"], ["table_index"]),
+           node("Gather", ["step_table", "table_index"], ["row_b"], axis=0),          # [B, columns]
            node("Unsqueeze", ["row_b", "axes_23"], ["row"]),
            helper.make_node("Split", [P + "row", P + "ones"], list(col.values()), axis=1,
                             name=P + "split_row"),
@@ -98,6 +100,7 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
               numpy_helper.from_array(np.array([-1], np.int64), P + "minus_one"),
               numpy_helper.from_array(np.array([2, 3], np.int64), P + "axes_23"),
               numpy_helper.from_array(np.array([1], np.int32), P + "one_i32"),
+              numpy_helper.from_array(np.array([STEP_TABLE_ROWS - 1], np.int32), P + "last_row"),
               numpy_helper.from_array(np.array([1], np.int64), P + "one_axis"),
               numpy_helper.from_array(np.array([1], np.float32), P + "one_f"),
               numpy_helper.from_array(np.ones(len(STEP_COLUMNS), np.int64), P + "ones")]

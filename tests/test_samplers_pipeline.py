@@ -210,3 +210,26 @@ def test_help_lists_samplers():
     proc = run_cli("generate", "--help")
     for name in ("DPM++ 2M Karras", "Euler a", "LCM", "DDPM", "karras", "trailing", "--cfg-cutoff", "--noise"):
         assert name in proc.stdout, name
+
+
+def test_ddim_step_ignores_sampler_state_bit_for_bit(tiny_fp32):
+    """The DDIM row's added terms are exact zeros: the step graph's outputs do not change by one
+    bit whatever x̂0_prev and the noise hold (the images are those of the graph without them)."""
+    import onnxruntime as ort
+    from sdrt import manifest as mf
+    from sdrt.contract import Dims
+    from sdrt.engine.scheduler import read_config_json
+    model = mf.models(mf.load(tiny_fp32))["denoise_step_cfg"]
+    sess = ort.InferenceSession(str(tiny_fp32 / "onnx" / model.onnx), providers=["CPUExecutionProvider"])
+    cfg = read_config_json(tiny_fp32 / "scheduler" / "scheduler_config.json")
+    rng = np.random.default_rng(0)
+    shapes = model.shapes(Dims(2, H, W, cfg=True, noise_steps=3))
+    feed = {n: rng.standard_normal(shapes[n], dtype=np.float32) for n in ("latents", "text_embeddings")}
+    feed["step_table"] = samplers.step_table(cfg, samplers.Sampler("ddim"), 10, 7.5).rows
+    feed["step_index"] = np.array([2, 7], np.int32)
+    zero = {n: np.zeros(shapes[n], np.float32) for n in ("x0_prev", "step_noise")}
+    noisy = {n: rng.standard_normal(shapes[n], dtype=np.float32) * 100 for n in ("x0_prev", "step_noise")}
+    a = sess.run(None, {**feed, **zero})
+    b = sess.run(None, {**feed, **noisy})
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)

@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from sdrt import manifest as mf
-from sdrt.contract import Dims, check_size, has_sampler_state, step_extra_inputs, step_name
+from sdrt.contract import Dims, has_sampler_state, step_extra_inputs, step_name
 from sdrt.engine import backends, cuda, image_input, samplers, scheduler, vae_slices
 from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows, copy_rows
 from sdrt.engine.conditioning import Conditioning, emphasize
 from sdrt.engine.lora import LoraState
+from sdrt.engine.request import GenerateRequest, RequestError, StepCallback, noise as seeded_noise, resolve_seed
 from sdrt.engine.timing import Clock
 from sdrt.engine.tokenizer import ClipTokenizer
 from sdrt.errors import UserError
@@ -39,6 +40,7 @@ from sdrt.errors import UserError
 class Result:
     images: np.ndarray                        # uint8 [B, H, W, 3]
     timings: dict = field(default_factory=dict)
+    seed: int | list[int] | None = None       # the seed(s) the noise came from (None: latents given)
 
     def pil(self) -> list:
         from PIL import Image
@@ -112,57 +114,62 @@ class Pipeline:
         return self.conditionings[key]
 
     def generate(self, prompt, negative="", steps=50, guidance=7.5, height=None, width=None,
-                 batch=1, seed=None, latents=None, vae_batch=None, clip_skip=1, embeddings=None, image=None,
-                 mask=None, strength=None, resize=False, sampler=None, schedule=None, noise=None,
-                 cfg_cutoff=None) -> Result:
-        """Text to image; with `image` (path, PIL image or uint8 array), image to image (strength
-        default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0).
-        prompt/negative: any length (77-token chunks), emphasis syntax (sdrt.engine.prompt_parser).
-        clip_skip: the web UI's numbering, 1 = last layer. embeddings: None = the pipeline's.
-        latents: the noise ε; vae_batch: decode in slices of this many images (None: the whole
-        batch, or what fits the free device memory; see sdrt.engine.vae_slices).
-        sampler: a name of sdrt.engine.samplers.SAMPLER_NAMES (default DDIM), schedule: uniform |
-        trailing | karras. noise: the stochastic samplers' per-step z, [steps, B, C, h, w] (default:
-        from the seed, sdrt.engine.samplers.step_noise). cfg_cutoff: after this fraction of the
-        steps run, the step runs without guidance (the unguided graph at batch B)."""
+                 batch=None, seed=None, latents=None, vae_batch=None, clip_skip=1, embeddings=None, image=None,
+                 mask=None, strength=None, resize=False, loras=None, prompt_syntax="webui",
+                 sampler="DDIM", schedule=None, noise=None, cfg_cutoff=None, on_step=None) -> Result:
+        """`run(GenerateRequest(...))`: the request's fields as keywords (see sdrt.engine.request).
+        Text to image; with `image` (path, PIL image or uint8 array), image to image (strength
+        default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0)."""
+        return self.run(GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed, latents,
+                                        image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
+                                        prompt_syntax, sampler, schedule, noise, cfg_cutoff), on_step=on_step)
+
+    def run(self, request: GenerateRequest, on_step: StepCallback | None = None) -> Result:
+        """One generation. prompt/negative: any length (77-token chunks), emphasis syntax
+        (sdrt.engine.prompt_parser) unless prompt_syntax="plain". embeddings None: the pipeline's;
+        loras None: the ones applied now (else switched to these when they differ). latents: the
+        noise ε; vae_batch: decode in slices of this many images (None: the whole batch, or what
+        fits the free device memory; see sdrt.engine.vae_slices).
+
+        on_step(step_done, steps_total) is called after each denoising step is launched; it may
+        raise (e.g. request.Cancelled) to stop before the next one, and the exception propagates.
+        On a GPU backend the steps are queued asynchronously, so it reports launched steps, not
+        finished ones; the CPU backend runs each step before it returns. Without a callback the
+        loop is unchanged (no host sync is added)."""
         t0 = time.perf_counter()
-        check_batch(batch)
-        source = self.source(image, mask, resize, height, width)
+        r = request
+        if r.loras is not None and [(Path(p), s) for p, s in r.loras] != list(self.loras.applied):
+            self.set_loras(r.loras)           # only when the set differs: a switch re-makes sessions
+        source = self.source(r.image, r.mask, r.resize, r.height, r.width)
         variant = self.variant(source)
-        if source is not None:
-            height, width = source.height, source.width
-        if vae_batch is not None and (not isinstance(vae_batch, int) or vae_batch <= 0):
-            raise UserError(f"vae batch must be a positive integer, got {vae_batch}")
-        cond = self.conditioning(self.embeddings if embeddings is None else embeddings)
-        layers = self.check_clip_skip(clip_skip)
-        sampler = samplers.Sampler.parse(sampler, schedule)
-        cutoff = samplers.check_cfg_cutoff(cfg_cutoff)
-        samplers.check_steps(steps)
-        strength = self.strength(source, strength)
-        start = scheduler.start_index(steps, strength) if source is not None else 0
-        table = samplers.step_table(self.scheduler_config, sampler, steps, guidance, start)
-        prompts = self.prompts(prompt, batch)
-        rows = [negative] * batch + prompts if guidance > 1.0 else prompts
-        text = cond.rows(rows)                 # ids, weights [rows * k, 77]
-        dims = self.dims(height, width, batch, guidance, chunks=len(text.ids) // len(rows))
+        height, width = (source.height, source.width) if source is not None else (r.height, r.width)
+        cond = self.conditioning(self.embeddings if r.embeddings is None else r.embeddings)
+        layers = self.check_clip_skip(r.clip_skip)
+        steps = r.steps
+        strength = self.strength(source, r.strength)
+        start = self.start_index(steps, strength) if source is not None else 0
+        table = self.step_table(r.sampler, steps, r.guidance, start)
+        rows = r.rows()
+        text = cond.rows(rows, r.prompt_syntax)   # ids, weights [rows * k, 77]
+        dims = self.dims(height, width, r.batch, r.guidance, chunks=len(text.ids) // len(rows))
         if table.stochastic:
             dims = replace(dims, noise_steps=steps)
-        if seed is None:                       # one generator for ε and the step noise
-            seed = int(np.random.SeedSequence().generate_state(1)[0])
-        eps = self.initial_latents(dims, seed, latents)                # ε (x_T for text to image)
-        z = self.step_noise(dims, steps, seed, noise) if table.stochastic or noise is not None else None
+        seed = r.used_seed()
+        noise = self.initial_latents(dims, seed, r.latents)            # ε (x_T for text to image)
+        z = self.step_noise(dims, steps, seed, r) if table.stochastic or r.noise is not None else None
         z = z if table.stochastic else None
         embeds = cond.lookup(text.ids)
         t_tok = time.perf_counter()
 
         fresh = (dims, variant) not in self.plans
         plan = self.plan(dims, variant)
-        self.check_sampler(plan, sampler)
-        guided = samplers.guided_steps(steps - start, cutoff) if dims.cfg else steps - start
-        unguided = self.cutoff_plan(plan, variant) if guided < steps - start else None
-        vae_plan = unguided or plan
-        vae_size = min(vae_batch or vae_plan.vae_batch, batch)
-        vae_runs = self.vae_bindings(vae_plan, vae_plan.dims, vae_size)
+        self.check_sampler(plan, r.sampler)
+        run_steps = steps - start
+        guided = samplers.guided_steps(run_steps, r.cfg_cutoff) if dims.cfg else run_steps
+        unguided = self.cutoff_plan(plan, variant) if guided < run_steps else None
+        final = unguided or plan               # the plan whose buffers hold x_0 (and the image)
+        vae_size = min(r.vae_batch or final.vae_batch, r.batch)
+        vae_runs = self.vae_bindings(final, final.dims, vae_size)
         t_plan = time.perf_counter()
         buf, clock = plan.buf, Clock(self.backend.stream)
         buf["inputs_embeds"].write(embeds)
@@ -172,30 +179,31 @@ class Pipeline:
         clock.mark("start")
         plan.text.run()
         if (text.weights != 1.0).any():       # emphasis: a round trip (and sync) of the embeddings
-            zt = buf["text_rows"].read()
-            buf["text_rows"].write(emphasize(zt, text.weights))
+            e = buf["text_rows"].read()
+            buf["text_rows"].write(emphasize(e, text.weights))
         if unguided:                           # the conditional half, for the steps after the cut-off
-            copy_rows(unguided.buf["text_embeddings"], Rows(buf["text_embeddings"], batch, batch))
+            copy_rows(unguided.buf["text_embeddings"], Rows(buf["text_embeddings"], r.batch, r.batch))
         clock.mark("text_encoder")
-        if source is None:
-            x = eps if table.init_sigma == 1.0 else (eps * np.float32(table.init_sigma)).astype(np.float32)
+        if source is None:                     # x_T = init_noise_sigma ε (1 but for the Euler samplers)
+            x = noise if table.init_sigma == 1.0 else (noise * np.float32(table.init_sigma)).astype(np.float32)
         else:
-            x = self.image_latents((plan, unguided), source, variant, eps, table, strength)
+            x = self.image_latents((plan, unguided), source, variant, noise, table, strength)
         clock.mark("vae_encoder")
         buf["latents_0"].write(x)
-        for i in range(guided):
-            plan.steps[i % 2].run()
+        for i in range(run_steps):
+            if i == guided:                    # the CFG cut-off: hand the sampler state over, on the stream
+                k = guided % 2
+                for name in ("latents", "x0", "step_index"):
+                    if f"{name}_{k}" in buf:
+                        copy_rows(unguided.buf[f"{name}_0"], buf[f"{name}_{k}"])
+            if i < guided:
+                plan.steps[i % 2].run()
+            else:
+                unguided.steps[(i - guided) % 2].run()
             clock.mark("step")
-        final, k = plan, guided % 2
-        if unguided:                           # hand the sampler state over, on the stream (no sync)
-            for name in ("latents", "x0", "step_index"):
-                if f"{name}_{k}" in buf:
-                    copy_rows(unguided.buf[f"{name}_0"], buf[f"{name}_{k}"])
-            for i in range(steps - start - guided):
-                unguided.steps[i % 2].run()
-                clock.mark("step")
-            final, k = unguided, (steps - start - guided) % 2
-        if k:                                  # x_0 landed in the odd buffer; the VAE reads latents_0
+            if on_step is not None:
+                on_step(i + 1, run_steps)
+        if (run_steps - (guided if unguided else 0)) % 2:   # x_0 landed in the odd buffer; the VAE reads latents_0
             final.buf["latents_0"].copy_from(final.buf["latents_1"])
         for vae in vae_runs:
             vae.run()
@@ -207,31 +215,46 @@ class Pipeline:
         self.graph = plan.graph
         timings["graph"], timings["graph_error"] = plan.graph
         timings["vae_batch"] = vae_size
-        timings["sampler"], timings["guided_steps"] = sampler.label, guided
-        timings["unet_evaluations"] = (steps - start) + (guided if dims.cfg else 0)
-        return Result(to_uint8(image), timings)
-
-    @staticmethod
-    def prompts(prompt, batch: int) -> list:
-        """One prompt for the whole batch, or a list of `batch` prompts (one per image)."""
-        if isinstance(prompt, (list, tuple)):
-            if len(prompt) != batch or not all(isinstance(p, str) for p in prompt):
-                raise UserError(f"a list of prompts needs one string per image: {len(prompt)} for batch {batch}")
-            return list(prompt)
-        return [prompt] * batch
+        timings["seed"] = seed
+        timings["sampler"], timings["guided_steps"] = r.sampler.label, guided
+        timings["unet_evaluations"] = run_steps + (guided if dims.cfg else 0)   # per image
+        return Result(to_uint8(image), timings, seed)
 
     # ---- samplers ---------------------------------------------------------------------------------
 
     def check_sampler(self, plan: "Plan", sampler) -> None:
         if sampler.kind != "ddim" and "x0_0" not in plan.buf:
-            raise UserError(f"{self.work_dir} was exported before the samplers: it runs DDIM only; "
+            raise RequestError("sampler", f"{self.work_dir} was exported before the samplers: it runs DDIM only; "
                             f"run `sdrt export` again for --sampler {sampler.kind}")
 
-    def step_noise(self, dims: Dims, steps: int, seed, noise) -> np.ndarray:
-        """z for every step, [steps, B, C, h, w]: given, or drawn from the seed."""
+    def step_table(self, sampler, steps: int, guidance: float, start: int):
+        try:
+            return samplers.step_table(self.scheduler_config, sampler, steps, guidance, start)
+        except UserError as e:
+            if isinstance(e, RequestError):
+                raise
+            field = "steps" if str(e).startswith("steps") else "sampler"
+            raise RequestError(field, str(e)) from None
+
+    def start_index(self, steps: int, strength: float) -> int:
+        try:
+            return scheduler.start_index(steps, strength)
+        except UserError as e:
+            if isinstance(e, RequestError):
+                raise
+            raise RequestError("strength", str(e)) from None
+
+    def step_noise(self, dims: Dims, steps: int, seed, r) -> np.ndarray:
+        """z for every step, [steps, B, C, h, w]: the request's, or drawn from the seed (with
+        given latents and no seed: a random one)."""
         shape = (dims.batch, self.config.latent_channels, dims["latent_h"], dims["latent_w"])
-        if noise is not None:
-            return samplers.check_noise(noise, steps, shape)
+        if r.noise is not None:
+            try:
+                return samplers.check_noise(r.noise, steps, shape)
+            except UserError as e:
+                raise RequestError("noise", str(e)) from None
+        if seed is None:
+            seed = [resolve_seed(s) for s in r.seed] if isinstance(r.seed, list) else resolve_seed(r.seed)
         return samplers.step_noise(seed, steps, shape)
 
     def write_sampler_inputs(self, plan: "Plan", table, start: int, z) -> None:
@@ -272,7 +295,7 @@ class Pipeline:
     def cutoff_plan(self, plan: "Plan", variant: str) -> "Plan":
         """The unguided plan (batch B) the steps after the CFG cut-off run on."""
         if self.backend.max_plans is not None and self.backend.max_plans < 2:
-            raise UserError(f"cfg cutoff runs two shape plans (guided and unguided); the {self.backend.name} "
+            raise RequestError("cfg_cutoff", f"{{cfg_cutoff}} runs two shape plans (guided and unguided); the {self.backend.name} "
                             f"backend keeps one: use --backend tensorrt or onnxruntime-cpu, or leave it out")
         return self.plan(replace(plan.dims, cfg=False), variant)
 
@@ -280,15 +303,13 @@ class Pipeline:
 
     def source(self, image, mask, resize, height, width):
         """The prepared image (and mask), or None for text to image."""
-        if image is None:
-            if mask is not None:
-                raise UserError("a mask needs an image: give --image IN.png with --mask (inpainting)")
+        if image is None:                      # a mask without an image: refused by GenerateRequest
             return None
         src = image_input.prepare(image, mask, self.config.vae_factor, resize)
         for what, asked, got in (("height", height, src.height), ("width", width, src.width)):
             if asked is not None and asked != got:
-                raise UserError(f"--{what} {asked}: with an image the output is the image's size "
-                                f"({src.width}x{src.height}); leave --height/--width out")
+                raise RequestError(what, f"{{{what}}} {asked}: with an image the output is the image's size "
+                                         f"({src.width}x{src.height}); leave {{height}}/{{width}} out")
         return src
 
     def variant(self, source) -> str:
@@ -296,17 +317,16 @@ class Pipeline:
         inpaint = source is not None and source.mask is not None
         if self.config.inpainting_unet:
             if not inpaint:
-                raise UserError(f"{self.work_dir} holds an inpainting UNet ({self.config.unet_channels} input "
-                                f"channels): it needs --image and --mask; text to image and image to image "
-                                f"need an export of an ordinary {self.config.latent_channels}-channel UNet")
+                raise RequestError("mask" if source is not None else "image",
+                                   f"{self.work_dir} holds an inpainting UNet ({self.config.unet_channels} input "
+                                   f"channels): it needs {{image}} and {{mask}}; text to image and image to image "
+                                   f"need an export of an ordinary {self.config.latent_channels}-channel UNet")
             return "concat"
         return "blend" if inpaint else "plain"
 
     def strength(self, source, strength):
         """Defaults as diffusers': 0.75 for image to image, 1.0 for inpainting."""
-        if source is None:
-            if strength is not None:
-                raise UserError("strength applies to an input image: give --image (image to image or inpainting)")
+        if source is None:                     # strength without an image: refused by GenerateRequest
             return None
         if strength is None:
             return 1.0 if source.mask is not None else 0.75
@@ -381,8 +401,10 @@ class Pipeline:
     def dims(self, height, width, batch, guidance, chunks=1) -> Dims:
         height = self.config.default_height if height is None else height
         width = self.config.default_width if width is None else width
-        check_batch(batch)
-        check_size(height, width, self.config.vae_factor)
+        for what, v in (("height", height), ("width", width)):
+            if v <= 0 or v % self.config.vae_factor:
+                raise RequestError(what, f"{{{what}}} {v} must be a positive multiple of {self.config.vae_factor} "
+                                         f"(the VAE factor of this model)")
         self.check_chunks(chunks)
         return Dims(batch, height, width, cfg=guidance > 1.0, vae_factor=self.config.vae_factor,
                     chunks=chunks, text_len=self.config.text_len)
@@ -390,8 +412,8 @@ class Pipeline:
     def check_clip_skip(self, clip_skip) -> np.ndarray:
         layers = self.config.text_layers
         if not isinstance(clip_skip, (int, np.integer)) or not 1 <= clip_skip <= layers:
-            raise UserError(f"clip skip {clip_skip} must be 1..{layers} (1 = the last of this text "
-                            f"encoder's {layers} layers, 2 = the one before, ...)")
+            raise RequestError("clip_skip", f"{{clip_skip}} {clip_skip} must be 1..{layers} (1 = the last of "
+                                            f"this text encoder's {layers} layers, 2 = the one before, ...)")
         return np.array([clip_skip], np.int32)
 
     def check_chunks(self, chunks: int) -> None:
@@ -400,20 +422,20 @@ class Pipeline:
         limit = min((e["key"]["options"]["max_prompt_chunks"] for e in built.values()
                      if "max_prompt_chunks" in e["key"]["options"]), default=None)
         if limit is not None and chunks > limit:
-            raise UserError(f"the prompt needs {chunks} chunks of {self.config.text_len - 2} tokens; the "
+            raise RequestError("prompt", f"the prompt needs {chunks} chunks of {self.config.text_len - 2} tokens; the "
                             f"{self.backend.name} engines take at most {limit}: run `sdrt build "
                             f"{self.work_dir} --backend {self.backend.name} --max-prompt-chunks {chunks}`")
 
     def initial_latents(self, dims: Dims, seed, latents) -> np.ndarray:
         shape = (dims.batch, self.config.latent_channels, dims["latent_h"], dims["latent_w"])
         if latents is None:   # DDIM's init_noise_sigma is 1: x_T ~ N(0, I)
-            return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+            return seeded_noise(shape, seed)
         latents = np.asarray(latents)
         if latents.shape != shape:
-            raise UserError(f"latents have shape {list(latents.shape)}, expected {list(shape)} "
+            raise RequestError("latents", f"latents have shape {list(latents.shape)}, expected {list(shape)} "
                             f"for batch {dims.batch} at {dims.height}x{dims.width}")
         if not np.issubdtype(latents.dtype, np.floating) or not np.all(np.isfinite(latents)):
-            raise UserError("latents must be finite floating-point values")
+            raise RequestError("latents", "latents must be finite floating-point values")
         return latents.astype(np.float32)
 
     def plan(self, dims: Dims, variant: str = "plain") -> Plan:
@@ -502,11 +524,6 @@ class Pipeline:
                 "text_encoder_ms": t["text_encoder"], "vae_encoder_ms": t["vae_encoder"], "steps_ms": steps,
                 "unet_step_ms": float(np.median(steps)), "denoise_ms": float(sum(steps)),
                 "vae_ms": t["vae"], "total_ms": (time.perf_counter() - t0) * 1e3}
-
-
-def check_batch(batch) -> None:
-    if not isinstance(batch, int) or batch <= 0:
-        raise UserError(f"batch must be a positive integer, got {batch}")
 
 
 def load_token_table(work_dir: Path, manifest: dict) -> np.ndarray:

@@ -86,7 +86,7 @@ class Sampler:
             name = "ddim"
         if not isinstance(name, str) or _key(name) not in _NAMES:
             raise UserError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLER_NAMES)} "
-                            f"(case-insensitive; schedules: --schedule {'|'.join(SCHEDULES)})")
+                            f"(case-insensitive; schedules: {', '.join(SCHEDULES)})")
         kind, named = _NAMES[_key(name)]
         if schedule is not None:
             if not isinstance(schedule, str) or schedule.strip().lower() not in SCHEDULES:
@@ -438,9 +438,18 @@ def apply_row(row: np.ndarray, x: np.ndarray, m: np.ndarray, x0_prev=None, z=Non
 
 
 def step_noise(seed, steps: int, shape: tuple) -> np.ndarray:
-    """The documented per-step noise: after the initial latents (standard_normal(shape)), the
-    same numpy Generator (np.random.default_rng(seed), PCG64) draws standard_normal((steps, *shape))
-    float32 - row i is the z of step i."""
+    """The documented per-step noise [steps, B, C, h, w]: the generator that drew the initial
+    latents (np.random.default_rng(seed), PCG64: standard_normal(shape) float32) goes on to draw
+    standard_normal((steps, *shape)) float32; row i is the z of step i. With one seed per sample
+    (a list), sample b's generator draws its ε [C, h, w] and then its z [steps, C, h, w], so each
+    sample is the same as a batch of one with its seed."""
+    if isinstance(seed, (list, tuple)):
+        out = []
+        for s in seed:
+            rng = np.random.default_rng(s)
+            rng.standard_normal(shape[1:], dtype=np.float32)
+            out.append(rng.standard_normal((steps, *shape[1:]), dtype=np.float32))
+        return np.stack(out, 1)
     rng = np.random.default_rng(seed)
     rng.standard_normal(shape, dtype=np.float32)
     return rng.standard_normal((steps, *shape), dtype=np.float32)

@@ -39,33 +39,28 @@ def cmd_build(a):
 
 
 def cmd_generate(a):
-    from sdrt.generate import generate_files
-    generate_files(a.work_dir, a.prompt, a.out, backend=a.backend, negative=a.negative, steps=a.steps,
-                   guidance=a.guidance, height=a.height, width=a.width, batch=a.batch, seed=a.seed,
-                   latents=a.latents, timings=a.timings, vae_batch=a.vae_batch, clip_skip=a.clip_skip,
-                   embeddings=a.embedding, loras=a.lora, image=a.image, mask=a.mask, strength=a.strength,
-                   resize=a.resize, sampler=a.sampler, schedule=a.schedule, noise=a.noise,
-                   cfg_cutoff=a.cfg_cutoff)
+    from sdrt.engine.request import GenerateRequest
+    from sdrt.generate import generate_files, load_latents
+    request = GenerateRequest(a.prompt, a.negative, steps=a.steps, guidance=a.guidance, height=a.height,
+                              width=a.width, batch=a.batch, seed=a.seed, latents=load_latents(a.latents),
+                              image=a.image, mask=a.mask, strength=a.strength, resize=a.resize,
+                              clip_skip=a.clip_skip, embeddings=a.embedding, loras=a.lora,
+                              vae_batch=a.vae_batch, prompt_syntax=a.prompt_syntax, sampler=a.sampler,
+                              schedule=a.schedule, noise=load_latents(a.noise, "noise"),
+                              cfg_cutoff=a.cfg_cutoff)
+    generate_files(a.work_dir, request, a.out, backend=a.backend, timings=a.timings)
 
 
 def cmd_bench(a):
-    if a.compare:
-        if a.work_dirs or a.reference:
-            raise UserError("--compare takes result files only: leave out WORK_DIR and --reference")
-        from sdrt.benchmarks.report import compare
-        for p in compare(a.compare, a.out):
-            print(f"wrote {p}")
-        return
     from sdrt.benchmarks.bench import bench
     bench(a.work_dirs, a.reference, backends=a.backends, sizes=a.sizes, steps=a.steps, batches=a.batches,
           runs=a.runs, warmup=a.warmup, out=a.out, no_reference=a.no_reference, image=a.image, mask=a.mask,
-          strength=a.strength, interleave=a.interleave)
+          strength=a.strength)
 
 
 def cmd_bench_lora(a):
     from sdrt.benchmarks.lora_switch import bench_lora
-    for p in bench_lora(a.work_dir, backend=a.backend, rank=a.rank, steps=a.steps, size=a.size, out=a.out):
-        print(f"wrote {p}")
+    bench_lora(a.work_dir, backend=a.backend, rank=a.rank, steps=a.steps, size=a.size, out=a.out)
 
 
 def cmd_memory(a):
@@ -160,27 +155,18 @@ def parser() -> argparse.ArgumentParser:
                         "none: the demo model's export (made in ./sdrt-demo if absent)")
     s.add_argument("--reference", type=Path, help="the diffusers pipeline folder (default with no WORK_DIR: "
                                                    "the demo model)")
-    s.add_argument("--backends", default="available",
-                   help="'available' (what runs here) or a comma list of tensorrt, tensorrt-rtx, onnxruntime-cuda, "
-                        "onnxruntime-cpu")
-    s.add_argument("--sizes", help="comma list of HxW (default: the model's own size, e.g. 512x512 for SD 1.5, "
-                                   "32x32 for the demo; with --image: the image's size)")
+    s.add_argument("--backends", default="available", help="comma list or 'available'")
+    s.add_argument("--sizes", help="comma list of HxW (default: the model's own size, 512x512 for SD 1.5; "
+                                   "with --image: the image's size)")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--batches", default="1,4,8")
     s.add_argument("--image", type=Path, help="benchmark image to image from this image (times the VAE encoder)")
     s.add_argument("--mask", type=Path, help="with --image: benchmark inpainting")
     s.add_argument("--strength", type=float, help="default 0.75 (image to image), 1.0 (inpainting)")
-    s.add_argument("--runs", type=int, default=5, help="timed runs per configuration and contender")
+    s.add_argument("--runs", type=int, default=5, help="timed runs per configuration")
     s.add_argument("--warmup", type=int, default=1)
-    s.add_argument("--interleave", action=argparse.BooleanOptionalAction,
-                   help="time the contenders (exports x backends, the reference) in turn, A B A B ..., so a "
-                        "shared machine's drift hits all alike (default when there is more than one)")
-    s.add_argument("--out", type=Path, default=Path("sdrt-results"),
-                   help="folder for the .json, .md and .png (default: ./sdrt-results)")
+    s.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     s.add_argument("--no-reference", action="store_true", help="skip the diffusers reference")
-    s.add_argument("--compare", type=Path, nargs="+", metavar="RESULT.json",
-                   help="instead of measuring: a table and plot of two or more result files, matched by "
-                        "configuration, with time ratios and whether the runs' spreads overlap")
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("bench-lora", help="time LoRA switches on a work folder (random LoRA files shaped for it)")
@@ -189,8 +175,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rank", type=int, default=16)
     s.add_argument("--steps", type=int, default=1, help="denoising steps of each timed generate")
     s.add_argument("--size", type=int, help="image height and width (default: the model's)")
-    s.add_argument("--out", type=Path, default=Path("sdrt-results"),
-                   help="folder for the .md and .json (default: ./sdrt-results)")
+    s.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     s.set_defaults(fn=cmd_bench_lora)
 
     s = sub.add_parser("memory", help="GPU memory a generation needs, and a Jetson budget (no GPU needed)")
@@ -219,7 +204,7 @@ def parser() -> argparse.ArgumentParser:
                                                      "onnxruntime-cuda or onnxruntime-cpu")
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=5.0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="first image's seed (-1: a random one, printed)")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("train-demo", help="train the demo model (shapes on backgrounds, 32x32) into a pipeline "
@@ -237,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=200, help="captions per split (seen, held-out)")
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=5.0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="first image's seed (-1: a random one, in the report)")
     s.add_argument("--out", type=Path, help="also write the report as JSON here")
     s.add_argument("--grid", type=Path, help="also write a PNG of the first 8 images of each split, captioned")
     s.set_defaults(fn=cmd_eval)
@@ -253,7 +238,7 @@ def add_generate_args(s) -> None:
     s.add_argument("--height", type=int)
     s.add_argument("--width", type=int)
     s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=int, help="the noise's seed; -1 or none: a random one (printed)")
     s.add_argument("--latents", type=Path, help=".npy of shape [B, C, H/f, W/f]: the initial noise")
     s.add_argument("--sampler", default="DDIM",
                    help="DDIM (default), DDPM, Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, DPM++ 2M SDE, "
@@ -273,6 +258,8 @@ def add_generate_args(s) -> None:
                    help="resize an image whose size is not a multiple of 8 down to one (else refused)")
     s.add_argument("--clip-skip", type=int, default=1,
                    help="text encoder layer to condition on, counted from the last: 1 = last (default), 2 = penultimate")
+    s.add_argument("--prompt-syntax", choices=("webui", "plain"), default="webui",
+                   help="webui: (word:1.2) emphasis, [less], BREAK (default); plain: brackets read literally, as diffusers")
     s.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="textual-inversion embedding (.safetensors, .bin, .pt); repeatable")
     s.add_argument("--vae-batch", type=int, metavar="N",
@@ -283,6 +270,18 @@ def add_generate_args(s) -> None:
     # checked by open_backend, so a wrong name is one line like every other mistake
     s.add_argument("--backend", default="auto",
                    help="auto, tensorrt, tensorrt-rtx, onnxruntime-cuda or onnxruntime-cpu")
+
+
+# GenerateRequest fields whose flag is not "--" + the field with dashes
+FLAGS = {"prompt": "PROMPT", "embeddings": "--embedding", "loras": "--lora"}
+
+
+def cli_message(e: UserError) -> str:
+    """A request error names a field (sdrt.engine.request.RequestError): write it as its flag."""
+    from sdrt.engine.request import RequestError
+    if not isinstance(e, RequestError):
+        return str(e)
+    return e.render(lambda field: FLAGS.get(field, "--" + field.replace("_", "-")))
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -296,7 +295,7 @@ def main(argv=None) -> int:
     try:
         status = args.fn(args)             # commands return None (0) or their exit status
     except UserError as e:
-        print(f"sdrt {args.cmd}: error: {e}", file=sys.stderr)
+        print(f"sdrt {args.cmd}: error: {cli_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sdrt {args.cmd}: interrupted", file=sys.stderr)

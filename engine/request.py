@@ -133,9 +133,10 @@ class GenerateRequest:
             return self.sampler
         try:
             return samplers.Sampler.parse(self.sampler, self.schedule)
-        except UserError as e:
-            field = "schedule" if "schedule" in str(e).split(":")[0] else "sampler"
-            raise RequestError(field, str(e)) from None
+        except UserError as e:                  # its first word of the two names the field
+            msg = str(e).replace("{", "(").replace("}", ")")
+            field = min(("sampler", "schedule"), key=lambda f: msg.find(f) if f in msg else len(msg))
+            raise RequestError(field, msg.replace(field, "{" + field + "}", 1)) from None
 
     def _batch(self) -> int:
         lists = [(n, len(v)) for n, v in (("prompt", self.prompt), ("negative", self.negative),

@@ -93,12 +93,12 @@ class Sampler:
                 raise UserError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
             schedule = schedule.strip().lower()
             if named is not None and schedule != named:
-                raise UserError(f"sampler {name!r} names the {named} schedule, schedule {schedule!r} "
-                                f"contradicts it: give one of them")
+                raise UserError(f"schedule {schedule!r} contradicts sampler {name!r} (it names the {named} "
+                                f"schedule): give one of them")
         schedule = schedule or named
         if schedule == "karras" and kind not in KARRAS_SAMPLERS:
-            raise UserError(f"the karras schedule needs a sigma-based sampler ({', '.join(KARRAS_SAMPLERS)}); "
-                            f"{kind} takes --schedule uniform or trailing")
+            raise UserError(f"schedule 'karras' needs a sigma-based sampler ({', '.join(KARRAS_SAMPLERS)}); "
+                            f"{kind} takes uniform or trailing")
         return Sampler(kind, schedule)
 
     @property

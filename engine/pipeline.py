@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt import manifest as mf
-from sdrt.contract import Dims, has_sampler_state, step_extra_inputs, step_name
+from sdrt.contract import Dims, Step, Task, Variant, has_sampler_state, tasks_of_unet
 from sdrt.engine import backends, cuda, image_input, samplers, scheduler, vae_slices
 from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows, copy_rows
 from sdrt.engine.conditioning import Conditioning, emphasize
@@ -312,17 +312,15 @@ class Pipeline:
                                          f"({src.width}x{src.height}); leave {{height}}/{{width}} out")
         return src
 
-    def variant(self, source) -> str:
-        """The step variant this call runs (sdrt.contract.STEP_VARIANTS)."""
-        inpaint = source is not None and source.mask is not None
-        if self.config.inpainting_unet:
-            if not inpaint:
-                raise RequestError("mask" if source is not None else "image",
-                                   f"{self.work_dir} holds an inpainting UNet ({self.config.unet_channels} input "
-                                   f"channels): it needs {{image}} and {{mask}}; text to image and image to image "
-                                   f"need an export of an ordinary {self.config.latent_channels}-channel UNet")
-            return "concat"
-        return "blend" if inpaint else "plain"
+    def variant(self, source) -> Variant:
+        """The step variant this call runs on this export's UNet (sdrt.contract.Variant.for_task)."""
+        task = Task.of(image=source is not None, mask=source is not None and source.mask is not None)
+        if task not in tasks_of_unet(self.config):
+            raise RequestError("mask" if source is not None else "image",
+                               f"{self.work_dir} holds an inpainting UNet ({self.config.unet_channels} input "
+                               f"channels): it needs {{image}} and {{mask}}; text to image and image to image "
+                               f"need an export of an ordinary {self.config.latent_channels}-channel UNet")
+        return Variant.for_task(self.config, task, where=str(self.work_dir))
 
     def strength(self, source, strength):
         """Defaults as diffusers': 0.75 for image to image, 1.0 for inpainting."""
@@ -332,24 +330,24 @@ class Pipeline:
             return 1.0 if source.mask is not None else 0.75
         return strength
 
-    def image_latents(self, plans, source, variant: str, noise: np.ndarray, table, strength: float) -> np.ndarray:
-        """x at the first step run; writes the inpainting inputs the step graphs (guided, and the
-        cut-off's unguided one) are bound to. Encodes at batch 1 and repeats over the batch (one
-        host sync: the latents are noised here, once per call) with the sampler's forward process."""
+    def image_latents(self, plans, source, variant: Variant, noise: np.ndarray, table, strength: float) -> np.ndarray:
+        """x at the first step run; writes the step graphs' extra inputs (those its variant declares,
+        bound once per call; the guided plan's and the CFG cut-off's unguided one). Encodes at batch 1
+        and repeats over the batch (one host sync: the latents are noised here, once per call) with
+        the sampler's own forward process."""
         plan = plans[0]
         b = noise.shape[0]
         x0 = np.repeat(self.encode(plan, source.image), b, 0)
-        inputs = {}
-        if variant != "plain":
-            inputs["mask"] = np.repeat(source.latent_mask(self.config.vae_factor), b, 0)
-        if variant == "blend":
-            inputs["image_latents"], inputs["noise"] = x0, noise
-        if variant == "concat":
-            inputs["masked_image_latents"] = np.repeat(self.encode(plan, source.masked_image), b, 0)
-        for p in plans:
-            for name, v in inputs.items() if p is not None else ():
-                p.buf[name].write(v)
-        if variant != "plain" and strength == 1.0:   # inpainting at strength 1 starts from pure noise
+        per_call = {"mask": lambda: np.repeat(source.latent_mask(self.config.vae_factor), b, 0),
+                    "image_latents": lambda: x0,
+                    "noise": lambda: noise,
+                    "masked_image_latents": lambda: np.repeat(self.encode(plan, source.masked_image), b, 0)}
+        for name in variant.spec.extra_inputs:
+            value = per_call[name]()
+            for p in plans:
+                if p is not None:
+                    p.buf[name].write(value)
+        if source.mask is not None and strength == 1.0:   # inpainting at strength 1 starts from pure noise
             return noise if table.init_sigma == 1.0 else (noise * np.float32(table.init_sigma)).astype(np.float32)
         p, q = table.add_noise                       # x_s = p x0 + q ε (sdrt.engine.samplers)
         return (np.float32(p) * x0 + np.float32(q) * noise).astype(np.float32)
@@ -438,8 +436,8 @@ class Pipeline:
             raise RequestError("latents", "latents must be finite floating-point values")
         return latents.astype(np.float32)
 
-    def plan(self, dims: Dims, variant: str = "plain") -> Plan:
-        key = (dims, variant)
+    def plan(self, dims: Dims, variant: Variant = Variant.plain) -> Plan:
+        key = (dims, Variant(variant))
         if key not in self.plans:
             if self.backend.max_plans and len(self.plans) >= self.backend.max_plans:
                 self.plans.clear()             # free the old plan's buffers (and sessions) first
@@ -453,17 +451,17 @@ class Pipeline:
                             f"run `sdrt export` again")
         return self.models[name]
 
-    def make_plan(self, dims: Dims, variant: str = "plain") -> Plan:
+    def make_plan(self, dims: Dims, variant: Variant = Variant.plain) -> Plan:
         be = self.backend
-        step = self.model(step_name(variant, dims.cfg),
-                          "the step graph for " + ("this call" if variant == "plain" else "inpainting"))
+        kind = Step(variant, dims.cfg)
+        step = self.model(kind.name, "the step graph for " + " and ".join(t.value for t in kind.spec.tasks))
         te, vae = self.models["text_encoder"], self.models["vae_decoder"]
         Buffer = DeviceBuffer if be.device == "cuda" else HostBuffer
         shapes = {**te.shapes(dims), **step.shapes(dims), **vae.shapes(dims)}
         dtypes = {t.name: t.dtype for m in (te, step, vae) for t in m.tensors}
         new = lambda name, key=None: Buffer(shapes[key or name], dtypes[key or name], be.stream)
         shapes["text_embeddings"] = step.shapes(dims)["text_embeddings"]    # [text_batch, 77 k, D]
-        extra = list(step_extra_inputs(step))   # the variant's inputs, bound once per call
+        extra = kind.extra_inputs               # the variant's inputs, bound once per call
         buf = {n: new(n) for n in ("inputs_embeds", "clip_skip", "text_embeddings", "step_table", "image", *extra)}
         buf["text_rows"] = buf["text_embeddings"].view(te.shapes(dims)["text_embeddings"])  # [text_batch k, 77, D]
         state = has_sampler_state(step)       # exports before the samplers: DDIM only

@@ -12,14 +12,15 @@
     step_index_next = step_index + 1
 z is row step_index[b] of sample b's noise (step_noise[b, i]), filled once per call.
 
-The UNet input u and the output differ per variant (sdrt.contract.STEP_VARIANTS), one function each:
+The UNet input u and the output differ per variant (sdrt.contract.Variant), a pair of functions
+each (GRAPHS; the step model's Step says which):
     plain    u = x_t                                    latents_next = x_{t-1}
     concat   u = concat(x_t, mask, masked-image latents) (9-channel inpainting UNet)
     blend    u = x_t, then the known region (mask 0) is put back, re-noised to the next timestep:
              latents_next = (1 - mask) (sqrt(ᾱ_next) x0_img + sqrt(1 - ᾱ_next) ε) + mask x_{t-1}
 The mask, image latents and noise are graph inputs bound once per call, not copied per step.
 
-The coefficients (sdrt.engine.scheduler.step_table) make epsilon, v and sample prediction one
+The coefficients (sdrt.engine.samplers.step_table) make every sampler and epsilon, v and sample prediction one
 linear form. The UNet's initializers are not copied: the step graph points at the UNet's external
 data file, so the weights exist once on disk. Guidance math and latents stay FP32.
 """
@@ -29,25 +30,27 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.contract import STEP_COLUMNS, STEP_EXTRA_INPUTS, STEP_TABLE_ROWS, Model, step_extra_inputs
+from sdrt.contract import STEP_COLUMNS, STEP_TABLE_ROWS, Model, Variant
 from sdrt.export.to_onnx import onnx_graph
 
 P = "sdrt_step/"  # prefix for everything this module adds to the UNet graph
 
 
 def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
+    """The step graph of `step` (its contract; step.step says the variant and guidance) on top of
+    the UNet graph at unet_path, written to out_path."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     base = onnx_graph(unet_path)
     g = base.graph
     f_type = TensorProto.FLOAT16 if unet.tensor("sample").dtype == "float16" else TensorProto.FLOAT
-    guidance = step.name.endswith("_cfg")
-    variant = step_variant(step)
+    guidance, (unet_input, finish) = step.step.guidance, GRAPHS[step.step.variant]
     opset = next(o.version for o in base.opset_import if o.domain in ("", "ai.onnx"))
+    io = {t.name for t in step.tensors}   # graph I/O keeps its name; all else goes under P
 
     def node(op, inputs, outputs, **attrs):
-        return helper.make_node(op, [_n(i) for i in inputs], [_n(o) for o in outputs],
+        return helper.make_node(op, [_n(i, io) for i in inputs], [_n(o, io) for o in outputs],
                                 name=P + outputs[0], **attrs)
 
     col = {c: P + "col_" + c for c in STEP_COLUMNS}
@@ -62,7 +65,7 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
            node("Reshape", [col["timestep"], "minus_one"], ["t_b"]),                  # [B]
            node("Identity", ["text_embeddings"], ["encoder_hidden_states"]),
            node("Mul", ["latents", col["model_in_scale"]], ["x_in"])]                # Euler: x/sqrt(σ²+1)
-    pre += unet_input_concat(node) if variant == "concat" else unet_input_plain(node)
+    pre += unet_input(node)
     if guidance:  # one UNet call at batch 2B: [uncond; cond] rows match the embeddings' order
         pre.append(node("Concat", ["u", "u"], ["u2"], axis=0))
         pre.append(node("Cast", ["u2"], ["sample"], to=f_type))
@@ -90,8 +93,7 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
              node("Mul", ["eps", col["sqrt_one_minus_alpha_prev"]], ["b_eps"]),
              node("Add", ["a_x0", "b_eps"], ["x_ddim"])]
     post += sampler_terms(node, col)
-    post += blend_known_region(node, col) if variant == "blend" else \
-        [node("Identity", ["x_prev"], ["latents_next"])]
+    post += finish(node, col)
     post += [node("Identity", ["x0"], ["x0_next"]),
              helper.make_node("Add", ["step_index", P + "one_i32"], ["step_index_next"],
                               name=P + "step_next")]
@@ -118,12 +120,6 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
     g.name = step.name
     _rename_unet_io(g, unet)
     onnx.save_model(base, str(out_path))
-
-
-def step_variant(step: Model) -> str:
-    """plain, blend or concat, from the step's extra inputs (sdrt.contract.STEP_EXTRA_INPUTS)."""
-    names = step_extra_inputs(step)
-    return next(v for v, extra in STEP_EXTRA_INPUTS.items() if extra == names)
 
 
 def unet_input_plain(node):
@@ -154,6 +150,11 @@ def sampler_terms(node, col):
             node("Add", ["x_s2", "cn_z"], ["x_prev"])]
 
 
+def finish_plain(node, col):
+    """latents_next = x_{t-1}"""
+    return [node("Identity", ["x_prev"], ["latents_next"])]
+
+
 def blend_known_region(node, col):
     """4-channel inpainting, after the DDIM update (diffusers: init_latents_proper):
         x_known       = sqrt(ᾱ_next) x0_img + sqrt(1 - ᾱ_next) ε      q(x_next | x0_img), ε fixed
@@ -168,20 +169,23 @@ def blend_known_region(node, col):
             node("Add", ["kept", "repainted"], ["latents_next"])]
 
 
+# Each variant's graph: (UNet input u, latents_next from x_prev); its numpy reference is
+# sdrt.export.export.REFERENCES.
+GRAPHS = {Variant.plain: (unet_input_plain, finish_plain),
+          Variant.blend: (unet_input_plain, blend_known_region),
+          Variant.concat: (unet_input_concat, finish_plain)}
+
+
 def _linear(out, ca, cb, node):
     """out = ca * x + cb * m"""
     return [node("Mul", ["latents", ca], [out + "_x"]), node("Mul", ["m", cb], [out + "_m"]),
             node("Add", [out + "_x", out + "_m"], [out])]
 
 
-def _n(name: str) -> str:
-    """Tensors named by this module live under P, but for graph I/O, the UNet's I/O and
+def _n(name: str, io: set[str]) -> str:
+    """Tensors named by this module live under P, but for the step's graph I/O (`io`) and
     already-prefixed column names."""
-    if name.startswith(P) or name in ("latents", "step_table", "step_index", "text_embeddings", "mask",
-                                      "image_latents", "noise", "masked_image_latents", "latents_next",
-                                      "x0_prev", "step_noise", "x0_next"):
-        return name
-    return P + name
+    return name if name.startswith(P) or name in io else P + name
 
 
 def _rename_unet_io(g, unet: Model) -> None:

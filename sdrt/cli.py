@@ -87,7 +87,7 @@ def cmd_train_demo(a):
 def cmd_eval(a):
     from sdrt.benchmarks.eval import main
     main(a.work_dir, backend=a.backend, n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed, out=a.out,
-         grid_path=a.grid)
+         grid_path=a.grid, sampler=a.sampler, schedule=a.schedule, cfg_cutoff=a.cfg_cutoff)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -225,6 +225,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="first image's seed (-1: a random one, in the report)")
     s.add_argument("--out", type=Path, help="also write the report as JSON here")
     s.add_argument("--grid", type=Path, help="also write a PNG of the first 8 images of each split, captioned")
+    s.add_argument("--sampler", default="DDIM", help="as sdrt generate's (DDIM, Euler a, DPM++ 2M Karras, ...)")
+    s.add_argument("--schedule", metavar="{uniform,trailing,karras}")
+    s.add_argument("--cfg-cutoff", type=float, metavar="F")
     s.set_defaults(fn=cmd_eval)
     return p
 

@@ -45,28 +45,22 @@ def cmd_generate(a):
                               width=a.width, batch=a.batch, seed=a.seed, latents=load_latents(a.latents),
                               image=a.image, mask=a.mask, strength=a.strength, resize=a.resize,
                               clip_skip=a.clip_skip, embeddings=a.embedding, loras=a.lora,
-                              vae_batch=a.vae_batch, prompt_syntax=a.prompt_syntax)
+                              vae_batch=a.vae_batch, prompt_syntax=a.prompt_syntax, sampler=a.sampler,
+                              schedule=a.schedule, noise=load_latents(a.noise, "noise"),
+                              cfg_cutoff=a.cfg_cutoff)
     generate_files(a.work_dir, request, a.out, backend=a.backend, timings=a.timings)
 
 
 def cmd_bench(a):
-    if a.compare:
-        if a.work_dirs or a.reference:
-            raise UserError("--compare takes result files only: leave out WORK_DIR and --reference")
-        from sdrt.benchmarks.report import compare
-        for p in compare(a.compare, a.out):
-            print(f"wrote {p}")
-        return
     from sdrt.benchmarks.bench import bench
     bench(a.work_dirs, a.reference, backends=a.backends, sizes=a.sizes, steps=a.steps, batches=a.batches,
           runs=a.runs, warmup=a.warmup, out=a.out, no_reference=a.no_reference, image=a.image, mask=a.mask,
-          strength=a.strength, interleave=a.interleave)
+          strength=a.strength)
 
 
 def cmd_bench_lora(a):
     from sdrt.benchmarks.lora_switch import bench_lora
-    for p in bench_lora(a.work_dir, backend=a.backend, rank=a.rank, steps=a.steps, size=a.size, out=a.out):
-        print(f"wrote {p}")
+    bench_lora(a.work_dir, backend=a.backend, rank=a.rank, steps=a.steps, size=a.size, out=a.out)
 
 
 def cmd_bench_serve(a):
@@ -106,7 +100,7 @@ def cmd_train_demo(a):
 def cmd_eval(a):
     from sdrt.benchmarks.eval import main
     main(a.work_dir, backend=a.backend, n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed, out=a.out,
-         grid_path=a.grid)
+         grid_path=a.grid, sampler=a.sampler, schedule=a.schedule, cfg_cutoff=a.cfg_cutoff)
 
 
 def cmd_serve(a):
@@ -181,27 +175,18 @@ def parser() -> argparse.ArgumentParser:
                         "none: the demo model's export (made in ./sdrt-demo if absent)")
     s.add_argument("--reference", type=Path, help="the diffusers pipeline folder (default with no WORK_DIR: "
                                                    "the demo model)")
-    s.add_argument("--backends", default="available",
-                   help="'available' (what runs here) or a comma list of tensorrt, tensorrt-rtx, onnxruntime-cuda, "
-                        "onnxruntime-cpu")
-    s.add_argument("--sizes", help="comma list of HxW (default: the model's own size, e.g. 512x512 for SD 1.5, "
-                                   "32x32 for the demo; with --image: the image's size)")
+    s.add_argument("--backends", default="available", help="comma list or 'available'")
+    s.add_argument("--sizes", help="comma list of HxW (default: the model's own size, 512x512 for SD 1.5; "
+                                   "with --image: the image's size)")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--batches", default="1,4,8")
     s.add_argument("--image", type=Path, help="benchmark image to image from this image (times the VAE encoder)")
     s.add_argument("--mask", type=Path, help="with --image: benchmark inpainting")
     s.add_argument("--strength", type=float, help="default 0.75 (image to image), 1.0 (inpainting)")
-    s.add_argument("--runs", type=int, default=5, help="timed runs per configuration and contender")
+    s.add_argument("--runs", type=int, default=5, help="timed runs per configuration")
     s.add_argument("--warmup", type=int, default=1)
-    s.add_argument("--interleave", action=argparse.BooleanOptionalAction,
-                   help="time the contenders (exports x backends, the reference) in turn, A B A B ..., so a "
-                        "shared machine's drift hits all alike (default when there is more than one)")
-    s.add_argument("--out", type=Path, default=Path("sdrt-results"),
-                   help="folder for the .json, .md and .png (default: ./sdrt-results)")
+    s.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     s.add_argument("--no-reference", action="store_true", help="skip the diffusers reference")
-    s.add_argument("--compare", type=Path, nargs="+", metavar="RESULT.json",
-                   help="instead of measuring: a table and plot of two or more result files, matched by "
-                        "configuration, with time ratios and whether the runs' spreads overlap")
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("bench-lora", help="time LoRA switches on a work folder (random LoRA files shaped for it)")
@@ -210,8 +195,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rank", type=int, default=16)
     s.add_argument("--steps", type=int, default=1, help="denoising steps of each timed generate")
     s.add_argument("--size", type=int, help="image height and width (default: the model's)")
-    s.add_argument("--out", type=Path, default=Path("sdrt-results"),
-                   help="folder for the .md and .json (default: ./sdrt-results)")
+    s.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     s.set_defaults(fn=cmd_bench_lora)
 
     s = sub.add_parser("bench-serve", help="load on sdrt serve over loopback: open loop (Poisson) and closed loop, "
@@ -302,6 +286,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="first image's seed (-1: a random one, in the report)")
     s.add_argument("--out", type=Path, help="also write the report as JSON here")
     s.add_argument("--grid", type=Path, help="also write a PNG of the first 8 images of each split, captioned")
+    s.add_argument("--sampler", default="DDIM", help="as sdrt generate's (DDIM, Euler a, DPM++ 2M Karras, ...)")
+    s.add_argument("--schedule", metavar="{uniform,trailing,karras}")
+    s.add_argument("--cfg-cutoff", type=float, metavar="F")
     s.set_defaults(fn=cmd_eval)
     return p
 
@@ -317,6 +304,16 @@ def add_generate_args(s) -> None:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--seed", type=int, help="the noise's seed; -1 or none: a random one (printed)")
     s.add_argument("--latents", type=Path, help=".npy of shape [B, C, H/f, W/f]: the initial noise")
+    s.add_argument("--sampler", default="DDIM",
+                   help="DDIM (default), DDPM, Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, DPM++ 2M SDE, "
+                        "DPM++ 2M SDE Karras, LCM (case-insensitive; the web UI's and k-diffusion's names)")
+    s.add_argument("--schedule", metavar="{uniform,trailing,karras}",
+                   help="uniform (the model's timestep spacing), trailing, karras (Euler, Euler a, DPM++); "
+                        "default: what the sampler's name and the model's scheduler config say")
+    s.add_argument("--noise", type=Path, metavar="FILE.npy",
+                   help="the stochastic samplers' per-step noise, [steps, B, C, H/f, W/f] (default: from --seed)")
+    s.add_argument("--cfg-cutoff", type=float, metavar="F",
+                   help="after this fraction of the steps, run without the unconditional half (half the UNet work)")
     s.add_argument("--image", type=Path, help="input image: image to image, or inpainting with --mask")
     s.add_argument("--mask", type=Path, help="inpainting mask, the image's size: white = repaint")
     s.add_argument("--strength", type=float,

@@ -5,7 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
+import sdrt
 from sdrt.errors import UserError
+from sdrt.extras import missing, require
 
 
 def cmd_init(a):
@@ -22,6 +24,7 @@ def cmd_init(a):
 def cmd_export(a):
     from sdrt.export.single_file import go_offline
     go_offline()                # models come from disk only: before diffusers/transformers load
+    require("export", "sdrt export")
     from sdrt.export.export import export
     out = export(a.model_dir, a.work_dir, precision=a.precision, opset=a.opset, ort_fusion=a.ort_fusion,
                  attention_form=a.attention, tokenizer=a.tokenizer, config=a.config,
@@ -60,6 +63,7 @@ def cmd_bench_lora(a):
 
 
 def cmd_memory(a):
+    require("export", "sdrt memory (ONNX shape inference)", modules=("onnx",))
     from sdrt.benchmarks.memory import main
     main(a.work_dirs, sizes=a.sizes, batches=a.batches, backend=a.backend, out=a.out, vae_batch=a.vae_batch)
 
@@ -89,6 +93,7 @@ def cmd_eval(a):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference engine: "
                                 "diffusers folder -> ONNX -> TensorRT / ONNX Runtime")
+    p.add_argument("--version", action="version", version=f"sdrt {sdrt.__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("init", help="write a random-weight pipeline folder (tiny or SD 1.5 shaped), "
@@ -268,6 +273,11 @@ def main(argv=None) -> int:
         status = args.fn(args)             # commands return None (0) or their exit status
     except UserError as e:
         print(f"sdrt {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:               # a module that an extra installs: name the extra
+        if (err := missing(e)) is None:
+            raise
+        print(f"sdrt {args.cmd}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sdrt {args.cmd}: interrupted", file=sys.stderr)

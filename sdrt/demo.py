@@ -16,6 +16,7 @@ import numpy as np
 
 from sdrt import manifest as mf
 from sdrt.errors import UserError
+from sdrt.extras import require
 from sdrt.fileio import atomic_dir
 
 DEMO_MODEL = Path(__file__).with_name("demo_model")
@@ -33,11 +34,6 @@ PROMPTS = (
 TILE, COLUMNS = 128, 4   # each 32x32 image shown 4x, nearest neighbour: the pixels are the answer
 
 
-class ExportExtraMissing(UserError, ImportError):
-    """One line for the CLI (UserError); an ImportError for callers that fall back without torch
-    (sdrt doctor)."""
-
-
 def demo_export(root: Path = Path("sdrt-demo")) -> Path:
     """The demo model's FP32 export under root (made on first use; needs the export extra then);
     returns its WORK_DIR."""
@@ -46,11 +42,10 @@ def demo_export(root: Path = Path("sdrt-demo")) -> Path:
         return work_dir
     if not (DEMO_MODEL / "model_index.json").is_file():
         raise UserError(f"the demo model is missing from {DEMO_MODEL}: reinstall sdrt")
-    try:
-        from sdrt.export.export import export
-    except ImportError as e:
-        raise ExportExtraMissing(f"exporting the demo model needs the export extra ({e}): "
-                                 "pip install 'sdrt[export]'") from None
+    from sdrt.export.single_file import go_offline
+    go_offline()
+    require("export", "exporting the demo model")   # ExtraMissing: a UserError and an ImportError
+    from sdrt.export.export import export
     print(f"[demo] sdrt export {DEMO_MODEL} {work_dir} --precision fp32", file=sys.stderr)
     export(DEMO_MODEL, work_dir, precision="fp32")
     return work_dir

@@ -116,6 +116,7 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     sched, updated = scheduler_config.effective_config(
         model_dir / "scheduler", pipeline_folder.read_model_index(model_dir)["scheduler"][1])
     scheduler_config.warn_if_updated(updated)
+    pipeline_folder.check_tokenizer(model_dir / "tokenizer", pipeline_folder.text_vocab_size(model_dir))
     say(f"loading {model_dir} ...")
     folder = pipeline_folder.load(model_dir)
     cfg = folder.config

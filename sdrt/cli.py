@@ -29,7 +29,7 @@ def cmd_export(a):
     out = export(a.model_dir, a.work_dir, precision=a.precision, opset=a.opset, ort_fusion=a.ort_fusion,
                  attention_form=a.attention, tokenizer=a.tokenizer, config=a.config,
                  prediction_type=a.prediction_type, vae_precision=a.vae_precision,
-                 text_encoder_precision=a.text_encoder_precision)
+                 text_encoder_precision=a.text_encoder_precision, force=a.force)
     print(f"wrote {out}")
 
 
@@ -122,6 +122,8 @@ def parser() -> argparse.ArgumentParser:
                    "diffusers SD folder); default: the local Hugging Face cache")
     s.add_argument("--config", help="single file: sd1, sd2 or sd2-v instead of what is detected")
     s.add_argument("--prediction-type", help="single file: epsilon or v_prediction instead of what is detected")
+    s.add_argument("--force", action="store_true",
+                   help="replace a previous export in WORK_DIR (its engines/ and anything else in it go too)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an export")

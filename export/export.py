@@ -17,7 +17,7 @@ import sdrt
 from sdrt import manifest as mf
 from sdrt.contract import STEP_COLUMNS, STEP_VARIANTS, Dims, ModelConfig, all_models, step_models, step_name
 from sdrt.errors import UserError
-from sdrt.fileio import temp_dir_beside, write_json_atomic
+from sdrt.fileio import default_mode_tree, temp_dir_beside, write_json_atomic
 from sdrt.export import (attention, compose_step, lora_targets, pipeline_folder, scheduler_config, single_file,
                          to_onnx, validate)
 
@@ -109,6 +109,7 @@ def _export_folder(model_dir: Path, work_dir: Path, per_model: dict, opset: int,
     tmp = temp_dir_beside(work_dir)
     try:
         _export_into(model_dir, tmp, per_model, opset, ort_fusion, attention_form, source)
+        default_mode_tree(tmp)            # onnx writes *.onnx.data as 0600: readable like the rest
         _swap_in(tmp, work_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,15 @@ def default_mode(path: Path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
+def default_mode_tree(root: Path) -> None:
+    """default_mode on `root` and everything under it: for folders that libraries wrote with
+    their own modes (onnx writes external data files 0600), before they are renamed in."""
+    root = Path(root)
+    for path in (root, *root.rglob("*")):
+        if not path.is_symlink():
+            default_mode(path)
+
+
 def temp_dir_beside(target: Path) -> Path:
     """An empty hidden folder next to `target`, to be renamed onto it when complete."""
     parent = Path(target).resolve().parent

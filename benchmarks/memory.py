@@ -205,8 +205,6 @@ def main(work_dirs: list, sizes: str = "512x512", batches: str = "1,4", backend:
         raise UserError(f"--vae-batch {vae_batch}: give a positive number of images")
     if out is not None and Path(out).suffix != ".md":
         raise UserError(f"--out {out}: give a .md path (a .json with the figures is written beside it)")
-    if out is not None and not Path(out).parent.is_dir():
-        raise UserError(f"--out {out}: folder {Path(out).parent} does not exist")
     for work_dir in work_dirs:       # every mistake before any work
         man = mf.load(work_dir)
         for h, w in size_list:

@@ -75,7 +75,7 @@ def cmd_doctor(a):
 
 def cmd_demo(a):
     from sdrt.demo import main
-    main(a.dir, a.prompt, backend=a.backend, steps=a.steps, guidance=a.guidance, seed=a.seed)
+    main(a.dir, a.prompt, backend=a.backend, steps=a.steps, guidance=a.guidance, seed=a.seed, out=a.out)
 
 
 def cmd_train_demo(a):
@@ -208,6 +208,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=5.0)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, metavar="FILE",
+                   help="the grid (.png, .jpg, .webp); default DIR/demo.png, or DIR/prompts.png with --prompt")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("train-demo", help="train the demo model (shapes on backgrounds, 32x32) into a pipeline "

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.errors import UserError
-from sdrt.fileio import save_images
+from sdrt.fileio import image_format, save_images
 
 
 def load_latents(path: Path | None):
@@ -21,10 +21,10 @@ def load_latents(path: Path | None):
 
 
 def output_paths(out: Path, batch: int) -> list[Path]:
-    """out.png for one image; out-0.png ... out-{B-1}.png for a batch."""
+    """out.png for one image; out-0.png ... out-{B-1}.png for a batch (any image extension)."""
     if batch == 1:
         return [out]
-    return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(batch)]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(batch)]
 
 
 def generate_files(work_dir: Path, prompt: str, out: Path, backend: str = "auto", negative: str = "",
@@ -40,8 +40,7 @@ def generate_files(work_dir: Path, prompt: str, out: Path, backend: str = "auto"
     from sdrt.engine.lora import parse_spec
     from sdrt.engine.pipeline import Pipeline
     from sdrt.engine.timing import timing_table
-    if out.suffix.lower() not in ("", ".png"):
-        raise UserError(f"--out {out}: sdrt writes PNG files, give a .png path")
+    image_format(out)                    # PNG, JPEG or WebP by extension, else one line now
     noise = load_latents(latents)
     if mask is not None and image is None:
         raise UserError("--mask needs --image: inpainting repaints the white part of the mask in the image")

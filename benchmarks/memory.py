@@ -128,7 +128,19 @@ def io_bytes(models: list[Model], dims: Dims) -> int:
     return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in tensors.values())
 
 
-def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str = "tensorrt",
+ENGINE_BACKENDS = ("tensorrt", "tensorrt-rtx")
+
+
+def engine_backend(man: dict, backend: str = "auto") -> str:
+    """Whose built engine sizes count as weights: auto takes the backend with engines in the
+    manifest (TensorRT first when both are built), so built RTX engines are never ignored."""
+    if backend != "auto":
+        return backend
+    built = [b for b in ENGINE_BACKENDS if man.get("engines", {}).get(b)]
+    return built[0] if built else ENGINE_BACKENDS[0]
+
+
+def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str = "auto",
              vae_batch: int | None = None) -> dict:
     """{model: {weights_bytes, weights_from, activation_bytes, io_bytes, unknown_tensors}} + totals.
     vae_batch: the VAE decodes this many images at a time (None: the whole batch)."""
@@ -147,6 +159,7 @@ def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str =
     model_dims = {name: dims for name in names}
     model_dims["vae_decoder"] = Dims(vae_n, height, width, True, cfg.vae_factor)
     model_dims["vae_encoder"] = Dims(1, height, width, True, cfg.vae_factor)   # one image per call
+    backend = engine_backend(man, backend)
     engines = man.get("engines", {}).get(backend, {})
     out = {}
     for name in names:
@@ -194,7 +207,7 @@ def _step(models: dict) -> dict:
     return next(v for k, v in models.items() if k.startswith("denoise_step"))
 
 
-def main(work_dirs: list, sizes: str = "512x512", batches: str = "1,4", backend: str = "tensorrt",
+def main(work_dirs: list, sizes: str = "512x512", batches: str = "1,4", backend: str = "auto",
          out=None, vae_batch: int | None = None) -> None:
     """Estimate every (export, size, batch) and print the table; with `out` (.md) also write it
     and the figures (.json beside it)."""

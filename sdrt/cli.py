@@ -185,8 +185,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("work_dirs", type=Path, nargs="+", metavar="WORK_DIR")
     s.add_argument("--sizes", default="512x512", help="comma list of HxW")
     s.add_argument("--batches", default="1,4")
-    s.add_argument("--backend", default="tensorrt", choices=("tensorrt", "tensorrt-rtx"),
-                   help="whose built engine sizes to use when present (else the ONNX weights)")
+    s.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx"),
+                   help="whose built engine sizes count as weights (else the ONNX weights); "
+                        "auto: the engines that are built, TensorRT first")
     s.add_argument("--out", type=Path, help="write the table here (.md) and the figures beside it (.json)")
     s.add_argument("--vae-batch", type=int, metavar="N",
                    help="the VAE decodes N images at a time (as generate --vae-batch): its activations for N images")

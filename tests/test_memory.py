@@ -117,3 +117,17 @@ def test_vae_batch_shrinks_the_vae_activation(tiny_fp32, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "| vae batch |" in out.read_text() and json.loads(out.with_suffix(".json").read_text())["estimates"][0]["vae_batch"] == 1
     assert_user_error(run_cli("memory", tiny_fp32, "--vae-batch", "0"), "--vae-batch")
+
+
+def test_built_rtx_engines_count_by_default(tiny_fp32, tmp_path):
+    """The default --backend is auto: engines built for TensorRT-RTX are the weights when they are
+    the ones built (the old default, tensorrt, ignored them silently)."""
+    from sdrt.benchmarks.memory import estimate
+    work = tmp_path / "w"
+    shutil.copytree(tiny_fp32, work)
+    man = json.loads((work / "manifest.json").read_text())
+    man["engines"] = {"tensorrt-rtx": {"denoise_step_cfg": {"size_bytes": 12345}}}
+    (work / "manifest.json").write_text(json.dumps(man))
+    step = estimate(work, 64, 64, 1)["models"]["denoise_step_cfg"]
+    assert step["weights_from"] == "tensorrt-rtx engine" and step["weights_bytes"] == 12345
+    assert estimate(work, 64, 64, 1, "tensorrt")["models"]["denoise_step_cfg"]["weights_from"] == "onnx"

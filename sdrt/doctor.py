@@ -217,6 +217,19 @@ def fixed_latents(manifest: dict) -> np.ndarray:
     return np.random.default_rng(LIVE["seed"]).standard_normal(shape, dtype=np.float32)
 
 
+def own_image_and_mask(cfg, height: int | None = None, width: int | None = None) -> dict:
+    """An inpainting UNet needs an image and a mask for any generation: doctor and bench-lora make
+    their own (a smooth colour gradient; the right half repainted) at the given size (default:
+    the model's). Returns generate's image/mask keywords, empty for other UNets."""
+    if not cfg.inpainting_unet:
+        return {}
+    h, w = height or cfg.default_height, width or cfg.default_width
+    y, x = np.mgrid[0:h, 0:w]
+    image = np.stack([255 * x / max(w - 1, 1), 255 * y / max(h - 1, 1), np.full((h, w), 128.0)], -1)
+    mask = np.where(x >= w // 2, 255, 0)
+    return {"image": image.astype(np.uint8), "mask": mask.astype(np.uint8)}
+
+
 def memory_mb(device: str, baseline: int) -> float:
     from sdrt.engine import cuda
     if device == "cuda":
@@ -233,7 +246,7 @@ def run_once(work_dir: Path, backend: str, latents: np.ndarray, ort_fusion: bool
     baseline = cuda.mem_used_bytes() if on_gpu else 0
     pipe = Pipeline(work_dir, backend=backend, ort_fusion=ort_fusion)
     result = pipe.generate(LIVE["prompt"], LIVE["negative"], LIVE["steps"], LIVE["guidance"],
-                           batch=LIVE["batch"], latents=latents)
+                           batch=LIVE["batch"], latents=latents, **own_image_and_mask(pipe.config))
     t = result.timings
     return {"image": result.images, "backend_name": pipe.backend_name, "graph": t["graph"],
             "graph_error": t["graph_error"] or None, "step_ms": t["unet_step_ms"],

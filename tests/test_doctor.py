@@ -158,3 +158,15 @@ def test_demo_export_gets_the_engines_it_lacks(monkeypatch, tiny_fp32):
     built.clear()
     D.build_missing_engines(tiny_fp32, {"engines": {"tensorrt": {"x": {}}, "tensorrt-rtx": {"x": {}}}}, statuses)
     assert built == []
+
+
+def test_doctor_and_bench_lora_on_an_inpainting_export(tiny_inpaint_fp32, tmp_path):
+    """An inpainting UNet needs an image and a mask: doctor and bench-lora make their own (they
+    have no --image/--mask to ask for)."""
+    out = tmp_path / "d.json"
+    proc = run_cli("doctor", tiny_inpaint_fp32, "--json", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(out.read_text())["live"][0]["ok"] is True
+    proc = run_cli("bench-lora", tiny_inpaint_fp32, "--rank", 2, "--out", tmp_path / "b")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(list((tmp_path / "b").glob("lora-switch-*.md"))) == 1

@@ -23,6 +23,7 @@ from sdrt.engine.ort_session import (OrtBinding, OrtSession, cuda_ep_available, 
                                      replace_weights)
 from sdrt.engine_keys import major_minor
 from sdrt.errors import UserError
+from sdrt.extras import ORT_GPU_FIX
 
 ORT_CUDA_ATTENTION = (1, 25)   # first onnxruntime-gpu with a CUDA kernel for ONNX's Attention op
 
@@ -46,8 +47,7 @@ class OrtCuda:
         """variant: "ort" runs onnx/ort/ (ORT's attention fusion), None the plain export."""
         self.ort = import_ort()
         if not cuda_ep_available():
-            raise UserError("onnxruntime-cuda: this ONNX Runtime has no CUDAExecutionProvider: "
-                            "pip install 'sdrt[onnxruntime-gpu]' (and uninstall plain onnxruntime)")
+            raise UserError(f"onnxruntime-cuda: this ONNX Runtime has no CUDAExecutionProvider: {ORT_GPU_FIX}")
         warn_if_attention_on_cpu(self.ort.__version__, manifest.get("attention"))
         self.stream = cuda.Stream()
         self.work_dir, self.manifest, self.variant = work_dir, manifest, variant

@@ -104,13 +104,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace DIR if it exists")
     s.set_defaults(fn=cmd_init)
 
-    s = sub.add_parser("export", help="export text encoder, UNet, VAE decoder to validated ONNX")
+    s = sub.add_parser("export", help="export text encoder, UNet, VAE decoder and encoder to validated ONNX")
     s.add_argument("model_dir", type=Path, metavar="MODEL",
                    help="a diffusers folder, or an SD 1.x/2.x .safetensors / .ckpt checkpoint")
     s.add_argument("work_dir", type=Path)
     s.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
-    s.add_argument("--vae-precision", help="fp32: the VAE decoder in FP32 while the rest follows --precision "
-                   "(for VAEs that overflow FP16: black or NaN images)")
+    s.add_argument("--vae-precision", help="fp32: the VAE (decoder and encoder) in FP32 while the rest follows "
+                   "--precision (for VAEs that overflow FP16: black or NaN images)")
     s.add_argument("--text-encoder-precision", help="fp32: the text encoder in FP32 while the rest follows --precision")
     s.add_argument("--attention", default="op",
                    help="op: one ONNX Attention op per attention (opset 23; ORT CUDA, TensorRT >= 10.14, RTX); "
@@ -148,7 +148,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="text to image, image to image (--image), inpainting (--image --mask)")
     add_generate_args(s)
-    s.add_argument("--out", type=Path, default=Path("out.png"))
+    s.add_argument("--out", type=Path, default=Path("out.png"),
+                   help="the image: .png, .jpg/.jpeg or .webp (format by extension); with --batch B: "
+                        "NAME-0.EXT ... NAME-{B-1}.EXT; missing folders are created")
     s.add_argument("--timings", action="store_true", help="print per-stage timings")
     s.set_defaults(fn=cmd_generate)
 
@@ -217,7 +219,7 @@ def parser() -> argparse.ArgumentParser:
                                           "folder (export extra; about an hour on 2 CPU cores)")
     s.add_argument("out_dir", type=Path)
     s.add_argument("--steps", type=int, help="text encoder + UNet steps (default 3800: the shipped model)")
-    s.add_argument("--vae-steps", type=int, help="VAE steps (default 1000)")
+    s.add_argument("--vae-steps", type=int, help="VAE steps (default 3000: the shipped model)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     s.set_defaults(fn=cmd_train_demo)
@@ -251,7 +253,8 @@ def add_generate_args(s) -> None:
     s.add_argument("--strength", type=float,
                    help="0 < S <= 1: share of the steps run on the noised image (default 0.75; inpainting 1.0)")
     s.add_argument("--resize", action="store_true",
-                   help="resize an image whose size is not a multiple of 8 down to one (else refused)")
+                   help="resize an image whose size is not a multiple of the VAE factor (8 on SD) down to one "
+                        "(else refused)")
     s.add_argument("--clip-skip", type=int, default=1,
                    help="text encoder layer to condition on, counted from the last: 1 = last (default), 2 = penultimate")
     s.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",

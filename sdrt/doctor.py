@@ -26,6 +26,7 @@ import numpy as np
 
 from sdrt import manifest as mf
 from sdrt.errors import UserError
+from sdrt.extras import ORT_GPU_FIX
 
 BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "tensorrt-rtx")
 MODULE = {"onnxruntime-cpu": "onnxruntime", "onnxruntime-cuda": "onnxruntime",
@@ -142,8 +143,7 @@ def backend_problem(name: str, mod, cuda_env: dict) -> str | None:
         ok = "CPUExecutionProvider" in mod.get_available_providers()
         return None if ok else "this onnxruntime has no CPUExecutionProvider"
     if name == "onnxruntime-cuda" and "CUDAExecutionProvider" not in mod.get_available_providers():
-        return ("onnxruntime without CUDA EP (pip install 'sdrt[onnxruntime-gpu]' and uninstall "
-                "plain onnxruntime)")
+        return f"onnxruntime without CUDA EP: {ORT_GPU_FIX}"
     if why := gpu_problem(cuda_env):
         return why
     cc = cuda_env["gpus"][0]["compute_capability"]

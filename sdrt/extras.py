@@ -15,6 +15,10 @@ MODULE_EXTRA = {
     "onnxruntime": "onnxruntime", "matplotlib": "bench", "tensorrt": "tensorrt",
     "tensorrt_rtx": "tensorrt-rtx", "cuda": "onnxruntime-gpu",
 }
+# onnxruntime and onnxruntime-gpu install the same package folder: uninstalling either one breaks
+# the other, so the fix for a CPU-only ONNX Runtime is the GPU wheel installed last, over it
+ORT_GPU_FIX = ("pip install --force-reinstall --no-deps 'onnxruntime-gpu>=1.25' (the GPU wheel last; "
+               "never uninstall onnxruntime or onnxruntime-gpu: they share files)")
 # what a command that needs an extra imports first (the rest follows from these)
 EXTRA_MODULES = {"export": ("torch", "diffusers", "transformers", "onnx")}
 

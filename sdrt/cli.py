@@ -7,7 +7,7 @@ from pathlib import Path
 
 import sdrt
 from sdrt.errors import UserError
-from sdrt.extras import missing, require
+from sdrt.extras import missing, require, require_all
 
 
 def cmd_init(a):
@@ -24,7 +24,7 @@ def cmd_init(a):
 def cmd_export(a):
     from sdrt.export.single_file import go_offline
     go_offline()                # models come from disk only: before diffusers/transformers load
-    require("export", "sdrt export")
+    require("export", "exporting a model")
     from sdrt.export.export import export
     out = export(a.model_dir, a.work_dir, precision=a.precision, opset=a.opset, ort_fusion=a.ort_fusion,
                  attention_form=a.attention, tokenizer=a.tokenizer, config=a.config,
@@ -51,6 +51,9 @@ def cmd_generate(a):
 
 
 def cmd_bench(a):
+    reference = a.reference is not None or not (a.work_dirs or a.no_reference)
+    # before any timed work: plots (bench), the diffusers reference (export; --no-reference skips it)
+    require_all(["bench", "export"] if reference else ["bench"], "a benchmark" + (" with the diffusers reference" if reference else ""))
     from sdrt.benchmarks.bench import bench
     bench(a.work_dirs, a.reference, backends=a.backends, sizes=a.sizes, steps=a.steps, batches=a.batches,
           runs=a.runs, warmup=a.warmup, out=a.out, no_reference=a.no_reference, image=a.image, mask=a.mask,
@@ -63,7 +66,7 @@ def cmd_bench_lora(a):
 
 
 def cmd_memory(a):
-    require("export", "sdrt memory (ONNX shape inference)", modules=("onnx",))
+    require("export", "the memory estimate (ONNX shape inference)", modules=("onnx",))
     from sdrt.benchmarks.memory import main
     main(a.work_dirs, sizes=a.sizes, batches=a.batches, backend=a.backend, out=a.out, vae_batch=a.vae_batch)
 

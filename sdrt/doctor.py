@@ -362,8 +362,7 @@ def resolve_work_dir(work_dir: Path | None) -> tuple[Path | None, str | None]:
     try:
         return demo_export(), None
     except ImportError as e:
-        return None, (f"no WORK_DIR given and the demo export needs the export extra ({e}): "
-                      "give a WORK_DIR or pip install 'sdrt[export]'")
+        return None, f"no WORK_DIR given, and {e}; or give a WORK_DIR"
 
 
 def json_safe(x):

@@ -20,7 +20,7 @@ MODULE_EXTRA = {
 ORT_GPU_FIX = ("pip install --force-reinstall --no-deps 'onnxruntime-gpu>=1.25' (the GPU wheel last; "
                "never uninstall onnxruntime or onnxruntime-gpu: they share files)")
 # what a command that needs an extra imports first (the rest follows from these)
-EXTRA_MODULES = {"export": ("torch", "diffusers", "transformers", "onnx")}
+EXTRA_MODULES = {"export": ("torch", "diffusers", "transformers", "onnx"), "bench": ("matplotlib",)}
 
 
 class ExtraMissing(UserError, ImportError):
@@ -36,6 +36,19 @@ def missing(e: ImportError, what: str = "this command") -> ExtraMissing | None:
         return None
     return ExtraMissing(f"{what} needs the {extra} extra ({top} is not installed): "
                         f"pip install 'sdrt[{extra}]'")
+
+
+def require_all(extras: list[str], what: str) -> None:
+    """require() for several extras at once: one line naming every missing one."""
+    lacking = []
+    for extra in extras:
+        try:
+            require(extra, what)
+        except ExtraMissing:
+            lacking.append(extra)
+    if lacking:
+        raise ExtraMissing(f"{what} needs the {' and '.join(lacking)} extra{'s' if len(lacking) > 1 else ''}: "
+                           f"pip install 'sdrt[{','.join(lacking)}]'")
 
 
 def require(extra: str, what: str, modules: tuple[str, ...] | None = None) -> None:

@@ -5,28 +5,20 @@ Formats (what diffusers' load_textual_inversion reads, and what other SD UIs wri
   web UI      name.pt                                  {"string_to_param": {"*": [N, D]}, "name": ...}
   web UI      name.safetensors                         {"emb_params": [N, D]}
 
-.bin/.pt are torch zip pickles: read by a restricted unpickler that accepts only what torch's
-weights_only loader accepts for plain tensors (storages, _rebuild_tensor_v2, _rebuild_parameter,
-OrderedDict); anything else is refused, never executed. The token is the spec's ":TOKEN", else
+.bin/.pt are torch zip pickles: sdrt.engine.tensor_files reads both formats, checking every
+offset, size and stride against the file, with a restricted unpickler (plain tensors only; anything
+else is refused, never executed). The token is the spec's ":TOKEN", else
 the file's own (the diffusers key, the web UI's "name"), else the file's stem.
 """
 from __future__ import annotations
 
-import json
-import pickle
-import struct
-import zipfile
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sdrt.errors import UserError, first_line
-
-SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bf16"}
-TORCH_STORAGES = {"DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
-                  "BFloat16Storage": "bf16"}
+from sdrt.engine import tensor_files
+from sdrt.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -55,7 +47,9 @@ def load(spec) -> Embedding:
         raise UserError(f"embedding {path}: no such file")
     data = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_pickle(path)
     own, vectors = token_and_vectors(data, path)
-    vectors = np.asarray(vectors, np.float32)
+    if not isinstance(vectors, np.ndarray):
+        raise UserError(f"embedding {path}: holds a {type(vectors).__name__} where its vectors should be")
+    vectors = vectors.astype(np.float32)
     vectors = vectors.reshape(1, -1) if vectors.ndim == 1 else vectors
     if vectors.ndim != 2 or vectors.shape[0] == 0 or not np.all(np.isfinite(vectors)):
         raise UserError(f"embedding {path}: expected finite vectors of shape [N, width], "
@@ -84,97 +78,17 @@ def token_and_vectors(data, path: Path) -> tuple[str | None, np.ndarray]:
                     "expected {token: vectors}, string_to_param or emb_params)")
 
 
-# ---- safetensors: 8-byte header length, JSON header, raw little-endian tensors -----------------
+# ---- the files: read by sdrt.engine.tensor_files (every offset, size and stride checked) --------
 
 def read_safetensors(path: Path) -> dict:
     try:
-        raw = path.read_bytes()
-        (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + n])
-        body = memoryview(raw)[8 + n:]
-        out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise UserError(f"embedding {path}: tensor {name} has dtype {info['dtype']}, "
-                                "expected F32, F16, BF16 or F64")
-            start, end = info["data_offsets"]
-            out[name] = to_float32(body[start:end], dtype, info["shape"])
-        return out
-    except UserError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-        raise UserError(f"embedding {path}: unreadable safetensors file ({first_line(e)})") from None
+        return tensor_files.read_safetensors(path)[0]
+    except tensor_files.TensorFileError as e:
+        raise UserError(f"embedding {path}: unreadable ({e.problem})") from None
 
-
-def to_float32(buffer, dtype, shape) -> np.ndarray:
-    if dtype == "bf16":   # bfloat16: the top half of a float32
-        bits = np.frombuffer(buffer, "<u2").astype(np.uint32) << 16
-        return bits.view(np.float32).reshape(shape)
-    return np.frombuffer(buffer, np.dtype(dtype).newbyteorder("<")).astype(np.float32).reshape(shape)
-
-
-# ---- torch zip pickles, restricted to plain tensors ------------------------------------------
 
 def read_torch_pickle(path: Path):
     try:
-        archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as e:
-        why = "not a torch zip file (legacy torch.save format or not an embedding)" \
-            if isinstance(e, zipfile.BadZipFile) else first_line(e)
-        raise UserError(f"embedding {path}: unreadable ({why})") from None
-    with archive:
-        names = archive.namelist()
-        pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
-        if pkl is None:
-            raise UserError(f"embedding {path}: unreadable (no data.pkl in the torch archive)")
-        root = pkl[:-len("data.pkl")]
-        try:
-            return TensorUnpickler(archive, root, path).load()
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"embedding {path}: unreadable ({first_line(e)})") from None
-
-
-def rebuild_tensor(storage, offset, size, stride, *_):
-    """torch._utils._rebuild_tensor_v2: a strided view of a storage."""
-    itemsize = storage.itemsize
-    return np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
-                                           strides=tuple(s * itemsize for s in stride)).copy()
-
-
-def rebuild_parameter(data, *_):
-    return data
-
-
-class TensorUnpickler(pickle.Unpickler):
-    """What torch.load(weights_only=True) accepts for a dict of tensors; nothing else."""
-    ALLOWED = {("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
-               ("torch._utils", "_rebuild_parameter"): rebuild_parameter,
-               ("torch._utils", "_rebuild_parameter_with_state"): rebuild_parameter,
-               ("collections", "OrderedDict"): OrderedDict,
-               **{("torch", name): name for name in TORCH_STORAGES}}
-
-    def __init__(self, archive: zipfile.ZipFile, root: str, path: Path):
-        super().__init__(archive.open(root + "data.pkl"))
-        self.archive, self.root, self.path = archive, root, path
-
-    def find_class(self, module, name):
-        found = self.ALLOWED.get((module, name))
-        if found is None:
-            raise UserError(f"embedding {self.path}: the pickle needs {module}.{name}, more than "
-                            "plain tensors (torch's weights_only would refuse it too): not loaded")
-        return found
-
-    def persistent_load(self, pid):
-        # ("storage", storage type, key, location, numel)
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and pid[1] in TORCH_STORAGES):
-            raise UserError(f"embedding {self.path}: unsupported storage {pid!r:.60}")
-        dtype = TORCH_STORAGES[pid[1]]
-        raw = self.archive.read(f"{self.root}data/{pid[2]}")
-        if dtype == "bf16":
-            return to_float32(raw, dtype, (-1,))
-        return np.frombuffer(raw, np.dtype(dtype).newbyteorder("<"))
+        return tensor_files.read_torch_pickle(path)
+    except tensor_files.TensorFileError as e:
+        raise UserError(f"embedding {path}: unreadable ({e.problem})") from None

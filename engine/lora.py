@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,59 +37,22 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.contract import RUNTIME_MODELS
-from sdrt.errors import UserError
+from sdrt.engine import tensor_files
+from sdrt.errors import UserError, first_line
 
 COMPONENTS = ("unet", "text_encoder")          # the export's models that LoRA modules target
 TE_PREFIX = "text_model."                       # transformers 4 keeps it in module names, 5 drops it
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bf16",
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-              "BOOL": np.bool_}
 
 
-# ---- reading a safetensors file with numpy -------------------------------------------------------
+# ---- reading a safetensors file (sdrt.engine.tensor_files: every offset checked) ------------------
 
 def read_safetensors(path: Path) -> tuple[dict, dict]:
-    """({name: float32/int array}, metadata) of a .safetensors file; UserError when unreadable.
-
-    Layout: u64 little-endian header size N, N bytes of JSON {name: {dtype, shape, data_offsets}},
-    then the tensor bytes."""
-    path = Path(path)
+    """({name: array}, metadata) of a .safetensors file (read-only views of its bytes; BF16 as
+    float32); UserError when unreadable."""
     try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read LoRA {path}: {e.strerror}") from None
-    try:
-        (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + n])
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
-        base = 8 + n
-        tensors = {name: _tensor(raw, base, info) for name, info in header.items()}
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read LoRA {path}: not a safetensors file ({str(e)[:120]}); "
-                        f"sdrt reads .safetensors LoRA files") from None
-    return tensors, meta
-
-
-def _tensor(raw: bytes, base: int, info: dict) -> np.ndarray:
-    kind = _ST_DTYPES.get(info["dtype"])
-    if kind is None:
-        raise ValueError(f"dtype {info['dtype']} is not supported")
-    begin, end = info["data_offsets"]
-    shape = tuple(info["shape"])
-    if not 0 <= begin <= end <= len(raw) - base:
-        raise ValueError("tensor data lies outside the file")
-    size = np.dtype(np.uint16 if kind == "bf16" else kind).itemsize
-    if (end - begin) % size:
-        raise ValueError(f"tensor data of {end - begin} bytes is not a whole number of {info['dtype']}")
-    a = np.frombuffer(raw, np.uint16 if kind == "bf16" else kind, count=(end - begin) // size,
-                      offset=base + begin)      # a view of the file's bytes, no copy
-    if kind == "bf16":  # bfloat16 = the high half of a float32
-        a = (a.astype(np.uint32) << 16).view(np.float32)
-    if a.size != int(np.prod(shape)):
-        raise ValueError(f"tensor of shape {list(shape)} has {a.size} values")
-    return a.reshape(shape)
+        return tensor_files.read_safetensors(path)
+    except tensor_files.TensorFileError as e:
+        raise UserError(f"cannot read LoRA {path}: {e.problem}; sdrt reads .safetensors LoRA files") from None
 
 
 # ---- LoRA modules from the key layouts -----------------------------------------------------------
@@ -129,14 +91,24 @@ def load(path: Path) -> Lora:
         down, up = tensors[key].astype(np.float32), tensors[up_key].astype(np.float32)
         keys = [key, up_key]
         alpha_key = stem + ".alpha"
+        if down.ndim not in (2, 4) or down.shape[0] == 0:
+            raise UserError(f"LoRA {path}: {key} has shape {list(down.shape)}, not a down weight "
+                            "[rank, in] or [rank, in, kh, kw]: the file is damaged")
         rank = down.shape[0]
         alpha, rslora = float(rank), False
         if alpha_key in tensors:
-            alpha = float(np.asarray(tensors[alpha_key]).reshape(-1)[0])
+            if tensors[alpha_key].size != 1:
+                raise UserError(f"LoRA {path}: {alpha_key} holds {tensors[alpha_key].size} values, "
+                                "not one: the file is damaged")
+            alpha = float(tensors[alpha_key].reshape(-1)[0])
             keys.append(alpha_key)
         component, name, kohya = _module_name(stem, kind)
         if kind == "peft" and alpha_key not in tensors and component in peft_meta:
-            alpha, rslora = _peft_alpha(peft_meta[component], name, rank)
+            try:
+                alpha, rslora = _peft_alpha(peft_meta[component], name, rank)
+            except (ValueError, TypeError, AttributeError, re.error) as e:
+                raise UserError(f"LoRA {path}: its lora_adapter_metadata for {component} is malformed "
+                                f"({first_line(e)}): the file is damaged") from None
         scale = alpha / (np.sqrt(rank) if rslora else rank)
         modules.append(Module(component, name, kohya, down, up, scale, keys))
         used.update(keys)
@@ -193,6 +165,8 @@ def _peft_metadata(meta: dict) -> dict:
     try:
         flat = json.loads(raw)
     except ValueError:
+        return {}
+    if not isinstance(flat, dict):
         return {}
     out = {}
     for key, value in flat.items():
@@ -381,7 +355,7 @@ class LoraState:
         t1 = time.perf_counter()
         merged = merged_weights(self.onnx_dir, resolved)
         changed = {c: set(merged[c]) for c in COMPONENTS}
-        if getattr(backend, "refits", False):
+        if backend.refits:
             restore = {c: self.changed[c] - changed[c] for c in self.targets}
             for c, arrays in base_weights(self.onnx_dir, self.targets, restore).items():
                 merged[c].update(arrays)

@@ -16,13 +16,11 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from sdrt import manifest as mf
-from sdrt.contract import Dims, Model
+from sdrt.contract import Dims
 from sdrt.engine import cuda
-from sdrt.engine.ort_session import (OrtBinding, OrtSession, cuda_ep_available, import_ort, open_session,
-                                     replace_weights)
+from sdrt.engine.ort_session import OrtBackend, OrtBinding, cuda_ep_available
 from sdrt.engine_keys import major_minor
-from sdrt.errors import UserError
+from sdrt.errors import UserError, first_line
 from sdrt.extras import ORT_GPU_FIX
 
 ORT_CUDA_ATTENTION = (1, 25)   # first onnxruntime-gpu with a CUDA kernel for ONNX's Attention op
@@ -36,7 +34,7 @@ def warn_if_attention_on_cpu(ort_version: str, attention_form: str | None) -> No
                       f"--attention decomposed")
 
 
-class OrtCuda:
+class OrtCuda(OrtBackend):
     """Sessions per shape plan (static shapes: every node on the CUDA EP, no Memcpy). Each plan
     holds its own copy of the weights, so only the latest plan is kept."""
     device = "cuda"
@@ -45,24 +43,15 @@ class OrtCuda:
 
     def __init__(self, work_dir: Path, manifest: dict, variant: str | None):
         """variant: "ort" runs onnx/ort/ (ORT's attention fusion), None the plain export."""
-        self.ort = import_ort()
+        super().__init__("onnxruntime-cuda", work_dir, manifest, variant)
         if not cuda_ep_available():
             raise UserError(f"onnxruntime-cuda: this ONNX Runtime has no CUDAExecutionProvider: {ORT_GPU_FIX}")
         warn_if_attention_on_cpu(self.ort.__version__, manifest.get("attention"))
         self.stream = cuda.Stream()
-        self.work_dir, self.manifest, self.variant = work_dir, manifest, variant
-        self.name = "onnxruntime-cuda" + ("+ort-fusion" if variant else "")
-        self.weights: dict = {}   # {model: {initializer: array}} replacing the export's (LoRA)
-        self.sessions: dict[tuple[str, Dims], OrtSession] = {}
         self.capture_failed: dict[tuple[str, Dims], str] = {}   # why sdrt's capture failed, per session
 
-    def runner(self, model: Model, dims: Dims) -> OrtSession:
-        key = (model.name, dims)
-        if key not in self.sessions:
-            path = mf.onnx_path(self.work_dir, model, self.manifest, self.variant)
-            self.sessions[key] = open_session(self.ort, model, path, "cuda", self.stream, dims,
-                                              weights=self.weights.get(model.name))
-        return self.sessions[key]
+    def session_dims(self, dims: Dims) -> Dims:
+        return dims               # static shapes: a session per plan
 
     def launcher(self, binding: OrtBinding) -> cuda.Launch:
         key = (binding.session.model.name, binding.session.dims)
@@ -80,9 +69,7 @@ class OrtCuda:
         try:
             session = self.sessions[key]
             if not session.cuda_graph:   # one graph-mode session replaces the plain one
-                session = open_session(self.ort, session.model, session.path, "cuda", self.stream,
-                                       session.dims, cuda_graph=True,
-                                       weights=self.weights.get(session.model.name))
+                session = self.open(session.model, session.dims, cuda_graph=True)
                 self.sessions[key] = session
             session.graph_ids += 1
             graph_binding = session.bind(binding.buffers, binding.shapes, graph_id=session.graph_ids)
@@ -90,18 +77,15 @@ class OrtCuda:
                 graph_binding.run()
             self.stream.sync()
         except Exception as e:  # UserError, ORT's own exception types, CUDA errors
-            first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-            return cuda.Launch(binding.run, "none", f"{why}; ONNX Runtime's CUDA graph mode failed too: {first}")
+            return cuda.Launch(binding.run, "none", f"{why}; ONNX Runtime's CUDA graph mode failed too: "
+                                                    f"{first_line(e)[:300]}")
         return cuda.Launch(graph_binding.run, "onnxruntime", why)
 
     def drop_plans(self) -> None:
-        self.sessions.clear()
+        super().drop_plans()
         self.capture_failed.clear()
-
-    refits = False            # LoRA: new sessions with overriding initializers, not in place
-    weights: dict = {}        # LoRA: {model: {initializer: array}}; set_weights replaces it, never mutates
 
     def set_weights(self, weights: dict) -> None:
         """LoRA: {model: {initializer: merged array}} for the sessions made from now on."""
-        replace_weights(self, weights)
+        super().set_weights(weights)
         self.capture_failed.clear()   # new sessions: sdrt's capture is tried afresh

@@ -3,6 +3,7 @@
     open_session(ort, model, path, device, stream, dims) -> OrtSession
     OrtSession.bind(buffers, shapes, graph_id) -> OrtBinding   IOBinding of every tensor to sdrt's buffers
     OrtBinding.run()                                    run_with_iobinding
+    OrtBackend                                          sessions keyed (model, dims), LoRA weights
 
 CUDA EP (device "cuda"): the session runs on sdrt's stream (user_compute_stream) and never syncs
 on its own (disable_synchronize_execution_providers), and it gets static shapes (free-dimension
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt import manifest as mf
 from sdrt.contract import Dims, Model
-from sdrt.errors import UserError
+from sdrt.errors import UserError, first_line
 
 
 def import_ort():
@@ -69,25 +71,59 @@ def open_session(ort, model: Model, path: Path, device: str, stream=None, dims: 
     try:
         sess = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile...)
-        raise UserError(f"cannot load {path}: {str(e).splitlines()[0][:300]} "
+        raise UserError(f"cannot load {path}: {first_line(e)[:300]} "
                         "(missing or corrupt: run `sdrt export` again)") from None
     return OrtSession(ort, model, sess, device, path, dims, cuda_graph, (values, weights))
 
 
-def replace_weights(backend, weights: dict) -> None:
-    """LoRA on an ONNX Runtime backend (`sessions` keyed by model name or (name, dims), `weights`
-    {model: {initializer: array}} passed to open_session): drop the sessions whose weights change,
-    so the next runner() call makes them anew from the export with the new overrides. The fused
-    variant (onnx/ort/) has other initializers, so LoRA runs the plain graphs."""
-    if backend.variant and any(weights.values()):
-        warnings.warn("LoRA runs the plain graphs (onnx/), not ONNX Runtime's fused variant (onnx/ort/)")
-        backend.variant, backend.name, backend.weights = None, backend.name.split("+")[0], {}
-        backend.sessions.clear()
-    for name in set(weights) | set(backend.weights):
-        if _differ(weights.get(name, {}), backend.weights.get(name, {})):
-            for key in [k for k in backend.sessions if (k[0] if isinstance(k, tuple) else k) == name]:
-                del backend.sessions[key]
-    backend.weights = {n: w for n, w in weights.items() if w}
+class OrtBackend:
+    """What OrtCpu and OrtCuda share: the ONNX Runtime module, the export variant they run, and
+    sessions keyed (model name, dims or None) opened from the export with the LoRA weights of
+    the moment. A subclass sets `device` and says which dims key a session (`session_dims`)."""
+    device: str
+    stream = None             # cuda.Stream on the CUDA EP
+    refits = False            # LoRA: new sessions with overriding initializers, not in place
+
+    def __init__(self, name: str, work_dir: Path, manifest: dict, variant: str | None):
+        """variant: "ort" runs onnx/ort/ (ORT's attention fusion), None the plain export."""
+        self.ort = import_ort()
+        self.work_dir, self.manifest, self.variant = work_dir, manifest, variant
+        self.name = name + ("+ort-fusion" if variant else "")
+        self.weights: dict = {}   # {model: {initializer: array}} replacing the export's (LoRA)
+        self.sessions: dict[tuple[str, Dims | None], OrtSession] = {}
+
+    def session_dims(self, dims: Dims) -> Dims | None:
+        """The dims a session is made for: None where one session serves every shape plan."""
+        raise NotImplementedError
+
+    def runner(self, model: Model, dims: Dims) -> "OrtSession":
+        key = (model.name, self.session_dims(dims))
+        if key not in self.sessions:
+            self.sessions[key] = self.open(model, key[1])
+        return self.sessions[key]
+
+    def open(self, model: Model, dims: Dims | None, cuda_graph: bool = False) -> "OrtSession":
+        path = mf.onnx_path(self.work_dir, model, self.manifest, self.variant)
+        return open_session(self.ort, model, path, self.device, self.stream, dims,
+                            cuda_graph=cuda_graph, weights=self.weights.get(model.name))
+
+    def drop_plans(self) -> None:
+        self.sessions.clear()
+
+    def set_weights(self, weights: dict) -> None:
+        """LoRA: {model: {initializer: merged array}} for the sessions made from now on. Drops the
+        sessions whose weights change, so the next runner() call makes them anew from the export
+        with the new overrides. The fused variant (onnx/ort/) has other initializers, so LoRA runs
+        the plain graphs."""
+        if self.variant and any(weights.values()):
+            warnings.warn("LoRA runs the plain graphs (onnx/), not ONNX Runtime's fused variant (onnx/ort/)")
+            self.variant, self.name, self.weights = None, self.name.split("+")[0], {}
+            self.sessions.clear()
+        for name in set(weights) | set(self.weights):
+            if _differ(weights.get(name, {}), self.weights.get(name, {})):
+                for key in [k for k in self.sessions if k[0] == name]:
+                    del self.sessions[key]
+        self.weights = {n: w for n, w in weights.items() if w}
 
 
 def _differ(a: dict, b: dict) -> bool:

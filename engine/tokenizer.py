@@ -1,14 +1,11 @@
-"""The runtime's CLIP tokenizer: a diffusers `tokenizer/` folder -> int32 input ids, padded and truncated
-exactly as transformers' CLIPTokenizer(padding="max_length", truncation=True) does. No torch, no
-transformers: the `tokenizers` library does the BPE."""
+"""The runtime's CLIP tokenizer: a diffusers `tokenizer/` folder -> BPE token ids exactly as
+transformers' CLIPTokenizer makes them (sdrt.engine.conditioning adds bos/eos/pad and cuts the
+prompt into chunks). No torch, no transformers: the `tokenizers` library does the BPE."""
 from __future__ import annotations
 
 import json
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
@@ -20,19 +17,8 @@ DEFAULT_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
 ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")
 
 
-@dataclass
-class Encoded:
-    """Token ids for a batch of prompts, and how many tokens each prompt lost to truncation."""
-    ids: np.ndarray          # int32 [len(prompts), max_length]
-    dropped: list[int]       # tokens cut from each prompt; 0 where it fit
-
-    @property
-    def truncated(self) -> list[bool]:
-        return [n > 0 for n in self.dropped]
-
-
 class ClipTokenizer:
-    """bos + BPE tokens + eos, truncated to max_length (eos kept last) and padded with the pad id."""
+    """BPE ids of a text, and the bos, eos and pad ids the conditioning frames them with."""
 
     def __init__(self, backend: Tokenizer, bos_id: int, eos_id: int, pad_id: int, model_max_length: int = 77):
         self.backend = backend
@@ -56,25 +42,9 @@ class ClipTokenizer:
                          for key in ("bos_token", "eos_token", "pad_token"))
         return cls(backend, bos, eos, pad, config["model_max_length"])
 
-    def encode_with_truncation(self, prompts: list[str], max_length: int) -> Encoded:
-        """Ids and truncation counts; warns once naming each truncated prompt's dropped tokens."""
-        if max_length < 2:
-            raise UserError(f"max_length must be at least 2 (bos + eos), got {max_length}")
-        ids = np.full((len(prompts), max_length), self.pad_id, np.int32)
-        dropped = []
-        for row, encoding in zip(ids, self.backend.encode_batch(list(prompts), add_special_tokens=False)):
-            body = encoding.ids[:max_length - 2]
-            row[:len(body) + 2] = [self.bos_id, *body, self.eos_id]
-            dropped.append(len(encoding.ids) - len(body))
-        warn_truncated(prompts, dropped, max_length)
-        return Encoded(ids, dropped)
-
     def token_ids(self, text: str) -> list[int]:
         """BPE ids of `text`, no bos/eos (added tokens match whole, as in transformers)."""
         return self.backend.encode(text, add_special_tokens=False).ids
-
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
 
     def with_added_tokens(self, tokens: list[str]) -> "ClipTokenizer":
         """A copy that also knows `tokens`, each a new id after the vocab, as transformers'
@@ -87,11 +57,6 @@ class ClipTokenizer:
                                 f"give another token with FILE:TOKEN")
             backend.add_tokens([AddedToken(token, normalized=True, special=False)])
         return ClipTokenizer(backend, self.bos_id, self.eos_id, self.pad_id, self.model_max_length)
-
-    def encode(self, prompts: list[str], max_length: int) -> np.ndarray:
-        """int32 [len(prompts), max_length]: what CLIPTokenizer(..., padding="max_length",
-        max_length=max_length, truncation=True).input_ids returns."""
-        return self.encode_with_truncation(prompts, max_length).ids
 
 
 def read_config(path: Path) -> dict:
@@ -186,17 +151,3 @@ def added_token(value) -> AddedToken:
 
 def token_content(value) -> str:
     return value if isinstance(value, str) else value["content"]
-
-
-def warn_truncated(prompts: list[str], dropped: list[int], max_length: int) -> None:
-    """One warning per distinct truncated prompt, naming how many tokens were dropped."""
-    seen = set()
-    for prompt, n in zip(prompts, dropped):
-        if n and prompt not in seen:
-            seen.add(prompt)
-            warnings.warn(f"prompt truncated: CLIP takes {max_length} tokens, {n} were dropped "
-                          f"from {shorten(prompt)!r}", stacklevel=3)
-
-
-def shorten(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."

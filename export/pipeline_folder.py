@@ -84,8 +84,9 @@ def check_tokenizer(path: Path, vocab_size: int, flag: str = "the tokenizer fold
         tok = ClipTokenizer.from_dir(path)
     except UserError as e:
         raise UserError(f"{flag}: {e}" if flag.startswith("--") else str(e)) from None
-    if tok.vocab_size() != vocab_size:
-        raise UserError(f"{flag} {path} has {tok.vocab_size()} tokens but the text encoder's token table has "
+    size = tok.backend.get_vocab_size(with_added_tokens=True)
+    if size != vocab_size:
+        raise UserError(f"{flag} {path} has {size} tokens but the text encoder's token table has "
                         f"{vocab_size}: pass the tokenizer/ folder that belongs to this model")
 
 

@@ -6,6 +6,7 @@ import types
 
 
 from sdrt import contract
+from sdrt import manifest as mf
 from sdrt.contract import Dims
 from sdrt.engine import cuda, ort_cuda
 
@@ -71,8 +72,8 @@ def backend(monkeypatch, ort, capture_error=None):
     """An OrtCuda with a stand-in stream; sdrt's capture fails with `capture_error` when given."""
     be = object.__new__(ort_cuda.OrtCuda)
     be.ort, be.stream, be.work_dir, be.variant = ort, types.SimpleNamespace(ptr=1234, sync=lambda: None), None, None
-    be.manifest, be.name, be.sessions, be.capture_failed = {}, "onnxruntime-cuda", {}, {}
-    monkeypatch.setattr(ort_cuda.mf, "onnx_path", lambda *a: "step.onnx")
+    be.manifest, be.name, be.sessions, be.capture_failed, be.weights = {}, "onnxruntime-cuda", {}, {}, {}
+    monkeypatch.setattr(mf, "onnx_path", lambda *a: "step.onnx")
 
     def capture_or_run(stream, run, warmups):
         for _ in range(warmups):

@@ -203,7 +203,7 @@ def test_wrong_tokenizer_folder_is_refused(layouts, tiny_dir, tmp_path):
     _, st, _ = layouts["sd1"]
     (tmp_path / "empty").mkdir()
     from sdrt.engine.tokenizer import ClipTokenizer
-    assert ClipTokenizer.from_dir(tiny_dir / "tokenizer").vocab_size() == 1000 == SD1_SMALL["vocab_size"]
+    assert ClipTokenizer.from_dir(tiny_dir / "tokenizer").backend.get_vocab_size(True) == 1000 == SD1_SMALL["vocab_size"]
     from sdrt.demo import DEMO_MODEL                     # a real tokenizer of another size (600)
     for tok, words in ((tmp_path / "typo", ("not a folder",)), (tmp_path / "empty", ("no tokenizer",)),
                        (DEMO_MODEL / "tokenizer", ("600 tokens", "1000"))):

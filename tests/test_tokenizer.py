@@ -1,4 +1,5 @@
-"""The runtime's CLIP tokenizer against transformers' CLIPTokenizer, and the synthetic CLIP vocab."""
+"""The runtime's CLIP tokenizer against transformers' CLIPTokenizer (through Conditioning.rows, what
+the runtime feeds the text encoder), and the synthetic CLIP vocab."""
 from __future__ import annotations
 
 import json
@@ -97,26 +98,36 @@ def transformers_ids(folder, prompts, max_length=77) -> np.ndarray:
     return results[0]
 
 
-def encode_quietly(tok: ClipTokenizer, prompts, max_length=77):
+def literal(prompt: str) -> str:
+    """The prompt with its brackets escaped: the runtime's prompt syntax then reads it as plain text."""
+    return re.sub(r"([\\()\[\]])", r"\\\1", prompt)
+
+
+def runtime_ids(tok: ClipTokenizer, prompts, text_len=77) -> np.ndarray:
+    """The first chunk of each prompt as the runtime makes it (Conditioning.rows): bos, the first
+    text_len - 2 tokens, eos, pad; what transformers gives with padding="max_length", truncation=True."""
+    from sdrt.engine.conditioning import Conditioning
+    table = np.zeros((tok.backend.get_vocab_size(with_added_tokens=True), 1), np.float32)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tok.encode_with_truncation(prompts, max_length)
+        warnings.simplefilter("error")        # nothing to warn about in literal text
+        chunks = Conditioning(tok, table, text_len).rows([literal(p) for p in prompts])
+    return chunks.ids[::len(chunks.ids) // len(prompts)]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_matches_transformers(vocab_dir, form, config, tmp_path):
     folder = tokenizer_folder(vocab_dir, tmp_path / "tok", form, CONFIGS[config])
     tok = ClipTokenizer.from_dir(folder)
-    ours = encode_quietly(tok, PROMPTS).ids
+    ours = runtime_ids(tok, PROMPTS)
     assert ours.dtype == np.int32 and ours.shape == (len(PROMPTS), 77)
     np.testing.assert_array_equal(ours, transformers_ids(folder, PROMPTS))
     assert ours[1, 2:].tolist() == [tok.pad_id] * 75 and tok.pad_id == (0 if config == "bang_pad" else tok.eos_id)
 
 
-@pytest.mark.parametrize("max_length", [2, 5, 16, 100])
+@pytest.mark.parametrize("max_length", [5, 16, 100])
 def test_other_max_lengths_match_transformers(vocab_dir, form, max_length, tmp_path):
     folder = tokenizer_folder(vocab_dir, tmp_path / "tok", form, {})
-    ours = encode_quietly(ClipTokenizer.from_dir(folder), PROMPTS, max_length).ids
+    ours = runtime_ids(ClipTokenizer.from_dir(folder), PROMPTS, max_length)
     np.testing.assert_array_equal(ours, transformers_ids(folder, PROMPTS, max_length))
 
 
@@ -125,7 +136,7 @@ def test_layout_of_a_row(vocab_dir):
     tok = ClipTokenizer.from_dir(vocab_dir)
     size = len(json.loads((vocab_dir / "vocab.json").read_text()))
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.model_max_length) == (size - 2, size - 1, size - 1, 77)
-    row = tok.encode(["a"], 77)[0]
+    row = runtime_ids(tok, ["a"])[0]
     a = json.loads((vocab_dir / "vocab.json").read_text())["a</w>"]
     assert row[:3].tolist() == [size - 2, a, size - 1] and (row[3:] == size - 1).all()
 
@@ -136,25 +147,26 @@ def test_bang_pad(vocab_dir, form, tmp_path):
     tok = ClipTokenizer.from_dir(folder)
     assert tok.pad_id == list(bytes_to_unicode().values()).index("!") == 0
     hi = tok.backend.token_to_id("hi</w>")
-    assert tok.encode(["hi!"], 8)[0].tolist() == [tok.bos_id, hi, 0, tok.eos_id, 0, 0, 0, 0]
+    assert runtime_ids(tok, ["hi!"], 8)[0].tolist() == [tok.bos_id, hi, 0, tok.eos_id, 0, 0, 0, 0]
 
 
-def test_truncation_keeps_eos_and_warns(vocab_dir):
+def test_long_prompt_is_chunked_not_truncated(vocab_dir):
+    """Beyond 75 tokens the runtime starts another chunk (each framed bos ... eos): no token is lost."""
+    from sdrt.engine.conditioning import Conditioning
     tok = ClipTokenizer.from_dir(vocab_dir)
-    n_tokens = len(tok.backend.encode(LONG, add_special_tokens=False).ids)
-    assert n_tokens > 75
-    with pytest.warns(UserWarning, match=rf"\b{n_tokens - 75} were dropped") as record:
-        enc = tok.encode_with_truncation(["short", LONG, LONG], 77)
-    assert len(record) == 1                   # one warning per distinct prompt
-    assert enc.truncated == [False, True, True] and enc.dropped == [0, n_tokens - 75, n_tokens - 75]
-    assert enc.ids[1, 0] == tok.bos_id and enc.ids[1, -1] == tok.eos_id
-    assert tok.eos_id not in enc.ids[1, 1:-1]
-
-
-def test_no_warning_when_it_fits(vocab_dir):
+    tokens = tok.backend.encode(LONG, add_special_tokens=False).ids
+    assert len(tokens) > 75
+    table = np.zeros((tok.backend.get_vocab_size(), 1), np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ClipTokenizer.from_dir(vocab_dir).encode([p for p in ASCII_PROMPTS if p != LONG], 77)
+        chunks = Conditioning(tok, table, 77).rows(["short", LONG])
+    k = len(chunks.ids) // 2
+    assert k == -(-len(tokens) // 75)
+    long_rows = chunks.ids[k:]
+    assert (long_rows[:, 0] == tok.bos_id).all()
+    body = [t for row in long_rows for t in row[1:76].tolist()]
+    assert body[:len(tokens)] == tokens and all(t in (tok.eos_id, tok.pad_id) for t in body[len(tokens):])
+    assert chunks.ids[1].tolist() == [tok.bos_id, tok.eos_id] + [tok.pad_id] * 75     # "short" padded to k
 
 
 def reference_bpe(text: str, vocab: dict, merges: list[tuple[str, str]]) -> list[int]:
@@ -212,7 +224,7 @@ def test_clip_vocab_layout(size, tmp_path):
         assert vocab[left + right] == 512 + rank                        # its result is the next token
     assert {"tokenizer_config.json", "special_tokens_map.json"} <= {p.name for p in tmp_path.iterdir()}
     row = [size - 2, *ab_ids(vocab), size - 1]
-    assert ClipTokenizer.from_dir(tmp_path).encode(["ab"], 5).tolist() == [row + [size - 1] * (5 - len(row))]
+    assert runtime_ids(ClipTokenizer.from_dir(tmp_path), ["ab"], 5).tolist() == [row + [size - 1] * (5 - len(row))]
 
 
 def ab_ids(vocab: dict) -> list[int]:
@@ -245,7 +257,7 @@ def test_diffusers_loads_the_tokenizer(tmp_path):
          **{k: [None, None] for k in others}}))
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path, **dict.fromkeys(others))
     ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids
-    np.testing.assert_array_equal(encode_quietly(ClipTokenizer.from_dir(tmp_path / "tokenizer"), PROMPTS).ids, ids)
+    np.testing.assert_array_equal(runtime_ids(ClipTokenizer.from_dir(tmp_path / "tokenizer"), PROMPTS), ids)
 
 
 def test_transformers_save_pretrained_round_trips(tmp_path):
@@ -254,7 +266,7 @@ def test_transformers_save_pretrained_round_trips(tmp_path):
     write_clip_tokenizer(tmp_path / "src", 1000)
     CLIPTokenizer.from_pretrained(tmp_path / "src").save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / "tokenizer.json").is_file()
-    ours = encode_quietly(ClipTokenizer.from_dir(tmp_path / "saved"), PROMPTS).ids
+    ours = runtime_ids(ClipTokenizer.from_dir(tmp_path / "saved"), PROMPTS)
     np.testing.assert_array_equal(ours, transformers_ids(tmp_path / "src", PROMPTS))
 
 

@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"sdrt {args.cmd}: error: {e}", file=sys.stderr)
         return 2
-    except ImportError as e:               # a module that an extra installs: name the extra
+    except ModuleNotFoundError as e:       # a module that an extra installs: name the extra
         if (err := missing(e)) is None:
             raise
         print(f"sdrt {args.cmd}: error: {err}", file=sys.stderr)

@@ -29,7 +29,8 @@ class ExtraMissing(UserError, ImportError):
 
 
 def missing(e: ImportError, what: str = "this command") -> ExtraMissing | None:
-    """The one-line error for a module an extra installs; None for any other import failure."""
+    """The one-line error for a module an extra installs; None for any other import failure
+    (callers pass ModuleNotFoundError: a name missing from an installed module is not this)."""
     top = (getattr(e, "name", None) or "").split(".")[0]
     extra = MODULE_EXTRA.get(top)
     if extra is None:

@@ -69,3 +69,14 @@ def test_doctor_without_work_dir_names_the_export_extra(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "sdrt[export]" in proc.stdout + proc.stderr, proc.stdout
     assert "scheduler config" not in proc.stdout + proc.stderr
+
+
+def test_only_modules_of_an_extra_are_named():
+    from sdrt.extras import MODULE_EXTRA, missing
+    assert "export" in str(missing(ModuleNotFoundError("No module named 'torch.nn'", name="torch.nn")))
+    assert missing(ModuleNotFoundError("No module named 'sdrt.nowhere'", name="sdrt.nowhere")) is None
+    assert set(MODULE_EXTRA.values()) <= {"export", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-rtx",
+                                          "bench"}
+    tomllib = pytest.importorskip("tomllib")    # Python 3.11+
+    extras = tomllib.loads((RUNNER.parent.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(MODULE_EXTRA.values()) <= set(extras)

@@ -53,7 +53,8 @@ def cmd_generate(a):
 def cmd_bench(a):
     reference = a.reference is not None or not (a.work_dirs or a.no_reference)
     # before any timed work: plots (bench), the diffusers reference (export; --no-reference skips it)
-    require_all(["bench", "export"] if reference else ["bench"], "a benchmark" + (" with the diffusers reference" if reference else ""))
+    require_all(["bench", "export"] if reference else ["bench"],
+                "a benchmark with the diffusers reference" if reference else "a benchmark")
     from sdrt.benchmarks.bench import bench
     bench(a.work_dirs, a.reference, backends=a.backends, sizes=a.sizes, steps=a.steps, batches=a.batches,
           runs=a.runs, warmup=a.warmup, out=a.out, no_reference=a.no_reference, image=a.image, mask=a.mask,

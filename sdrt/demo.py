@@ -105,16 +105,19 @@ def timing_table(results: list, wall_s: float) -> str:
 
 def main(root: Path = Path("sdrt-demo"), prompts=None, backend: str = "auto", steps: int = 25,
          guidance: float = 5.0, seed: int = 0, out: Path | None = None) -> Path:
-    """Export the demo model if needed, draw each prompt (seed, seed + 1, ...), write the captioned
-    grid (default: root/demo.png for the example captions, root/prompts.png for your own, so one
-    never replaces the other) and print the timing table."""
+    """Export the demo model if needed, draw each prompt (seed, seed + 1, ...; seed -1: a random
+    first seed, printed), write the captioned grid (default: root/demo.png for the example
+    captions, root/prompts.png for your own, so one never replaces the other) and print the timing
+    table."""
     import time
 
     from sdrt.engine.pipeline import Pipeline
+    from sdrt.engine.request import resolve_seed
     from sdrt.fileio import image_format, save_images
     out = Path(out) if out is not None else Path(root) / ("prompts.png" if prompts else "demo.png")
     image_format(out)
     prompts = list(prompts or PROMPTS)
+    seed = resolve_seed(seed)
     work_dir = demo_export(root)
     pipe = Pipeline(work_dir, backend=backend)
     print(f"[demo] generating {len(prompts)} image(s) on {pipe.backend_name}, {steps} steps, "

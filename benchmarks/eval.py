@@ -112,9 +112,11 @@ def table(report: dict) -> str:
 def main(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 25, guidance: float = 5.0,
          seed: int = 0, out: Path | None = None, grid_path: Path | None = None, **sampling) -> dict:
     """Evaluate, print the table, write the JSON report and the grid if asked."""
-    for path in (out, grid_path):
-        if path is not None and not Path(path).parent.is_dir():
-            raise UserError(f"cannot write {path}: its folder does not exist")
+    from sdrt.fileio import image_format
+    if out is not None and Path(out).suffix.lower() != ".json":
+        raise UserError(f"--out {out}: give a .json path (the report is written as JSON)")
+    if grid_path is not None:
+        image_format(grid_path, "--grid")
     report = evaluate(work_dir, backend, n, steps, guidance, seed, grid_path, **sampling)
     print(table(report))
     print(f"seed {report['seed']}")

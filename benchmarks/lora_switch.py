@@ -50,8 +50,11 @@ def measure(work: Path, backend: str, rank: int, tmp: Path, steps: int, size: in
     targets = {c: man["models"][c]["lora_targets"] for c in L.COMPONENTS}
     files = {"attn+te": tmp / "attn_te.safetensors", "locon": tmp / "locon.safetensors"}
     modules = {k: random_lora(p, targets, rank, k == "locon", i) for i, (k, p) in enumerate(files.items())}
+    from sdrt.doctor import own_image_and_mask
     pipe = Pipeline(work, backend=backend)
-    run = lambda: pipe.generate("a fox", steps=steps, seed=0, height=size, width=size).timings
+    inputs = own_image_and_mask(mf.config(man), size, size)   # an inpainting UNet: its own image and mask
+    hw = {} if inputs else {"height": size, "width": size}
+    run = lambda: pipe.generate("a fox", steps=steps, seed=0, **hw, **inputs).timings
     t0 = time.perf_counter()
     first = run()
     rows = [{"switch": "none (first generate)", "setup_ms": first["setup_ms"], "total_s": time.perf_counter() - t0}]

@@ -128,7 +128,19 @@ def io_bytes(models: list[Model], dims: Dims) -> int:
     return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in tensors.values())
 
 
-def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str = "tensorrt",
+ENGINE_BACKENDS = ("tensorrt", "tensorrt-rtx")
+
+
+def engine_backend(man: dict, backend: str = "auto") -> str:
+    """Whose built engine sizes count as weights: auto takes the backend with engines in the
+    manifest (TensorRT first when both are built), so built RTX engines are never ignored."""
+    if backend != "auto":
+        return backend
+    built = [b for b in ENGINE_BACKENDS if man.get("engines", {}).get(b)]
+    return built[0] if built else ENGINE_BACKENDS[0]
+
+
+def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str = "auto",
              vae_batch: int | None = None) -> dict:
     """{model: {weights_bytes, weights_from, activation_bytes, io_bytes, unknown_tensors}} + totals.
     vae_batch: the VAE decodes this many images at a time (None: the whole batch)."""
@@ -147,6 +159,7 @@ def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str =
     model_dims = {name: dims for name in names}
     model_dims["vae_decoder"] = Dims(vae_n, height, width, True, cfg.vae_factor)
     model_dims["vae_encoder"] = Dims(1, height, width, True, cfg.vae_factor)   # one image per call
+    backend = engine_backend(man, backend)
     engines = man.get("engines", {}).get(backend, {})
     out = {}
     for name in names:
@@ -191,7 +204,7 @@ def table(estimates: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(work_dirs: list, sizes: str = "512x512", batches: str = "1,4", backend: str = "tensorrt",
+def main(work_dirs: list, sizes: str = "512x512", batches: str = "1,4", backend: str = "auto",
          out=None, vae_batch: int | None = None) -> None:
     """Estimate every (export, size, batch) and print the table; with `out` (.md) also write it
     and the figures (.json beside it)."""
@@ -202,8 +215,6 @@ def main(work_dirs: list, sizes: str = "512x512", batches: str = "1,4", backend:
         raise UserError(f"--vae-batch {vae_batch}: give a positive number of images")
     if out is not None and Path(out).suffix != ".md":
         raise UserError(f"--out {out}: give a .md path (a .json with the figures is written beside it)")
-    if out is not None and not Path(out).parent.is_dir():
-        raise UserError(f"--out {out}: folder {Path(out).parent} does not exist")
     for work_dir in work_dirs:       # every mistake before any work
         man = mf.load(work_dir)
         for h, w in size_list:

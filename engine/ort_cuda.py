@@ -21,6 +21,7 @@ from sdrt.engine import cuda
 from sdrt.engine.engine_keys import major_minor
 from sdrt.engine.ort_session import OrtBackend, OrtBinding, cuda_ep_available
 from sdrt.errors import UserError, first_line
+from sdrt.extras import ORT_GPU_FIX
 
 ORT_CUDA_ATTENTION = (1, 25)   # first onnxruntime-gpu with a CUDA kernel for ONNX's Attention op
 
@@ -44,8 +45,7 @@ class OrtCuda(OrtBackend):
         """variant: "ort" runs onnx/ort/ (ORT's attention fusion), None the plain export."""
         super().__init__("onnxruntime-cuda", work_dir, manifest, variant)
         if not cuda_ep_available():
-            raise UserError("onnxruntime-cuda: this ONNX Runtime has no CUDAExecutionProvider: "
-                            "pip install 'sdrt[onnxruntime-gpu]' (and uninstall plain onnxruntime)")
+            raise UserError(f"onnxruntime-cuda: this ONNX Runtime has no CUDAExecutionProvider: {ORT_GPU_FIX}")
         warn_if_attention_on_cpu(self.ort.__version__, manifest.get("attention"))
         self.stream = cuda.Stream()
         self.capture_failed: dict[tuple[str, Dims], str] = {}   # why sdrt's capture failed, per session

@@ -220,6 +220,15 @@ def allow_decomposed_attention(network, trt) -> int:
     return marked
 
 
+def varies_in_length(profile: dict) -> bool:
+    """True when some input's profile is a range in a dimension after the first (the batch or
+    row count): a latent height/width range (--dynamic height=..., width=...) or a text-length
+    range. Attention over such a length has no fused kernel for every length in the range
+    (TensorRT-RTX 1.7 stops with a Myelin "not supported by a dedicated kernel" otherwise, e.g.
+    on the VAE's mid-block self attention)."""
+    return any(p["min"][1:] != p["max"][1:] for p in profile.values())
+
+
 def _as(trt, layer, cls: str):
     layer.__class__ = getattr(trt, cls)   # the bindings' way to reach a layer's own interface
     return layer
@@ -244,7 +253,7 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
                    else "export again")
             raise UserError(f"cannot parse {files[0]}{where}: {' '.join(e.desc().split())}: {fix}")
         _check_network(network, model, trt, files[0])
-        if options.get("max_prompt_chunks", 1) > 1:
+        if options.get("max_prompt_chunks", 1) > 1 or varies_in_length(profile):
             allow_decomposed_attention(network, trt)
         prof = builder.create_optimization_profile()
         for name, p in profile.items():
@@ -279,6 +288,10 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
                 raise UserError(f"building {model.name} failed ({first[:200]}): TensorRT-RTX "
                                 f"{trt.__version__} builds refittable engines only where a CUDA GPU is "
                                 f"present; build with --refit on the GPU machine, or without --refit here")
+            if "Attention operation was not supported" in first:
+                raise UserError(f"building {model.name} failed: {trt.__name__} {trt.__version__} has no "
+                                f"attention kernel for this profile ({first[:160]}): build a static size "
+                                "(--height/--width) or another --dynamic range")
             raise UserError(f"building {model.name} failed ({first}): if it ran out "
                             f"of memory, lower --workspace-mb or build a smaller --dynamic profile")
         new_cache = bytes(memoryview(cache.serialize())) if cache is not None else None

@@ -17,7 +17,7 @@ import sdrt
 from sdrt import manifest as mf
 from sdrt.contract import STEP_COLUMNS, Dims, ModelConfig, Variant, all_models, step_models
 from sdrt.errors import UserError
-from sdrt.fileio import temp_dir_beside, write_json_atomic
+from sdrt.fileio import default_mode_tree, temp_dir_beside, write_json_atomic
 from sdrt.export import (attention, compose_step, lora_targets, pipeline_folder, scheduler_config, single_file,
                          to_onnx, validate)
 
@@ -34,11 +34,16 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def check_work_dir(work_dir: Path) -> None:
-    if work_dir.exists() and not (work_dir / mf.NAME).is_file():
-        if work_dir.is_dir() and not any(work_dir.iterdir()):
-            return
+def check_work_dir(work_dir: Path, force: bool = False) -> None:
+    """A new or empty folder; a previous export only with force (the new one replaces it whole,
+    built engines included); never a folder that is not an export."""
+    if not work_dir.exists() or (work_dir.is_dir() and not any(work_dir.iterdir())):
+        return
+    if not (work_dir / mf.NAME).is_file():
         raise UserError(f"{work_dir} exists and is not a previous sdrt export: choose a new WORK_DIR")
+    if not force:
+        raise UserError(f"{work_dir} already holds an export (and its engines/): choose a new WORK_DIR "
+                        "or pass --force to replace it whole")
 
 
 def validation_dims(cfg: ModelConfig) -> Dims:
@@ -53,14 +58,16 @@ def validation_dims(cfg: ModelConfig) -> Dims:
 def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int | None = None,
            ort_fusion: bool = False, attention_form: str = "op", tokenizer: Path | None = None,
            config: str | None = None, prediction_type: str | None = None,
-           vae_precision: str | None = None, text_encoder_precision: str | None = None) -> Path:
+           vae_precision: str | None = None, text_encoder_precision: str | None = None,
+           force: bool = False) -> Path:
     """opset None: 23 for attention_form "op" (ONNX's Attention op), 18 for "decomposed".
     model_dir: a diffusers folder, or a single-file .safetensors/.ckpt checkpoint (then tokenizer,
-    config and prediction_type apply: sdrt.export.single_file)."""
+    config and prediction_type apply: sdrt.export.single_file). force: replace a previous export
+    in work_dir (else refused)."""
     model_dir, work_dir = Path(model_dir), Path(work_dir)
     per_model = precisions(precision, vae_precision, text_encoder_precision)
     opset = attention.resolve_opset(attention_form, opset)
-    check_work_dir(work_dir)
+    check_work_dir(work_dir, force)
     if single_file.is_single_file(model_dir):
         return _export_single_file(model_dir, work_dir, tokenizer, config, prediction_type,
                                    per_model, opset, ort_fusion, attention_form)
@@ -102,6 +109,7 @@ def _export_folder(model_dir: Path, work_dir: Path, per_model: dict, opset: int,
     tmp = temp_dir_beside(work_dir)
     try:
         _export_into(model_dir, tmp, per_model, opset, ort_fusion, attention_form, source)
+        default_mode_tree(tmp)            # onnx writes *.onnx.data as 0600: readable like the rest
         _swap_in(tmp, work_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -116,6 +124,7 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     sched, updated = scheduler_config.effective_config(
         model_dir / "scheduler", pipeline_folder.read_model_index(model_dir)["scheduler"][1])
     scheduler_config.warn_if_updated(updated)
+    pipeline_folder.check_tokenizer(model_dir / "tokenizer", pipeline_folder.text_vocab_size(model_dir))
     say(f"loading {model_dir} ...")
     folder = pipeline_folder.load(model_dir)
     cfg = folder.config

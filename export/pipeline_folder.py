@@ -75,6 +75,31 @@ def load(path: Path) -> PipelineFolder:
     return PipelineFolder(path, model_config(text, unet, vae), text.eval(), unet.eval(), vae.eval())
 
 
+def check_tokenizer(path: Path, vocab_size: int, flag: str = "the tokenizer folder") -> None:
+    """The tokenizer the runtime will load from `path` (sdrt.engine.tokenizer) must exist and fit
+    the text encoder's token table: a missing or foreign vocabulary would give every prompt the
+    same few token ids, and the same image, without any error."""
+    from sdrt.engine.tokenizer import ClipTokenizer
+    try:
+        tok = ClipTokenizer.from_dir(path)
+    except UserError as e:
+        raise UserError(f"{flag}: {e}" if flag.startswith("--") else str(e)) from None
+    size = tok.backend.get_vocab_size(with_added_tokens=True)
+    if size != vocab_size:
+        raise UserError(f"{flag} {path} has {size} tokens but the text encoder's token table has "
+                        f"{vocab_size}: pass the tokenizer/ folder that belongs to this model")
+
+
+def text_vocab_size(path: Path) -> int:
+    """The text encoder's token table size, from its config (from_pretrained checks the weights
+    against it), read before any model is loaded."""
+    from sdrt.engine.scheduler import read_config_json
+    size = read_config_json(Path(path) / "text_encoder" / "config.json").get("vocab_size")
+    if not isinstance(size, int) or size <= 0:
+        raise UserError(f"{path}/text_encoder/config.json has no vocab_size: not a CLIP text encoder folder")
+    return size
+
+
 def model_config(text, unet, vae) -> ModelConfig:
     u, v, t = unet.config, vae.config, text.config
     c = v.latent_channels

@@ -31,8 +31,9 @@ def effective_config(scheduler_dir: Path, class_name: str | None) -> tuple[dict,
     for what was rewritten."""
     path = Path(scheduler_dir) / "scheduler_config.json"
     raw = read_config_json(path)
+    cls = _scheduler_class(class_name or raw.get("_class_name"))   # needs diffusers: the export extra
     try:
-        sched = _scheduler_class(class_name or raw.get("_class_name")).from_config(raw)
+        sched = cls.from_config(raw)
     except Exception as e:  # diffusers raises NotImplementedError, ValueError, TypeError ...
         raise UserError(f"scheduler config {path} is not usable: {str(e).splitlines()[0]}") from None
     config = {k: v for k, v in dict(sched.config).items() if not k.startswith("_")}

@@ -250,12 +250,19 @@ def detect(sd: dict, path: Path, config: str | None, prediction: str | None) -> 
 
 # --- tokenizer -------------------------------------------------------------------------------
 
-def tokenizer(fam: str, tokenizer_dir: Path | None):
-    """A CLIPTokenizer from --tokenizer DIR, else from the local Hugging Face cache; 2.x pads
-    with "!" (OpenCLIP), 1.x with <|endoftext|>."""
+def tokenizer(fam: str, tokenizer_dir: Path | None, vocab_size: int):
+    """A CLIPTokenizer from --tokenizer DIR, else from the local Hugging Face cache, checked
+    against the checkpoint's token table (transformers makes a 2-token tokenizer from an empty
+    folder); 2.x pads with "!" (OpenCLIP), 1.x with <|endoftext|>."""
     from transformers import CLIPTokenizer
+
+    from sdrt.export.pipeline_folder import check_tokenizer
     if tokenizer_dir is None:
         tokenizer_dir = _cached_tokenizer(fam)
+    elif not Path(tokenizer_dir).is_dir():
+        raise UserError(f"--tokenizer {tokenizer_dir} is not a folder: pass the tokenizer/ folder of a "
+                        "diffusers SD folder")
+    check_tokenizer(Path(tokenizer_dir), vocab_size, "--tokenizer")
     try:
         tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     except Exception as e:
@@ -345,7 +352,7 @@ def to_folder(path: Path, out: Path, tokenizer_dir: Path | None = None, config: 
     go_offline()
     sd = read_checkpoint(path)
     found = detect(sd, Path(path), config, prediction)
-    tok = tokenizer(found["family"], tokenizer_dir)
+    tok = tokenizer(found["family"], tokenizer_dir, found["text_encoder"]["vocab_size"])
     say(found["line"] + ": converting with diffusers' single-file loaders (offline) ...")
     config_dir = out.with_name(out.name + ".configs")
     write_configs(found, tok, config_dir)

@@ -5,7 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
+import sdrt
 from sdrt.errors import UserError
+from sdrt.extras import missing, require, require_all
 
 
 def cmd_init(a):
@@ -22,11 +24,12 @@ def cmd_init(a):
 def cmd_export(a):
     from sdrt.export.single_file import go_offline
     go_offline()                # models come from disk only: before diffusers/transformers load
+    require("export", "exporting a model")
     from sdrt.export.export import export
     out = export(a.model_dir, a.work_dir, precision=a.precision, opset=a.opset, ort_fusion=a.ort_fusion,
                  attention_form=a.attention, tokenizer=a.tokenizer, config=a.config,
                  prediction_type=a.prediction_type, vae_precision=a.vae_precision,
-                 text_encoder_precision=a.text_encoder_precision)
+                 text_encoder_precision=a.text_encoder_precision, force=a.force)
     print(f"wrote {out}")
 
 
@@ -52,6 +55,10 @@ def cmd_generate(a):
 
 
 def cmd_bench(a):
+    reference = a.reference is not None or not (a.work_dirs or a.no_reference)
+    # before any timed work: plots (bench), the diffusers reference (export; --no-reference skips it)
+    require_all(["bench", "export"] if reference else ["bench"],
+                "a benchmark with the diffusers reference" if reference else "a benchmark")
     from sdrt.benchmarks.bench import bench
     bench(a.work_dirs, a.reference, backends=a.backends, sizes=a.sizes, steps=a.steps, batches=a.batches,
           runs=a.runs, warmup=a.warmup, out=a.out, no_reference=a.no_reference, image=a.image, mask=a.mask,
@@ -77,6 +84,7 @@ def cmd_bench_serve(a):
 
 
 def cmd_memory(a):
+    require("export", "the memory estimate (ONNX shape inference)", modules=("onnx",))
     from sdrt.benchmarks.memory import main
     main(a.work_dirs, sizes=a.sizes, batches=a.batches, backend=a.backend, out=a.out, vae_batch=a.vae_batch)
 
@@ -88,7 +96,7 @@ def cmd_doctor(a):
 
 def cmd_demo(a):
     from sdrt.demo import main
-    main(a.dir, a.prompt, backend=a.backend, steps=a.steps, guidance=a.guidance, seed=a.seed)
+    main(a.dir, a.prompt, backend=a.backend, steps=a.steps, guidance=a.guidance, seed=a.seed, out=a.out)
 
 
 def cmd_train_demo(a):
@@ -113,6 +121,7 @@ def cmd_serve(a):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference engine: "
                                 "diffusers folder -> ONNX -> TensorRT / ONNX Runtime")
+    p.add_argument("--version", action="version", version=f"sdrt {sdrt.__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("init", help="write a random-weight pipeline folder (tiny or SD 1.5 shaped), "
@@ -123,13 +132,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace DIR if it exists")
     s.set_defaults(fn=cmd_init)
 
-    s = sub.add_parser("export", help="export text encoder, UNet, VAE decoder to validated ONNX")
+    s = sub.add_parser("export", help="export text encoder, UNet, VAE decoder and encoder to validated ONNX")
     s.add_argument("model_dir", type=Path, metavar="MODEL",
                    help="a diffusers folder, or an SD 1.x/2.x .safetensors / .ckpt checkpoint")
     s.add_argument("work_dir", type=Path)
     s.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
-    s.add_argument("--vae-precision", help="fp32: the VAE decoder in FP32 while the rest follows --precision "
-                   "(for VAEs that overflow FP16: black or NaN images)")
+    s.add_argument("--vae-precision", help="fp32: the VAE (decoder and encoder) in FP32 while the rest follows "
+                   "--precision (for VAEs that overflow FP16: black or NaN images)")
     s.add_argument("--text-encoder-precision", help="fp32: the text encoder in FP32 while the rest follows --precision")
     s.add_argument("--attention", default="op",
                    help="op: one ONNX Attention op per attention (opset 23; ORT CUDA, TensorRT >= 10.14, RTX); "
@@ -141,6 +150,8 @@ def parser() -> argparse.ArgumentParser:
                    "diffusers SD folder); default: the local Hugging Face cache")
     s.add_argument("--config", help="single file: sd1, sd2 or sd2-v instead of what is detected")
     s.add_argument("--prediction-type", help="single file: epsilon or v_prediction instead of what is detected")
+    s.add_argument("--force", action="store_true",
+                   help="replace a previous export in WORK_DIR (its engines/ and anything else in it go too)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an export")
@@ -165,7 +176,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="text to image, image to image (--image), inpainting (--image --mask)")
     add_generate_args(s)
-    s.add_argument("--out", type=Path, default=Path("out.png"))
+    s.add_argument("--out", type=Path, default=Path("out.png"),
+                   help="the image: .png, .jpg/.jpeg or .webp (format by extension); with --batch B: "
+                        "NAME-0.EXT ... NAME-{B-1}.EXT; missing folders are created")
     s.add_argument("--timings", action="store_true", help="print per-stage timings")
     s.set_defaults(fn=cmd_generate)
 
@@ -222,8 +235,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("work_dirs", type=Path, nargs="+", metavar="WORK_DIR")
     s.add_argument("--sizes", default="512x512", help="comma list of HxW")
     s.add_argument("--batches", default="1,4")
-    s.add_argument("--backend", default="tensorrt", choices=("tensorrt", "tensorrt-rtx"),
-                   help="whose built engine sizes to use when present (else the ONNX weights)")
+    s.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx"),
+                   help="whose built engine sizes count as weights (else the ONNX weights); "
+                        "auto: the engines that are built, TensorRT first")
     s.add_argument("--out", type=Path, help="write the table here (.md) and the figures beside it (.json)")
     s.add_argument("--vae-batch", type=int, metavar="N",
                    help="the VAE decodes N images at a time (as generate --vae-batch): its activations for N images")
@@ -245,6 +259,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=5.0)
     s.add_argument("--seed", type=int, default=0, help="first image's seed (-1: a random one, printed)")
+    s.add_argument("--out", type=Path, metavar="FILE",
+                   help="the grid (.png, .jpg, .webp); default DIR/demo.png, or DIR/prompts.png with --prompt")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("serve", help="HTTP server: jobs API with progress and cancel, OpenAI images API, the web "
@@ -272,7 +288,7 @@ def parser() -> argparse.ArgumentParser:
                                           "folder (export extra; about an hour on 2 CPU cores)")
     s.add_argument("out_dir", type=Path)
     s.add_argument("--steps", type=int, help="text encoder + UNet steps (default 3800: the shipped model)")
-    s.add_argument("--vae-steps", type=int, help="VAE steps (default 1000)")
+    s.add_argument("--vae-steps", type=int, help="VAE steps (default 3000: the shipped model)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     s.set_defaults(fn=cmd_train_demo)
@@ -319,7 +335,8 @@ def add_generate_args(s) -> None:
     s.add_argument("--strength", type=float,
                    help="0 < S <= 1: share of the steps run on the noised image (default 0.75; inpainting 1.0)")
     s.add_argument("--resize", action="store_true",
-                   help="resize an image whose size is not a multiple of 8 down to one (else refused)")
+                   help="resize an image whose size is not a multiple of the VAE factor (8 on SD) down to one "
+                        "(else refused)")
     s.add_argument("--clip-skip", type=int, default=1,
                    help="text encoder layer to condition on, counted from the last: 1 = last (default), 2 = penultimate")
     s.add_argument("--prompt-syntax", choices=("webui", "plain"), default="webui",
@@ -360,6 +377,11 @@ def main(argv=None) -> int:
         status = args.fn(args)             # commands return None (0) or their exit status
     except UserError as e:
         print(f"sdrt {args.cmd}: error: {cli_message(e)}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:       # a module that an extra installs: name the extra
+        if (err := missing(e)) is None:
+            raise
+        print(f"sdrt {args.cmd}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sdrt {args.cmd}: interrupted", file=sys.stderr)

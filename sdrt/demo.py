@@ -16,6 +16,7 @@ import numpy as np
 
 from sdrt import manifest as mf
 from sdrt.errors import UserError
+from sdrt.extras import require
 from sdrt.fileio import atomic_dir
 
 DEMO_MODEL = Path(__file__).with_name("demo_model")
@@ -33,11 +34,6 @@ PROMPTS = (
 TILE, COLUMNS = 128, 4   # each 32x32 image shown 4x, nearest neighbour: the pixels are the answer
 
 
-class ExportExtraMissing(UserError, ImportError):
-    """One line for the CLI (UserError); an ImportError for callers that fall back without torch
-    (sdrt doctor)."""
-
-
 def demo_export(root: Path = Path("sdrt-demo")) -> Path:
     """The demo model's FP32 export under root (made on first use; needs the export extra then);
     returns its WORK_DIR."""
@@ -46,11 +42,10 @@ def demo_export(root: Path = Path("sdrt-demo")) -> Path:
         return work_dir
     if not (DEMO_MODEL / "model_index.json").is_file():
         raise UserError(f"the demo model is missing from {DEMO_MODEL}: reinstall sdrt")
-    try:
-        from sdrt.export.export import export
-    except ImportError as e:
-        raise ExportExtraMissing(f"exporting the demo model needs the export extra ({e}): "
-                                 "pip install 'sdrt[export]'") from None
+    from sdrt.export.single_file import go_offline
+    go_offline()
+    require("export", "exporting the demo model")   # ExtraMissing: a UserError and an ImportError
+    from sdrt.export.export import export
     print(f"[demo] sdrt export {DEMO_MODEL} {work_dir} --precision fp32", file=sys.stderr)
     export(DEMO_MODEL, work_dir, precision="fp32")
     return work_dir
@@ -90,24 +85,47 @@ def grid(images, captions: list[str]):
     return out
 
 
+def timing_table(results: list, wall_s: float) -> str:
+    """The demo's timing table: setup from the first generation (sessions, buffers, bindings,
+    graphs: later ones reuse them), each stage as the median over all the images, and the wall
+    time of the whole run. Text to image only, so no VAE encoder row."""
+    first, n = results[0].timings, len(results)
+    med = {k: float(np.median([r.timings[k] for r in results]))
+           for k in ("tokenize_ms", "text_encoder_ms", "denoise_ms", "unet_step_ms", "vae_ms", "total_ms")}
+    rows = [("setup (first image)", first["setup_ms"]), ("tokenize", med["tokenize_ms"]),
+            ("text encoder", med["text_encoder_ms"]),
+            (f"denoise ({len(first['steps_ms'])} steps)", med["denoise_ms"]),
+            ("  per step", med["unet_step_ms"]), ("vae decoder", med["vae_ms"]),
+            ("total per image", med["total_ms"]), (f"all {n} images (wall)", wall_s * 1e3)]
+    lines = [f"backend: {first['backend']}; per-image stages: median over {n} image(s)",
+             f"{'stage':<24}{'ms':>12}"]
+    lines += [f"{name:<24}{v:>12.2f}" for name, v in rows]
+    return "\n".join(lines)
+
+
 def main(root: Path = Path("sdrt-demo"), prompts=None, backend: str = "auto", steps: int = 25,
-         guidance: float = 5.0, seed: int = 0) -> Path:
+         guidance: float = 5.0, seed: int = 0, out: Path | None = None) -> Path:
     """Export the demo model if needed, draw each prompt (seed, seed + 1, ...; seed -1: a random
-    first seed, printed), write the captioned grid to root/demo.png and print the last generation's
-    timing table."""
+    first seed, printed), write the captioned grid (default: root/demo.png for the example
+    captions, root/prompts.png for your own, so one never replaces the other) and print the timing
+    table."""
+    import time
+
     from sdrt.engine.pipeline import Pipeline
     from sdrt.engine.request import resolve_seed
-    from sdrt.engine.timing import timing_table
-    from sdrt.fileio import save_images
+    from sdrt.fileio import image_format, save_images
+    out = Path(out) if out is not None else Path(root) / ("prompts.png" if prompts else "demo.png")
+    image_format(out)
     prompts = list(prompts or PROMPTS)
     seed = resolve_seed(seed)
     work_dir = demo_export(root)
     pipe = Pipeline(work_dir, backend=backend)
     print(f"[demo] generating {len(prompts)} image(s) on {pipe.backend_name}, {steps} steps, "
           f"guidance {guidance}, seeds {seed}..{seed + len(prompts) - 1}", file=sys.stderr)
+    t0 = time.perf_counter()
     results = [pipe.generate(p, steps=steps, guidance=guidance, seed=seed + i) for i, p in enumerate(prompts)]
-    out = Path(root) / "demo.png"
+    wall = time.perf_counter() - t0
     save_images([grid([r.images[0] for r in results], prompts)], [out])
     print(f"wrote {out}")
-    print(timing_table(results[-1].timings))
+    print(timing_table(results, wall))
     return out

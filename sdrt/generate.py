@@ -1,5 +1,5 @@
 """`sdrt generate`: the CLI face of Pipeline.run (text to image, image to image with --image,
-inpainting with --image --mask), writing PNGs atomically."""
+inpainting with --image --mask), writing images atomically."""
 from __future__ import annotations
 
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.errors import UserError
-from sdrt.fileio import save_images
+from sdrt.fileio import image_format, save_images
 
 
 def load_latents(path: Path | None, what: str = "latents"):
@@ -22,10 +22,10 @@ def load_latents(path: Path | None, what: str = "latents"):
 
 
 def output_paths(out: Path, batch: int) -> list[Path]:
-    """out.png for one image; out-0.png ... out-{B-1}.png for a batch."""
+    """out.png for one image; out-0.png ... out-{B-1}.png for a batch (any image extension)."""
     if batch == 1:
         return [out]
-    return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(batch)]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(batch)]
 
 
 def generate_files(work_dir: Path, request, out: Path, backend: str = "auto", timings: bool = False) -> list[Path]:
@@ -34,8 +34,7 @@ def generate_files(work_dir: Path, request, out: Path, backend: str = "auto", ti
     are loaded with the pipeline (bad files fail before any session is made)."""
     from sdrt.engine.pipeline import Pipeline
     from sdrt.engine.timing import timing_table
-    if out.suffix.lower() not in ("", ".png"):
-        raise UserError(f"--out {out}: sdrt writes PNG files, give a .png path")
+    image_format(out)                    # PNG, JPEG or WebP by extension, else one line now
     pipe = Pipeline(work_dir, backend=backend, embeddings=request.embeddings or (), loras=request.loras or ())
     result = pipe.run(request)
     paths = output_paths(out, request.batch)

@@ -520,6 +520,26 @@ def test_real_tiny_export_builds(tiny_fp16, tmp_path):
     assert B.build(work, RTX, progress=False)["built"] == []
 
 
+@needs_rtx
+@pytest.mark.slow
+def test_small_dynamic_size_range_builds_every_model(tiny_fp32, tmp_path):
+    """A latent height/width range makes the attentions' lengths a range: RTX has no fused kernel
+    for every length (a raw Myelin error on the VAE encoder's mid-block attention), so they are
+    marked decomposable as for a text-length range."""
+    work = tmp_path / "work"
+    shutil.copytree(tiny_fp32, work)
+    result = B.build(work, RTX, dynamic="height=48:64:96,width=48:64:96", progress=False)
+    assert sorted(result["built"]) == ["denoise_step_cfg", "text_encoder", "vae_decoder", "vae_encoder"]
+
+
+def test_varies_in_length():
+    static = {"latents": {"min": [2, 4, 8, 8], "opt": [2, 4, 8, 8], "max": [2, 4, 8, 8]}}
+    batch_only = {"latents": {"min": [1, 4, 8, 8], "opt": [2, 4, 8, 8], "max": [8, 4, 8, 8]}}
+    spatial = {"image": {"min": [1, 3, 48, 48], "opt": [1, 3, 64, 64], "max": [1, 3, 96, 96]}}
+    assert not B.varies_in_length(static) and not B.varies_in_length(batch_only)
+    assert B.varies_in_length({**static, **spatial})
+
+
 def _layer_types(trt, path: Path) -> list[str]:
     logger = trt.Logger(trt.Logger.ERROR)
     network = trt.Builder(logger).create_network(0)

@@ -157,10 +157,15 @@ def test_cli_demo_grid_and_own_prompt(demo_root):
     from PIL import Image
     grid = Image.open(demo_root / "sdrt-demo" / "demo.png")
     assert grid.size[0] > 4 * 128 and grid.size[1] > 2 * 128
+    assert "vae encoder" not in p.stdout and "median over 8 image(s)" in p.stdout   # text to image, all 8
+    setup = next(line for line in p.stdout.splitlines() if line.startswith("setup (first image)"))
+    assert float(setup.split()[-1]) > 0                          # the first image's, not the last one's
+    before = (demo_root / "sdrt-demo" / "demo.png").read_bytes()
     p = run_cli("demo", "--dir", demo_root / "sdrt-demo", "--steps", "5", "--prompt", "a large red square on a "
                 "white background", cwd=demo_root)
     assert p.returncode == 0, p.stderr
-    assert Image.open(demo_root / "sdrt-demo" / "demo.png").size[0] < grid.size[0]   # one tile
+    assert (demo_root / "sdrt-demo" / "demo.png").read_bytes() == before       # the 8-caption grid stays
+    assert Image.open(demo_root / "sdrt-demo" / "prompts.png").size[0] < grid.size[0]   # one tile
 
 
 def test_demo_reuses_its_export(demo_fp32, tmp_path, monkeypatch):
@@ -173,7 +178,7 @@ def test_demo_reuses_its_export(demo_fp32, tmp_path, monkeypatch):
     assert demo.demo_export(tmp_path) == tmp_path / EXPORT_NAME
     p = run_cli("demo", "--dir", tmp_path, "--steps", "3", "--prompt", "a small red circle on a blue background")
     assert p.returncode == 0, p.stderr
-    assert (tmp_path / "demo.png").is_file() and "[demo] sdrt export" not in p.stderr
+    assert (tmp_path / "prompts.png").is_file() and "[demo] sdrt export" not in p.stderr
 
 
 def test_cli_init_demo_copies_the_model(tmp_path):

@@ -246,6 +246,35 @@ def test_export_refuses_foreign_output_folder(tiny_dir, tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_export_over_a_previous_export_needs_force(tiny_dir, tmp_path):
+    """As init and train-demo: an existing export (built engines, the user's files) is replaced
+    only with --force."""
+    from sdrt.export.export import export
+    work = export(tiny_dir, tmp_path / "w", precision="fp32")
+    (work / "engines").mkdir()
+    (work / "engines" / "mine.plan").write_text("built")
+    p = run_cli("export", tiny_dir, work, "--precision", "fp32")
+    assert_user_error(p, "already holds an export", "--force")
+    assert (work / "engines" / "mine.plan").read_text() == "built"
+    p = run_cli("export", tiny_dir, work, "--precision", "fp32", "--force")
+    assert p.returncode == 0, p.stderr
+    assert not (work / "engines").exists() and (work / "manifest.json").is_file()
+
+
+def test_export_files_are_readable_by_others(tiny_fp32, tiny_fp16):
+    """Every file of an export has the usual mode (0666 less the umask, as fileio writes), the
+    external weights included (onnx writes them 0600): a service user can read a shared folder."""
+    import os
+    import stat
+    umask = os.umask(0)
+    os.umask(umask)
+    for work in (tiny_fp32, tiny_fp16):
+        files = [p for p in work.rglob("*") if p.is_file()]
+        assert any(p.name.endswith(".onnx.data") for p in files)
+        for p in files:
+            assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p
+
+
 def test_export_unwritable_path(tiny_dir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -78,7 +78,7 @@ def test_attention_op_keeps_scores_out_of_memory(tiny_fp32, tiny_fp32_decomposed
 
 
 def test_memory_cli(tiny_fp32, tiny_fp32_decomposed, tmp_path):
-    out = tmp_path / "budget.md"
+    out = tmp_path / "new" / "budget.md"         # a missing folder is created, as for every output
     p = run_cli("memory", tiny_fp32, tiny_fp32_decomposed, "--sizes", "64x64", "--batches", "1,2", "--out", out)
     assert p.returncode == 0, p.stderr
     table = out.read_text()
@@ -89,7 +89,7 @@ def test_memory_cli(tiny_fp32, tiny_fp32_decomposed, tmp_path):
     assert_user_error(run_cli("memory", tiny_fp32, "--sizes", "60x64"), "multiple of 8")
     assert_user_error(run_cli("memory", tiny_fp32, "--sizes", "64x64x3"), "--sizes")
     assert_user_error(run_cli("memory", tmp_path / "nope"), "nope")
-    assert_user_error(run_cli("memory", tiny_fp32, "--out", tmp_path / "no" / "x.md"), "does not exist")
+    assert_user_error(run_cli("memory", tiny_fp32, "--out", tmp_path / "x.txt"), ".md")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_fp32, broken)
     (broken / "onnx" / "vae_decoder.onnx").unlink()
@@ -119,3 +119,17 @@ def test_vae_batch_shrinks_the_vae_activation(tiny_fp32, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "| vae batch |" in out.read_text() and json.loads(out.with_suffix(".json").read_text())["estimates"][0]["vae_batch"] == 1
     assert_user_error(run_cli("memory", tiny_fp32, "--vae-batch", "0"), "--vae-batch")
+
+
+def test_built_rtx_engines_count_by_default(tiny_fp32, tmp_path):
+    """The default --backend is auto: engines built for TensorRT-RTX are the weights when they are
+    the ones built (the old default, tensorrt, ignored them silently)."""
+    from sdrt.benchmarks.memory import estimate
+    work = tmp_path / "w"
+    shutil.copytree(tiny_fp32, work)
+    man = json.loads((work / "manifest.json").read_text())
+    man["engines"] = {"tensorrt-rtx": {"denoise_step_cfg": {"size_bytes": 12345}}}
+    (work / "manifest.json").write_text(json.dumps(man))
+    step = estimate(work, 64, 64, 1)["models"]["denoise_step_cfg"]
+    assert step["weights_from"] == "tensorrt-rtx engine" and step["weights_bytes"] == 12345
+    assert estimate(work, 64, 64, 1, "tensorrt")["models"]["denoise_step_cfg"]["weights_from"] == "onnx"

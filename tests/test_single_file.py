@@ -197,5 +197,32 @@ def test_missing_tokenizer_says_how(layouts, tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+def test_wrong_tokenizer_folder_is_refused(layouts, tiny_dir, tmp_path):
+    """A missing, empty or foreign --tokenizer folder: one line, nothing written (transformers
+    alone turns an empty folder into a 2-token tokenizer: every prompt, the same image)."""
+    _, st, _ = layouts["sd1"]
+    (tmp_path / "empty").mkdir()
+    from sdrt.engine.tokenizer import ClipTokenizer
+    assert ClipTokenizer.from_dir(tiny_dir / "tokenizer").backend.get_vocab_size(True) == 1000 == SD1_SMALL["vocab_size"]
+    from sdrt.demo import DEMO_MODEL                     # a real tokenizer of another size (600)
+    for tok, words in ((tmp_path / "typo", ("not a folder",)), (tmp_path / "empty", ("no tokenizer",)),
+                       (DEMO_MODEL / "tokenizer", ("600 tokens", "1000"))):
+        p = run_cli("export", st, tmp_path / "work", "--tokenizer", tok)
+        assert_user_error(p, "--tokenizer", *words)
+        assert not (tmp_path / "work").exists()
+
+
+def test_folder_tokenizer_must_fit_the_text_encoder(tiny_dir, tmp_path):
+    import shutil
+
+    from sdrt.demo import DEMO_MODEL
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    shutil.rmtree(model / "tokenizer")
+    shutil.copytree(DEMO_MODEL / "tokenizer", model / "tokenizer")
+    assert_user_error(run_cli("export", model, tmp_path / "w"), "600 tokens", "1000")
+    assert not (tmp_path / "w").exists()
+
+
 def test_folder_rejects_single_file_options(tiny_dir, tmp_path):
     assert_user_error(run_cli("export", tiny_dir, tmp_path / "w", "--config", "sd1"), "single-file")

@@ -88,6 +88,13 @@ def cmd_eval(a):
          grid_path=a.grid)
 
 
+def cmd_serve(a):
+    from sdrt.serve.server import serve
+    return serve(a.work_dir, host=a.host, port=a.port, backend=a.backend, max_batch=a.max_batch,
+                 max_queue=a.max_queue, timeout=a.timeout, api_key=a.api_key, batching=a.batching,
+                 lora_dir=a.lora_dir, embedding_dir=a.embedding_dir, max_body_mb=a.max_body_mb)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference engine: "
                                 "diffusers folder -> ONNX -> TensorRT / ONNX Runtime")
@@ -204,6 +211,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=5.0)
     s.add_argument("--seed", type=int, default=0, help="first image's seed (-1: a random one, printed)")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("serve", help="HTTP server: jobs API with progress and cancel, OpenAI images API, the web "
+                                     "UI's API, metrics (the serve extra)")
+    s.add_argument("work_dir", type=Path, nargs="?", metavar="WORK_DIR",
+                   help="the export to serve (default: the demo model's, made in ./sdrt-demo if missing)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--backend", default="auto", help="auto, tensorrt, tensorrt-rtx, onnxruntime-cuda or onnxruntime-cpu")
+    s.add_argument("--max-batch", type=int, default=4, help="images per engine call (and per request)")
+    s.add_argument("--max-queue", type=int, default=64, help="jobs waiting; more: 429 with Retry-After")
+    s.add_argument("--timeout", type=float, help="seconds a job may take from submission (default: none)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
+                                     "(default: $SDRT_API_KEY)")
+    s.add_argument("--batching", default="request", choices=("none", "request", "step"),
+                   help="none: one request per engine call; request: compatible queued requests share one "
+                        "call; step: join and leave between steps (needs per-sample step rows)")
+    s.add_argument("--lora-dir", type=Path, help="LoRA .safetensors files, chosen by name (the file's stem)")
+    s.add_argument("--embedding-dir", type=Path,
+                   help="textual-inversion files, each loaded with its file's stem as the token")
+    s.add_argument("--max-body-mb", type=float, default=32, help="largest request body (413 above)")
+    s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("train-demo", help="train the demo model (shapes on backgrounds, 32x32) into a pipeline "
                                           "folder (export extra; about an hour on 2 CPU cores)")

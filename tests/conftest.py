@@ -66,3 +66,19 @@ def tiny_inpaint_dir(tmp_path_factory) -> Path:
 def tiny_inpaint_fp32(tiny_inpaint_dir, tmp_path_factory) -> Path:
     from sdrt.export.export import export
     return export(tiny_inpaint_dir, tmp_path_factory.mktemp("work") / "tiny-inpaint-fp32", precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """A folder holding sdrt-demo/: `sdrt demo`, `sdrt bench`, `sdrt serve` run there reuse its export."""
+    from sdrt.demo import demo_export
+    root = tmp_path_factory.mktemp("demo")
+    demo_export(root / "sdrt-demo")
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_fp32(demo_root) -> Path:
+    """The trained demo model's FP32 export."""
+    from sdrt.demo import EXPORT_NAME
+    return demo_root / "sdrt-demo" / EXPORT_NAME

@@ -10,7 +10,7 @@ import pytest
 from conftest import assert_user_error, run_cli
 from sdrt import scenes
 from sdrt.benchmarks import checker, scene_features
-from sdrt.demo import DEMO_MODEL, EXPORT_NAME, demo_export
+from sdrt.demo import DEMO_MODEL, EXPORT_NAME
 from sdrt.engine.pipeline import Pipeline
 from test_generate import diffusers_images, psnr
 
@@ -22,19 +22,6 @@ PROMPTS = [
     "a small purple triangle on a yellow background, bottom right",
     "a large blue square on a yellow background",   # held out: (blue, square, yellow)
 ]
-
-
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory):
-    """A folder holding sdrt-demo/: `sdrt demo`, `sdrt bench` run there reuse its export."""
-    root = tmp_path_factory.mktemp("demo")
-    demo_export(root / "sdrt-demo")
-    return root
-
-
-@pytest.fixture(scope="session")
-def demo_fp32(demo_root):
-    return demo_root / "sdrt-demo" / EXPORT_NAME
 
 
 @pytest.fixture(scope="session")

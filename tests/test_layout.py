@@ -1,13 +1,15 @@
 """The stages' import graph, read from the source: engine/ never imports export/ (so no cycle
-between them), no module imports another stage's private `_name`, and no argparse namespace goes
-below the CLI layer (only top-level sdrt/ imports argparse)."""
+between them), serving (serve/) is a layer above the runtime that neither engine/ nor export/
+imports, no module imports another stage's private `_name`, and no argparse namespace goes below
+the CLI layer (only top-level sdrt/ imports argparse)."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"sdrt": "sdrt", "engine": "sdrt.engine", "export": "sdrt.export", "benchmarks": "sdrt.benchmarks"}
+FOLDERS = {"sdrt": "sdrt", "engine": "sdrt.engine", "export": "sdrt.export", "benchmarks": "sdrt.benchmarks",
+           "serve": "sdrt.serve"}
 
 
 def sources() -> dict[str, str]:
@@ -23,7 +25,7 @@ def sources() -> dict[str, str]:
 def stage(module: str) -> str:
     """sdrt.engine.x -> engine; sdrt.x (the CLI layer and the shared contract) -> sdrt."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 and parts[1] in ("engine", "export", "benchmarks") else "sdrt"
+    return parts[1] if len(parts) > 1 and parts[1] in ("engine", "export", "benchmarks", "serve") else "sdrt"
 
 
 def imports(source: str) -> list[tuple[str, str | None, str]]:
@@ -45,12 +47,14 @@ def violations(modules: dict[str, str]) -> list[str]:
         for mod, item, alias in imports(source):
             target = f"{mod}.{item}" if item and f"{mod}.{item}" in modules else mod
             if not target.startswith("sdrt"):
-                if here in ("engine", "export", "benchmarks") and mod == "argparse":
+                if here in ("engine", "export", "benchmarks", "serve") and mod == "argparse":
                     found.append(f"{name} imports argparse (below the CLI layer)")
                 continue
             there = stage(target)
             if here == "engine" and there in ("export", "benchmarks"):
                 found.append(f"{name} imports {target} (the runtime never imports {there}/)")
+            if there == "serve" and here in ("engine", "export"):
+                found.append(f"{name} imports {target} (serving is a layer above the runtime and the export)")
             if there != here and item and item.startswith("_") and not item.startswith("__"):
                 found.append(f"{name} imports {mod}.{item}, private to {there}")
             if there != here and target in modules:
@@ -66,7 +70,7 @@ def violations(modules: dict[str, str]) -> list[str]:
 
 def test_stages_import_public_names_only_and_engine_never_imports_export():
     modules = sources()
-    assert {"sdrt.engine_keys", "sdrt.engine.tensorrt", "sdrt.export.build", "sdrt.cli"} <= set(modules)
+    assert {"sdrt.engine_keys", "sdrt.engine.tensorrt", "sdrt.export.build", "sdrt.cli", "sdrt.serve.app"} <= set(modules)
     assert violations(modules) == []
 
 
@@ -75,6 +79,8 @@ def test_the_check_sees_each_kind_of_violation():
         "sdrt.engine.a": "from sdrt.export import b\nimport argparse\n",
         "sdrt.export.b": "from sdrt.engine.a import _private\nfrom sdrt.engine import a\na._helper()\n",
         "sdrt.engine.c": "def f():\n    from sdrt.export.b import thing\n",
+        "sdrt.engine.d": "from sdrt.serve import app\n",
+        "sdrt.serve.app": "import argparse\n",
     }
     found = violations(bad)
     assert "sdrt.engine.a imports sdrt.export.b (the runtime never imports export/)" in found
@@ -82,3 +88,5 @@ def test_the_check_sees_each_kind_of_violation():
     assert "sdrt.export.b imports sdrt.engine.a._private, private to engine" in found
     assert "sdrt.export.b uses sdrt.engine.a._helper, private to engine" in found
     assert "sdrt.engine.c imports sdrt.export.b (the runtime never imports export/)" in found
+    assert "sdrt.engine.d imports sdrt.serve.app (serving is a layer above the runtime and the export)" in found
+    assert "sdrt.serve.app imports argparse (below the CLI layer)" in found

@@ -255,6 +255,7 @@ class Scheduler:
     def end(self, job: Job, state: str, error: str | None = None, status: int | None = None) -> None:
         job.state, job.error, job.error_status = state, error, status
         job.finished = time.monotonic()
+        job.spec.release_inputs()
         job.changed()
 
     def time_out(self, job: Job) -> None:

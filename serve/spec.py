@@ -90,13 +90,16 @@ class Spec:
     strength: float | None = None
     not_applied: list = field(default_factory=list)   # accepted fields sdrt does not apply
 
-    @property
-    def task(self) -> str:
-        return "txt2img" if self.image is None else "img2img" if self.mask is None else "inpaint"
+    def __post_init__(self):
+        self.task = "txt2img" if self.image is None else "img2img" if self.mask is None else "inpaint"
+
+    def release_inputs(self) -> None:
+        """Drop the input image and mask (a finished job keeps its status, not its inputs)."""
+        self.image = self.mask = None
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one engine call. Image inputs are one per call."""
-        own = id(self) if self.image is not None else None
+        own = id(self) if self.task != "txt2img" else None
         return (self.task, self.width, self.height, self.steps, self.guidance, self.clip_skip, self.loras, own)
 
     def info(self) -> dict:

@@ -107,6 +107,9 @@ class EngineWorker(threading.Thread):
             self.run_batch([job])
 
     def call(self, batch: list[Job]) -> None:
+        batch = [j for j in batch if not j.done]       # cancelled since the scheduler handed them over
+        if not batch:
+            return
         spec = batch[0].spec
         self.switch_loras(spec.loras)
         samples = [runner.Sample(j.spec.prompt, j.spec.negative, seed) for j in batch for seed in j.spec.seeds]

@@ -331,6 +331,11 @@ class SdrtReplica:
             except Exception:    # noqa: BLE001 (the registry restarting: the next round retries)
                 time.sleep(SYNC_S)
 
+    def replica_info(self) -> dict:
+        """Where this replica runs (through a DeploymentHandle: operators, tests)."""
+        return {"replica": self.replica, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "backend": self.server.worker.backend_name}
+
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose engine worker died is replaced."""
         if self.server.worker.load_error or not self.server.worker.is_alive():

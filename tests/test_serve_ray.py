@@ -3,8 +3,7 @@ local Ray instance of 2 CPUs with 2 replicas of one CPU each; concurrent OpenAI 
 clients get their own images from both replicas; a job submitted through one replica is
 followed and cancelled through the other (the web UI's force_task_id likewise); a replica killed
 by its pid is replaced, the requests that were in it get an error and the service keeps
-answering. Then a two-node cluster on this machine (ray.cluster_utils.Cluster) with a replica on
-each node.
+answering (test_serve_ray_cluster.py: two nodes).
 
 Ray listens on 127.0.0.1 (Serve's HTTP proxy on a free port); each fixture stops the Ray it
 started (serve.shutdown, ray.shutdown, cluster.shutdown). Every wait is bounded."""
@@ -211,33 +210,3 @@ def test_killed_replica_is_replaced_and_the_service_keeps_answering(local_ray):
     assert owner not in after and len(after) == 2
     r = rs.http.post("/v1/images/generations", json={"prompt": BLUE, "response_format": "b64_json", "seed": 4})
     assert r.status_code == 200 and draws(png(r.json()["data"][0]["b64_json"]), BLUE)
-
-
-def test_two_node_cluster_has_a_replica_on_each_node(demo_fp32):
-    """Two Ray nodes on this machine (one CPU each), two replicas of one CPU: one per node, both
-    serve images, and a job started on one node is followed from the other."""
-    from ray.cluster_utils import Cluster
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1)
-        ray.init(address=cluster.address, log_to_driver=False, namespace="sdrt-test")
-        rs = RayServe(demo_fp32, proxy_location="HeadOnly")    # one proxy: both nodes share 127.0.0.1
-        try:
-            replicas = rs.replicas(2)
-            assert len({info["node"] for info in replicas.values()}) == 2, replicas
-            seen = set()
-            for seed in range(24):       # until both replicas have answered (Ray routes each request)
-                r = rs.http.post("/v1/images/generations", json={"prompt": RED, "response_format": "b64_json",
-                                                                 "seed": seed})
-                assert r.status_code == 200 and draws(png(r.json()["data"][0]["b64_json"]), RED)
-                seen.add(r.headers[HEADER])
-                if seen == set(replicas):
-                    break
-            assert seen == set(replicas)
-            job_id, owner = rs.job(prompt=BLUE, steps=40, seed=2)
-            rs.poll_via_other(f"/v1/jobs/{job_id}", owner, lambda st: st["state"] == "succeeded")
-        finally:
-            rs.stop()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()

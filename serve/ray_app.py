@@ -439,8 +439,9 @@ def run(work_dir: Path | None, host: str, port: int, replicas: int | None = None
     import sys
     args = {"work_dir": work_dir, "replicas": replicas, "autoscale": autoscale, "num_cpus": num_cpus,
             **({"num_gpus": num_gpus} if num_gpus is not None else {}), **options}
-    if replicas is not None and autoscale is not None:
-        raise UserError("give --replicas N or --autoscale MIN:MAX, not both")
+    deployment_options(replicas, autoscale)         # bad counts: one line before Ray starts
+    if work_dir is not None and not Path(work_dir).is_dir():
+        raise UserError(f"{work_dir} is not a folder: give an export made by `sdrt export`")
     local = ray_address is None
     try:
         ray.init(address=ray_address, log_to_driver=False, include_dashboard=False if local else None)

@@ -210,3 +210,24 @@ def test_killed_replica_is_replaced_and_the_service_keeps_answering(local_ray):
     assert owner not in after and len(after) == 2
     r = rs.http.post("/v1/images/generations", json={"prompt": BLUE, "response_format": "b64_json", "seed": 4})
     assert r.status_code == 200 and draws(png(r.json()["data"][0]["b64_json"]), BLUE)
+
+
+def test_config_file_and_builder_options(demo_fp32):
+    """serve/ray_config.yaml is a valid Ray Serve config whose builder args build the app; bad
+    replica counts are one line, exit 2, before Ray starts."""
+    import yaml
+    from conftest import assert_user_error, run_cli
+    from ray.serve.schema import ServeDeploySchema
+    cfg = yaml.safe_load((ray_app.Path(ray_app.__file__).parent / "ray_config.yaml").read_text())
+    spec = ServeDeploySchema.model_validate(cfg).applications[0]
+    assert spec.import_path == "sdrt.serve.ray_app:build_app"
+    app = ray_app.build_app({**spec.args, "work_dir": str(demo_fp32), "autoscale": "1:3", "num_gpus": "0"})
+    d = app._bound_deployment
+    assert d.name == cfg["applications"][0]["deployments"][0]["name"] == ray_app.DEPLOYMENT
+    auto = d._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 4)
+    assert d.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.0}
+    for args, message in ((["--ray", "--autoscale", "3:1"], "--autoscale 3:1"),
+                          (["--ray", "--replicas", "2", "--autoscale", "1:2"], "not both"),
+                          (["--replicas", "0"], "--replicas 0")):
+        assert_user_error(run_cli("serve", str(demo_fp32), *args), message)

@@ -8,10 +8,9 @@ two. Ray's HTTP proxy is a process of its own and is not pinned (the plain serve
 its engine's core). Servers listen on 127.0.0.1; the plain server is stopped by its process group,
 Ray by serve.shutdown / ray.shutdown.
 
-    python -m sdrt.benchmarks.serve_ray [WORK_DIR] [--requests 24] [--concurrency 4] [--steps 25]"""
+    sdrt bench-ray [WORK_DIR] [--requests 32] [--concurrency 4] [--steps 25] [--max-batch 4] [--out DIR]"""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -181,16 +180,15 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("work_dir", type=Path, nargs="?", help="an export (default: the demo model's, in ./sdrt-demo)")
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--max-batch", type=int, default=4)
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    work_dir = args.work_dir
+class Load:
+    def __init__(self, requests: int, concurrency: int, steps: int, max_batch: int, out: Path):
+        self.requests, self.concurrency, self.steps, self.max_batch, self.out = (requests, concurrency, steps,
+                                                                                  max_batch, Path(out))
+
+
+def main(work_dir: Path | None = None, requests: int = 32, concurrency: int = 4, steps: int = 25,
+         max_batch: int = 4, out: Path | None = None) -> None:
+    args = Load(requests, concurrency, steps, max_batch, out or RESULTS)
     if work_dir is None:
         from sdrt.demo import demo_export
         work_dir = demo_export(Path("sdrt-demo"))
@@ -212,6 +210,3 @@ def main(argv=None) -> None:
     plot(rows, stem.with_suffix(".png"), device)
     print(json.dumps(summary, indent=2))
 
-
-if __name__ == "__main__":
-    main()

@@ -111,6 +111,16 @@ def cmd_serve_ray(a):
                        lora_dir=a.lora_dir, embedding_dir=a.embedding_dir, max_body_mb=a.max_body_mb)
 
 
+def cmd_bench_ray(a):
+    from sdrt.serve.server import check_deps, importable
+    check_deps()
+    if not importable("ray"):
+        raise UserError("sdrt bench-ray needs Ray Serve: pip install 'sdrt[ray]'")
+    from sdrt.benchmarks.serve_ray import main
+    main(a.work_dir, requests=a.requests, concurrency=a.concurrency, steps=a.steps, max_batch=a.max_batch,
+         out=a.out)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference engine: "
                                 "diffusers folder -> ONNX -> TensorRT / ONNX Runtime")
@@ -257,6 +267,17 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--num-cpus", type=float, default=1, help="CPUs reserved per replica (default 1)")
     r.add_argument("--num-gpus", type=float, help="GPUs per replica (default: 1 when the cluster has GPUs)")
     s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("bench-ray", help="sdrt serve vs Ray Serve with 1 and 2 replicas: throughput, p95 "
+                                         "latency, cold start (the ray extra; JSON + plot)")
+    s.add_argument("work_dir", type=Path, nargs="?", metavar="WORK_DIR",
+                   help="the export (default: the demo model's, in ./sdrt-demo)")
+    s.add_argument("--requests", type=int, default=32, help="requests of the load (bounded)")
+    s.add_argument("--concurrency", type=int, default=4, help="requests at a time")
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--max-batch", type=int, default=4)
+    s.add_argument("--out", type=Path, help="results folder (default: benchmarks/results)")
+    s.set_defaults(fn=cmd_bench_ray)
 
     s = sub.add_parser("train-demo", help="train the demo model (shapes on backgrounds, 32x32) into a pipeline "
                                           "folder (export extra; about an hour on 2 CPU cores)")

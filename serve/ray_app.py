@@ -31,7 +31,7 @@ from sdrt.serve.scheduler import KEEP_FINISHED, KEEP_RESULTS, Scheduler
 from sdrt.serve.spec import ApiError
 
 SYNC_S = 0.1             # a replica publishes job changes and takes cancels this often
-STALE_S = 5.0            # a replica silent this long is gone: its unfinished jobs fail
+STALE_S = 10.0           # a replica silent this long is gone: its unfinished jobs fail
 POLL_S = 0.25            # a job of another replica: its status is read again this often
 METRICS_ROUNDS = 10      # a replica publishes its metrics every METRICS_ROUNDS * SYNC_S
 NAMESPACE = "sdrt"
@@ -60,7 +60,7 @@ class JobRegistry:
         self.seen[replica] = time.monotonic()
         for rec in records:
             old = self.jobs.pop(rec["id"], None)
-            if old is not None and old["state"] in FINAL and rec["state"] not in FINAL:
+            if old is not None and old["state"] in FINAL and rec["state"] not in FINAL and not old.get("stale"):
                 rec = old                            # a remote cancel answered first: keep it final
             elif old is not None and rec.get("images") is None:
                 rec["images"] = old.get("images")
@@ -74,7 +74,7 @@ class JobRegistry:
     def get(self, job_id: str) -> dict | None:
         rec = self.jobs.get(job_id)
         if rec is not None and rec["state"] not in FINAL and self.gone(rec["owner"]):
-            rec.update(state="failed", error_status=503, queue_position=None, eta_s=None,
+            rec.update(state="failed", error_status=503, queue_position=None, eta_s=None, stale=True,
                        error="the replica running this job stopped (it is replaced): submit the job again")
         return rec
 
@@ -467,6 +467,10 @@ def run(work_dir: Path | None, host: str, port: int, replicas: int | None = None
             pass
         print("sdrt serve: stopping the replicas", file=sys.stderr, flush=True)
         serve.delete(APP_NAME)
+        try:                              # the job registry (detached: it outlives the replicas)
+            ray.kill(ray.get_actor(registry_name(APP_NAME), namespace=NAMESPACE))
+        except ValueError:
+            pass
     finally:
         if local:
             serve.shutdown()

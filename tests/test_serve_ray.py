@@ -144,8 +144,14 @@ def test_job_followed_and_cancelled_through_the_other_replica(local_ray):
     assert r.headers[HEADER] == owner and st["state"] == "cancelled" and st["step"] < 150, st
     result = rs.http.get(f"/v1/jobs/{job_id}/result")
     assert result.status_code == 409
-    text = rs.http.get("/metrics").text
-    assert f'sdrt_cancellations_total{{reason="client",replica="{owner}"}}' in text, text[:2000]
+    counted = f'sdrt_cancellations_total{{reason="client",replica="{owner}"}}'
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:      # each replica publishes its metrics every second
+        text = rs.http.get("/metrics").text
+        if counted in text:
+            break
+        time.sleep(0.2)
+    assert counted in text, text[:2000]
     assert len({line.split('replica="')[1].split('"')[0] for line in text.splitlines() if 'replica="' in line}) == 2
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -121,10 +122,35 @@ def cmd_eval(a):
 
 
 def cmd_serve(a):
+    if a.ray or a.replicas is not None or a.autoscale is not None or a.ray_address is not None:
+        return cmd_serve_ray(a)
     from sdrt.serve.server import serve
     return serve(a.work_dir, host=a.host, port=a.port, backend=a.backend, max_batch=a.max_batch,
                  max_queue=a.max_queue, timeout=a.timeout, api_key=a.api_key, batching=a.batching,
                  lora_dir=a.lora_dir, embedding_dir=a.embedding_dir, max_body_mb=a.max_body_mb)
+
+
+def cmd_serve_ray(a):
+    from sdrt.serve.server import check_deps, importable
+    check_deps()
+    if not importable("ray"):
+        raise UserError("sdrt serve --ray needs Ray Serve: pip install 'sdrt[ray]'")
+    from sdrt.serve import ray_app
+    return ray_app.run(a.work_dir, a.host, a.port, replicas=a.replicas, autoscale=a.autoscale,
+                       ray_address=a.ray_address, num_cpus=a.num_cpus, num_gpus=a.num_gpus, backend=a.backend,
+                       max_batch=a.max_batch, max_queue=a.max_queue, timeout=a.timeout,
+                       api_key=a.api_key or os.environ.get("SDRT_API_KEY") or None, batching=a.batching,
+                       lora_dir=a.lora_dir, embedding_dir=a.embedding_dir, max_body_mb=a.max_body_mb)
+
+
+def cmd_bench_ray(a):
+    from sdrt.serve.server import check_deps, importable
+    check_deps()
+    if not importable("ray"):
+        raise UserError("sdrt bench-ray needs Ray Serve: pip install 'sdrt[ray]'")
+    from sdrt.benchmarks.serve_ray import main
+    main(a.work_dir, requests=a.requests, concurrency=a.concurrency, steps=a.steps, max_batch=a.max_batch,
+         out=a.out)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -301,7 +327,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--embedding-dir", type=Path,
                    help="textual-inversion files, each loaded with its file's stem as the token")
     s.add_argument("--max-body-mb", type=float, default=32, help="largest request body (413 above)")
+    r = s.add_argument_group("Ray Serve (the ray extra): the same server as replicas across GPUs and machines")
+    r.add_argument("--ray", action="store_true", help="serve through Ray Serve (a local Ray instance unless "
+                                                      "--ray-address)")
+    r.add_argument("--replicas", type=int, help="replicas, each with its own engine (default 1)")
+    r.add_argument("--autoscale", metavar="MIN:MAX", help="Ray Serve's autoscaler on ongoing requests per replica, "
+                                                         "between MIN and MAX replicas")
+    r.add_argument("--ray-address", help="a running Ray cluster (e.g. auto, or HOST:6379)")
+    r.add_argument("--num-cpus", type=float, default=1, help="CPUs reserved per replica (default 1)")
+    r.add_argument("--num-gpus", type=float, help="GPUs per replica (default: 1 when the cluster has GPUs)")
     s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("bench-ray", help="sdrt serve vs Ray Serve with 1 and 2 replicas: throughput, p95 "
+                                         "latency, cold start (the ray extra; JSON + plot)")
+    s.add_argument("work_dir", type=Path, nargs="?", metavar="WORK_DIR",
+                   help="the export (default: the demo model's, in ./sdrt-demo)")
+    s.add_argument("--requests", type=int, default=32, help="requests of the load (bounded)")
+    s.add_argument("--concurrency", type=int, default=4, help="requests at a time")
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--max-batch", type=int, default=4)
+    s.add_argument("--out", type=Path, help="results folder (default: benchmarks/results)")
+    s.set_defaults(fn=cmd_bench_ray)
 
     s = sub.add_parser("train-demo", help="train the demo model (shapes on backgrounds, 32x32) into a pipeline "
                                           "folder (export extra; about an hour on 2 CPU cores)")

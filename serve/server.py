@@ -74,8 +74,10 @@ def engine_profile(manifest: dict, backend: str, vae_factor: int) -> dict | None
 def build(work_dir: Path, backend: str = "auto", max_batch: int = 4, max_queue: int = 64,
           timeout: float | None = None, api_key: str | None = None, batching: str = "request",
           lora_dir: Path | None = None, embedding_dir: Path | None = None, warmup: bool = True,
-          max_body_mb: float = 32):
-    """(ASGI app, Server): everything but the listening socket."""
+          max_body_mb: float = 32, scheduler_type=None, metrics=None):
+    """(ASGI app, Server): everything but the listening socket. scheduler_type, metrics: a
+    Scheduler subclass and a Metrics object instead of the plain ones (the Ray Serve replicas'
+    shared job registry and replica-labelled metrics: ray_app.py)."""
     from sdrt.serve import spec as sp
     from sdrt.serve.app import Server, create_app
     from sdrt.serve.metrics import Metrics
@@ -100,8 +102,8 @@ def build(work_dir: Path, backend: str = "auto", max_batch: int = 4, max_queue: 
         raise UserError(f"--max-body-mb {max_body_mb}: give a positive size")
     limits = replace(make_limits(work_dir, max_batch, loras, embeddings, backend),
                      max_body_bytes=int(max_body_mb * 2**20))
-    metrics = Metrics()
-    scheduler = Scheduler(batching, max_batch, max_queue, timeout, metrics)
+    metrics = metrics or Metrics()
+    scheduler = (scheduler_type or Scheduler)(batching, max_batch, max_queue, timeout, metrics)
 
     def open_pipeline():
         from sdrt.engine.pipeline import Pipeline

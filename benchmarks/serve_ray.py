@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path("sdrt-results")   # under the current folder, as the other benchmarks
 START_S = 180
 
 

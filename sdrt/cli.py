@@ -346,7 +346,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--concurrency", type=int, default=4, help="requests at a time")
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--max-batch", type=int, default=4)
-    s.add_argument("--out", type=Path, help="results folder (default: benchmarks/results)")
+    s.add_argument("--out", type=Path, help="results folder (default: ./sdrt-results)")
     s.set_defaults(fn=cmd_bench_ray)
 
     s = sub.add_parser("train-demo", help="train the demo model (shapes on backgrounds, 32x32) into a pipeline "

@@ -27,6 +27,7 @@ class Entry:
     steps: int
     done: int = 0                    # steps run
     denoise_s: float = 0.0
+    occupied: int = 0                # occupied slots summed over its steps
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -83,9 +84,11 @@ class StepBatch:
         t0 = time.perf_counter()
         self.slots.advance()
         dt = time.perf_counter() - t0
+        occupied = self.occupied
         for e in self.entries:
             e.done += 1
             e.denoise_s += dt
+            e.occupied += occupied
         return dt
 
     def finished(self) -> list[Entry]:

@@ -155,7 +155,8 @@ class EngineWorker(threading.Thread):
         if self.metrics:
             self.metrics.batches.inc()
         info = {"backend": self.backend_name, "batching": "step", "slots": batch.slots.batch,
-                "batch_images": job.spec.n, "batch_jobs": 1,
+                "batch_images": round(entry.occupied / max(entry.done, 1), 2),   # mean occupied slots
+                "batch_jobs": len({id(e) for e in batch.occupant if e is not None}) + 1,
                 "total_ms": round((time.perf_counter() - entry.started) * 1e3, 1),
                 "denoise_ms": round(entry.denoise_s * 1e3, 1), "vae_ms": round(decode_s * 1e3, 1), "setup_ms": 0.0}
         self.scheduler.succeed(job, list(images), {**job.spec.info(), **info})

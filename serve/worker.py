@@ -99,6 +99,16 @@ class EngineWorker(threading.Thread):
             return
         from sdrt.serve.step_batch import StepBatch
         batch = StepBatch(self.slot_set(spec.height, spec.width, spec.guidance > 1.0))
+        try:
+            self.step_loop(batch, key, first)
+        except Exception as e:       # noqa: BLE001 (a serving fault: the jobs in the slots fail, not hang)
+            for entry in list(batch.entries):
+                batch.remove(entry)
+                self.scheduler.fail(entry.job, 500, f"server error: {first_line(e)}")
+                self.scheduler.batch_done([entry.job])
+            raise
+
+    def step_loop(self, batch, key: tuple, first: list[Job]) -> None:
         pending = first
         while True:
             for job in pending:

@@ -87,8 +87,8 @@ def test_concurrent_clients_get_their_own_images(server):
     busy_before, _ = occupancy(server)
     out = {}
 
-    def native(tag, prompt, seed, steps):
-        job = server.job(prompt=prompt, seed=seed, steps=steps)
+    def native(tag, prompt, seed, steps, n=1):
+        job = server.job(prompt=prompt, seed=seed, steps=steps, n=n)
         out[tag] = (prompt, result(server, job["id"]))
 
     def via_openai(tag, prompt, seed, steps):
@@ -102,7 +102,7 @@ def test_concurrent_clients_get_their_own_images(server):
         out[tag] = (prompt, {"images": r.json()["images"]})
 
     threads = [threading.Thread(target=f, args=a) for f, a in
-               [(native, ("a", BLUE, 11, 25)), (via_openai, ("b", RED, 12, 15)), (via_webui, ("c", BLUE, 13, 20)),
+               [(native, ("a", BLUE, 11, 25, 2)), (via_openai, ("b", RED, 12, 15)), (via_webui, ("c", BLUE, 13, 20)),
                 (native, ("d", RED, 14, 30))]]
     for t in threads:
         t.start()
@@ -110,7 +110,8 @@ def test_concurrent_clients_get_their_own_images(server):
         t.join(WAIT_S)
     assert set(out) == {"a", "b", "c", "d"}
     for tag, (prompt, res) in out.items():
-        assert draws(png(res["images"][0]), prompt), tag
+        assert all(draws(png(im), prompt) for im in res["images"]), tag
+    assert len(out["a"][1]["images"]) == 2                              # n=2: two slots
     assert occupancy(server)[0] > busy_before
 
 

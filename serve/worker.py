@@ -112,7 +112,7 @@ class EngineWorker(threading.Thread):
         pending = first
         while True:
             for job in pending:
-                self.join(batch, job)
+                self.take_slots(batch, job)
             if not batch.entries:
                 return
             try:
@@ -129,10 +129,10 @@ class EngineWorker(threading.Thread):
                 batch.remove(entry)
                 self.scheduler.batch_done([entry.job])
             for entry in batch.finished():
-                self.leave(batch, entry)
+                self.finish_job(batch, entry)
             pending = self.scheduler.admit(key, batch.free)
 
-    def join(self, batch, job: Job) -> None:
+    def take_slots(self, batch, job: Job) -> None:
         """A running job into free slots (or, when it cannot take slots, one call of its own)."""
         if job.done:                              # cancelled since it was admitted
             self.scheduler.batch_done([job])
@@ -150,7 +150,7 @@ class EngineWorker(threading.Thread):
             self.scheduler.fail(job, 500, f"engine error: {first_line(e)}")
             self.scheduler.batch_done([job])
 
-    def leave(self, batch, entry) -> None:
+    def finish_job(self, batch, entry) -> None:
         """A finished job: its VAE decode, its slots freed, its result."""
         job = entry.job
         try:

@@ -162,3 +162,34 @@ def test_step_scheduler_keys_and_admission():
     assert sched.admit(key, 1) == []              # the oldest queued job (d, no guidance) needs another key
     assert sched.next_batch() == [d, ]             # d's batch, then e's
     assert sched.admit(sched.key(d), 2) == [] and sched.next_batch() == [e]
+
+
+def test_engine_fault_in_the_slots_fails_that_job_only(demo_fp32, monkeypatch):
+    """A fault while a job takes its slots: that job gets a 500 with one line, the jobs beside it
+    their images (in process, the fault injected around StepBatch.place)."""
+    from sdrt.serve import server as srv
+    from sdrt.serve import spec as sp
+    from sdrt.serve import step_batch
+    real = step_batch.StepBatch.place
+
+    def faulty(self, job):
+        if job.spec.prompt == "fault":
+            raise RuntimeError("device lost\nsecond line")
+        return real(self, job)
+    monkeypatch.setattr(step_batch.StepBatch, "place", faulty)
+    app, server = srv.build(demo_fp32, "onnxruntime-cpu", max_batch=SLOTS, batching="step", warmup=False)
+    sched = server.scheduler
+    mk = lambda prompt, steps: sp.make(server.limits, prompt=prompt, steps=steps, seed=1)
+    jobs = [sched.submit(mk(p, s)) for p, s in (("fault", 3), (RED, 5), (BLUE, 8))]
+    server.worker.start()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not all(j.done for j in jobs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [j.state for j in jobs] == ["failed", "succeeded", "succeeded"]
+        assert jobs[0].error_status == 500 and jobs[0].error == "engine error: device lost"
+        assert draws(jobs[1].images[0], RED) and draws(jobs[2].images[0], BLUE)
+    finally:
+        sched.drain()
+        sched.stop()
+        server.worker.join(10)

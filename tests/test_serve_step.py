@@ -135,6 +135,13 @@ def test_cancel_frees_the_slot_and_the_others_finish(server):
     assert server.metric("sdrt_cancellations_total", reason="client") >= 1
 
 
+def test_client_disconnect_parks_its_slot(server):
+    import test_serve
+    test_serve.test_client_disconnect_cancels_its_job(server)      # the same check, on the step server
+    job = server.job(prompt=RED, seed=5, steps=10)                  # the slots go on
+    assert draws(png(result(server, job["id"])["images"][0]), RED)
+
+
 def test_image_input_runs_per_request_beside_the_slots(server):
     from test_serve import b64png
     img = np.zeros((32, 32, 3), np.uint8)

@@ -66,9 +66,10 @@ class StepSlots:
         self.table[offset:offset + table.steps] = table.rows[:table.steps, :self.table.shape[1]]
         self.plan.buf["step_table"].write(self.table)
 
-    def embed(self, prompt: str, negative: str = "") -> np.ndarray:
+    def embed(self, prompt: str, negative: str = "", clip_skip: int = 1) -> np.ndarray:
         """[2, text_len, D] (unconditional, conditional) or [1, ...] without guidance: the text
-        encoder's output for one request, emphasis applied (prompts of one 77-token chunk)."""
+        encoder's output for one request, emphasis applied (prompts of one 77-token chunk);
+        clip_skip: 1 = the last text encoder layer, 2 = the one before, ..."""
         cond = self.pipe.conditioning(self.pipe.embeddings)
         rows = [negative, prompt] if self.dims.cfg else [prompt]
         text = cond.rows(rows)
@@ -76,7 +77,7 @@ class StepSlots:
             raise UserError("step slots take prompts of one chunk (75 tokens): shorten the prompt")
         run, buf = self._text_encoder(len(rows))
         buf["inputs_embeds"].write(cond.lookup(text.ids))
-        buf["clip_skip"].write(np.array([1], np.int32))
+        buf["clip_skip"].write(self.pipe.check_clip_skip(clip_skip))
         run.run()
         return emphasize(buf["text_embeddings"].read(), text.weights)
 

@@ -322,7 +322,9 @@ def parser() -> argparse.ArgumentParser:
                                      "playground page / (default: $SDRT_API_KEY)")
     s.add_argument("--batching", default="request", choices=("none", "request", "step"),
                    help="none: one request per engine call; request: compatible queued requests share one "
-                        "call; step: join and leave between steps (needs per-sample step rows)")
+                        "call; step: text-to-image requests of one size, guidance on/off and LoRA set join the "
+                        "running batch of --max-batch slots between denoising steps and leave after their last "
+                        "(image inputs run per request)")
     s.add_argument("--lora-dir", type=Path, help="LoRA .safetensors files, chosen by name (the file's stem)")
     s.add_argument("--embedding-dir", type=Path,
                    help="textual-inversion files, each loaded with its file's stem as the token")

@@ -136,4 +136,12 @@ async def server_info(request: Request):
     server = server_of(request)
     return {**server.limits.info(), "backend": server.worker.backend_name,
             "batching": server.scheduler.policy, "max_queue": server.scheduler.max_queue,
-            "timeout_s": server.scheduler.timeout}
+            "timeout_s": server.scheduler.timeout, "batching_notes": BATCHING_NOTES[server.scheduler.policy]}
+
+
+BATCHING_NOTES = {
+    "none": "one job per engine call",
+    "request": "queued jobs of equal size, steps, guidance, clip skip and LoRA set share one engine call",
+    "step": "text-to-image jobs of equal size, guidance on/off and LoRA set share the running batch: they join "
+            "between denoising steps and leave after their last step; image inputs and prompts over one "
+            "77-token chunk run per request, between steps"}

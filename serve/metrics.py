@@ -18,6 +18,9 @@ class Metrics:
                                 registry=r)
         self.queue_depth = Gauge("sdrt_queue_depth", "jobs waiting", registry=r)
         self.batch_size = Gauge("sdrt_running_batch_size", "images in the running engine call", registry=r)
+        self.step_batch = Histogram("sdrt_step_batch_size", "occupied batch slots per denoising step "
+                                    "(--batching step; other policies: images per engine call)",
+                                    buckets=tuple(range(1, 65)), registry=r)
         self.step_time = Histogram("sdrt_step_seconds", "one denoising step of the running batch",
                                    buckets=STEP_BUCKETS, registry=r)
         self.image_latency = Histogram("sdrt_image_latency_seconds", "submit to result, per job",

@@ -11,8 +11,13 @@ LoRA sets: a switch happens only between calls (counted in the metrics). When th
 another set than the loaded one and a queued job uses the loaded one, that job runs first, up to
 LORA_PASSES times per oldest job (so a LoRA request waits a bounded number of calls, and
 alternating requests do not switch every call).
-  step     jobs join and leave the running batch between denoising steps: needs per-sample step
-           rows in the runtime (refused at start until it has them, see POLICIES)."""
+  step     jobs join and leave the running batch between denoising steps (sdrt.engine.step_slots):
+           the worker keeps one batch of --max-batch slots per step key (size, guidance on/off,
+           task, LoRA set; steps, guidance scale, clip skip and prompts may differ) and, between
+           steps, admits queued jobs of the running key into free slots (`admit`). Once the oldest
+           queued job needs another key, no more jobs are admitted: the batch drains, then that
+           key runs (no job waits behind an endless stream of compatible ones). Image inputs and
+           prompts over one 77-token chunk run per request, between steps."""
 from __future__ import annotations
 
 import threading
@@ -23,8 +28,6 @@ from sdrt.serve.jobs import Job
 from sdrt.serve.spec import ApiError, Spec
 
 POLICIES = ("none", "request", "step")
-STEP_NEEDS = ("--batching step needs per-sample step rows in the runtime (each batch slot its own step "
-              "index, sampler row and guidance), which this sdrt does not have yet: use --batching request")
 KEEP_FINISHED = 512      # finished jobs kept for status reads (oldest dropped first)
 LORA_PASSES = 2          # calls a job may wait for jobs of the loaded LoRA set
 KEEP_RESULTS = 32        # ... of which the newest keep their images for GET /v1/jobs/{id}/result
@@ -164,21 +167,42 @@ class Scheduler:
                 if not self.queue:
                     return None if self.stopped else []
             head = self.pick_head()
-            batch = [head] + (self.compatible(head.spec.batch_key(), self.max_batch - head.spec.n, head)
-                              if self.policy == "request" else [])
-            now = time.monotonic()
-            for job in batch:
-                self.queue.remove(job)
-                job.state, job.started = "running", now
-                job.changed()
-                if self.metrics:
-                    self.metrics.queue_wait.observe(now - job.created)
-            self.running = list(batch)
+            batch = [head] + (self.compatible(self.key(head), self.max_batch - head.spec.n, head)
+                              if self.policy != "none" else [])
+            self.running = []
+            self.start(batch)
+            return batch
+
+    def key(self, job: Job) -> tuple:
+        """What jobs must share to run together under this policy."""
+        return job.spec.step_key() if self.policy == "step" else job.spec.batch_key()
+
+    def admit(self, key: tuple, room: int) -> list[Job]:
+        """Step policy, between steps: queued jobs of `key` within `room` images, now running
+        (none once the oldest queued job needs another key: the batch drains for it)."""
+        with self.cond:
+            self.expire()
+            if not self.queue or room <= 0 or self.key(self.queue[0]) != key:
+                return []
+            jobs = self.compatible(key, room)
+            self.start(jobs)
+            return jobs
+
+    def start(self, jobs: list[Job]) -> None:
+        """Under the lock: queued -> running."""
+        now = time.monotonic()
+        for job in jobs:
+            self.queue.remove(job)
+            job.state, job.started = "running", now
+            job.changed()
+            if self.metrics:
+                self.metrics.queue_wait.observe(now - job.created)
+        self.running += jobs
+        if jobs:
             self.moved()
             self.gauge_queue()
-            if self.metrics:
-                self.metrics.batch_size.set(sum(j.spec.n for j in batch))
-            return batch
+        if self.metrics:
+            self.metrics.batch_size.set(sum(j.spec.n for j in self.running if not j.done))
 
     def pick_head(self) -> Job:
         """The oldest job, unless it needs a LoRA switch that a job of the loaded set can defer."""
@@ -191,12 +215,12 @@ class Scheduler:
         return head
 
     def compatible(self, key: tuple, room: int, skip: Job | None = None) -> list[Job]:
-        """Queued jobs (oldest first) that can share a call of this batch key, within `room`
-        images. The request policy fills a new call with them; a step policy would fill the free
-        slots of the running batch with them between steps."""
+        """Queued jobs (oldest first) that can share a call of this key (`key(job)`), within
+        `room` images. The request policy fills a new call with them; the step policy fills the
+        free slots of the running batch with them between steps."""
         out = []
         for job in self.queue:
-            if job is not skip and job.spec.batch_key() == key and job.spec.n <= room:
+            if job is not skip and self.key(job) == key and job.spec.n <= room:
                 out.append(job)
                 room -= job.spec.n
         return out
@@ -210,6 +234,29 @@ class Scheduler:
             now = time.monotonic()
             live = []
             for job in batch:
+                if job.done:
+                    continue
+                if job.deadline is not None and now > job.deadline:
+                    self.time_out(job)
+                    continue
+                job.step = step
+                job.changed()
+                live.append(job)
+            return live
+
+    def on_slots_step(self, progress: list[tuple[Job, int]], seconds: float, occupied: int) -> list[Job]:
+        """Step policy, after each step of the slots: each job its own step (progress: (job,
+        steps done)); `occupied` slots held a request. Returns the jobs still wanted (the others
+        were cancelled or timed out: the worker parks their slots)."""
+        if self.metrics:
+            self.metrics.step_batch.observe(occupied)
+        with self.cond:
+            self.step_s = seconds if self.step_s is None else 0.8 * self.step_s + 0.2 * seconds
+            if self.metrics:
+                self.metrics.step_time.observe(seconds)
+            now = time.monotonic()
+            live = []
+            for job, step in progress:
                 if job.done:
                     continue
                 if job.deadline is not None and now > job.deadline:
@@ -247,7 +294,7 @@ class Scheduler:
                 self.decode_s = decode_s if not self.decode_s else 0.8 * self.decode_s + 0.2 * decode_s
             self.running = [j for j in self.running if j not in batch]
             if self.metrics:
-                self.metrics.batch_size.set(0)
+                self.metrics.batch_size.set(sum(j.spec.n for j in self.running if not j.done))
             self.cond.notify_all()
 
     # ---- under the lock --------------------------------------------------------------------------

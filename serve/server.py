@@ -81,15 +81,13 @@ def build(work_dir: Path, backend: str = "auto", max_batch: int = 4, max_queue: 
     from sdrt.serve import spec as sp
     from sdrt.serve.app import Server, create_app
     from sdrt.serve.metrics import Metrics
-    from sdrt.serve.scheduler import POLICIES, STEP_NEEDS, Scheduler
+    from sdrt.serve.scheduler import POLICIES, Scheduler
     from sdrt.serve.worker import EngineWorker
     from sdrt.engine.backends import NAMES
     if backend != "auto" and backend not in NAMES:
         raise UserError(f"unknown backend {backend!r}: choose auto or one of {', '.join(NAMES)}")
     if batching not in POLICIES:
         raise UserError(f"--batching {batching}: use one of {', '.join(POLICIES)}")
-    if batching == "step":
-        raise UserError(STEP_NEEDS)
     if max_batch < 1 or max_queue < 1:
         raise UserError("--max-batch and --max-queue must be at least 1")
     if timeout is not None and timeout <= 0:

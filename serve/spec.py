@@ -102,6 +102,13 @@ class Spec:
         own = id(self) if self.task != "txt2img" else None
         return (self.task, self.width, self.height, self.steps, self.guidance, self.clip_skip, self.loras, own)
 
+    def step_key(self) -> tuple:
+        """Requests with equal keys can share the slots of step-level batching: one shape plan
+        (size, guidance on or off) and one LoRA set; steps, guidance scale, clip skip and prompts
+        are per slot. Image inputs run per request."""
+        own = id(self) if self.task != "txt2img" else None
+        return (self.task, self.width, self.height, self.guidance > 1.0, self.loras, own)
+
     def info(self) -> dict:
         return {"prompt": self.prompt, "negative_prompt": self.negative, "steps": self.steps,
                 "guidance_scale": self.guidance, "width": self.width, "height": self.height, "n": self.n,

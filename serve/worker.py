@@ -27,6 +27,7 @@ class EngineWorker(threading.Thread):
         self.load_error: str | None = None
         self.active_loras: tuple | None = ()      # None: unknown (a switch failed half-way)
         self.backend_name = ""
+        self.slot_sets: dict = {}                 # --batching step: StepSlots per (height, width, guided)
 
     def run(self) -> None:
         try:
@@ -45,7 +46,10 @@ class EngineWorker(threading.Thread):
                 return
             if batch:
                 try:
-                    self.run_batch(batch)
+                    if self.scheduler.policy == "step":
+                        self.run_steps(batch)
+                    else:
+                        self.run_batch(batch)
                 except Exception as e:   # noqa: BLE001 (never lose the worker: fail the jobs, go on)
                     log.exception("serving fault")
                     for job in batch:
@@ -62,6 +66,111 @@ class EngineWorker(threading.Thread):
             mask = Image.new("L", image.size, 255)
         runner.run(self.pipe, [runner.Sample("", "", 0)], 1, 5.0, cfg.default_height, cfg.default_width,
                    image=image, mask=mask)
+        if self.scheduler.policy == "step" and not cfg.inpainting_unet:
+            slots = self.slot_set(cfg.default_height, cfg.default_width, True)
+            slots.advance()                       # every slot parked: one step on zeros
+
+    # ---- --batching step -------------------------------------------------------------------------
+
+    def slot_set(self, height: int, width: int, guided: bool):
+        """The StepSlots of this shape at --max-batch slots (kept: one plan, its graphs)."""
+        key = (height, width, guided)
+        if key not in self.slot_sets:
+            self.slot_sets[key] = self.pipe.step_slots(batch=self.scheduler.max_batch, height=height, width=width,
+                                                       guidance=guided)
+        return self.slot_sets[key]
+
+    def run_steps(self, first: list[Job]) -> None:
+        """Step-level batching: the jobs of one step key run in the slots; between steps, jobs
+        join free slots (Scheduler.admit), progress is reported per job, cancelled or timed-out
+        jobs leave (their slots are parked), finished ones are decoded and leave."""
+        spec = first[0].spec
+        key = self.scheduler.key(first[0])
+        try:
+            self.switch_loras(spec.loras)
+        except UserError as e:
+            for job in first:
+                self.scheduler.fail(job, 400, first_line(e))
+            self.scheduler.batch_done(first)
+            return
+        if spec.task != "txt2img":                # image inputs: one engine call per request
+            for job in first:
+                self.run_batch([job])
+            return
+        from sdrt.serve.step_batch import StepBatch
+        batch = StepBatch(self.slot_set(spec.height, spec.width, spec.guidance > 1.0))
+        try:
+            self.step_loop(batch, key, first)
+        except Exception as e:       # noqa: BLE001 (a serving fault: the jobs in the slots fail, not hang)
+            for entry in list(batch.entries):
+                batch.remove(entry)
+                self.scheduler.fail(entry.job, 500, f"server error: {first_line(e)}")
+                self.scheduler.batch_done([entry.job])
+            raise
+
+    def step_loop(self, batch, key: tuple, first: list[Job]) -> None:
+        pending = first
+        while True:
+            for job in pending:
+                self.take_slots(batch, job)
+            if not batch.entries:
+                return
+            try:
+                dt = batch.advance()
+            except Exception as e:   # noqa: BLE001 (an engine fault: every job in the slots fails)
+                log.exception("engine fault in the step slots")
+                for entry in list(batch.entries):
+                    batch.remove(entry)
+                    self.scheduler.fail(entry.job, 500, f"engine error: {first_line(e)}")
+                    self.scheduler.batch_done([entry.job])
+                return
+            live = self.scheduler.on_slots_step([(e.job, e.done) for e in batch.entries], dt, batch.occupied)
+            for entry in [e for e in batch.entries if e.job not in live]:     # cancelled, timed out
+                batch.remove(entry)
+                self.scheduler.batch_done([entry.job])
+            for entry in batch.finished():
+                self.finish_job(batch, entry)
+            pending = self.scheduler.admit(key, batch.free)
+
+    def take_slots(self, batch, job: Job) -> None:
+        """A running job into free slots (or, when it cannot take slots, one call of its own)."""
+        if job.done:                              # cancelled since it was admitted
+            self.scheduler.batch_done([job])
+            return
+        try:
+            if batch.fits(job.spec) is not None:
+                self.run_batch([job])
+                return
+            batch.place(job)
+        except UserError as e:
+            self.scheduler.fail(job, 400, e.render(str) if isinstance(e, RequestError) else first_line(e))
+            self.scheduler.batch_done([job])
+        except Exception as e:       # noqa: BLE001
+            log.exception("engine fault on job %s", job.id)
+            self.scheduler.fail(job, 500, f"engine error: {first_line(e)}")
+            self.scheduler.batch_done([job])
+
+    def finish_job(self, batch, entry) -> None:
+        """A finished job: its VAE decode, its slots freed, its result."""
+        job = entry.job
+        try:
+            images, decode_s = batch.images(entry)
+        except Exception as e:       # noqa: BLE001
+            log.exception("engine fault decoding job %s", job.id)
+            batch.remove(entry)
+            self.scheduler.fail(job, 500, f"engine error: {first_line(e)}")
+            self.scheduler.batch_done([job])
+            return
+        batch.remove(entry)
+        if self.metrics:
+            self.metrics.batches.inc()
+        info = {"backend": self.backend_name, "batching": "step", "slots": batch.slots.batch,
+                "batch_images": round(entry.occupied / max(entry.done, 1), 2),   # mean occupied slots
+                "batch_jobs": len({id(e) for e in batch.occupant if e is not None}) + 1,
+                "total_ms": round((time.perf_counter() - entry.started) * 1e3, 1),
+                "denoise_ms": round(entry.denoise_s * 1e3, 1), "vae_ms": round(decode_s * 1e3, 1), "setup_ms": 0.0}
+        self.scheduler.succeed(job, list(images), {**job.spec.info(), **info})
+        self.scheduler.batch_done([job], decode_s=decode_s)
 
     def run_batch(self, batch: list[Job]) -> None:
         """One engine call; a fault splits the batch so that only the faulty job fails."""
@@ -116,6 +225,8 @@ class EngineWorker(threading.Thread):
         last = [time.perf_counter()]
 
         def on_step(done: int, total: int) -> None:
+            if self.metrics:
+                self.metrics.step_batch.observe(len(samples))
             now = time.perf_counter()
             live = self.scheduler.on_step(batch, done, now - last[0])
             last[0] = now
@@ -144,6 +255,7 @@ class EngineWorker(threading.Thread):
         if loras == self.active_loras:
             return
         self.active_loras = self.scheduler.loaded_loras = None
+        self.slot_sets.clear()                    # their plans follow the old weights
         try:
             self.pipe.set_loras([(self.loras[name], scale) for name, scale in loras])
         except UserError as e:

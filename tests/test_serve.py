@@ -571,7 +571,6 @@ def test_engine_fault_fails_that_job_only(demo_fp32, monkeypatch):
 
 
 def test_cli_refuses_bad_serve_options(demo_fp32, tmp_path):
-    assert_user_error(run_cli("serve", demo_fp32, "--batching", "step"), "per-sample step rows")
     assert_user_error(run_cli("serve", demo_fp32, "--lora-dir", tmp_path / "none"), "--lora-dir")
     assert_user_error(run_cli("serve", tmp_path / "missing"), "missing")
     assert_user_error(run_cli("serve", demo_fp32, "--backend", "fastest"), "unknown backend")

@@ -30,19 +30,19 @@ from pathlib import Path
 import numpy as np
 
 from sdrt import manifest as mf
-from sdrt.contract import Dims, Model, check_size, step_name
+from sdrt.contract import Dims, Model, check_size, engine_tasks, models_of_tasks
 from sdrt.errors import UserError
 from sdrt.export.to_onnx import onnx_graph
 
-MODELS = ("text_encoder", "denoise_step_cfg", "vae_decoder")   # every text-to-image export has these
 
-
-def runtime_models(man: dict) -> list[str]:
-    """What a generation with guidance runs: the step of the export's UNet (an inpainting UNet's
-    own step), and the VAE encoder of image inputs when the export has one."""
+def runtime_models(man: dict) -> tuple[str, ...]:
+    """What generations with guidance run, as `sdrt build` builds them by default: the step of the
+    export's UNet (an inpainting UNet's own step), and the VAE encoder of image inputs when the
+    export has one (sdrt.contract.engine_tasks)."""
     cfg = mf.config(man)
-    step = step_name("concat" if cfg.inpainting_unet else "plain", True)
-    return ["text_encoder", step, *(["vae_encoder"] if "vae_encoder" in man["models"] else []), "vae_decoder"]
+    return models_of_tasks(cfg, engine_tasks(cfg, image_inputs="vae_encoder" in man["models"]), True)
+
+
 # Nominal DRAM shared by CPU and GPU (NVIDIA's module specifications).
 JETSONS = {"Jetson Orin Nano 8GB": 8 << 30, "Jetson AGX Orin 32GB": 32 << 30, "Jetson AGX Orin 64GB": 64 << 30}
 MB = 2 ** 20
@@ -162,8 +162,9 @@ def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str =
     io = io_bytes([contracts[n] for n in names if n != "vae_encoder"], dims)
     if "vae_encoder" in names:  # its own buffers
         io += io_bytes([contracts["vae_encoder"]], model_dims["vae_encoder"])
+    step = next(n for n in names if contracts[n].step)
     return {"export": work_dir.name, "precision": mf.precision_label(man), "attention": man.get("attention", "decomposed"),
-            "height": height, "width": width, "batch": batch, "vae_batch": vae_n, "models": out,
+            "height": height, "width": width, "batch": batch, "vae_batch": vae_n, "step": step, "models": out,
             "weights_bytes": weights, "activation_bytes": act, "io_bytes": io, "total_bytes": weights + act + io}
 
 
@@ -177,7 +178,7 @@ def table(estimates: list[dict]) -> str:
         m = e["models"]
         row = [export_label(e), f"{e['height']}x{e['width']}", str(e["batch"]),
                f"{e['weights_bytes'] / MB:.0f}", f"{m['text_encoder']['activation_bytes'] / MB:.0f}",
-               f"{_step(m)['activation_bytes'] / MB:.0f}", str(e.get("vae_batch", e["batch"])),
+               f"{m[e['step']]['activation_bytes'] / MB:.0f}", str(e.get("vae_batch", e["batch"])),
                f"{m['vae_decoder']['activation_bytes'] / MB:.0f}",
                f"{m['vae_encoder']['activation_bytes'] / MB:.0f}" if "vae_encoder" in m else "-",
                f"{e['io_bytes'] / MB:.0f}", f"{e['total_bytes'] / MB:.0f}"]
@@ -188,10 +189,6 @@ def table(estimates: list[dict]) -> str:
                  "VAE run (`--vae-batch`); left = the device's "
                  "nominal memory - total, which must still hold the OS, the CUDA context and the application.")
     return "\n".join(lines)
-
-
-def _step(models: dict) -> dict:
-    return next(v for k, v in models.items() if k.startswith("denoise_step"))
 
 
 def main(work_dirs: list, sizes: str = "512x512", batches: str = "1,4", backend: str = "tensorrt",

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt import manifest as mf
-from sdrt.contract import Dims, check_size, step_name
+from sdrt.contract import Dims, Step, Task, Variant, check_size
 from sdrt.engine import backends, cuda, image_input, scheduler, vae_slices
 from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows
 from sdrt.engine.conditioning import Conditioning, emphasize
@@ -189,16 +189,10 @@ class Pipeline:
                                 f"({src.width}x{src.height}); leave --height/--width out")
         return src
 
-    def variant(self, source) -> str:
-        """The step variant this call runs (sdrt.contract.STEP_VARIANTS)."""
-        inpaint = source is not None and source.mask is not None
-        if self.config.inpainting_unet:
-            if not inpaint:
-                raise UserError(f"{self.work_dir} holds an inpainting UNet ({self.config.unet_channels} input "
-                                f"channels): it needs --image and --mask; text to image and image to image "
-                                f"need an export of an ordinary {self.config.latent_channels}-channel UNet")
-            return "concat"
-        return "blend" if inpaint else "plain"
+    def variant(self, source) -> Variant:
+        """The step variant this call runs on this export's UNet (sdrt.contract.Variant.for_task)."""
+        task = Task.of(image=source is not None, mask=source is not None and source.mask is not None)
+        return Variant.for_task(self.config, task, where=str(self.work_dir))
 
     def strength(self, source, strength):
         """Defaults as diffusers': 0.75 for image to image, 1.0 for inpainting."""
@@ -210,21 +204,20 @@ class Pipeline:
             return 1.0 if source.mask is not None else 0.75
         return strength
 
-    def image_latents(self, plan: Plan, source, variant: str, noise: np.ndarray, steps: int, start: int,
+    def image_latents(self, plan: Plan, source, variant: Variant, noise: np.ndarray, steps: int, start: int,
                       strength: float) -> np.ndarray:
-        """x at the first step run; writes the inpainting inputs the step graph is bound to. Encodes
-        at batch 1 and repeats over the batch (one host sync: the latents are noised here, once per
-        call)."""
+        """x at the first step run; writes the step graph's extra inputs (those its variant declares,
+        bound once per call). Encodes at batch 1 and repeats over the batch (one host sync: the
+        latents are noised here, once per call)."""
         b = noise.shape[0]
         x0 = np.repeat(self.encode(plan, source.image), b, 0)
-        if variant != "plain":
-            plan.buf["mask"].write(np.repeat(source.latent_mask(self.config.vae_factor), b, 0))
-        if variant == "blend":
-            plan.buf["image_latents"].write(x0)
-            plan.buf["noise"].write(noise)
-        if variant == "concat":
-            plan.buf["masked_image_latents"].write(np.repeat(self.encode(plan, source.masked_image), b, 0))
-        if variant != "plain" and strength == 1.0:
+        per_call = {"mask": lambda: np.repeat(source.latent_mask(self.config.vae_factor), b, 0),
+                    "image_latents": lambda: x0,
+                    "noise": lambda: noise,
+                    "masked_image_latents": lambda: np.repeat(self.encode(plan, source.masked_image), b, 0)}
+        for name in variant.spec.extra_inputs:
+            plan.buf[name].write(per_call[name]())
+        if source.mask is not None and strength == 1.0:
             return noise                       # inpainting at strength 1 starts from pure noise
         return scheduler.add_noise(self.scheduler, steps, start, x0, noise)
 
@@ -310,8 +303,8 @@ class Pipeline:
             raise UserError("latents must be finite floating-point values")
         return latents.astype(np.float32)
 
-    def plan(self, dims: Dims, variant: str = "plain") -> Plan:
-        key = (dims, variant)
+    def plan(self, dims: Dims, variant: Variant = Variant.plain) -> Plan:
+        key = (dims, Variant(variant))
         if key not in self.plans:
             if self.backend.max_plans and len(self.plans) >= self.backend.max_plans:
                 self.plans.clear()             # free the old plan's buffers (and sessions) first
@@ -325,17 +318,17 @@ class Pipeline:
                             f"run `sdrt export` again")
         return self.models[name]
 
-    def make_plan(self, dims: Dims, variant: str = "plain") -> Plan:
+    def make_plan(self, dims: Dims, variant: Variant = Variant.plain) -> Plan:
         be = self.backend
-        step = self.model(step_name(variant, dims.cfg),
-                          "the step graph for " + ("this call" if variant == "plain" else "inpainting"))
+        kind = Step(variant, dims.cfg)
+        step = self.model(kind.name, "the step graph for " + " and ".join(t.value for t in kind.spec.tasks))
         te, vae = self.models["text_encoder"], self.models["vae_decoder"]
         Buffer = DeviceBuffer if be.device == "cuda" else HostBuffer
         shapes = {**te.shapes(dims), **step.shapes(dims), **vae.shapes(dims)}
         dtypes = {t.name: t.dtype for m in (te, step, vae) for t in m.tensors}
         new = lambda name, key=None: Buffer(shapes[key or name], dtypes[key or name], be.stream)
         shapes["text_embeddings"] = step.shapes(dims)["text_embeddings"]    # [text_batch, 77 k, D]
-        extra = [t.name for t in step.inputs[4:]]   # the variant's inputs, bound once per call
+        extra = kind.extra_inputs               # the variant's inputs, bound once per call
         buf = {n: new(n) for n in ("inputs_embeds", "clip_skip", "text_embeddings", "step_table", "image", *extra)}
         buf["text_rows"] = buf["text_embeddings"].view(te.shapes(dims)["text_embeddings"])  # [text_batch k, 77, D]
         for k in (0, 1):

@@ -21,7 +21,7 @@ import numpy as np
 from sdrt import manifest as mf
 from sdrt.contract import RUNTIME_MODELS, Dims, Model
 from sdrt.engine import cuda
-from sdrt.engine_keys import check_engine, import_trt
+from sdrt.engine.engine_keys import check_engine, import_trt
 from sdrt.errors import UserError
 
 
@@ -101,8 +101,7 @@ class TensorRT:
 
     def runner(self, model: Model, dims: Dims) -> "TrtEngine":
         if model.name not in self.engines:
-            flag = (" --no-guidance" if model.name.startswith("denoise_step") and not model.name.endswith("_cfg")
-                    else "") + (" --inpaint" if model.name.startswith("denoise_step_blend") else "")
+            flag = "".join(" " + f for f in model.step.build_flags) if model.step else ""
             raise UserError(f"no {self.name} engine for {model.name}: run `sdrt build ... --backend "
                             f"{self.name}{flag}` (guidance > 1 needs a *_cfg step, <= 1 the other; "
                             f"inpainting with a 4-channel UNet needs --inpaint)")

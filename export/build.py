@@ -5,8 +5,8 @@
 
 Writes WORK_DIR/engines/<backend>/<model>.plan (atomically) and records each engine in
 manifest["engines"][backend][model] with the key it was built for: ONNX hash, backend, version,
-GPU, profile and options (sdrt.engine_keys: keys, and `check_engine`, which the runtime uses to
-refuse a plan whose key no longer holds); `build` skips models whose key still holds.
+GPU, profile and options (sdrt.engine.engine_keys: keys, and `check_engine`, which the runtime uses
+to refuse a plan whose key no longer holds); `build` skips models whose key still holds.
 
 One model at a time, builder/network/parser freed between models, optional workspace limit:
 sized for a Jetson as much as for a workstation.
@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from sdrt import manifest as mf
-from sdrt.contract import Dims, Model, check_size, step_name
+from sdrt.contract import Dims, Model, Step, check_size, engine_tasks, models_of_tasks
 from sdrt.engine import cuda
-from sdrt.engine_keys import (MODULES, current_hash, engine_key, first_change, import_trt, io_digest,
+from sdrt.engine.engine_keys import (MODULES, current_hash, engine_key, first_change, import_trt, io_digest,
                               major_minor, onnx_stat)
 from sdrt.errors import UserError
 from sdrt.export import attention
@@ -283,17 +283,6 @@ def _build_one(trt, api, backend: str, model: Model, files: list[Path], profile:
         gc.collect()
 
 
-def runtime_names(cfg, contracts: dict, guidance: bool, inpaint: bool) -> list[str]:
-    """The engines to build: text encoder, the step graph(s), VAE encoder (exports that have one)
-    and decoder."""
-    if cfg.inpainting_unet:
-        steps = [step_name("concat", guidance)]
-    else:
-        steps = [step_name("plain", guidance)] + ([step_name("blend", guidance)] if inpaint else [])
-    encoder = ["vae_encoder"] if "vae_encoder" in contracts else []
-    return ["text_encoder", *steps, *encoder, "vae_decoder"]
-
-
 def build(work_dir: Path, backend: str, height: int | None = None, width: int | None = None,
           batch: int = 1, dynamic: str | None = None, opt_level: int | None = None,
           timing_cache: Path | None = None, guidance: bool = True, workspace_mb: int | None = None,
@@ -313,11 +302,14 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
     man = mf.load(work_dir)
     cfg = mf.config(man)
     contracts = mf.models(man)
-    names = runtime_names(cfg, contracts, guidance, inpaint)
+    # the engines to build: text encoder, step graph(s), VAE encoder (exports that have one), decoder
+    tasks = engine_tasks(cfg, inpaint, "vae_encoder" in contracts)
+    names = models_of_tasks(cfg, tasks, guidance)
+    steps = {Step.for_task(cfg, t, guidance).name for t in tasks}
     for n in names:
         if n not in contracts:
             raise UserError(f"{work_dir} has no {n} model: export again"
-                            + (" (guidance off needs denoise_step)" if n == "denoise_step" else ""))
+                            + (f" (guidance off needs {n})" if n in steps and not guidance else ""))
     if opt_level is not None and not 0 <= opt_level <= 5:
         raise UserError(f"opt level {opt_level} must be 0..5")
     if workspace_mb is not None and workspace_mb <= 0:
@@ -329,8 +321,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
     backend, trt = import_trt(backend)
     check_attention_support(trt, backend, man.get("attention", "decomposed"))
     api = builder_api(trt, backend)
-    options = {"opt_level": opt_level, "precision": man.get("precision", "fp16"),
-               "strongly_typed": True, "workspace_mb": workspace_mb,
+    options = {"opt_level": opt_level, "strongly_typed": True, "workspace_mb": workspace_mb,
                "require_user_allocation": api["user_allocation"]}
     cache_bytes = loaded_cache = None
     if timing_cache is not None and api["timing_cache"]:

@@ -8,7 +8,8 @@
     x_{t-1}  = sqrt(ᾱ_prev) x̂0 + sqrt(1 - ᾱ_prev) ε̂
     step_index_next = step_index + 1
 
-The UNet input u and the output differ per variant (sdrt.contract.STEP_VARIANTS), one function each:
+The UNet input u and the output differ per variant (sdrt.contract.Variant), a pair of functions
+each (GRAPHS; the step model's Step says which):
     plain    u = x_t                                    latents_next = x_{t-1}
     concat   u = concat(x_t, mask, masked-image latents) (9-channel inpainting UNet)
     blend    u = x_t, then the known region (mask 0) is put back, re-noised to the next timestep:
@@ -25,25 +26,27 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.contract import STEP_COLUMNS, STEP_EXTRA_INPUTS, Model
+from sdrt.contract import STEP_COLUMNS, Model, Variant
 from sdrt.export.to_onnx import onnx_graph
 
 P = "sdrt_step/"  # prefix for everything this module adds to the UNet graph
 
 
 def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
+    """The step graph of `step` (its contract; step.step says the variant and guidance) on top of
+    the UNet graph at unet_path, written to out_path."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     base = onnx_graph(unet_path)
     g = base.graph
     f_type = TensorProto.FLOAT16 if unet.tensor("sample").dtype == "float16" else TensorProto.FLOAT
-    guidance = step.name.endswith("_cfg")
-    variant = step_variant(step)
+    guidance, (unet_input, finish) = step.step.guidance, GRAPHS[step.step.variant]
     opset = next(o.version for o in base.opset_import if o.domain in ("", "ai.onnx"))
+    io = {t.name for t in step.tensors}   # graph I/O keeps its name; all else goes under P
 
     def node(op, inputs, outputs, **attrs):
-        return helper.make_node(op, [_n(i) for i in inputs], [_n(o) for o in outputs],
+        return helper.make_node(op, [_n(i, io) for i in inputs], [_n(o, io) for o in outputs],
                                 name=P + outputs[0], **attrs)
 
     col = {c: P + "col_" + c for c in STEP_COLUMNS}
@@ -52,7 +55,7 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
                             name=P + "split_row"),
            node("Reshape", [col["timestep"], "one"], ["timestep"]),
            node("Identity", ["text_embeddings"], ["encoder_hidden_states"])]
-    pre += unet_input_concat(node) if variant == "concat" else unet_input_plain(node)
+    pre += unet_input(node)
     if guidance:  # one UNet call at batch 2B: [uncond; cond] rows match the embeddings' order
         pre.append(node("Concat", ["u", "u"], ["u2"], axis=0))
         pre.append(node("Cast", ["u2"], ["sample"], to=f_type))
@@ -77,8 +80,7 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
     post += [node("Mul", ["x0", col["sqrt_alpha_prev"]], ["a_x0"]),
              node("Mul", ["eps", col["sqrt_one_minus_alpha_prev"]], ["b_eps"]),
              node("Add", ["a_x0", "b_eps"], ["x_prev"])]
-    post += blend_known_region(node, col) if variant == "blend" else \
-        [node("Identity", ["x_prev"], ["latents_next"])]
+    post += finish(node, col)
     post.append(helper.make_node("Add", ["step_index", P + "one_i32"], ["step_index_next"],
                                  name=P + "step_next"))
 
@@ -102,12 +104,6 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
     onnx.save_model(base, str(out_path))
 
 
-def step_variant(step: Model) -> str:
-    """plain, blend or concat, from the step's extra inputs (sdrt.contract.STEP_EXTRA_INPUTS)."""
-    names = tuple(t.name for t in step.inputs[4:])
-    return next(v for v, extra in STEP_EXTRA_INPUTS.items() if extra == names)
-
-
 def unet_input_plain(node):
     """u = x_t"""
     return [node("Identity", ["latents"], ["u"])]
@@ -116,6 +112,11 @@ def unet_input_plain(node):
 def unet_input_concat(node):
     """u = concat(x_t, mask, masked-image latents) on channels: the 9-channel inpainting UNet."""
     return [node("Concat", ["latents", "mask", "masked_image_latents"], ["u"], axis=1)]
+
+
+def finish_plain(node, col):
+    """latents_next = x_{t-1}"""
+    return [node("Identity", ["x_prev"], ["latents_next"])]
 
 
 def blend_known_region(node, col):
@@ -132,19 +133,23 @@ def blend_known_region(node, col):
             node("Add", ["kept", "repainted"], ["latents_next"])]
 
 
+# Each variant's graph: (UNet input u, latents_next from x_prev); its numpy reference is
+# sdrt.export.export.REFERENCES.
+GRAPHS = {Variant.plain: (unet_input_plain, finish_plain),
+          Variant.blend: (unet_input_plain, blend_known_region),
+          Variant.concat: (unet_input_concat, finish_plain)}
+
+
 def _linear(out, ca, cb, node):
     """out = ca * x + cb * m"""
     return [node("Mul", ["latents", ca], [out + "_x"]), node("Mul", ["m", cb], [out + "_m"]),
             node("Add", [out + "_x", out + "_m"], [out])]
 
 
-def _n(name: str) -> str:
-    """Tensors named by this module live under P, but for graph I/O, the UNet's I/O and
+def _n(name: str, io: set[str]) -> str:
+    """Tensors named by this module live under P, but for the step's graph I/O (`io`) and
     already-prefixed column names."""
-    if name.startswith(P) or name in ("latents", "step_table", "step_index", "text_embeddings", "mask",
-                                      "image_latents", "noise", "masked_image_latents", "latents_next"):
-        return name
-    return P + name
+    return name if name.startswith(P) or name in io else P + name
 
 
 def _rename_unet_io(g, unet: Model) -> None:

@@ -15,19 +15,18 @@ import numpy as np
 
 import sdrt
 from sdrt import manifest as mf
-from sdrt.contract import STEP_COLUMNS, STEP_VARIANTS, Dims, ModelConfig, all_models, step_models, step_name
+from sdrt.contract import STEP_COLUMNS, Dims, ModelConfig, Variant, all_models, step_models
 from sdrt.errors import UserError
 from sdrt.fileio import temp_dir_beside, write_json_atomic
 from sdrt.export import (attention, compose_step, lora_targets, pipeline_folder, scheduler_config, single_file,
                          to_onnx, validate)
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-STEP_MODELS = tuple(step_name(v, g) for v in STEP_VARIANTS for g in (True, False))   # every step name
 TOKEN_TABLE = "token_embedding.npy"
 
 
 def step_names(cfg: ModelConfig) -> tuple[str, ...]:
-    """The step graphs of this UNet's export (sdrt.contract.step_variants)."""
+    """The step graphs of this UNet's export (sdrt.contract.Step.of_unet)."""
     return tuple(m.name for m in step_models(cfg, "fp32"))
 
 
@@ -73,8 +72,9 @@ def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int 
 
 
 def precisions(precision: str, vae: str | None, text_encoder: str | None) -> dict:
-    """Precision per model: the UNet and the step graphs follow --precision; the VAE decoder and
-    the text encoder may be FP32 in an FP16 export (SD 2.x and many fine-tuned VAEs overflow FP16)."""
+    """Precision per exported torch module (the step graphs are the UNet's): the UNet follows
+    --precision; the VAE and the text encoder may be FP32 in an FP16 export (SD 2.x and many
+    fine-tuned VAEs overflow FP16). Recorded once per model, manifest["models"][name]["precision"]."""
     for flag, value in (("--precision", precision), ("--vae-precision", vae),
                         ("--text-encoder-precision", text_encoder)):
         if value not in (None, "fp16", "fp32"):
@@ -82,7 +82,7 @@ def precisions(precision: str, vae: str | None, text_encoder: str | None) -> dic
     if precision is None:
         raise UserError("--precision must be fp16 or fp32")
     return {"text_encoder": text_encoder or precision, "unet": precision, "vae_decoder": vae or precision,
-            "vae_encoder": vae or precision, **{n: precision for n in STEP_MODELS}}
+            "vae_encoder": vae or precision}
 
 
 def _export_single_file(path: Path, work_dir: Path, tokenizer, config, prediction_type, *args) -> Path:
@@ -126,29 +126,30 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     records = {}
     for i, name in enumerate(BASE_MODELS + step_names(cfg), 1):
         model, path = models[name], out / "onnx" / models[name].onnx
+        precision_of = precisions["unet" if model.step else name]
         t = time.perf_counter()
-        say(f"[{i}/{len(models)}] {name}: exporting {precisions[name]} ...")
+        say(f"[{i}/{len(models)}] {name}: exporting {precision_of} ...")
         if name in BASE_MODELS:
             module = to_onnx.wrap(name, folder)
             traced = to_onnx.image_trace_dims(trace, cfg.vae_factor) if name == "vae_encoder" else trace
             to_onnx.export(module, model, path, _inputs(folder, model, traced, 0, precision),
-                           precisions[name], opset, form)
+                           precision_of, opset, form)
             inputs = _inputs(folder, model, vdims, 1, precision)
             ref = validate.run_torch(module, model, inputs)
         else:
             compose_step.compose(out / "onnx" / models["unet"].onnx, models["unet"], model, path)
             inputs, ref = _step_reference(folder, model, vdims, sched)
-        records[name] = _validated_record(out, name, model, path, inputs, ref, precisions[name], t,
+        records[name] = _validated_record(out, name, model, path, inputs, ref, precision_of, t,
                                           f"[{i}/{len(models)}]")
-        records[name]["precision"] = precisions[name]
+        records[name]["precision"] = precision_of          # the one record of it (mf.model_precision)
         if name in BASE_MODELS:
             records[name]["attention_ops"] = attention.count_ops(to_onnx.onnx_graph(path))
         if name == "text_encoder":
             records[name]["validation"]["deepest_clip_skip"] = _check_deepest_clip_skip(
-                module, model, path, inputs, precisions[name], cfg.text_layers)
+                module, model, path, inputs, precision_of, cfg.text_layers)
         if name in to_onnx.WEIGHTS_BESIDE:
-            records[name]["lora_targets"] = _lora_targets(module, path, precisions[name], name)
-        elif name in STEP_MODELS:  # the step graphs read the UNet's initializers (same names, file)
+            records[name]["lora_targets"] = _lora_targets(module, path, precision_of, name)
+        elif model.step:  # the step graphs read the UNet's initializers (same names, file)
             records[name]["weights_of"] = "unet"
     token_embedding = _write_token_table(folder, out, precision)   # the contract's dtype (the UNet's)
     variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, form, vdims, sched)} \
@@ -157,7 +158,7 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     (out / "scheduler").mkdir()
     write_json_atomic(out / "scheduler" / "scheduler_config.json", sched)
     write_json_atomic(out / mf.NAME, {
-        "format": mf.FORMAT, "precision": precision, "precisions": precisions, "opset": opset, "attention": form,
+        "format": mf.FORMAT, "precision": precision, "opset": opset, "attention": form,
         "config": cfg.to_json(), "scheduler": {"config": sched, "updated": updated}, "models": records, "variants": variants, "engines": {},
         "token_embedding": token_embedding,
         "source": source or {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
@@ -258,13 +259,11 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
 
 def _step_reference(folder, step, dims: Dims, sched_config: dict):
     """Inputs for a denoise-step graph and the expected output from torch UNet + numpy DDIM (+ the
-    variant's inpainting inputs and blend, written out here independently of the graph)."""
+    variant's own part, REFERENCES, written out here independently of the graph)."""
     import torch
 
     from sdrt.engine import scheduler
-    from sdrt.export.compose_step import step_variant
-    guidance = step.name.endswith("_cfg")
-    variant = step_variant(step)
+    guidance, (unet_input, finish) = step.step.guidance, REFERENCES[step.step.variant]
     d = Dims(dims.batch, dims.height, dims.width, cfg=guidance, vae_factor=dims.vae_factor, chunks=dims.chunks,
              text_len=dims.text_len)
     sched = scheduler.DDIMConfig.from_json(sched_config)
@@ -274,8 +273,7 @@ def _step_reference(folder, step, dims: Dims, sched_config: dict):
     inputs["step_table"], inputs["step_index"] = table, np.array([k], np.int32)
     if "mask" in inputs:  # a binary mask, as the runtime feeds it
         inputs["mask"] = (inputs["mask"] > 0).astype(np.float32)
-    x = inputs["latents"]
-    u = np.concatenate([x, inputs["mask"], inputs["masked_image_latents"]], 1) if variant == "concat" else x
+    x, u = inputs["latents"], unet_input(inputs)
     emb = torch.from_numpy(inputs["text_embeddings"].astype(np.float32))
     sample = torch.from_numpy(np.concatenate([u, u]) if guidance else u)
     with torch.no_grad():
@@ -284,11 +282,35 @@ def _step_reference(folder, step, dims: Dims, sched_config: dict):
         uncond, cond = np.split(m, 2)
         m = uncond + table[k, STEP_COLUMNS.index("guidance")] * (cond - uncond)
     x_prev = scheduler.apply_step(table[k], x, m)
-    if variant == "blend":
-        r = dict(zip(STEP_COLUMNS, table[k]))
-        known = r["sqrt_alpha_next"] * inputs["image_latents"] + r["sqrt_one_minus_alpha_next"] * inputs["noise"]
-        x_prev = (1 - inputs["mask"]) * known + inputs["mask"] * x_prev
-    return inputs, [x_prev, np.array([k + 1], np.int32)]
+    return inputs, [finish(inputs, dict(zip(STEP_COLUMNS, table[k])), x_prev), np.array([k + 1], np.int32)]
+
+
+# Each variant's own part in numpy, (UNet input u, latents_next from x_{t-1}): the reference the
+# composed graph (sdrt.export.compose_step.GRAPHS) is validated against.
+def unet_input_latents(inputs: dict) -> np.ndarray:
+    """u = x_t"""
+    return inputs["latents"]
+
+
+def unet_input_concat(inputs: dict) -> np.ndarray:
+    """u = concat(x_t, mask, masked-image latents): the 9-channel inpainting UNet."""
+    return np.concatenate([inputs["latents"], inputs["mask"], inputs["masked_image_latents"]], 1)
+
+
+def finish_plain(inputs: dict, row: dict, x_prev: np.ndarray) -> np.ndarray:
+    """latents_next = x_{t-1}"""
+    return x_prev
+
+
+def finish_blend(inputs: dict, row: dict, x_prev: np.ndarray) -> np.ndarray:
+    """The known region (mask 0), re-noised to the next timestep, put back."""
+    known = row["sqrt_alpha_next"] * inputs["image_latents"] + row["sqrt_one_minus_alpha_next"] * inputs["noise"]
+    return (1 - inputs["mask"]) * known + inputs["mask"] * x_prev
+
+
+REFERENCES = {Variant.plain: (unet_input_latents, finish_plain),
+              Variant.blend: (unet_input_latents, finish_blend),
+              Variant.concat: (unet_input_concat, finish_plain)}
 
 
 def external_data_locations(path: Path) -> list[str]:

@@ -11,10 +11,17 @@ Dims are symbolic strings resolved per run by `Dims`:
   latent_h/w  latent height/width: image size / vae_factor
   height/width  image size in pixels
 Fixed sizes (77 tokens, 768 hidden, 4 channels, ...) are plain ints taken from the model config.
+
+The denoising step graphs are typed: each step `Model` carries its `Step(variant, guidance)`,
+which owns the model's name, its extra inputs and its build flags, and the manifest records it.
+Which step and which models a generation runs is decided once, here:
+    Task.of(image, mask) -> Step.for_task(cfg, task, guidance) -> task_models(cfg, task, guidance)
+No other stage reads a model's name or slices its inputs to learn what a step does.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from enum import Enum
 
 from sdrt.errors import UserError
 
@@ -44,6 +51,7 @@ class Model:
     onnx: str                      # file name under WORK_DIR/onnx/
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
+    step: "Step | None" = None     # what a denoising step graph does; None for the other models
 
     @property
     def tensors(self) -> tuple[Tensor, ...]:
@@ -63,15 +71,20 @@ class Model:
         return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
                 for t in self.tensors if any(isinstance(d, str) for d in t.shape)}
 
-    def to_json(self) -> dict:
+    def io_json(self) -> dict:
+        """The graph file and its inputs/outputs: what an engine built from it depends on."""
         return {"onnx": self.onnx,
                 "inputs": [_tensor_json(t) for t in self.inputs],
                 "outputs": [_tensor_json(t) for t in self.outputs]}
 
+    def to_json(self) -> dict:
+        return {**self.io_json(), **({"step": self.step.to_json()} if self.step else {})}
+
     @staticmethod
     def from_json(name: str, d: dict) -> "Model":
         return Model(name, d["onnx"], tuple(_tensor(t) for t in d["inputs"]),
-                     tuple(_tensor(t) for t in d["outputs"]))
+                     tuple(_tensor(t) for t in d["outputs"]),
+                     Step.from_json(d["step"]) if "step" in d else None)
 
 
 def _tensor_json(t: Tensor) -> dict:
@@ -205,52 +218,192 @@ def vae_encoder(cfg: ModelConfig, precision: str) -> Model:
                  (Tensor("latents", "float32", ("batch", cfg.latent_channels, "latent_h", "latent_w")),))
 
 
-# Denoising step variants: what is fed to the UNet besides x_t, and what happens after DDIM.
-#   plain   text-to-image and image-to-image (4-channel UNet)
-#   blend   inpainting with a 4-channel UNet: the known region, re-noised to the next timestep,
-#           replaces the step's output outside the mask
-#   concat  inpainting with a 9-channel UNet: concat(x_t, mask, masked-image latents) in
-STEP_VARIANTS = ("plain", "blend", "concat")
-STEP_EXTRA_INPUTS = {"plain": (), "blend": ("mask", "image_latents", "noise"),
-                     "concat": ("mask", "masked_image_latents")}
+# ---- the denoising step as a type ---------------------------------------------------------------
+#
+#   Task (what a generation is asked)  --Step.for_task(cfg, task, guidance)-->  Step(variant, guidance)
+#   Step -> its model's name, extra inputs, build flags; Model.step (recorded in the manifest)
+#   task_models(cfg, task, guidance) -> the models that generation runs (build, memory, runtime)
+#
+# A new variant: one Variant value + its VARIANTS row here, and its graph in
+# sdrt.export.compose_step.GRAPHS (with its numpy reference in sdrt.export.export.REFERENCES).
+
+class Task(str, Enum):
+    """What one generation is asked to do (which inputs it has)."""
+    text_to_image = "text to image"
+    image_to_image = "image to image"          # an image
+    inpainting = "inpainting"                  # an image and a mask (white = repaint)
+
+    @staticmethod
+    def of(image: bool, mask: bool) -> "Task":
+        return Task.inpainting if mask else Task.image_to_image if image else Task.text_to_image
 
 
-def step_name(variant: str, guidance: bool) -> str:
-    base = {"plain": "denoise_step", "blend": "denoise_step_blend", "concat": "denoise_step_inpaint"}[variant]
-    return base + ("_cfg" if guidance else "")
+class Variant(str, Enum):
+    """What a denoising step feeds the UNet besides x_t, and what it does after the DDIM update."""
+    plain = "plain"      # text to image and image to image (4-channel UNet)
+    blend = "blend"      # inpainting with a 4-channel UNet: the known region, re-noised to the next
+                         # timestep, replaces the step's output outside the mask
+    concat = "concat"    # inpainting with a 9-channel UNet: concat(x_t, mask, masked-image latents) in
+
+    @property
+    def spec(self) -> "VariantSpec":
+        return VARIANTS[self]
+
+    @staticmethod
+    def for_task(cfg: ModelConfig, task: Task, where: str = "this export") -> "Variant":
+        """The variant a generation of `task` runs on this UNet; UserError when the UNet cannot."""
+        for v in Variant:
+            if v.spec.inpainting_unet == cfg.inpainting_unet and task in v.spec.tasks:
+                return v
+        if cfg.inpainting_unet:
+            raise UserError(f"{where} holds an inpainting UNet ({cfg.unet_channels} input channels): it needs "
+                            f"--image and --mask; text to image and image to image need an export of an "
+                            f"ordinary {cfg.latent_channels}-channel UNet")
+        raise UserError(f"{where} has no denoising step for {task.value} (a UNet of {cfg.unet_channels} "
+                        f"input channels)")
 
 
-def step_variants(cfg: ModelConfig) -> tuple[str, ...]:
-    """The step variants an export of this UNet has: a 9-channel UNet can only inpaint."""
-    return ("concat",) if cfg.inpainting_unet else ("plain", "blend")
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str                          # the step model's name (+ "_cfg" with guidance)
+    extra_inputs: tuple[str, ...]      # graph inputs after the four every step has (STEP_INPUTS),
+                                       # bound once per call
+    inpainting_unet: bool              # runs on a 9-channel inpainting UNet, else a 4-channel one
+    tasks: tuple[Task, ...]            # the generations it serves
+    build_flags: tuple[str, ...] = ()  # what `sdrt build` needs to make its engine
 
 
-def denoise_step(cfg: ModelConfig, precision: str, guidance: bool, variant: str = "plain") -> Model:
+VARIANTS = {
+    Variant.plain: VariantSpec("denoise_step", (), False, (Task.text_to_image, Task.image_to_image)),
+    Variant.blend: VariantSpec("denoise_step_blend", ("mask", "image_latents", "noise"), False,
+                               (Task.inpainting,), ("--inpaint",)),
+    Variant.concat: VariantSpec("denoise_step_inpaint", ("mask", "masked_image_latents"), True,
+                                (Task.inpainting,)),
+}
+
+
+def step_inputs(cfg: ModelConfig, precision: str) -> dict[str, Tensor]:
+    """Every tensor a step graph may take, by name: the four of every step, then the variants' own."""
+    latent = ("batch", cfg.latent_channels, "latent_h", "latent_w")
+    return {t.name: t for t in (
+        Tensor("latents", "float32", latent),
+        Tensor("text_embeddings", _float(precision), ("text_batch", "text_seq", cfg.text_dim)),
+        Tensor("step_table", "float32", (STEP_TABLE_ROWS, len(STEP_COLUMNS))),
+        Tensor("step_index", "int32", (1,)),
+        Tensor("mask", "float32", ("batch", 1, "latent_h", "latent_w")),
+        Tensor("image_latents", "float32", latent),
+        Tensor("noise", "float32", latent),
+        Tensor("masked_image_latents", "float32", latent))}
+
+
+STEP_INPUTS = ("latents", "text_embeddings", "step_table", "step_index")   # every step's first four
+
+
+@dataclass(frozen=True)
+class Step:
+    """One denoising step graph: UNet + classifier-free guidance (or not) + DDIM update, in the
+    way its variant feeds and finishes it. Owns the model's name, extra inputs and build flags."""
+    variant: Variant
+    guidance: bool
+
+    def __post_init__(self):
+        object.__setattr__(self, "variant", Variant(self.variant))
+
+    @property
+    def spec(self) -> VariantSpec:
+        return self.variant.spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name + ("_cfg" if self.guidance else "")
+
+    @property
+    def extra_inputs(self) -> tuple[str, ...]:
+        """Names of the inputs bound once per call (mask, image latents, ...), in graph order."""
+        return self.spec.extra_inputs
+
+    @property
+    def build_flags(self) -> tuple[str, ...]:
+        """The `sdrt build` flags that make this step's engine."""
+        return (() if self.guidance else ("--no-guidance",)) + self.spec.build_flags
+
+    def inputs(self, cfg: ModelConfig, precision: str) -> tuple[Tensor, ...]:
+        table = step_inputs(cfg, precision)
+        return tuple(table[n] for n in STEP_INPUTS + self.extra_inputs)
+
+    def outputs(self, cfg: ModelConfig) -> tuple[Tensor, ...]:
+        latent = ("batch", cfg.latent_channels, "latent_h", "latent_w")
+        return (Tensor("latents_next", "float32", latent), Tensor("step_index_next", "int32", (1,)))
+
+    def to_json(self) -> dict:
+        return {"variant": self.variant.value, "guidance": self.guidance}
+
+    @staticmethod
+    def from_json(d: dict) -> "Step":
+        return Step(Variant(d["variant"]), bool(d["guidance"]))
+
+    @staticmethod
+    def every() -> tuple["Step", ...]:
+        return tuple(Step(v, g) for v in Variant for g in (True, False))
+
+    @staticmethod
+    def of_unet(cfg: ModelConfig) -> tuple["Step", ...]:
+        """The steps an export of this UNet has (a 9-channel UNet can only inpaint)."""
+        return tuple(s for s in Step.every() if s.spec.inpainting_unet == cfg.inpainting_unet)
+
+    @staticmethod
+    def for_task(cfg: ModelConfig, task: Task, guidance: bool, where: str = "this export") -> "Step":
+        """The step a generation of `task` runs on this UNet; UserError when the UNet cannot."""
+        return Step(Variant.for_task(cfg, task, where), guidance)
+
+    @staticmethod
+    def named(name: str) -> "Step | None":
+        """The step of that model name (manifests written before the step was recorded)."""
+        return next((s for s in Step.every() if s.name == name), None)
+
+
+def tasks_of_unet(cfg: ModelConfig) -> tuple[Task, ...]:
+    """What an export of this UNet can generate, in Task order."""
+    return tuple(t for t in Task if any(t in s.spec.tasks for s in Step.of_unet(cfg)))
+
+
+def task_models(cfg: ModelConfig, task: Task, guidance: bool) -> tuple[str, ...]:
+    """The models one generation of `task` runs, in order: text encoder, its step, the VAE encoder
+    (image inputs), the VAE decoder. UserError when this UNet cannot do `task`."""
+    encoder = () if task is Task.text_to_image else ("vae_encoder",)
+    return ("text_encoder", Step.for_task(cfg, task, guidance).name, *encoder, "vae_decoder")
+
+
+def engine_tasks(cfg: ModelConfig, inpaint: bool = False, image_inputs: bool = True) -> tuple[Task, ...]:
+    """The tasks `sdrt build` prepares engines for (and `sdrt memory` sizes): what the UNet can do;
+    inpainting with a 4-channel UNet only when asked (`inpaint`: a second step engine); image
+    inputs only in exports that have a VAE encoder (older exports do not)."""
+    tasks = tasks_of_unet(cfg)
+    return tuple(t for t in tasks if (t is Task.text_to_image or image_inputs)
+                 and (t is not Task.inpainting or inpaint or tasks == (Task.inpainting,)))
+
+
+def models_of_tasks(cfg: ModelConfig, tasks, guidance: bool) -> tuple[str, ...]:
+    """Every model these tasks run, each once, in run order (text encoder, steps, VAE encoder, VAE
+    decoder)."""
+    names = {n: None for t in tasks for n in task_models(cfg, t, guidance)}
+    order = ["text_encoder", *(s.name for s in Step.every()), "vae_encoder", "vae_decoder"]
+    return tuple(sorted(names, key=order.index))
+
+
+def denoise_step(cfg: ModelConfig, precision: str, guidance: bool, variant: Variant = Variant.plain) -> Model:
     """One whole denoising step: UNet + classifier-free guidance + DDIM update (+ the variant's
     inpainting inputs, bound once per call).
 
     Reads its per-step values from `step_table[step_index]` and writes `step_index + 1`, so the
     same bound buffers (ping-ponged) and one captured CUDA graph serve every step.
     """
-    c = cfg.latent_channels
-    latent = ("batch", c, "latent_h", "latent_w")
-    extra = {"mask": Tensor("mask", "float32", ("batch", 1, "latent_h", "latent_w")),
-             "image_latents": Tensor("image_latents", "float32", latent),
-             "noise": Tensor("noise", "float32", latent),
-             "masked_image_latents": Tensor("masked_image_latents", "float32", latent)}
-    name = step_name(variant, guidance)
-    return Model(name, name + ".onnx",
-                 (Tensor("latents", "float32", latent),
-                  Tensor("text_embeddings", _float(precision), ("text_batch", "text_seq", cfg.text_dim)),
-                  Tensor("step_table", "float32", (STEP_TABLE_ROWS, len(STEP_COLUMNS))),
-                  Tensor("step_index", "int32", (1,)))
-                 + tuple(extra[n] for n in STEP_EXTRA_INPUTS[variant]),
-                 (Tensor("latents_next", "float32", latent),
-                  Tensor("step_index_next", "int32", (1,))))
+    step = Step(variant, guidance)
+    return Model(step.name, step.name + ".onnx", step.inputs(cfg, precision), step.outputs(cfg), step)
 
 
 def step_models(cfg: ModelConfig, precision: str) -> list[Model]:
-    return [denoise_step(cfg, precision, g, v) for v in step_variants(cfg) for g in (True, False)]
+    return [denoise_step(cfg, precision, s.guidance, s.variant) for s in Step.of_unet(cfg)]
 
 
 def all_models(cfg: ModelConfig, precision: str) -> dict[str, Model]:
@@ -260,9 +413,7 @@ def all_models(cfg: ModelConfig, precision: str) -> dict[str, Model]:
 
 
 # What the runtime may run (the plain UNet is exported and validated, but served through the steps).
-RUNTIME_MODELS = ("text_encoder", "denoise_step_cfg", "denoise_step", "denoise_step_blend_cfg",
-                  "denoise_step_blend", "denoise_step_inpaint_cfg", "denoise_step_inpaint",
-                  "vae_encoder", "vae_decoder")
+RUNTIME_MODELS = ("text_encoder", *(s.name for s in Step.every()), "vae_encoder", "vae_decoder")
 
 
 def _float(precision: str) -> str:

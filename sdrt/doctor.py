@@ -163,7 +163,7 @@ def model_precisions(manifest: dict) -> dict:
 def attention_check(manifest: dict, statuses: dict) -> list[str]:
     """Problems between the export's attention form and the installed runtimes."""
     from sdrt.engine.ort_cuda import ORT_CUDA_ATTENTION
-    from sdrt.engine_keys import major_minor
+    from sdrt.engine.engine_keys import major_minor
     form, out = manifest.get("attention", "decomposed"), []
     trt = statuses["tensorrt"]
     if trt["installed"] and form == "op":
@@ -181,7 +181,7 @@ def attention_check(manifest: dict, statuses: dict) -> list[str]:
 
 def engine_checks(work_dir: Path, manifest: dict, statuses: dict) -> list[dict]:
     """Every engine the manifest records: ok, or stale and which key field, or not checkable here."""
-    from sdrt.engine_keys import check_engine
+    from sdrt.engine.engine_keys import check_engine
     out = []
     for backend, engines in manifest.get("engines", {}).items():
         for model in engines:

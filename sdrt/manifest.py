@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
-from sdrt.contract import Model, ModelConfig
+from sdrt.contract import Model, ModelConfig, Step
 from sdrt.errors import UserError
 
 FORMAT = 1
@@ -45,7 +46,15 @@ def load(work_dir: Path) -> dict:
 
 
 def models(manifest: dict) -> dict[str, Model]:
-    return {name: Model.from_json(name, m["contract"]) for name, m in manifest["models"].items()}
+    """Every model's contract, step graphs with their Step (exports that did not record it: the
+    step of that name, derived here once)."""
+    out = {}
+    for name, rec in manifest["models"].items():
+        model = Model.from_json(name, rec["contract"])
+        if "step" not in rec["contract"]:
+            model = replace(model, step=Step.named(name))
+        out[name] = model
+    return out
 
 
 def config(manifest: dict) -> ModelConfig:
@@ -53,15 +62,18 @@ def config(manifest: dict) -> ModelConfig:
 
 
 def model_precision(manifest: dict, name: str) -> str:
-    """fp16 or fp32 of one model: --vae-precision / --text-encoder-precision may differ from the
-    export's --precision (which the UNet and the step graphs always follow)."""
-    return manifest.get("precisions", {}).get(name, manifest.get("precision", "fp16"))
+    """fp16 or fp32 of one model, as recorded in manifest["models"][name]["precision"]:
+    --vae-precision / --text-encoder-precision may differ from the export's --precision (which the
+    UNet and the step graphs always follow). Older manifests: their "precisions" table, else the
+    export's precision."""
+    rec = manifest.get("models", {}).get(name, {})
+    return rec.get("precision") or manifest.get("precisions", {}).get(name) or manifest.get("precision", "fp16")
 
 
 def precision_label(manifest: dict) -> str:
     """"fp16", or "fp16 (vae_decoder fp32)" when a model differs from the UNet."""
     base = manifest.get("precision", "fp16")
-    odd = [f"{n} {p}" for n, p in manifest.get("precisions", {}).items() if p != base]
+    odd = [f"{n} {p}" for n in manifest.get("models", {}) if (p := model_precision(manifest, n)) != base]
     return base + (f" ({', '.join(odd)})" if odd else "")
 
 

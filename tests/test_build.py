@@ -1,4 +1,4 @@
-"""sdrt.export.build and sdrt.engine_keys: ONNX -> TensorRT-RTX engines on a CPU, engine
+"""sdrt.export.build and sdrt.engine.engine_keys: ONNX -> TensorRT-RTX engines on a CPU, engine
 keys, staleness, failures.
 
 The work dir is a fake but valid export: tiny fp16 graphs with the contract's I/O (names, dtypes,
@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdrt import contract, engine_keys as EC, manifest as mf
+from sdrt import contract, manifest as mf
+from sdrt.engine import engine_keys as EC
 from sdrt.errors import UserError
 from sdrt.fileio import write_json_atomic
 from sdrt.export import build as B

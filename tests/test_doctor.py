@@ -130,10 +130,10 @@ def test_attention_form_against_tensorrt_version(monkeypatch):
 
 def test_stale_engine_names_the_field(monkeypatch, tmp_path):
     from sdrt.errors import UserError
-    import sdrt.engine_keys
+    import sdrt.engine.engine_keys
     def check_engine(work_dir, backend, model):
         raise UserError(f"engine {model} is stale: gpu_name changed (built for NVIDIA L4, now NVIDIA H100)")
-    monkeypatch.setattr(sdrt.engine_keys, "check_engine", check_engine)
+    monkeypatch.setattr(sdrt.engine.engine_keys, "check_engine", check_engine)
     man = {"engines": {"tensorrt": {"vae_decoder": {}}, "tensorrt-rtx": {"vae_decoder": {}}}}
     rows = D.engine_checks(tmp_path, man, {"tensorrt": {"installed": True}, "tensorrt-rtx": {"installed": False}})
     assert rows[0]["state"] == "stale" and "gpu_name changed" in rows[0]["why"]

@@ -58,8 +58,9 @@ def test_overflowing_vae_is_caught_and_vae_fp32_fixes_it(hot_vae, mixed, tmp_pat
     assert not out.exists()
 
     data = mf.load(mixed)
-    assert data["precisions"]["vae_decoder"] == "fp32" and data["precisions"]["unet"] == "fp16"
-    assert data["precisions"]["text_encoder"] == "fp32"
+    precision = {n: mf.model_precision(data, n) for n in data["models"]}   # written once per model
+    assert precision["vae_decoder"] == "fp32" and precision["unet"] == "fp16" == precision["denoise_step_cfg"]
+    assert precision["text_encoder"] == "fp32" and "precisions" not in data
     assert mf.precision_label(data) == "fp16 (text_encoder fp32, vae_decoder fp32, vae_encoder fp32)"  # the encoder follows --vae-precision
     res = Pipeline(mixed, "onnxruntime-cpu").generate("a fox", steps=2, latents=big_latents(), height=64, width=64)
     ref = diffusers_images(hot_vae, "a fox", "", 2, 7.5, 64, 64, big_latents())

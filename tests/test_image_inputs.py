@@ -251,7 +251,7 @@ def test_inpainting_engines_build_and_old_keys_are_stale(tiny_inpaint_fp32, tmp_
     import shutil
 
     from sdrt import manifest as mf
-    from sdrt import engine_keys as engine_cache
+    from sdrt.engine import engine_keys as engine_cache
     from sdrt.errors import UserError
     rtx = "tensorrt-rtx"
     work = tmp_path / "work"

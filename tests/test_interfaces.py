@@ -53,7 +53,7 @@ def test_tensorrt_rtx_has_everything_sdrt_uses():
     import tensorrt_rtx
     report = A.check("tensorrt", tensorrt_rtx)
     assert_clean(report, 50)
-    assert {"engine/tensorrt.py", "export/build.py", "sdrt/engine_keys.py"} <= files_of(report)
+    assert {"engine/tensorrt.py", "export/build.py", "engine/engine_keys.py"} <= files_of(report)
     assert report.guarded                 # the version-dependent calls (shown with -s), and which are absent here
     for u in report.guarded:
         state = "absent" if u.problem else "present"

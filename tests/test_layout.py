@@ -1,6 +1,8 @@
 """The stages' import graph, read from the source: engine/ never imports export/ (so no cycle
-between them), no module imports another stage's private `_name`, and no argparse namespace goes
-below the CLI layer (only top-level sdrt/ imports argparse)."""
+between them), no module imports another stage's private `_name`, no argparse namespace goes
+below the CLI layer (only top-level sdrt/ imports argparse), and no import runs back up: a
+top-level sdrt/ module that engine/ or export/ imports (contract, manifest, errors, ...) imports no
+stage."""
 from __future__ import annotations
 
 import ast
@@ -61,12 +63,32 @@ def violations(modules: dict[str, str]) -> list[str]:
                     and not node.attr.startswith("__")):
                 found.append(f"{name} uses {other_modules[node.value.id]}.{node.attr}, private to "
                              f"{stage(other_modules[node.value.id])}")
+    return found + back_up(modules)
+
+
+def sdrt_imports(modules: dict[str, str], name: str) -> set[str]:
+    """The sdrt modules `name` imports (a module's own name, or the package it imports from)."""
+    return {f"{mod}.{item}" if item and f"{mod}.{item}" in modules else mod
+            for mod, item, _ in imports(modules[name]) if mod.startswith("sdrt")}
+
+
+def back_up(modules: dict[str, str]) -> list[str]:
+    """Top-level modules the runtime or the exporter import must not import a stage themselves."""
+    found = []
+    for name in sorted(modules):
+        if stage(name) not in ("engine", "export"):
+            continue
+        for shared in sorted(t for t in sdrt_imports(modules, name) if stage(t) == "sdrt" and t in modules):
+            for target in sorted(sdrt_imports(modules, shared)):
+                if stage(target) != "sdrt":
+                    found.append(f"{shared} imports {target}, and {name} imports {shared}: an import "
+                                 f"that runs back up")
     return found
 
 
 def test_stages_import_public_names_only_and_engine_never_imports_export():
     modules = sources()
-    assert {"sdrt.engine_keys", "sdrt.engine.tensorrt", "sdrt.export.build", "sdrt.cli"} <= set(modules)
+    assert {"sdrt.engine.engine_keys", "sdrt.engine.tensorrt", "sdrt.export.build", "sdrt.cli"} <= set(modules)
     assert violations(modules) == []
 
 
@@ -82,3 +104,12 @@ def test_the_check_sees_each_kind_of_violation():
     assert "sdrt.export.b imports sdrt.engine.a._private, private to engine" in found
     assert "sdrt.export.b uses sdrt.engine.a._helper, private to engine" in found
     assert "sdrt.engine.c imports sdrt.export.b (the runtime never imports export/)" in found
+
+
+def test_the_check_sees_an_import_that_runs_back_up():
+    bad = {"sdrt.engine.a": "from sdrt import shared\n", "sdrt.shared": "from sdrt.engine import cuda\n",
+           "sdrt.engine.cuda": "", "sdrt.export.b": "from sdrt.contract import Model\n",
+           "sdrt.contract": "from sdrt.errors import UserError\n", "sdrt.errors": "",
+           "sdrt.cli": "from sdrt.engine import a\n"}          # the CLI layer may import any stage
+    assert violations(bad) == ["sdrt.shared imports sdrt.engine.cuda, and sdrt.engine.a imports sdrt.shared: "
+                               "an import that runs back up"]

@@ -478,7 +478,7 @@ def test_rtx_refit_runs_on_gpu(tiny_fp16, tmp_path):
     import shutil
     from sdrt.engine import cuda
     from sdrt.engine.tensorrt import TensorRT
-    from sdrt.engine_keys import check_engine
+    from sdrt.engine.engine_keys import check_engine
     from sdrt.export import build as B
     if not cuda.available():
         pytest.skip("needs an NVIDIA GPU")

@@ -59,7 +59,9 @@ def test_attention_op_keeps_scores_out_of_memory(tiny_fp32, tiny_fp32_decomposed
         assert all(m["unknown_tensors"] == 0 for m in e["models"].values())
         assert e["total_bytes"] == e["weights_bytes"] + e["activation_bytes"] + e["io_bytes"]
         assert e["activation_bytes"] == max(m["activation_bytes"] for m in e["models"].values())
-    for name in memory.MODELS:   # the fused op never needs more than the chain it replaces
+    assert list(op["models"]) == ["text_encoder", "denoise_step_cfg", "vae_encoder", "vae_decoder"]
+    assert op["step"] == "denoise_step_cfg"
+    for name in op["models"]:   # the fused op never needs more than the chain it replaces
         assert op["models"][name]["activation_bytes"] <= dec["models"][name]["activation_bytes"], name
     step_op = op["models"]["denoise_step_cfg"]["activation_bytes"]
     step_dec = dec["models"]["denoise_step_cfg"]["activation_bytes"]

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdrt import contract, engine_keys
+from sdrt import contract
+from sdrt.engine import engine_keys
 from sdrt.engine import tensorrt as TB
 from sdrt.errors import UserError
 
@@ -180,7 +181,7 @@ def test_adapter_does_not_import_torch():
 def test_engine_keys_and_backend_stay_lean():
     """The runtime's staleness check and TensorRT backend load without torch, onnx or the export package."""
     import subprocess
-    code = ("import sys, sdrt.engine_keys, sdrt.engine.tensorrt; "
+    code = ("import sys, sdrt.engine.engine_keys, sdrt.engine.tensorrt; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx') "
             "or m.startswith('sdrt.export')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

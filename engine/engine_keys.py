@@ -3,7 +3,8 @@
 An engine built by `sdrt build` is recorded in manifest["engines"][backend][model] with the key it
 was built for: ONNX hash, backend, TensorRT version, GPU, profile and options. `check_engine`
 refuses a plan whose key no longer holds and says which field changed. The builder
-(sdrt.export.build) and the runtime (sdrt.engine.tensorrt) both use this module, so they agree.
+(sdrt.export.build) and the runtime (sdrt.engine.tensorrt) both use this module, so they agree; it
+lives with the runtime it serves, and the builder imports it from there.
 
 No torch, no onnx, nothing from sdrt.export; TensorRT is imported only when asked for.
 """
@@ -77,7 +78,7 @@ def current_hash(work_dir: Path, manifest: dict, model_name: str, entry: dict | 
 def io_digest(model) -> str:
     """The model's I/O contract (names, dtypes, shapes; e.g. a 9-channel inpainting UNet's step
     inputs) in short: engines keyed before it was part of the key are stale."""
-    return mf.sha256_bytes(json.dumps(model.to_json(), sort_keys=True).encode())[:16]
+    return mf.sha256_bytes(json.dumps(model.io_json(), sort_keys=True).encode())[:16]
 
 
 def engine_key(backend: str, trt, onnx_hash: str, profile: dict | None, options: dict | None,

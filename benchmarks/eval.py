@@ -68,6 +68,8 @@ def save_grid(path: Path, images: dict, scene_lists: dict, per_split: int = 8) -
 def evaluate(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 25,
              guidance: float = 5.0, seed: int = 0, grid_path: Path | None = None) -> dict:
     from sdrt.engine.pipeline import Pipeline
+    from sdrt.engine.request import resolve_seed
+    seed = resolve_seed(seed)                 # -1: a random one, recorded in the report
     if n < 2:
         raise UserError(f"--n must be at least 2 (FID needs a covariance), got {n}")
     pipe = Pipeline(work_dir, backend=backend)
@@ -109,6 +111,7 @@ def main(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 25, g
             raise UserError(f"cannot write {path}: its folder does not exist")
     report = evaluate(work_dir, backend, n, steps, guidance, seed, grid_path)
     print(table(report))
+    print(f"seed {report['seed']}")
     if out:
         write_json_atomic(out, report)
         print(f"wrote {out}")

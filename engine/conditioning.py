@@ -47,8 +47,9 @@ class Conditioning:
     def body_len(self) -> int:
         return self.text_len - 2
 
-    def chunks(self, prompt: str) -> Chunks:
-        """The prompt's chunks of body_len tokens (BREAK closes one early); at least one."""
+    def chunks(self, prompt: str, syntax: str = "webui") -> Chunks:
+        """The prompt's chunks of body_len tokens (BREAK closes one early); at least one.
+        syntax "webui": emphasis and BREAK (prompt_parser); "plain": the text as it is, weight 1."""
         ids, weights = [], []
         cur_ids, cur_w = [], []
 
@@ -57,7 +58,8 @@ class Conditioning:
             weights.append(self.pad([1.0, *cur_w, 1.0], 1.0))
             cur_ids.clear(), cur_w.clear()
 
-        for item in prompt_parser.parse(prompt):
+        items = prompt_parser.parse(prompt) if syntax == "webui" else [(prompt, 1.0)]
+        for item in items:
             if item is prompt_parser.BREAK:
                 close()
                 continue
@@ -83,10 +85,10 @@ class Conditioning:
             text = text.replace(token, replacement)
         return text
 
-    def rows(self, prompts: list[str]) -> Chunks:
+    def rows(self, prompts: list[str], syntax: str = "webui") -> Chunks:
         """Chunks of several prompts, each padded with empty-prompt chunks to the longest:
         [len(prompts) * k, text_len], prompt-major (row r, chunk c at r * k + c)."""
-        per_prompt = {p: self.chunks(p) for p in dict.fromkeys(prompts)}
+        per_prompt = {p: self.chunks(p, syntax) for p in dict.fromkeys(prompts)}
         k = max(len(c) for c in per_prompt.values())
         empty = self.chunks("")
         padded = {p: pad_chunks(c, k, empty) for p, c in per_prompt.items()}

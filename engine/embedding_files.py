@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.engine import tensor_files
+from sdrt.engine import request, tensor_files
 from sdrt.errors import UserError
 
 
@@ -29,16 +29,10 @@ class Embedding:
 
 
 def parse_spec(spec) -> tuple[Path, str | None]:
-    """"FILE[:TOKEN]" (or a (FILE, TOKEN) pair) -> (path, token or None). A colon that belongs to
-    an existing path (C:\\, a file named a:b) is part of the path."""
-    if isinstance(spec, (tuple, list)):
-        path, token = spec
-        return Path(path), token
-    spec = str(spec)
-    path, sep, token = spec.rpartition(":")
-    if not sep or not path or Path(spec).exists() or "/" in token or "\\" in token:
-        return Path(spec), None
-    return Path(path), token or None
+    """"FILE[:TOKEN]" (or a (FILE, TOKEN) pair) -> (path, token or None), by request.parse_spec's
+    rule: a colon that belongs to an existing path (C:\\, a file named a:b) is part of the path."""
+    path, token = request.parse_spec(spec, str, None)
+    return Path(path), token
 
 
 def load(spec) -> Embedding:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.engine.request import RequestError
 from sdrt.errors import UserError
 
 RESAMPLE = "LANCZOS"  # VaeImageProcessor's default resample filter
@@ -108,8 +109,8 @@ def target_size(img, vae_factor: int, resize: bool) -> tuple[int, int]:
     if rw == 0 or rh == 0:
         raise UserError(f"the image is {_size(img)}: it must be at least {vae_factor}x{vae_factor} pixels")
     if not resize:
-        raise UserError(f"the image is {_size(img)} (width x height), not a multiple of {vae_factor} (this "
-                        f"model's VAE factor): pass --resize to resize it to {rw}x{rh}, or crop it")
+        raise RequestError("image", f"the image is {_size(img)} (width x height), not a multiple of {vae_factor} "
+                                    f"(this model's VAE factor): pass {{resize}} to resize it to {rw}x{rh}, or crop it")
     return rh, rw
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.contract import RUNTIME_MODELS
-from sdrt.engine import tensor_files
+from sdrt.engine import request, tensor_files
 from sdrt.errors import UserError, first_line
 
 COMPONENTS = ("unet", "text_encoder")          # the export's models that LoRA modules target
@@ -314,15 +314,9 @@ def base_weights(onnx_dir: Path, targets: dict, names: dict) -> dict:
     return {c: {n: np.array(read_base(onnx_dir, by_init[c][n])) for n in ns} for c, ns in names.items()}
 
 
-def parse_spec(spec: str) -> tuple[str, float]:
-    """"FILE[:SCALE]" -> (FILE, SCALE); SCALE defaults to 1."""
-    path, sep, scale = spec.rpartition(":")
-    if sep:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return spec, 1.0
+def parse_spec(spec) -> tuple[str, float]:
+    """"FILE[:SCALE]" or (FILE, SCALE) -> (FILE, SCALE); SCALE defaults to 1 (request.parse_spec's rule)."""
+    return request.parse_spec(spec, float, 1.0)
 
 
 # ---- the LoRAs of one pipeline ----------------------------------------------------------------------

@@ -30,6 +30,7 @@ from sdrt.engine import backends, cuda, image_input, scheduler, vae_slices
 from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows
 from sdrt.engine.conditioning import Conditioning, emphasize
 from sdrt.engine.lora import LoraState
+from sdrt.engine.request import GenerateRequest, RequestError, StepCallback, noise as seeded_noise
 from sdrt.engine.timing import Clock
 from sdrt.engine.tokenizer import ClipTokenizer
 from sdrt.errors import UserError
@@ -39,6 +40,7 @@ from sdrt.errors import UserError
 class Result:
     images: np.ndarray                        # uint8 [B, H, W, 3]
     timings: dict = field(default_factory=dict)
+    seed: int | list[int] | None = None       # the seed(s) the noise came from (None: latents given)
 
     def pil(self) -> list:
         from PIL import Image
@@ -110,37 +112,52 @@ class Pipeline:
         return self.conditionings[key]
 
     def generate(self, prompt, negative="", steps=50, guidance=7.5, height=None, width=None,
-                 batch=1, seed=None, latents=None, vae_batch=None, clip_skip=1, embeddings=None, image=None,
-                 mask=None, strength=None, resize=False) -> Result:
-        """Text to image; with `image` (path, PIL image or uint8 array), image to image (strength
-        default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0).
-        prompt/negative: any length (77-token chunks), emphasis syntax (sdrt.engine.prompt_parser).
-        clip_skip: the web UI's numbering, 1 = last layer. embeddings: None = the pipeline's.
-        latents: the noise ε; vae_batch: decode in slices of this many images (None: the whole
-        batch, or what fits the free device memory; see sdrt.engine.vae_slices)."""
+                 batch=None, seed=None, latents=None, vae_batch=None, clip_skip=1, embeddings=None, image=None,
+                 mask=None, strength=None, resize=False, loras=None, prompt_syntax="webui",
+                 on_step=None) -> Result:
+        """`run(GenerateRequest(...))`: the request's fields as keywords (see sdrt.engine.request).
+        Text to image; with `image` (path, PIL image or uint8 array), image to image (strength
+        default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0)."""
+        return self.run(GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed, latents,
+                                        image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
+                                        prompt_syntax), on_step=on_step)
+
+    def run(self, request: GenerateRequest, on_step: StepCallback | None = None) -> Result:
+        """One generation. prompt/negative: any length (77-token chunks), emphasis syntax
+        (sdrt.engine.prompt_parser) unless prompt_syntax="plain". embeddings None: the pipeline's;
+        loras None: the ones applied now (else switched to these when they differ). latents: the
+        noise ε; vae_batch: decode in slices of this many images (None: the whole batch, or what
+        fits the free device memory; see sdrt.engine.vae_slices).
+
+        on_step(step_done, steps_total) is called after each denoising step is launched; it may
+        raise (e.g. request.Cancelled) to stop before the next one, and the exception propagates.
+        On a GPU backend the steps are queued asynchronously, so it reports launched steps, not
+        finished ones; the CPU backend runs each step before it returns. Without a callback the
+        loop is unchanged (no host sync is added)."""
         t0 = time.perf_counter()
-        check_batch(batch)
-        source = self.source(image, mask, resize, height, width)
+        r = request
+        if r.loras is not None and [(Path(p), s) for p, s in r.loras] != list(self.loras.applied):
+            self.set_loras(r.loras)           # only when the set differs: a switch re-makes sessions
+        source = self.source(r.image, r.mask, r.resize, r.height, r.width)
         variant = self.variant(source)
-        if source is not None:
-            height, width = source.height, source.width
-        if vae_batch is not None and (not isinstance(vae_batch, int) or vae_batch <= 0):
-            raise UserError(f"vae batch must be a positive integer, got {vae_batch}")
-        cond = self.conditioning(self.embeddings if embeddings is None else embeddings)
-        layers = self.check_clip_skip(clip_skip)
-        table = scheduler.step_table(self.scheduler, steps, guidance)   # also checks steps
-        strength = self.strength(source, strength)
+        height, width = (source.height, source.width) if source is not None else (r.height, r.width)
+        cond = self.conditioning(self.embeddings if r.embeddings is None else r.embeddings)
+        layers = self.check_clip_skip(r.clip_skip)
+        steps = r.steps
+        table = scheduler.step_table(self.scheduler, steps, r.guidance)
+        strength = self.strength(source, r.strength)
         start = scheduler.start_index(steps, strength) if source is not None else 0
-        rows = [negative] * batch + [prompt] * batch if guidance > 1.0 else [prompt] * batch
-        text = cond.rows(rows)                 # ids, weights [rows * k, 77]
-        dims = self.dims(height, width, batch, guidance, chunks=len(text.ids) // len(rows))
-        noise = self.initial_latents(dims, seed, latents)              # ε (x_T for text to image)
+        rows = r.rows()
+        text = cond.rows(rows, r.prompt_syntax)   # ids, weights [rows * k, 77]
+        dims = self.dims(height, width, r.batch, r.guidance, chunks=len(text.ids) // len(rows))
+        seed = r.used_seed()
+        noise = self.initial_latents(dims, seed, r.latents)            # ε (x_T for text to image)
         embeds = cond.lookup(text.ids)
         t_tok = time.perf_counter()
 
         fresh = (dims, variant) not in self.plans
         plan = self.plan(dims, variant)
-        vae_size = min(vae_batch or plan.vae_batch, batch)
+        vae_size = min(r.vae_batch or plan.vae_batch, r.batch)
         vae_runs = self.vae_bindings(plan, dims, vae_size)
         t_plan = time.perf_counter()
         buf, clock = plan.buf, Clock(self.backend.stream)
@@ -160,6 +177,8 @@ class Pipeline:
         for i in range(steps - start):
             plan.steps[i % 2].run()
             clock.mark("step")
+            if on_step is not None:
+                on_step(i + 1, steps - start)
         if (steps - start) % 2:                # x_0 landed in the odd buffer; the VAE reads latents_0
             buf["latents_0"].copy_from(buf["latents_1"])
         for vae in vae_runs:
@@ -172,33 +191,35 @@ class Pipeline:
         self.graph = plan.graph
         timings["graph"], timings["graph_error"] = plan.graph
         timings["vae_batch"] = vae_size
-        return Result(to_uint8(image), timings)
+        timings["seed"] = seed
+        return Result(to_uint8(image), timings, seed)
 
     # ---- image inputs -----------------------------------------------------------------------------
 
     def source(self, image, mask, resize, height, width):
         """The prepared image (and mask), or None for text to image."""
-        if image is None:
-            if mask is not None:
-                raise UserError("a mask needs an image: give --image IN.png with --mask (inpainting)")
+        if image is None:                      # a mask without an image: refused by GenerateRequest
             return None
         src = image_input.prepare(image, mask, self.config.vae_factor, resize)
         for what, asked, got in (("height", height, src.height), ("width", width, src.width)):
             if asked is not None and asked != got:
-                raise UserError(f"--{what} {asked}: with an image the output is the image's size "
-                                f"({src.width}x{src.height}); leave --height/--width out")
+                raise RequestError(what, f"{{{what}}} {asked}: with an image the output is the image's size "
+                                         f"({src.width}x{src.height}); leave {{height}}/{{width}} out")
         return src
 
     def variant(self, source) -> Variant:
         """The step variant this call runs on this export's UNet (sdrt.contract.Variant.for_task)."""
         task = Task.of(image=source is not None, mask=source is not None and source.mask is not None)
+        if self.config.inpainting_unet and task is not Task.inpainting:
+            raise RequestError("mask" if source is not None else "image",
+                               f"{self.work_dir} holds an inpainting UNet ({self.config.unet_channels} input "
+                               f"channels): it needs {{image}} and {{mask}}; text to image and image to image "
+                               f"need an export of an ordinary {self.config.latent_channels}-channel UNet")
         return Variant.for_task(self.config, task, where=str(self.work_dir))
 
     def strength(self, source, strength):
         """Defaults as diffusers': 0.75 for image to image, 1.0 for inpainting."""
-        if source is None:
-            if strength is not None:
-                raise UserError("strength applies to an input image: give --image (image to image or inpainting)")
+        if source is None:                     # strength without an image: refused by GenerateRequest
             return None
         if strength is None:
             return 1.0 if source.mask is not None else 0.75
@@ -268,8 +289,10 @@ class Pipeline:
     def dims(self, height, width, batch, guidance, chunks=1) -> Dims:
         height = self.config.default_height if height is None else height
         width = self.config.default_width if width is None else width
-        check_batch(batch)
-        check_size(height, width, self.config.vae_factor)
+        for what, v in (("height", height), ("width", width)):
+            if v <= 0 or v % self.config.vae_factor:
+                raise RequestError(what, f"{{{what}}} {v} must be a positive multiple of {self.config.vae_factor} "
+                                         f"(the VAE factor of this model)")
         self.check_chunks(chunks)
         return Dims(batch, height, width, cfg=guidance > 1.0, vae_factor=self.config.vae_factor,
                     chunks=chunks, text_len=self.config.text_len)
@@ -277,8 +300,8 @@ class Pipeline:
     def check_clip_skip(self, clip_skip) -> np.ndarray:
         layers = self.config.text_layers
         if not isinstance(clip_skip, (int, np.integer)) or not 1 <= clip_skip <= layers:
-            raise UserError(f"clip skip {clip_skip} must be 1..{layers} (1 = the last of this text "
-                            f"encoder's {layers} layers, 2 = the one before, ...)")
+            raise RequestError("clip_skip", f"{{clip_skip}} {clip_skip} must be 1..{layers} (1 = the last of "
+                                            f"this text encoder's {layers} layers, 2 = the one before, ...)")
         return np.array([clip_skip], np.int32)
 
     def check_chunks(self, chunks: int) -> None:
@@ -287,20 +310,20 @@ class Pipeline:
         limit = min((e["key"]["options"]["max_prompt_chunks"] for e in built.values()
                      if "max_prompt_chunks" in e["key"]["options"]), default=None)
         if limit is not None and chunks > limit:
-            raise UserError(f"the prompt needs {chunks} chunks of {self.config.text_len - 2} tokens; the "
+            raise RequestError("prompt", f"the prompt needs {chunks} chunks of {self.config.text_len - 2} tokens; the "
                             f"{self.backend.name} engines take at most {limit}: run `sdrt build "
                             f"{self.work_dir} --backend {self.backend.name} --max-prompt-chunks {chunks}`")
 
     def initial_latents(self, dims: Dims, seed, latents) -> np.ndarray:
         shape = (dims.batch, self.config.latent_channels, dims["latent_h"], dims["latent_w"])
         if latents is None:   # DDIM's init_noise_sigma is 1: x_T ~ N(0, I)
-            return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+            return seeded_noise(shape, seed)
         latents = np.asarray(latents)
         if latents.shape != shape:
-            raise UserError(f"latents have shape {list(latents.shape)}, expected {list(shape)} "
+            raise RequestError("latents", f"latents have shape {list(latents.shape)}, expected {list(shape)} "
                             f"for batch {dims.batch} at {dims.height}x{dims.width}")
         if not np.issubdtype(latents.dtype, np.floating) or not np.all(np.isfinite(latents)):
-            raise UserError("latents must be finite floating-point values")
+            raise RequestError("latents", "latents must be finite floating-point values")
         return latents.astype(np.float32)
 
     def plan(self, dims: Dims, variant: Variant = Variant.plain) -> Plan:
@@ -382,11 +405,6 @@ class Pipeline:
                 "text_encoder_ms": t["text_encoder"], "vae_encoder_ms": t["vae_encoder"], "steps_ms": steps,
                 "unet_step_ms": float(np.median(steps)), "denoise_ms": float(sum(steps)),
                 "vae_ms": t["vae"], "total_ms": (time.perf_counter() - t0) * 1e3}
-
-
-def check_batch(batch) -> None:
-    if not isinstance(batch, int) or batch <= 0:
-        raise UserError(f"batch must be a positive integer, got {batch}")
 
 
 def load_token_table(work_dir: Path, manifest: dict) -> np.ndarray:

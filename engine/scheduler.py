@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.contract import STEP_COLUMNS, STEP_TABLE_ROWS
+from sdrt.engine.request import RequestError
 from sdrt.errors import UserError
 
 INIT_NOISE_SIGMA = 1.0  # x_T ~ N(0, I): DDIM does not scale the initial noise
@@ -255,8 +256,8 @@ def start_index(steps: int, strength: float) -> int:
         raise UserError(f"strength {strength!r} must be in (0, 1]: the share of the steps that are run")
     kept = min(int(steps * strength), steps)
     if kept < 1:
-        raise UserError(f"strength {strength:g} with {steps} steps leaves no step to run "
-                        f"(int({steps} x {strength:g}) = 0): raise --strength or --steps")
+        raise RequestError("strength", f"{{strength}} {strength:g} with {steps} steps leaves no step to run "
+                                       f"(int({steps} x {strength:g}) = 0): raise {{strength}} or {{steps}}")
     return steps - kept
 
 

@@ -39,12 +39,14 @@ def cmd_build(a):
 
 
 def cmd_generate(a):
-    from sdrt.generate import generate_files
-    generate_files(a.work_dir, a.prompt, a.out, backend=a.backend, negative=a.negative, steps=a.steps,
-                   guidance=a.guidance, height=a.height, width=a.width, batch=a.batch, seed=a.seed,
-                   latents=a.latents, timings=a.timings, vae_batch=a.vae_batch, clip_skip=a.clip_skip,
-                   embeddings=a.embedding, loras=a.lora, image=a.image, mask=a.mask, strength=a.strength,
-                   resize=a.resize)
+    from sdrt.engine.request import GenerateRequest
+    from sdrt.generate import generate_files, load_latents
+    request = GenerateRequest(a.prompt, a.negative, steps=a.steps, guidance=a.guidance, height=a.height,
+                              width=a.width, batch=a.batch, seed=a.seed, latents=load_latents(a.latents),
+                              image=a.image, mask=a.mask, strength=a.strength, resize=a.resize,
+                              clip_skip=a.clip_skip, embeddings=a.embedding, loras=a.lora,
+                              vae_batch=a.vae_batch, prompt_syntax=a.prompt_syntax)
+    generate_files(a.work_dir, request, a.out, backend=a.backend, timings=a.timings)
 
 
 def cmd_bench(a):
@@ -200,7 +202,7 @@ def parser() -> argparse.ArgumentParser:
                                                      "onnxruntime-cuda or onnxruntime-cpu")
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=5.0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="first image's seed (-1: a random one, printed)")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("train-demo", help="train the demo model (shapes on backgrounds, 32x32) into a pipeline "
@@ -218,7 +220,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=200, help="captions per split (seen, held-out)")
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=5.0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="first image's seed (-1: a random one, in the report)")
     s.add_argument("--out", type=Path, help="also write the report as JSON here")
     s.add_argument("--grid", type=Path, help="also write a PNG of the first 8 images of each split, captioned")
     s.set_defaults(fn=cmd_eval)
@@ -234,7 +236,7 @@ def add_generate_args(s) -> None:
     s.add_argument("--height", type=int)
     s.add_argument("--width", type=int)
     s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=int, help="the noise's seed; -1 or none: a random one (printed)")
     s.add_argument("--latents", type=Path, help=".npy of shape [B, C, H/f, W/f]: the initial noise")
     s.add_argument("--image", type=Path, help="input image: image to image, or inpainting with --mask")
     s.add_argument("--mask", type=Path, help="inpainting mask, the image's size: white = repaint")
@@ -244,6 +246,8 @@ def add_generate_args(s) -> None:
                    help="resize an image whose size is not a multiple of 8 down to one (else refused)")
     s.add_argument("--clip-skip", type=int, default=1,
                    help="text encoder layer to condition on, counted from the last: 1 = last (default), 2 = penultimate")
+    s.add_argument("--prompt-syntax", choices=("webui", "plain"), default="webui",
+                   help="webui: (word:1.2) emphasis, [less], BREAK (default); plain: brackets read literally, as diffusers")
     s.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="textual-inversion embedding (.safetensors, .bin, .pt); repeatable")
     s.add_argument("--vae-batch", type=int, metavar="N",
@@ -254,6 +258,18 @@ def add_generate_args(s) -> None:
     # checked by open_backend, so a wrong name is one line like every other mistake
     s.add_argument("--backend", default="auto",
                    help="auto, tensorrt, tensorrt-rtx, onnxruntime-cuda or onnxruntime-cpu")
+
+
+# GenerateRequest fields whose flag is not "--" + the field with dashes
+FLAGS = {"prompt": "PROMPT", "embeddings": "--embedding", "loras": "--lora"}
+
+
+def cli_message(e: UserError) -> str:
+    """A request error names a field (sdrt.engine.request.RequestError): write it as its flag."""
+    from sdrt.engine.request import RequestError
+    if not isinstance(e, RequestError):
+        return str(e)
+    return e.render(lambda field: FLAGS.get(field, "--" + field.replace("_", "-")))
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -267,7 +283,7 @@ def main(argv=None) -> int:
     try:
         status = args.fn(args)             # commands return None (0) or their exit status
     except UserError as e:
-        print(f"sdrt {args.cmd}: error: {e}", file=sys.stderr)
+        print(f"sdrt {args.cmd}: error: {cli_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sdrt {args.cmd}: interrupted", file=sys.stderr)

@@ -92,12 +92,15 @@ def grid(images, captions: list[str]):
 
 def main(root: Path = Path("sdrt-demo"), prompts=None, backend: str = "auto", steps: int = 25,
          guidance: float = 5.0, seed: int = 0) -> Path:
-    """Export the demo model if needed, draw each prompt (seed, seed + 1, ...), write the captioned
-    grid to root/demo.png and print the last generation's timing table."""
+    """Export the demo model if needed, draw each prompt (seed, seed + 1, ...; seed -1: a random
+    first seed, printed), write the captioned grid to root/demo.png and print the last generation's
+    timing table."""
     from sdrt.engine.pipeline import Pipeline
+    from sdrt.engine.request import resolve_seed
     from sdrt.engine.timing import timing_table
     from sdrt.fileio import save_images
     prompts = list(prompts or PROMPTS)
+    seed = resolve_seed(seed)
     work_dir = demo_export(root)
     pipe = Pipeline(work_dir, backend=backend)
     print(f"[demo] generating {len(prompts)} image(s) on {pipe.backend_name}, {steps} steps, "

@@ -218,6 +218,20 @@ def test_cli_eval_small(demo_fp32, tmp_path):
     assert r["seen"]["background"] > 60      # 3 images: at least 2 backgrounds right
 
 
+def test_cli_demo_and_eval_random_seed(demo_root, demo_fp32, tmp_path):
+    """--seed -1: a random seed, reported (demo: the seeds line; eval: the report and stdout)."""
+    import re
+    p = run_cli("demo", "--dir", demo_root / "sdrt-demo", "--steps", "2", "--seed", "-1", "--prompt",
+                "a small red circle on a blue background", cwd=demo_root)
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"seeds (\d+)\.\.\1\b", p.stderr), p.stderr
+    p = run_cli("eval", demo_fp32, "--n", "3", "--steps", "2", "--seed", "-1", "--backend", "onnxruntime-cpu",
+                "--out", tmp_path / "eval.json")
+    assert p.returncode == 0, p.stderr
+    seed = json.loads((tmp_path / "eval.json").read_text())["seed"]
+    assert 0 <= seed < 2 ** 32 and f"seed {seed}" in p.stdout
+
+
 def test_cli_eval_rejects_other_models(tiny_fp32):
     assert_user_error(run_cli("eval", tiny_fp32, "--n", "3"), "not an export of the demo model")
     assert_user_error(run_cli("eval", tiny_fp32, "--n", "1"), "--n")

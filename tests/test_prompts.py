@@ -255,5 +255,42 @@ def test_bad_clip_skip(tiny_fp32, pipe32, tmp_path):
     out = tmp_path / "o.png"
     p = run_cli("generate", tiny_fp32, "x", "--clip-skip", "3", "--steps", "2", "--height", "64",
                 "--width", "64", "--backend", "onnxruntime-cpu", "--out", out)
-    assert_user_error(p, "clip skip 3", "1..2")
+    assert_user_error(p, "--clip-skip 3", "1..2")            # the CLI names the flag
     assert not out.exists()
+
+
+# ---- prompt syntax "plain" ----------------------------------------------------------------------
+
+PLAIN = "a (red fox:1.2) in [snow] BREAK \\(trees\\)"
+
+
+def test_plain_syntax_tokenizes_the_text_as_it_is(tiny_fp32, torch_parts):
+    cond = Conditioning(ClipTokenizer.from_dir(tiny_fp32 / "tokenizer"), np.zeros((1000, 32), np.float32), 77)
+    c = cond.chunks(PLAIN, "plain")
+    ref = torch_parts.tokenizer(PLAIN, padding="max_length", max_length=77, truncation=True).input_ids
+    assert c.ids.tolist() == [ref] and (c.weights == 1).all()
+    assert cond.chunks(PLAIN).ids.tolist() != [ref]                       # webui: brackets are syntax
+
+
+def test_plain_syntax_matches_diffusers_prompt(biased_pipe, biased_torch):
+    """diffusers' own prompt encoding (no prompt_embeds): brackets, weights and BREAK are words."""
+    lat = latents(3)
+    out = biased_torch(prompt=PLAIN, negative_prompt="ugly (blurry:1.5)", num_inference_steps=8,
+                       guidance_scale=7.5, height=H, width=W, latents=__import__("torch").from_numpy(lat),
+                       output_type="np")
+    ref = (out.images * 255).round().astype(np.uint8)
+    plain = biased_pipe.generate(PLAIN, negative="ugly (blurry:1.5)", steps=8, height=H, width=W, latents=lat,
+                                 prompt_syntax="plain")
+    assert psnr(plain.images, ref) >= 50, psnr(plain.images, ref)
+    webui = biased_pipe.generate(PLAIN, negative="ugly (blurry:1.5)", steps=8, height=H, width=W, latents=lat)
+    assert psnr(webui.images, ref) < 40, psnr(webui.images, ref)
+
+
+def test_cli_prompt_syntax(tiny_fp32, tmp_path):
+    out = tmp_path / "o.png"
+    p = run_cli("generate", tiny_fp32, "a (fox:1.2)", "--prompt-syntax", "plain", "--steps", "2", "--height", "64",
+                "--width", "64", "--backend", "onnxruntime-cpu", "--out", out)
+    assert p.returncode == 0, p.stderr
+    assert out.is_file()
+    p = run_cli("generate", tiny_fp32, "x", "--prompt-syntax", "markdown", "--out", out)
+    assert p.returncode == 2 and "--prompt-syntax" in p.stderr and "Traceback" not in p.stderr

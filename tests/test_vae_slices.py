@@ -41,7 +41,7 @@ def test_each_slice_size_is_bound_once(pipe):
 def test_bad_vae_batch(pipe, tiny_fp32):
     with pytest.raises(UserError, match="vae batch must be a positive integer"):
         pipe.generate("a fox", steps=2, height=64, width=64, vae_batch=0)
-    assert_user_error(run_cli("generate", tiny_fp32, "x", "--vae-batch", "-1", "--steps", "1"), "vae batch")
+    assert_user_error(run_cli("generate", tiny_fp32, "x", "--vae-batch", "-1", "--steps", "1"), "--vae-batch")
 
 
 def test_rows_address_the_slice():

@@ -1,0 +1,221 @@
+"""One generation's request: everything a call asks for, checked once.
+
+    GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed | latents,
+                    image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
+                    prompt_syntax, sampler)
+
+The CLI (`sdrt generate`), the Python API (`Pipeline.generate(**kwargs)`) and a server build one
+and hand it to `Pipeline.run(request, on_step=...)`. Checks that need no model run when the
+request is made (`__post_init__`); checks against a model (size vs the VAE factor, clip skip vs
+the text encoder's layers, prompt length vs built engines, image inputs vs an inpainting UNet)
+run once in the Pipeline (clip skip's type too: its message gives the model's range). Every failure is a RequestError naming the field; the CLI writes the
+field as its flag (clip_skip -> --clip-skip), a server as the JSON key.
+
+Also here: "FILE[:X]" specs (LoRA "FILE[:SCALE]", embedding "FILE[:TOKEN]") parsed by one rule,
+and the seeds: -1 (the web UI's "random seed") or None picks a random seed that is reported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sdrt.errors import UserError
+
+PROMPT_SYNTAXES = ("webui", "plain")   # webui: (emphasis:1.2), [less], BREAK; plain: text read literally
+SAMPLERS = ("ddim",)                   # the step graph's update rule (more samplers: add them here)
+RANDOM_SEED = -1                       # the web UI's "random seed"
+SEED_LIMIT = 2 ** 32                   # random seeds are drawn below this (the web UI's range)
+
+
+class RequestError(UserError):
+    """A request option that is wrong. `field` is GenerateRequest's field name; the message
+    template writes options as {field} so that each face names them its own way:
+    str(e) says "clip skip", the CLI's `render(flag_of)` "--clip-skip", a server's `render(str)` "clip_skip"."""
+
+    def __init__(self, field: str, template: str):
+        self.field, self.template = field, template
+        super().__init__(self.render())
+
+    def render(self, name: Callable[[str], str] | None = None) -> str:
+        """The message with each {field} written as name(field) (default: the field in words)."""
+        name = name or (lambda field: field.replace("_", " "))
+        fields = {f.name for f in dataclasses.fields(GenerateRequest)}   # other braces are text
+        return re.sub(r"\{(\w+)\}", lambda m: name(m[1]) if m[1] in fields else m[0], self.template)
+
+
+class Cancelled(Exception):
+    """Raised by an on_step callback to stop a generation between steps (not a user error)."""
+
+
+# on_step(step_done, steps_total): called after each denoising step is launched
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str | list[str]                 # one prompt for the batch, or one per sample
+    negative: str | list[str] = ""          # the same forms as prompt
+    steps: int = 50
+    guidance: float = 7.5                   # > 1: classifier-free guidance
+    height: int | None = None               # None: the model's default (with an image: its size)
+    width: int | None = None
+    batch: int | None = None                # None: len(prompt) for a list, else 1
+    seed: int | list[int] | None = None     # one seed for the batch, or one per sample; -1/None: random
+    latents: np.ndarray | None = None       # the initial noise ε [B, C, H/f, W/f] instead of a seed
+    image: object = None                    # path, PIL image or uint8 array: image to image / inpainting
+    mask: object = None                     # with image: inpainting, white = repaint
+    strength: float | None = None           # default 0.75 (image to image), 1.0 (inpainting)
+    resize: bool = False                    # an image whose size is not a multiple of the VAE factor
+    clip_skip: int = 1                      # 1 = the text encoder's last layer, 2 = the one before, ...
+    embeddings: list | None = None          # "FILE[:TOKEN]" or (FILE, TOKEN); None: the pipeline's
+    loras: list | None = None               # "FILE[:SCALE]" or (FILE, SCALE); None: the pipeline's current
+    vae_batch: int | None = None            # decode in slices of this many images
+    prompt_syntax: str = "webui"            # see PROMPT_SYNTAXES
+    sampler: str = "ddim"                   # see SAMPLERS
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Every check that needs no model; RequestError naming the field."""
+        self.batch = self._batch()
+        self.prompt = self._prompts("prompt", self.prompt)
+        self.negative = self._prompts("negative", self.negative)
+        positive_int("steps", self.steps)
+        if not is_number(self.guidance):
+            raise RequestError("guidance", f"{{guidance}} {self.guidance!r} must be a finite number")
+        for name in ("height", "width"):       # their range is the model's: checked by the Pipeline
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)):
+                raise RequestError(name, f"{{{name}}} must be an integer, got {v!r}")
+        if self.vae_batch is not None:
+            positive_int("vae_batch", self.vae_batch)
+        self.seed = self._seeds()
+        if self.latents is not None:
+            self.latents = np.asarray(self.latents)
+        if self.image is None:
+            if self.mask is not None:
+                raise RequestError("mask", "{mask} needs {image}: inpainting repaints the white part "
+                                           "of the mask in the image")
+            if self.strength is not None:
+                raise RequestError("strength", "{strength} needs {image} (image to image or inpainting)")
+        if self.strength is not None and (not is_number(self.strength) or not 0 < self.strength <= 1):
+            raise RequestError("strength", f"{{strength}} {self.strength!r} must be in (0, 1]: "
+                                           f"the share of the steps that are run")
+        self.embeddings = None if self.embeddings is None else [self._spec("embeddings", s, str, None)
+                                                                for s in self.embeddings]
+        self.loras = None if self.loras is None else [self._spec("loras", s, float, 1.0) for s in self.loras]
+        if self.prompt_syntax not in PROMPT_SYNTAXES:
+            raise RequestError("prompt_syntax", f"{{prompt_syntax}} {self.prompt_syntax!r} is not one of "
+                                                f"{', '.join(PROMPT_SYNTAXES)}")
+        if self.sampler not in SAMPLERS:
+            raise RequestError("sampler", f"{{sampler}} {self.sampler!r} is not available: "
+                                          f"{', '.join(SAMPLERS)}")
+
+    def _batch(self) -> int:
+        lists = [(n, len(v)) for n, v in (("prompt", self.prompt), ("negative", self.negative),
+                                          ("seed", self.seed)) if isinstance(v, (list, tuple))]
+        batch = self.batch if self.batch is not None else (lists[0][1] if lists else 1)
+        positive_int("batch", batch)
+        for name, n in lists:
+            if n != batch:
+                raise RequestError(name, f"{{{name}}} has {n} entries for a batch of {batch}: "
+                                         f"give one per sample, or one for all")
+        return batch
+
+    def _prompts(self, name: str, value):
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(p, str) for p in items):
+            raise RequestError(name, f"{{{name}}} must be a string or a list of strings")
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    def _seeds(self):
+        seeds = list(self.seed) if isinstance(self.seed, (list, tuple)) else [self.seed]
+        for s in seeds:
+            if s is None:
+                continue
+            if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < RANDOM_SEED:
+                raise RequestError("seed", f"{{seed}} {s!r} must be an integer >= 0, or -1 for a random seed")
+        return seeds if isinstance(self.seed, (list, tuple)) else self.seed
+
+    def _spec(self, name: str, spec, convert, default):
+        try:
+            return parse_spec(spec, convert, default)
+        except (TypeError, ValueError) as e:
+            raise RequestError(name, f"{{{name}}} entry {spec!r}: {e}") from None
+
+    # ---- what the pipeline reads ------------------------------------------------------------------
+
+    def rows(self) -> list[str]:
+        """The text encoder's prompt rows: negatives first (CFG), one per sample."""
+        per_sample = lambda v: list(v) if isinstance(v, list) else [v] * self.batch
+        if self.guidance > 1.0:
+            return per_sample(self.negative) + per_sample(self.prompt)
+        return per_sample(self.prompt)
+
+    def used_seed(self):
+        """The seed(s) with -1/None drawn at random (what the noise is made from); None with latents."""
+        if self.latents is not None:
+            return None
+        if isinstance(self.seed, list):
+            return [resolve_seed(s) for s in self.seed]
+        return resolve_seed(self.seed)
+
+
+def noise(shape: tuple, seed) -> np.ndarray:
+    """ε ~ N(0, I) float32: one generator for the batch (an int seed, as always), or one per sample
+    (a list of seeds; sample i is then the same as a batch of one with seed i)."""
+    if isinstance(seed, list):
+        return np.stack([np.random.default_rng(s).standard_normal(shape[1:], dtype=np.float32) for s in seed])
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """-1 or None: a random seed in [0, 2^32); else the seed (checked: an integer >= 0)."""
+    if seed is None or seed == RANDOM_SEED:
+        return secrets.randbelow(SEED_LIMIT)
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise RequestError("seed", f"{{seed}} {seed!r} must be an integer >= 0, or -1 for a random seed")
+    return int(seed)
+
+
+def positive_int(name: str, value) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise RequestError(name, f"{{{name}}} must be a positive integer, got {value!r}")
+
+
+def is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def parse_spec(spec, convert=str, default=None) -> tuple[str, object]:
+    """"FILE[:X]" or a (FILE, X) pair -> (FILE, X); X converted by `convert`, `default` when absent.
+    The LoRA form is FILE[:SCALE] (convert=float, default 1.0), the embedding form FILE[:TOKEN].
+
+    The last colon separates X unless it belongs to the path: no text before it, the whole spec
+    names an existing file (a file named a:b), what follows holds a path separator (C:\\dir\\f), or
+    what follows is not an X (odd:name.safetensors for a scale)."""
+    if isinstance(spec, (tuple, list)):
+        if len(spec) != 2:
+            raise ValueError("give FILE[:X] or a (FILE, X) pair")
+        path, x = spec
+        return str(path), default if x is None else x
+    if not isinstance(spec, (str, Path)):
+        raise TypeError(f"expected a path string, got {type(spec).__name__}")
+    spec = str(spec)
+    path, sep, tail = spec.rpartition(":")
+    if not sep or not path or "/" in tail or "\\" in tail or Path(spec).exists():
+        return spec, default
+    if not tail:
+        return path, default
+    try:
+        return path, convert(tail)
+    except ValueError:
+        return spec, default

@@ -134,3 +134,21 @@ def mask_array(img, h: int, w: int) -> np.ndarray:
     m = np.asarray(_resized(img, h, w).convert("L")).astype(np.float32) / 255.0
     m = np.where(m < 0.5, np.float32(0), np.float32(1))
     return np.ascontiguousarray(m[None, None])
+
+
+def control_array(img, h: int, w: int) -> np.ndarray:
+    """A ControlNet's conditioning image: [1, 3, H, W] float32 in [0, 1] (diffusers' control image
+    processor: RGB, resized to the output size, pil_to_numpy, no normalisation)."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    x = np.asarray(_resized(img, h, w)).astype(np.float32) / 255.0
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def default_size(img, vae_factor: int) -> tuple[int, int]:
+    """(height, width) of an output sized by a control image: its own, rounded down to the VAE
+    factor (VaeImageProcessor.get_default_height_width)."""
+    w, h = img.size
+    if w < vae_factor or h < vae_factor:
+        raise UserError(f"the control image is {_size(img)}: it must be at least {vae_factor}x{vae_factor} pixels")
+    return h - h % vae_factor, w - w % vae_factor

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt import manifest as mf
-from sdrt.contract import Dims, Step, Task, Variant, check_size
+from sdrt.contract import Dims, Step, Task, Variant, check_size, control_image
 from sdrt.engine import backends, cuda, image_input, scheduler, vae_slices
 from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows
 from sdrt.engine.conditioning import Conditioning, emphasize
@@ -114,13 +114,15 @@ class Pipeline:
     def generate(self, prompt, negative="", steps=50, guidance=7.5, height=None, width=None,
                  batch=None, seed=None, latents=None, vae_batch=None, clip_skip=1, embeddings=None, image=None,
                  mask=None, strength=None, resize=False, loras=None, prompt_syntax="webui",
-                 on_step=None) -> Result:
+                 on_step=None, control=None) -> Result:
         """`run(GenerateRequest(...))`: the request's fields as keywords (see sdrt.engine.request).
         Text to image; with `image` (path, PIL image or uint8 array), image to image (strength
-        default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0)."""
+        default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0).
+        control: one entry per exported ControlNet, "IMAGE[:SCALE[:START:END]]" or (IMAGE, SCALE,
+        START, END) (sdrt.engine.request.Control)."""
         return self.run(GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed, latents,
                                         image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
-                                        prompt_syntax), on_step=on_step)
+                                        prompt_syntax, control=control), on_step=on_step)
 
     def run(self, request: GenerateRequest, on_step: StepCallback | None = None) -> Result:
         """One generation. prompt/negative: any length (77-token chunks), emphasis syntax
@@ -140,13 +142,17 @@ class Pipeline:
             self.set_loras(r.loras)           # only when the set differs: a switch re-makes sessions
         source = self.source(r.image, r.mask, r.resize, r.height, r.width)
         variant = self.variant(source)
+        controls = self.controls(r.control)
         height, width = (source.height, source.width) if source is not None else (r.height, r.width)
+        if controls and source is None and (height, width) == (None, None):
+            height, width = image_input.default_size(controls[0][1], self.config.vae_factor)
         cond = self.conditioning(self.embeddings if r.embeddings is None else r.embeddings)
         layers = self.check_clip_skip(r.clip_skip)
         steps = r.steps
         table = scheduler.step_table(self.scheduler, steps, r.guidance)
         strength = self.strength(source, r.strength)
         start = scheduler.start_index(steps, strength) if source is not None else 0
+        table = self.control_table(table, [c for c, _ in controls], steps, start)
         rows = r.rows()
         text = cond.rows(rows, r.prompt_syntax)   # ids, weights [rows * k, 77]
         dims = self.dims(height, width, r.batch, r.guidance, chunks=len(text.ids) // len(rows))
@@ -155,8 +161,9 @@ class Pipeline:
         embeds = cond.lookup(text.ids)
         t_tok = time.perf_counter()
 
-        fresh = (dims, variant) not in self.plans
-        plan = self.plan(dims, variant)
+        key = (dims, variant, len(controls))
+        fresh = key not in self.plans
+        plan = self.plan(dims, variant, len(controls))
         vae_size = min(r.vae_batch or plan.vae_batch, r.batch)
         vae_runs = self.vae_bindings(plan, dims, vae_size)
         t_plan = time.perf_counter()
@@ -165,6 +172,8 @@ class Pipeline:
         buf["clip_skip"].write(layers)
         buf["step_index_0"].write(np.array([start], np.int32))
         buf["step_table"].write(table[:, :buf["step_table"].shape[1]])  # older exports: fewer columns
+        for k, (_, pil) in enumerate(controls):   # bound once per call, repeated over the batch
+            buf[control_image(k)].write(np.repeat(image_input.control_array(pil, height, width), dims.batch, 0))
         clock.mark("start")
         plan.text.run()
         if (text.weights != 1.0).any():       # emphasis: a round trip (and sync) of the embeddings
@@ -216,6 +225,33 @@ class Pipeline:
                                f"channels): it needs {{image}} and {{mask}}; text to image and image to image "
                                f"need an export of an ordinary {self.config.latent_channels}-channel UNet")
         return Variant.for_task(self.config, task, where=str(self.work_dir))
+
+    # ---- ControlNets --------------------------------------------------------------------------------
+
+    def controls(self, control) -> list:
+        """[(Control, PIL image)] for the export's ControlNets, in export order; [] without control."""
+        if control is None or len(control) == 0:
+            return []
+        n = self.config.controlnets
+        if n == 0:
+            raise RequestError("control", f"{self.work_dir} was exported without ControlNet: export with "
+                                          f"`sdrt export MODEL WORK_DIR --controlnet CN_DIR` to use {{control}}")
+        if len(control) != n:
+            raise RequestError("control", f"{{control}} gives {len(control)} image(s), the export has {n} "
+                                          f"ControlNet(s): give one per ControlNet, in export order")
+        return [(c, image_input.load(c.image, "control image")) for c in control]
+
+    @staticmethod
+    def control_table(table: np.ndarray, controls: list, steps: int, start: int) -> np.ndarray:
+        """The step table with one column per ControlNet: its scale at each step run, 0 outside its
+        step window (step i of the n run, as diffusers counts them: the strength's share skipped)."""
+        if not controls:
+            return table
+        n = steps - start
+        cols = np.zeros((len(table), len(controls)), np.float32)
+        for k, c in enumerate(controls):
+            cols[start:steps, k] = [c.scale * c.keep(i, n) for i in range(n)]
+        return np.concatenate([table, cols], 1)
 
     def strength(self, source, strength):
         """Defaults as diffusers': 0.75 for image to image, 1.0 for inpainting."""
@@ -326,13 +362,13 @@ class Pipeline:
             raise RequestError("latents", "latents must be finite floating-point values")
         return latents.astype(np.float32)
 
-    def plan(self, dims: Dims, variant: Variant = Variant.plain) -> Plan:
-        key = (dims, Variant(variant))
+    def plan(self, dims: Dims, variant: Variant = Variant.plain, controlnets: int = 0) -> Plan:
+        key = (dims, Variant(variant), controlnets)
         if key not in self.plans:
             if self.backend.max_plans and len(self.plans) >= self.backend.max_plans:
                 self.plans.clear()             # free the old plan's buffers (and sessions) first
                 self.backend.drop_plans()
-            self.plans[key] = self.make_plan(dims, variant)
+            self.plans[key] = self.make_plan(dims, variant, controlnets)
         return self.plans[key]
 
     def model(self, name: str, what: str):
@@ -341,9 +377,9 @@ class Pipeline:
                             f"run `sdrt export` again")
         return self.models[name]
 
-    def make_plan(self, dims: Dims, variant: Variant = Variant.plain) -> Plan:
+    def make_plan(self, dims: Dims, variant: Variant = Variant.plain, controlnets: int = 0) -> Plan:
         be = self.backend
-        kind = Step(variant, dims.cfg)
+        kind = Step(variant, dims.cfg, controlnets)
         step = self.model(kind.name, "the step graph for " + " and ".join(t.value for t in kind.spec.tasks))
         te, vae = self.models["text_encoder"], self.models["vae_decoder"]
         Buffer = DeviceBuffer if be.device == "cuda" else HostBuffer

@@ -26,7 +26,7 @@ def cmd_export(a):
     out = export(a.model_dir, a.work_dir, precision=a.precision, opset=a.opset, ort_fusion=a.ort_fusion,
                  attention_form=a.attention, tokenizer=a.tokenizer, config=a.config,
                  prediction_type=a.prediction_type, vae_precision=a.vae_precision,
-                 text_encoder_precision=a.text_encoder_precision)
+                 text_encoder_precision=a.text_encoder_precision, controlnets=a.controlnet)
     print(f"wrote {out}")
 
 
@@ -35,7 +35,7 @@ def cmd_build(a):
     build(a.work_dir, a.backend, height=a.height, width=a.width, batch=a.batch, dynamic=a.dynamic,
           opt_level=a.opt_level, timing_cache=a.timing_cache, guidance=not a.no_guidance,
           workspace_mb=a.workspace_mb, inpaint=a.inpaint, max_prompt_chunks=a.max_prompt_chunks,
-          refit=a.refit)
+          refit=a.refit, control=a.control)
 
 
 def cmd_generate(a):
@@ -45,7 +45,7 @@ def cmd_generate(a):
                               width=a.width, batch=a.batch, seed=a.seed, latents=load_latents(a.latents),
                               image=a.image, mask=a.mask, strength=a.strength, resize=a.resize,
                               clip_skip=a.clip_skip, embeddings=a.embedding, loras=a.lora,
-                              vae_batch=a.vae_batch, prompt_syntax=a.prompt_syntax)
+                              vae_batch=a.vae_batch, prompt_syntax=a.prompt_syntax, control=a.control or None)
     generate_files(a.work_dir, request, a.out, backend=a.backend, timings=a.timings)
 
 
@@ -119,6 +119,8 @@ def parser() -> argparse.ArgumentParser:
                    "diffusers SD folder); default: the local Hugging Face cache")
     s.add_argument("--config", help="single file: sd1, sd2 or sd2-v instead of what is detected")
     s.add_argument("--prediction-type", help="single file: epsilon or v_prediction instead of what is detected")
+    s.add_argument("--controlnet", action="append", default=[], type=Path, metavar="CN_DIR",
+                   help="a diffusers ControlNetModel folder for this model; repeatable (their residuals add up)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an export")
@@ -132,6 +134,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timing-cache", type=Path)
     s.add_argument("--workspace-mb", type=int, help="builder memory limit (Jetson: keep it small)")
     s.add_argument("--no-guidance", action="store_true", help="build the step for guidance <= 1 (no CFG)")
+    s.add_argument("--control", action="store_true",
+                   help="also build the steps that run the export's ControlNets (generate --control)")
     s.add_argument("--inpaint", action="store_true",
                    help="4-channel UNet: also build the inpainting step (a second UNet engine); "
                         "9-channel inpainting exports build only theirs")
@@ -252,6 +256,9 @@ def add_generate_args(s) -> None:
                    help="textual-inversion embedding (.safetensors, .bin, .pt); repeatable")
     s.add_argument("--vae-batch", type=int, metavar="N",
                    help="decode N images at a time (default: the whole batch, or what fits the free GPU memory)")
+    s.add_argument("--control", action="append", default=[], metavar="IMAGE[:SCALE[:START:END]]",
+                   help="a ControlNet's conditioning image, scale (default 1) and step window (shares of the "
+                        "steps, default 0:1); one per exported ControlNet, in export order")
     s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA .safetensors (diffusers/PEFT or kohya keys), scale default 1; repeatable. "
                         "Merged at run time: no re-export, no rebuild (TensorRT: engines built with --refit)")

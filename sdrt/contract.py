@@ -459,11 +459,11 @@ def engine_tasks(cfg: ModelConfig, inpaint: bool = False, image_inputs: bool = T
                  and (t is not Task.inpainting or inpaint or tasks == (Task.inpainting,)))
 
 
-def models_of_tasks(cfg: ModelConfig, tasks, guidance: bool) -> tuple[str, ...]:
+def models_of_tasks(cfg: ModelConfig, tasks, guidance: bool, control: bool = False) -> tuple[str, ...]:
     """Every model these tasks run, each once, in run order (text encoder, steps, VAE encoder, VAE
-    decoder)."""
-    names = {n: None for t in tasks for n in task_models(cfg, t, guidance)}
-    order = ["text_encoder", *(s.name for s in Step.every()), "vae_encoder", "vae_decoder"]
+    decoder); with `control`, the steps with the export's ControlNets instead of those without."""
+    names = {n: None for t in tasks for n in task_models(cfg, t, guidance, control)}
+    order = ["text_encoder", *(s.name for s in Step.every(cfg.controlnets)), "vae_encoder", "vae_decoder"]
     return tuple(sorted(names, key=order.index))
 
 
@@ -490,7 +490,8 @@ def all_models(cfg: ModelConfig, precision: str) -> dict[str, Model]:
 
 
 # What the runtime may run (the plain UNet is exported and validated, but served through the steps).
-RUNTIME_MODELS = ("text_encoder", *(s.name for s in Step.every()), "vae_encoder", "vae_decoder")
+RUNTIME_MODELS = ("text_encoder", *dict.fromkeys(s.name for n in range(MAX_CONTROLNETS + 1) for s in Step.every(n)),
+                  "vae_encoder", "vae_decoder")
 
 
 def _float(precision: str) -> str:

@@ -38,6 +38,17 @@ def load(path: Path):
     return model.eval()
 
 
+def read_config(component: Path):
+    """A component's config.json as attributes (no weights loaded)."""
+    import json
+    from types import SimpleNamespace
+    path = Path(component) / "config.json"
+    try:
+        return SimpleNamespace(**json.loads(path.read_text()))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({first_line(e)[:200]})") from None
+
+
 def layout(config) -> ControlLayout:
     """The residuals of a ControlNet (or UNet) config, as diffusers' down blocks emit them: conv_in,
     then per block `layers_per_block` outputs and, but for the last block, its downsampler."""
@@ -50,10 +61,10 @@ def layout(config) -> ControlLayout:
     return ControlLayout(tuple(down), (ch[-1], len(ch) - 1))
 
 
-def check_fits(cn, unet, latent_channels: int, path: Path) -> ControlLayout:
+def check_fits(cn, unet_config, latent_channels: int, path: Path) -> ControlLayout:
     """The ControlNet's residuals must land on this UNet's skip connections: same cross-attention
     width, same blocks, same latent channels. UserError (one line) otherwise."""
-    c, u = cn.config, unet.config
+    c, u = cn.config, unet_config
     where = f"--controlnet {path}"
     if c.cross_attention_dim != u.cross_attention_dim:
         raise UserError(f"{where} is for another base model: cross-attention width {c.cross_attention_dim}, this "

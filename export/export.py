@@ -126,11 +126,12 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     sched, updated = scheduler_config.effective_config(
         model_dir / "scheduler", pipeline_folder.read_model_index(model_dir)["scheduler"][1])
     scheduler_config.warn_if_updated(updated)
+    cns = [controlnet.load(p) for p in controlnets]          # refused before the base is loaded
+    unet_config, vae_config = (controlnet.read_config(model_dir / c) for c in ("unet", "vae"))
+    layouts = [controlnet.check_fits(cn, unet_config, vae_config.latent_channels, p)
+               for cn, p in zip(cns, controlnets)]
     say(f"loading {model_dir} ...")
     folder = pipeline_folder.load(model_dir)
-    cns = [controlnet.load(p) for p in controlnets]
-    layouts = [controlnet.check_fits(cn, folder.unet, folder.config.latent_channels, p)
-               for cn, p in zip(cns, controlnets)]
     cfg = folder.config = replace(folder.config, controlnets=len(cns))
     models = all_models(cfg, precision)
     cn_models = [contract.controlnet(cfg, precision, k, lay) for k, lay in enumerate(layouts)]
@@ -148,8 +149,8 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
         if name not in BASE_MODELS and not model.step:          # ControlNet k
             k = cn_models.index(model)
             module = controlnet.module(cns[k])
-            to_onnx.export(module, model, path, _control_inputs(folder, model, trace, 0), precision_of, opset,
-                           form, external=True)
+            to_onnx.export(module, model, path, _control_inputs(folder, model, to_onnx.image_trace_dims(
+                trace, cfg.vae_factor), 0), precision_of, opset, form, external=True)
             inputs = _control_inputs(folder, model, vdims, 1)
             ref = validate.run_torch(module, model, inputs)
         elif name in BASE_MODELS:

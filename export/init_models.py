@@ -74,15 +74,17 @@ ARCHS["sd15-controlnet"] = {**ARCHS["sd15"], "controlnet": (16, 32, 96, 256)}
 CONTROLNET_DIR = "controlnet"            # where init writes the ControlNet of a -controlnet arch
 
 
-def random_controlnet(unet, seed: int = 1, scale: float = 0.05, embedding_channels=(8, 8, 16, 16)):
-    """A ControlNetModel for `unet` with random weights. A trained ControlNet's last convolutions
-    start at zero (it then adds nothing); here they are random too (normal, std `scale`), so that
-    every residual changes the image and a parity test can see it."""
+def random_controlnet(unet, seed: int = 1, scale: float = 0.05, embedding_channels=(8, 8, 16, 16),
+                      copy_unet: bool = False):
+    """A ControlNetModel for `unet` with random weights (copy_unet: its encoder copied from the
+    UNet, as ControlNet training starts). A trained ControlNet's last convolutions start at zero
+    (it then adds nothing); here they are random too (normal, std `scale`), so that every residual
+    changes the image and a parity test can see it."""
     import torch
     from diffusers import ControlNetModel
     torch.manual_seed(seed)
     cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(embedding_channels),
-                                   load_weights_from_unet=False)
+                                   load_weights_from_unet=copy_unet)
     with torch.no_grad():
         for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
             conv.weight.normal_(0, scale)

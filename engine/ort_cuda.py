@@ -18,8 +18,8 @@ from pathlib import Path
 
 from sdrt.contract import Dims
 from sdrt.engine import cuda
-from sdrt.engine.ort_session import OrtBackend, OrtBinding, cuda_ep_available
 from sdrt.engine.engine_keys import major_minor
+from sdrt.engine.ort_session import OrtBackend, OrtBinding, cuda_ep_available
 from sdrt.errors import UserError, first_line
 
 ORT_CUDA_ATTENTION = (1, 25)   # first onnxruntime-gpu with a CUDA kernel for ONNX's Attention op

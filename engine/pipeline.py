@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt import manifest as mf
-from sdrt.contract import Dims, Step, Task, Variant, check_size, control_image
+from sdrt.contract import Dims, Step, Task, Variant, control_image, tasks_of_unet
 from sdrt.engine import backends, cuda, image_input, scheduler, vae_slices
 from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows
 from sdrt.engine.conditioning import Conditioning, emphasize
@@ -219,7 +219,7 @@ class Pipeline:
     def variant(self, source) -> Variant:
         """The step variant this call runs on this export's UNet (sdrt.contract.Variant.for_task)."""
         task = Task.of(image=source is not None, mask=source is not None and source.mask is not None)
-        if self.config.inpainting_unet and task is not Task.inpainting:
+        if task not in tasks_of_unet(self.config):
             raise RequestError("mask" if source is not None else "image",
                                f"{self.work_dir} holds an inpainting UNet ({self.config.unet_channels} input "
                                f"channels): it needs {{image}} and {{mask}}; text to image and image to image "

@@ -28,12 +28,13 @@ def pick(held_out: bool, n: int, seed: int) -> list[scenes.Scene]:
     return [pool[i] for i in sorted(idx)]
 
 
-def generate_all(pipe, scene_list, steps: int, guidance: float, seed: int) -> np.ndarray:
-    """One image per scene, image i from seed + i; uint8 [N, H, W, 3]."""
+def generate_all(pipe, scene_list, steps: int, guidance: float, seed: int, **sampling) -> np.ndarray:
+    """One image per scene, image i from seed + i; uint8 [N, H, W, 3]. sampling: sampler=,
+    schedule=, cfg_cutoff= of Pipeline.generate."""
     out, t0 = [], time.perf_counter()
     for i, s in enumerate(scene_list):
         out.append(pipe.generate(s.caption, steps=steps, guidance=guidance, seed=seed + i,
-                                 height=scenes.SIZE, width=scenes.SIZE).images[0])
+                                 height=scenes.SIZE, width=scenes.SIZE, **sampling).images[0])
         print(f"\r[eval] {i + 1}/{len(scene_list)} images, {time.perf_counter() - t0:.0f}s", end="",
               file=sys.stderr, flush=True)
     print(file=sys.stderr)
@@ -66,10 +67,14 @@ def save_grid(path: Path, images: dict, scene_lists: dict, per_split: int = 8) -
 
 
 def evaluate(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 25,
-             guidance: float = 5.0, seed: int = 0, grid_path: Path | None = None) -> dict:
+             guidance: float = 5.0, seed: int = 0, grid_path: Path | None = None, sampler: str = "DDIM",
+             schedule: str | None = None, cfg_cutoff: float | None = None) -> dict:
     from sdrt.engine.pipeline import Pipeline
     from sdrt.engine.request import resolve_seed
     seed = resolve_seed(seed)                 # -1: a random one, recorded in the report
+    from sdrt.engine.request import GenerateRequest
+    sampling = dict(sampler=sampler, schedule=schedule, cfg_cutoff=cfg_cutoff)
+    GenerateRequest("x", **sampling)         # bad sampler options fail before any model loads
     if n < 2:
         raise UserError(f"--n must be at least 2 (FID needs a covariance), got {n}")
     pipe = Pipeline(work_dir, backend=backend)
@@ -78,12 +83,12 @@ def evaluate(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 2
                         "sdrt eval measures the demo domain only")
     weights = scene_features.load()
     report = {"work_dir": str(work_dir), "backend": pipe.backend_name, "n": n, "steps": steps,
-              "guidance": guidance, "seed": seed, "precision": pipe.manifest.get("precision")}
+              "guidance": guidance, "seed": seed, "precision": pipe.manifest.get("precision"), **sampling}
     images, scene_lists = {}, {}
     for name, held_out in (("seen", False), ("held_out", True)):
         scene_lists[name] = pick(held_out, n, seed)
         print(f"[eval] {name}: {len(scene_lists[name])} captions", file=sys.stderr)
-        images[name] = generate_all(pipe, scene_lists[name], steps, guidance, seed)
+        images[name] = generate_all(pipe, scene_lists[name], steps, guidance, seed, **sampling)
         report[name] = {**accuracies(images[name], scene_lists[name]),
                         "fid": fid(images[name], scene_lists[name], weights), "n": len(scene_lists[name])}
     if grid_path:
@@ -93,8 +98,9 @@ def evaluate(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 2
 
 def table(report: dict) -> str:
     cols = (*checker.FIELDS, "all", "fid")
-    lines = [f"backend {report['backend']}, precision {report['precision']}, {report['steps']} steps, "
-             f"guidance {report['guidance']}",
+    cut = f", cfg cut-off {report['cfg_cutoff']}" if report.get("cfg_cutoff") is not None else ""
+    lines = [f"backend {report['backend']}, precision {report['precision']}, {report.get('sampler', 'DDIM')} "
+             f"{report['steps']} steps, guidance {report['guidance']}{cut}",
              f"{'split':<10}{'n':>5}" + "".join(f"{c:>12}" for c in cols)]
     for split in ("seen", "held_out"):
         r = report[split]
@@ -104,12 +110,12 @@ def table(report: dict) -> str:
 
 
 def main(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 25, guidance: float = 5.0,
-         seed: int = 0, out: Path | None = None, grid_path: Path | None = None) -> dict:
+         seed: int = 0, out: Path | None = None, grid_path: Path | None = None, **sampling) -> dict:
     """Evaluate, print the table, write the JSON report and the grid if asked."""
     for path in (out, grid_path):
         if path is not None and not Path(path).parent.is_dir():
             raise UserError(f"cannot write {path}: its folder does not exist")
-    report = evaluate(work_dir, backend, n, steps, guidance, seed, grid_path)
+    report = evaluate(work_dir, backend, n, steps, guidance, seed, grid_path, **sampling)
     print(table(report))
     print(f"seed {report['seed']}")
     if out:

@@ -1,6 +1,6 @@
 """The README's image-to-image and inpainting example, made with the demo model on ONNX Runtime CPU:
 
-    python -m sdrt.benchmarks.image_inputs_example [OUT.png]
+    python -m sdrt.benchmarks.image_inputs_example [OUT.png]    (default ./sdrt-results/demo-image-inputs.png)
 
 text to image -> image to image with another caption (strength 0.6) -> inpainting of the shape's
 square (white = repaint) with a third caption. Fixed seeds, so the figure is reproducible.
@@ -29,7 +29,7 @@ def centre_mask(size: int, margin: int) -> np.ndarray:
     return mask
 
 
-def main(out: Path = Path("benchmarks/results/demo-image-inputs.png")) -> Path:
+def main(out: Path = Path("sdrt-results/demo-image-inputs.png")) -> Path:
     pipe = Pipeline(demo_export(), backend="onnxruntime-cpu")
     source = pipe.generate(START, steps=STEPS, guidance=GUIDANCE, seed=2).images[0]
     moved = pipe.generate(IMG2IMG, steps=STEPS, guidance=GUIDANCE, seed=3, image=source, strength=0.6).images[0]

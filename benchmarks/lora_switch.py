@@ -7,7 +7,8 @@ transformer blocks and the text encoder (what most community LoRAs train), one o
 Linear/Conv weight (LoCon). Then, on one pipeline: the base image, each LoRA, both, and back to
 none; for each switch the time to read the files, merge W0 + sum s*dW, hand the weights to the
 backend, and the next generate's setup (new ONNX Runtime sessions / TensorRT bindings and CUDA
-graphs). Results go to OUT as .md and .json named after the device.
+graphs). Results go to OUT (default ./sdrt-results) as .md and .json named after the export and
+the device.
 """
 from __future__ import annotations
 
@@ -84,8 +85,9 @@ def table(r: dict) -> str:
 
 
 def bench_lora(work_dir: Path, backend: str = "onnxruntime-cpu", rank: int = 16, steps: int = 1,
-               size: int | None = None, out: Path = Path("benchmarks/results")) -> dict:
-    """Measure, print the table, write OUT/lora-switch-<work dir>-<device>.md and .json."""
+               size: int | None = None, out: Path = Path("sdrt-results")) -> list[Path]:
+    """Measure, print the table, write OUT/lora-switch-<work dir>-<device>.md and .json; returns
+    the files written."""
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         r = measure(Path(work_dir), backend, rank, Path(tmp), steps, size)
@@ -94,6 +96,7 @@ def bench_lora(work_dir: Path, backend: str = "onnxruntime-cpu", rank: int = 16,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"lora-switch-{Path(work_dir).name}-{r['device']}"
-    write_atomic(stem.with_suffix(".md"), text + "\n")
-    write_atomic(stem.with_suffix(".json"), json.dumps(r, indent=1) + "\n")
-    return r
+    paths = [stem.with_suffix(".md"), stem.with_suffix(".json")]
+    write_atomic(paths[0], text + "\n")
+    write_atomic(paths[1], json.dumps(r, indent=1) + "\n")
+    return paths

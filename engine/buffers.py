@@ -85,6 +85,50 @@ class Rows:
         self.shape, self.dtype = (n,) + tuple(parent.shape[1:]), parent.dtype
 
 
+def copy_rows(dst, src) -> None:
+    """dst <- src, both the same size: buffers or Rows of one (on the device: queued on the stream,
+    no sync; the CFG cut-off hands the conditional embeddings and the sampler state over so)."""
+    if src.shape != dst.shape:
+        raise ValueError(f"copy of {src.shape} into {dst.shape}")
+    if isinstance(dst, HostBuffer):
+        np.copyto(dst.array, _host_array(src))
+    else:
+        nbytes = int(np.prod(dst.shape)) * dst.dtype.itemsize
+        cuda.copy_dtod(dst.ptr, src.ptr, nbytes, dst.stream)
+
+
+def write_rows(buf, start: int, values: np.ndarray) -> None:
+    """Rows [start, start + len(values)) of a buffer's first axis <- values; the other rows are
+    untouched (a batch slot of a step-level batch). On the device the upload is waited for (one
+    sync per write: slots are filled per request, not per step)."""
+    rows = Rows(buf, start, len(values))
+    values = _checked(rows, values)
+    if isinstance(buf, HostBuffer):
+        np.copyto(_host_array(rows), values)
+        return
+    staging = cuda.PinnedHost(values.shape, values.dtype)
+    np.copyto(staging.array, values)
+    cuda.copy_htod(rows.ptr, staging, values.nbytes, buf.stream)
+    buf.stream.sync()
+
+
+def read_rows(buf, start: int, n: int) -> np.ndarray:
+    """Rows [start, start + n) of a buffer's first axis (on the device: waits for the stream)."""
+    rows = Rows(buf, start, n)
+    if isinstance(buf, HostBuffer):
+        return _host_array(rows).copy()
+    out = np.empty(rows.shape, rows.dtype)
+    cuda.copy_dtoh(out, rows.ptr, buf.stream)
+    return out
+
+
+def _host_array(buf) -> np.ndarray:
+    if isinstance(buf, Rows):
+        start = (buf.ptr - buf.parent.ptr) // (int(np.prod(buf.shape[1:])) * buf.dtype.itemsize)
+        return _host_array(buf.parent)[start:start + buf.shape[0]]
+    return buf.array
+
+
 def _checked(buf, values: np.ndarray) -> np.ndarray:
     values = np.asarray(values)
     if values.shape != buf.shape:

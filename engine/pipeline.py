@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from sdrt import manifest as mf
-from sdrt.contract import Dims, Step, Task, Variant, control_image, tasks_of_unet
-from sdrt.engine import backends, cuda, image_input, scheduler, vae_slices
-from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows
+from sdrt.contract import Dims, Step, Task, Variant, control_image, has_sampler_state, tasks_of_unet
+from sdrt.engine import backends, cuda, image_input, samplers, scheduler, vae_slices
+from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows, copy_rows
 from sdrt.engine.conditioning import Conditioning, emphasize
 from sdrt.engine.lora import LoraState
-from sdrt.engine.request import GenerateRequest, RequestError, StepCallback, noise as seeded_noise
+from sdrt.engine.request import GenerateRequest, RequestError, StepCallback, noise as seeded_noise, resolve_seed
 from sdrt.engine.timing import Clock
 from sdrt.engine.tokenizer import ClipTokenizer
 from sdrt.errors import UserError
@@ -81,9 +81,11 @@ class Pipeline:
         self.conditionings: dict[tuple, Conditioning] = {}
         self.embeddings = tuple(embeddings)
         self.conditioning(self.embeddings)               # bad files fail here, before any session
-        self.scheduler = scheduler.DDIMConfig.from_json(self.work_dir / "scheduler" / "scheduler_config.json")
+        self.scheduler_config = scheduler.read_config_json(self.work_dir / "scheduler" / "scheduler_config.json")
+        self.scheduler = scheduler.DDIMConfig.from_json(self.scheduler_config)
         self.backend = backends.open_backend(backend, self.work_dir, self.manifest, ort_fusion)
         self.plans: dict[tuple[Dims, str], Plan] = {}
+        self.decoders: dict = {}               # Pipeline.decode's VAE bindings
         self.graph: tuple[str, str] = ("", "")  # (path, error) of the last generation's step
         self.loras = LoraState(self.work_dir, self.manifest)
         if loras:
@@ -114,7 +116,7 @@ class Pipeline:
     def generate(self, prompt, negative="", steps=50, guidance=7.5, height=None, width=None,
                  batch=None, seed=None, latents=None, vae_batch=None, clip_skip=1, embeddings=None, image=None,
                  mask=None, strength=None, resize=False, loras=None, prompt_syntax="webui",
-                 on_step=None, control=None) -> Result:
+                 sampler="DDIM", schedule=None, noise=None, cfg_cutoff=None, on_step=None, control=None) -> Result:
         """`run(GenerateRequest(...))`: the request's fields as keywords (see sdrt.engine.request).
         Text to image; with `image` (path, PIL image or uint8 array), image to image (strength
         default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0).
@@ -122,7 +124,8 @@ class Pipeline:
         START, END) (sdrt.engine.request.Control)."""
         return self.run(GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed, latents,
                                         image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
-                                        prompt_syntax, control=control), on_step=on_step)
+                                        prompt_syntax, sampler, schedule, noise, cfg_cutoff, control),
+                        on_step=on_step)
 
     def run(self, request: GenerateRequest, on_step: StepCallback | None = None) -> Result:
         """One generation. prompt/negative: any length (77-token chunks), emphasis syntax
@@ -149,59 +152,190 @@ class Pipeline:
         cond = self.conditioning(self.embeddings if r.embeddings is None else r.embeddings)
         layers = self.check_clip_skip(r.clip_skip)
         steps = r.steps
-        table = scheduler.step_table(self.scheduler, steps, r.guidance)
         strength = self.strength(source, r.strength)
-        start = scheduler.start_index(steps, strength) if source is not None else 0
-        table = self.control_table(table, [c for c, _ in controls], steps, start)
+        start = self.start_index(steps, strength) if source is not None else 0
+        table = self.step_table(r.sampler, steps, r.guidance, start)
+        table = replace(table, rows=self.control_columns(table.rows, [c for c, _ in controls], steps, start))
         rows = r.rows()
         text = cond.rows(rows, r.prompt_syntax)   # ids, weights [rows * k, 77]
         dims = self.dims(height, width, r.batch, r.guidance, chunks=len(text.ids) // len(rows))
+        if table.stochastic:
+            dims = replace(dims, noise_steps=steps)
         seed = r.used_seed()
         noise = self.initial_latents(dims, seed, r.latents)            # ε (x_T for text to image)
+        z = self.step_noise(dims, steps, seed, r) if table.stochastic or r.noise is not None else None
+        z = z if table.stochastic else None
         embeds = cond.lookup(text.ids)
         t_tok = time.perf_counter()
 
-        key = (dims, variant, len(controls))
-        fresh = key not in self.plans
+        fresh = (dims, variant, len(controls)) not in self.plans
         plan = self.plan(dims, variant, len(controls))
-        vae_size = min(r.vae_batch or plan.vae_batch, r.batch)
-        vae_runs = self.vae_bindings(plan, dims, vae_size)
+        self.check_sampler(plan, r.sampler)
+        run_steps = steps - start
+        guided = samplers.guided_steps(run_steps, r.cfg_cutoff) if dims.cfg else run_steps
+        unguided = self.cutoff_plan(plan, variant, len(controls)) if guided < run_steps else None
+        final = unguided or plan               # the plan whose buffers hold x_0 (and the image)
+        vae_size = min(r.vae_batch or final.vae_batch, r.batch)
+        vae_runs = self.vae_bindings(final, final.dims, vae_size)
         t_plan = time.perf_counter()
         buf, clock = plan.buf, Clock(self.backend.stream)
         buf["inputs_embeds"].write(embeds)
         buf["clip_skip"].write(layers)
-        buf["step_index_0"].write(np.array([start], np.int32))
-        buf["step_table"].write(table[:, :buf["step_table"].shape[1]])  # older exports: fewer columns
-        for k, (_, pil) in enumerate(controls):   # bound once per call, repeated over the batch
-            buf[control_image(k)].write(np.repeat(image_input.control_array(pil, height, width), dims.batch, 0))
+        for p in (plan, unguided) if unguided else (plan,):
+            self.write_sampler_inputs(p, table, start, z)
+            for k, (_, pil) in enumerate(controls):   # bound once per call, repeated over the batch
+                image = image_input.control_array(pil, height, width)
+                p.buf[control_image(k)].write(np.repeat(image, dims.batch, 0))
         clock.mark("start")
         plan.text.run()
         if (text.weights != 1.0).any():       # emphasis: a round trip (and sync) of the embeddings
-            z = buf["text_rows"].read()
-            buf["text_rows"].write(emphasize(z, text.weights))
+            e = buf["text_rows"].read()
+            buf["text_rows"].write(emphasize(e, text.weights))
+        if unguided:                           # the conditional half, for the steps after the cut-off
+            copy_rows(unguided.buf["text_embeddings"], Rows(buf["text_embeddings"], r.batch, r.batch))
         clock.mark("text_encoder")
-        x = noise if source is None else self.image_latents(plan, source, variant, noise, steps, start, strength)
+        if source is None:                     # x_T = init_noise_sigma ε (1 but for the Euler samplers)
+            x = noise if table.init_sigma == 1.0 else (noise * np.float32(table.init_sigma)).astype(np.float32)
+        else:
+            x = self.image_latents((plan, unguided), source, variant, noise, table, strength)
         clock.mark("vae_encoder")
         buf["latents_0"].write(x)
-        for i in range(steps - start):
-            plan.steps[i % 2].run()
+        for i in range(run_steps):
+            if i == guided:                    # the CFG cut-off: hand the sampler state over, on the stream
+                k = guided % 2
+                for name in ("latents", "x0", "step_index"):
+                    if f"{name}_{k}" in buf:
+                        copy_rows(unguided.buf[f"{name}_0"], buf[f"{name}_{k}"])
+            if i < guided:
+                plan.steps[i % 2].run()
+            else:
+                unguided.steps[(i - guided) % 2].run()
             clock.mark("step")
             if on_step is not None:
-                on_step(i + 1, steps - start)
-        if (steps - start) % 2:                # x_0 landed in the odd buffer; the VAE reads latents_0
-            buf["latents_0"].copy_from(buf["latents_1"])
+                on_step(i + 1, run_steps)
+        if (run_steps - (guided if unguided else 0)) % 2:   # x_0 landed in the odd buffer; the VAE reads latents_0
+            final.buf["latents_0"].copy_from(final.buf["latents_1"])
         for vae in vae_runs:
             vae.run()
         clock.mark("vae")
-        image = buf["image"].read()            # the one sync (image inputs: one more, after the encoder)
-        self.check_finite(image, buf)
+        image = final.buf["image"].read()      # the one sync (image inputs: one more, after the encoder)
+        self.check_finite(image, final.buf)
         timings = self.timings(clock, t0, t_tok)
         timings["setup_ms"] = (t_plan - t_tok) * 1e3 if fresh else 0.0  # buffers, bindings, graphs
         self.graph = plan.graph
         timings["graph"], timings["graph_error"] = plan.graph
         timings["vae_batch"] = vae_size
         timings["seed"] = seed
+        timings["sampler"], timings["guided_steps"] = r.sampler.label, guided
+        timings["unet_evaluations"] = run_steps + (guided if dims.cfg else 0)   # per image
         return Result(to_uint8(image), timings, seed)
+
+    # ---- ControlNets --------------------------------------------------------------------------------
+
+    def controls(self, control) -> list:
+        """[(Control, PIL image)] for the export's ControlNets, in export order; [] without control."""
+        if control is None or len(control) == 0:
+            return []
+        n = self.config.controlnets
+        if n == 0:
+            raise RequestError("control", f"{self.work_dir} was exported without ControlNet: export with "
+                                          f"`sdrt export MODEL WORK_DIR --controlnet CN_DIR` to use {{control}}")
+        if len(control) != n:
+            raise RequestError("control", f"{{control}} gives {len(control)} image(s), the export has {n} "
+                                          f"ControlNet(s): give one per ControlNet, in export order")
+        return [(c, image_input.load(c.image, "control image")) for c in control]
+
+    @staticmethod
+    def control_columns(rows: np.ndarray, controls: list, steps: int, start: int) -> np.ndarray:
+        """The step table's rows with one column per ControlNet: its scale at each step run, 0
+        outside its step window (step i of the n run, as diffusers counts them: the strength's
+        share skipped)."""
+        if not controls:
+            return rows
+        n = steps - start
+        cols = np.zeros((len(rows), len(controls)), np.float32)
+        for k, c in enumerate(controls):
+            cols[start:steps, k] = [c.scale * c.keep(i, n) for i in range(n)]
+        return np.concatenate([rows, cols], 1)
+
+    # ---- samplers ---------------------------------------------------------------------------------
+
+    def check_sampler(self, plan: "Plan", sampler) -> None:
+        if sampler.kind != "ddim" and "x0_0" not in plan.buf:
+            raise RequestError("sampler", f"{self.work_dir} was exported before the samplers: it runs DDIM only; "
+                            f"run `sdrt export` again for --sampler {sampler.kind}")
+
+    def step_table(self, sampler, steps: int, guidance: float, start: int):
+        try:
+            return samplers.step_table(self.scheduler_config, sampler, steps, guidance, start)
+        except UserError as e:
+            if isinstance(e, RequestError):
+                raise
+            field = "steps" if str(e).startswith("steps") else "sampler"
+            raise RequestError(field, str(e)) from None
+
+    def start_index(self, steps: int, strength: float) -> int:
+        try:
+            return scheduler.start_index(steps, strength)
+        except UserError as e:
+            if isinstance(e, RequestError):
+                raise
+            raise RequestError("strength", str(e)) from None
+
+    def step_noise(self, dims: Dims, steps: int, seed, r) -> np.ndarray:
+        """z for every step, [steps, B, C, h, w]: the request's, or drawn from the seed (with
+        given latents and no seed: a random one)."""
+        shape = (dims.batch, self.config.latent_channels, dims["latent_h"], dims["latent_w"])
+        if r.noise is not None:
+            try:
+                return samplers.check_noise(r.noise, steps, shape)
+            except UserError as e:
+                raise RequestError("noise", str(e)) from None
+        if seed is None:
+            seed = [resolve_seed(s) for s in r.seed] if isinstance(r.seed, list) else resolve_seed(r.seed)
+        return samplers.step_noise(seed, steps, shape)
+
+    def write_sampler_inputs(self, plan: "Plan", table, start: int, z) -> None:
+        """The step table, every sample's first row, a zero x̂0_prev and the step noise (sample-major:
+        the graph gathers step_noise[b, step_index[b]])."""
+        buf = plan.buf
+        index = np.full(buf["step_index_0"].shape, start, np.int32)    # [B] (older exports: [1])
+        buf["step_index_0"].write(index)
+        buf["step_table"].write(table.rows[:, :buf["step_table"].shape[1]])  # older exports: fewer columns
+        if "x0_0" in buf:
+            buf["x0_0"].write(np.zeros(buf["x0_0"].shape, np.float32))
+            if z is not None:                  # else rows of finite values times c_noise = 0
+                buf["step_noise"].write(np.ascontiguousarray(z.transpose(1, 0, 2, 3, 4)))
+
+    def step_slots(self, batch: int, height: int | None = None, width: int | None = None, guidance: bool = True,
+                   noise_steps: int = 1, variant: str = "plain"):
+        """Step-level batching over one shape plan: each of `batch` slots its own request, rows,
+        guidance, embeddings and noise, at its own step (sdrt.engine.step_slots.StepSlots)."""
+        from sdrt.engine.step_slots import StepSlots
+        return StepSlots(self, batch, height, width, guidance, noise_steps, variant)
+
+    def decode(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
+        """uint8 [n, H, W, 3] from latents [n, C, h, w]: the VAE decoder bound at batch n (kept)."""
+        n = len(latents)
+        key = ("decode", n, height, width)
+        if key not in self.decoders:
+            vae = self.models["vae_decoder"]
+            d = replace(self.dims(height, width, n, 1.0))
+            shapes = vae.shapes(d)
+            Buffer = DeviceBuffer if self.backend.device == "cuda" else HostBuffer
+            buf = {t.name: Buffer(shapes[t.name], t.dtype, self.backend.stream) for t in vae.tensors}
+            self.decoders[key] = (self.backend.runner(vae, d).bind(buf, shapes), buf)
+        run, buf = self.decoders[key]
+        buf["latents"].write(latents)
+        run.run()
+        return to_uint8(buf["image"].read())
+
+    def cutoff_plan(self, plan: "Plan", variant: str, controlnets: int = 0) -> "Plan":
+        """The unguided plan (batch B) the steps after the CFG cut-off run on."""
+        if self.backend.max_plans is not None and self.backend.max_plans < 2:
+            raise RequestError("cfg_cutoff", f"{{cfg_cutoff}} runs two shape plans (guided and unguided); the {self.backend.name} "
+                            f"backend keeps one: use --backend tensorrt or onnxruntime-cpu, or leave it out")
+        return self.plan(replace(plan.dims, cfg=False), variant, controlnets)
 
     # ---- image inputs -----------------------------------------------------------------------------
 
@@ -226,33 +360,6 @@ class Pipeline:
                                f"need an export of an ordinary {self.config.latent_channels}-channel UNet")
         return Variant.for_task(self.config, task, where=str(self.work_dir))
 
-    # ---- ControlNets --------------------------------------------------------------------------------
-
-    def controls(self, control) -> list:
-        """[(Control, PIL image)] for the export's ControlNets, in export order; [] without control."""
-        if control is None or len(control) == 0:
-            return []
-        n = self.config.controlnets
-        if n == 0:
-            raise RequestError("control", f"{self.work_dir} was exported without ControlNet: export with "
-                                          f"`sdrt export MODEL WORK_DIR --controlnet CN_DIR` to use {{control}}")
-        if len(control) != n:
-            raise RequestError("control", f"{{control}} gives {len(control)} image(s), the export has {n} "
-                                          f"ControlNet(s): give one per ControlNet, in export order")
-        return [(c, image_input.load(c.image, "control image")) for c in control]
-
-    @staticmethod
-    def control_table(table: np.ndarray, controls: list, steps: int, start: int) -> np.ndarray:
-        """The step table with one column per ControlNet: its scale at each step run, 0 outside its
-        step window (step i of the n run, as diffusers counts them: the strength's share skipped)."""
-        if not controls:
-            return table
-        n = steps - start
-        cols = np.zeros((len(table), len(controls)), np.float32)
-        for k, c in enumerate(controls):
-            cols[start:steps, k] = [c.scale * c.keep(i, n) for i in range(n)]
-        return np.concatenate([table, cols], 1)
-
     def strength(self, source, strength):
         """Defaults as diffusers': 0.75 for image to image, 1.0 for inpainting."""
         if source is None:                     # strength without an image: refused by GenerateRequest
@@ -261,11 +368,12 @@ class Pipeline:
             return 1.0 if source.mask is not None else 0.75
         return strength
 
-    def image_latents(self, plan: Plan, source, variant: Variant, noise: np.ndarray, steps: int, start: int,
-                      strength: float) -> np.ndarray:
-        """x at the first step run; writes the step graph's extra inputs (those its variant declares,
-        bound once per call). Encodes at batch 1 and repeats over the batch (one host sync: the
-        latents are noised here, once per call)."""
+    def image_latents(self, plans, source, variant: Variant, noise: np.ndarray, table, strength: float) -> np.ndarray:
+        """x at the first step run; writes the step graphs' extra inputs (those its variant declares,
+        bound once per call; the guided plan's and the CFG cut-off's unguided one). Encodes at batch 1
+        and repeats over the batch (one host sync: the latents are noised here, once per call) with
+        the sampler's own forward process."""
+        plan = plans[0]
         b = noise.shape[0]
         x0 = np.repeat(self.encode(plan, source.image), b, 0)
         per_call = {"mask": lambda: np.repeat(source.latent_mask(self.config.vae_factor), b, 0),
@@ -273,10 +381,14 @@ class Pipeline:
                     "noise": lambda: noise,
                     "masked_image_latents": lambda: np.repeat(self.encode(plan, source.masked_image), b, 0)}
         for name in variant.spec.extra_inputs:
-            plan.buf[name].write(per_call[name]())
-        if source.mask is not None and strength == 1.0:
-            return noise                       # inpainting at strength 1 starts from pure noise
-        return scheduler.add_noise(self.scheduler, steps, start, x0, noise)
+            value = per_call[name]()
+            for p in plans:
+                if p is not None:
+                    p.buf[name].write(value)
+        if source.mask is not None and strength == 1.0:   # inpainting at strength 1 starts from pure noise
+            return noise if table.init_sigma == 1.0 else (noise * np.float32(table.init_sigma)).astype(np.float32)
+        p, q = table.add_noise                       # x_s = p x0 + q ε (sdrt.engine.samplers)
+        return (np.float32(p) * x0 + np.float32(q) * noise).astype(np.float32)
 
     def encode(self, plan: Plan, image: np.ndarray) -> np.ndarray:
         """vae_encoder: [1, 3, H, W] in [-1, 1] -> [1, C, H/f, W/f] (posterior mean · scaling factor)."""
@@ -390,9 +502,14 @@ class Pipeline:
         extra = kind.extra_inputs               # the variant's inputs, bound once per call
         buf = {n: new(n) for n in ("inputs_embeds", "clip_skip", "text_embeddings", "step_table", "image", *extra)}
         buf["text_rows"] = buf["text_embeddings"].view(te.shapes(dims)["text_embeddings"])  # [text_batch k, 77, D]
+        state = has_sampler_state(step)       # exports before the samplers: DDIM only
+        if state:
+            buf["step_noise"] = new("step_noise")
         for k in (0, 1):
             buf[f"latents_{k}"] = new(f"latents_{k}", "latents")
             buf[f"step_index_{k}"] = new(f"step_index_{k}", "step_index")
+            if state:
+                buf[f"x0_{k}"] = new(f"x0_{k}", "x0_prev")
 
         text = be.runner(te, dims).bind({"inputs_embeds": buf["inputs_embeds"], "clip_skip": buf["clip_skip"],
                                          "text_embeddings": buf["text_rows"]}, te.shapes(dims))
@@ -404,6 +521,8 @@ class Pipeline:
                                   "step_index_next": buf[f"step_index_{1 - k}"],
                                   "text_embeddings": buf["text_embeddings"],
                                   "step_table": buf["step_table"],
+                                  **({"x0_prev": buf[f"x0_{k}"], "x0_next": buf[f"x0_{1 - k}"],
+                                      "step_noise": buf["step_noise"]} if state else {}),
                                   **{n: buf[n] for n in extra}}, step.shapes(dims))
             steps.append(b)
         launches = [be.launcher(b) for b in steps]

@@ -2,7 +2,7 @@
 
     GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed | latents,
                     image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
-                    prompt_syntax, sampler, control)
+                    prompt_syntax, sampler, schedule, noise, cfg_cutoff, control)
 
 The CLI (`sdrt generate`), the Python API (`Pipeline.generate(**kwargs)`) and a server build one
 and hand it to `Pipeline.run(request, on_step=...)`. Checks that need no model run when the
@@ -30,7 +30,6 @@ import numpy as np
 from sdrt.errors import UserError
 
 PROMPT_SYNTAXES = ("webui", "plain")   # webui: (emphasis:1.2), [less], BREAK; plain: text read literally
-SAMPLERS = ("ddim",)                   # the step graph's update rule (more samplers: add them here)
 RANDOM_SEED = -1                       # the web UI's "random seed"
 SEED_LIMIT = 2 ** 32                   # random seeds are drawn below this (the web UI's range)
 
@@ -97,7 +96,10 @@ class GenerateRequest:
     loras: list | None = None               # "FILE[:SCALE]" or (FILE, SCALE); None: the pipeline's current
     vae_batch: int | None = None            # decode in slices of this many images
     prompt_syntax: str = "webui"            # see PROMPT_SYNTAXES
-    sampler: str = "ddim"                   # see SAMPLERS
+    sampler: str = "DDIM"                   # sdrt.engine.samplers.SAMPLER_NAMES, case-insensitive
+    schedule: str | None = None             # uniform | trailing | karras; None: the sampler's name / config
+    noise: np.ndarray | None = None         # the per-step noise z [steps, B, C, H/f, W/f] instead of a seed's
+    cfg_cutoff: float | None = None         # after this fraction of the steps run: no guidance
     control: list | None = None             # per ControlNet, in export order: "IMAGE[:SCALE[:START:END]]",
                                             # (IMAGE, SCALE[, START, END]), an image, or a Control
 
@@ -137,9 +139,26 @@ class GenerateRequest:
             raise RequestError("prompt_syntax", f"{{prompt_syntax}} {self.prompt_syntax!r} is not one of "
                                                 f"{', '.join(PROMPT_SYNTAXES)}")
         self.control = None if self.control is None else [self._control(c) for c in self.control]
-        if self.sampler not in SAMPLERS:
-            raise RequestError("sampler", f"{{sampler}} {self.sampler!r} is not available: "
-                                          f"{', '.join(SAMPLERS)}")
+        from sdrt.engine import samplers        # (samplers -> scheduler -> this module's RequestError)
+        self.sampler = self._sampler()
+        try:
+            self.cfg_cutoff = samplers.check_cfg_cutoff(self.cfg_cutoff)
+        except UserError as e:
+            raise RequestError("cfg_cutoff", str(e).replace("cfg cutoff", "{cfg_cutoff}", 1)) from None
+        if self.noise is not None:
+            self.noise = np.asarray(self.noise)
+
+    def _sampler(self):
+        """The sampler and schedule (sdrt.engine.samplers.Sampler); RequestError naming the field."""
+        from sdrt.engine import samplers
+        if isinstance(self.sampler, samplers.Sampler):
+            return self.sampler
+        try:
+            return samplers.Sampler.parse(self.sampler, self.schedule)
+        except UserError as e:                  # its first word of the two names the field
+            msg = str(e).replace("{", "(").replace("}", ")")
+            field = min(("sampler", "schedule"), key=lambda f: msg.find(f) if f in msg else len(msg))
+            raise RequestError(field, msg.replace(field, "{" + field + "}", 1)) from None
 
     def _batch(self) -> int:
         lists = [(n, len(v)) for n, v in (("prompt", self.prompt), ("negative", self.negative),

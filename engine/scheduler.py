@@ -226,7 +226,8 @@ def step_table(cfg: DDIMConfig, steps: int, guidance: float) -> np.ndarray:
                    clip=cfg.clip_sample_range if cfg.clip_sample else NO_CLIP,
                    guidance=guidance,
                    sqrt_alpha_next=np.sqrt(a_next),
-                   sqrt_one_minus_alpha_next=np.sqrt(1 - a_next))
+                   sqrt_one_minus_alpha_next=np.sqrt(1 - a_next),
+                   model_in_scale=1.0, c_x=0.0, c_x0_prev=0.0, c_noise=0.0)   # DDIM: no other term
     rows = np.stack([np.broadcast_to(np.asarray(columns[c], np.float64), ts.shape) for c in STEP_COLUMNS], 1)
     bad = ~np.isfinite(rows).all(1)
     if bad.any():

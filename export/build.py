@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from sdrt import manifest as mf
-from sdrt.contract import Dims, Model, Step, check_size, engine_tasks, models_of_tasks
+from sdrt.contract import STEP_TABLE_ROWS, Dims, Model, Step, check_size, engine_tasks, models_of_tasks
 from sdrt.engine import cuda
 from sdrt.engine.engine_keys import (MODULES, current_hash, engine_key, first_change, import_trt, io_digest,
                               major_minor, onnx_stat)
@@ -69,6 +69,11 @@ def parse_dynamic(spec: str | None, batch: int, height: int, width: int, vae_fac
     return {k: {d: ranges[d][i] for d in DIMS} for i, k in enumerate(("min", "opt", "max"))}
 
 
+# rows of the step graph's noise buffer: 1 (deterministic samplers) up to a full table (a stochastic
+# sampler's steps; step-level batching over the whole table)
+NOISE_STEPS = {"min": 1, "opt": 50, "max": STEP_TABLE_ROWS}
+
+
 def profile_for(model: Model, ranges: dict, guidance: bool, vae_factor: int, max_chunks: int = 1,
                 text_len: int = 77) -> dict:
     """{input: {"min": [...], "opt": [...], "max": [...]}} via the contract's own dims; prompts
@@ -77,7 +82,7 @@ def profile_for(model: Model, ranges: dict, guidance: bool, vae_factor: int, max
     one = {"batch": 1} if model.name == "vae_encoder" else {}
     chunks = {"min": 1, "opt": 1, "max": max_chunks}
     shapes = {k: model.shapes(Dims(**{**ranges[k], **one}, cfg=guidance, vae_factor=vae_factor,
-                                   chunks=chunks[k], text_len=text_len))
+                                   chunks=chunks[k], text_len=text_len, noise_steps=NOISE_STEPS[k]))
               for k in ("min", "opt", "max")}
     return {t.name: {k: list(shapes[k][t.name]) for k in ("min", "opt", "max")} for t in model.inputs}
 

@@ -1,12 +1,16 @@
-"""Compose the whole denoising step graph: UNet + classifier-free guidance + DDIM update.
+"""Compose the whole denoising step graph: UNet + classifier-free guidance + the sampler's update.
 
-    row      = step_table[step_index]                         per-step values, one row per step
-    t, g     = row.timestep, row.guidance
-    m        = UNet(concat(u, u), t, emb)  -> ε_uncond + g (ε_cond - ε_uncond)     (CFG)
+    row_b    = step_table[step_index[b]]                      per sample b: its own row
+    t, g     = row.timestep, row.guidance                     t is a float (Karras σ between steps)
+    m        = UNet(concat(u, u), concat(t, t), emb)  -> ε_uncond + g (ε_cond - ε_uncond)   (CFG)
+               with u = model_in_scale x                      (Euler: x / sqrt(σ² + 1); DDIM: x)
     x̂0       = clip(c_x0_x x + c_x0_m m)                      DDIM eq. 12, "predicted x0"
     ε̂        = c_eps_x x + c_eps_m m                          "direction pointing to x_t"
-    x_{t-1}  = sqrt(ᾱ_prev) x̂0 + sqrt(1 - ᾱ_prev) ε̂
+    x_ddim   = sqrt(ᾱ_prev) x̂0 + sqrt(1 - ᾱ_prev) ε̂         (DDIM's arithmetic, first and unchanged)
+    x_{t-1}  = x_ddim + c_x x + c_x0_prev x̂0_prev + c_noise z   the other samplers' terms (0 for DDIM)
+    x0_next  = x̂0                                             read back as x̂0_prev by the next step
     step_index_next = step_index + 1
+z is row step_index[b] of sample b's noise (step_noise[b, i]), filled once per call.
 
 The UNet input u and the output differ per variant (sdrt.contract.Variant), a pair of functions
 each (GRAPHS; the step model's Step says which):
@@ -16,7 +20,7 @@ each (GRAPHS; the step model's Step says which):
              latents_next = (1 - mask) (sqrt(ᾱ_next) x0_img + sqrt(1 - ᾱ_next) ε) + mask x_{t-1}
 The mask, image latents and noise are graph inputs bound once per call, not copied per step.
 
-The coefficients (sdrt.engine.scheduler.step_table) make epsilon, v and sample prediction one
+The coefficients (sdrt.engine.samplers.step_table) make every sampler and epsilon, v and sample prediction one
 linear form. The UNet's initializers are not copied: the step graph points at the UNet's external
 data file, so the weights exist once on disk. Guidance math and latents stay FP32.
 """
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.contract import Model, Variant, control_image
+from sdrt.contract import STEP_TABLE_ROWS, Model, Variant, control_image
 from sdrt.errors import UserError
 from sdrt.export.to_onnx import onnx_graph
 
@@ -53,17 +57,25 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path, controlne
 
     columns = step.step.columns
     col = {c: P + "col_" + c for c in columns}
-    pre = [node("Gather", ["step_table", "step_index"], ["row"], axis=0),           # [1, columns]
+    # per sample b: row b = step_table[step_index[b]], as [B, columns, 1, 1] so each column splits
+    # out as [B, 1, 1, 1] and broadcasts over that sample's latents
+    # (an index past the table reads its last row, which the runtime keeps zero: parked slots)
+    pre = [node("Min", ["step_index", "last_row"], ["table_index"]),
+           node("Gather", ["step_table", "table_index"], ["row_b"], axis=0),          # [B, columns]
+           node("Unsqueeze", ["row_b", "axes_23"], ["row"]),
            helper.make_node("Split", [P + "row", P + "ones"], list(col.values()), axis=1,
                             name=P + "split_row"),
-           node("Reshape", [col["timestep"], "one"], ["timestep"]),
-           node("Identity", ["text_embeddings"], ["encoder_hidden_states"])]
+           node("Reshape", [col["timestep"], "minus_one"], ["t_b"]),                  # [B]
+           node("Identity", ["text_embeddings"], ["encoder_hidden_states"]),
+           node("Mul", ["latents", col["model_in_scale"]], ["x_in"])]                # Euler: x/sqrt(σ²+1)
     pre += unet_input(node)
     if guidance:  # one UNet call at batch 2B: [uncond; cond] rows match the embeddings' order
         pre.append(node("Concat", ["u", "u"], ["u2"], axis=0))
         pre.append(node("Cast", ["u2"], ["sample"], to=f_type))
+        pre.append(node("Concat", ["t_b", "t_b"], ["timestep"], axis=0))            # [2B]
     else:
         pre.append(node("Cast", ["u"], ["sample"], to=f_type))
+        pre.append(node("Identity", ["t_b"], ["timestep"]))
 
     if step.step.controlnets:
         pre += add_controlnets(g, unet, controlnets[:step.step.controlnets], node, col, f_type, guidance)
@@ -84,13 +96,19 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path, controlne
     post += _linear("eps", col["c_eps_x"], col["c_eps_m"], node)
     post += [node("Mul", ["x0", col["sqrt_alpha_prev"]], ["a_x0"]),
              node("Mul", ["eps", col["sqrt_one_minus_alpha_prev"]], ["b_eps"]),
-             node("Add", ["a_x0", "b_eps"], ["x_prev"])]
+             node("Add", ["a_x0", "b_eps"], ["x_ddim"])]
+    post += sampler_terms(node, col)
     post += finish(node, col)
-    post.append(helper.make_node("Add", ["step_index", P + "one_i32"], ["step_index_next"],
-                                 name=P + "step_next"))
+    post += [node("Identity", ["x0"], ["x0_next"]),
+             helper.make_node("Add", ["step_index", P + "one_i32"], ["step_index_next"],
+                              name=P + "step_next")]
 
     consts = [numpy_helper.from_array(np.array([1], np.int64), P + "one"),
+              numpy_helper.from_array(np.array([-1], np.int64), P + "minus_one"),
+              numpy_helper.from_array(np.array([2, 3], np.int64), P + "axes_23"),
               numpy_helper.from_array(np.array([1], np.int32), P + "one_i32"),
+              numpy_helper.from_array(np.array([STEP_TABLE_ROWS - 1], np.int32), P + "last_row"),
+              numpy_helper.from_array(np.array([1], np.int64), P + "one_axis"),
               numpy_helper.from_array(np.array([1], np.float32), P + "one_f"),
               numpy_helper.from_array(np.ones(len(columns), np.int64), P + "ones")]
     unet_io = {t.name for t in unet.inputs} | {t.name for t in unet.outputs}
@@ -111,8 +129,8 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path, controlne
 
 # ---- ControlNets ---------------------------------------------------------------------------------
 #
-#   c_k        = ControlNet_k(x_t, t, text, image_k)        (CFG: x_t and image_k doubled, as u)
-#   r_i        = Σ_k s_k c_k,i      s_k = row.control_scale_k (0 outside ControlNet k's step window)
+#   c_k        = ControlNet_k(x_in, t, text, image_k)       (CFG: x_in and image_k doubled, as u)
+#   r_i        = Σ_k s_k c_k,i      s_k = row_b.control_scale_k (0 outside ControlNet k's step window)
 #   UNet skip i (the up blocks' Concat inputs) <- skip_i + r_i;  mid-block output <- mid + r_mid
 #
 # The ControlNet graphs are copied in under their own prefix; their initializers keep pointing at
@@ -122,10 +140,9 @@ def add_controlnets(g, unet: Model, controlnets, node, col, f_type, guidance: bo
     """Nodes that run the ControlNets and sum their scaled residuals; rewires the UNet graph `g`
     so its skip connections and mid-block output take them. Returns the nodes to run first."""
     skips, mid = unet_skips(g)
-    out, x = [], "latents_cfg" if guidance else "x_cn"
-    out.append(node("Identity", ["latents"], ["x_cn"]))
+    out, x = [], "x_cn_2" if guidance else "x_in"         # the latents the UNet sees (x_in: scaled)
     if guidance:
-        out.append(node("Concat", ["x_cn", "x_cn"], ["latents_cfg"], axis=0))
+        out.append(node("Concat", ["x_in", "x_in"], ["x_cn_2"], axis=0))
     out.append(node("Cast", [x], ["cn_sample"], to=f_type))
     sums = None
     for k, (path, model) in enumerate(controlnets):
@@ -141,7 +158,11 @@ def add_controlnets(g, unet: Model, controlnets, node, col, f_type, guidance: bo
         outputs = import_graph(g, path, f"{P}cn{k}/", {"sample": P + "cn_sample", "timestep": P + "timestep",
                                                         "encoder_hidden_states": P + "encoder_hidden_states",
                                                         "controlnet_cond": P + f"cn{k}_cond"}, out)
-        out.append(node("Cast", [col[f"control_scale_{k}"]], [f"cn{k}_scale"], to=f_type))
+        scale = col[f"control_scale_{k}"]                      # [B, 1, 1, 1]: each sample's row
+        if guidance:
+            out.append(node("Concat", [scale, scale], [f"cn{k}_scale_2"], axis=0))
+            scale = f"cn{k}_scale_2"
+        out.append(node("Cast", [scale], [f"cn{k}_scale"], to=f_type))
         scaled = [f"cn{k}_{o.name}_s" for o in model.outputs]
         out += [node("Mul", [outputs[o.name], f"cn{k}_scale"], [name]) for o, name in zip(model.outputs, scaled)]
         if sums is not None:
@@ -208,13 +229,31 @@ def import_graph(g, path: Path, prefix: str, inputs: dict, out: list) -> dict:
 
 
 def unet_input_plain(node):
-    """u = x_t"""
-    return [node("Identity", ["latents"], ["u"])]
+    """u = x_t (scaled: model_in_scale x_t)"""
+    return [node("Identity", ["x_in"], ["u"])]
 
 
 def unet_input_concat(node):
     """u = concat(x_t, mask, masked-image latents) on channels: the 9-channel inpainting UNet."""
-    return [node("Concat", ["latents", "mask", "masked_image_latents"], ["u"], axis=1)]
+    return [node("Concat", ["x_in", "mask", "masked_image_latents"], ["u"], axis=1)]
+
+
+def sampler_terms(node, col):
+    """After DDIM's arithmetic, unchanged (zero coefficients add exact zeros for DDIM):
+        x' = x_ddim + c_x x + c_x0_prev x̂0_prev + c_noise z,   z = step_noise[b, min(step_index[b], N - 1)]"""
+    return [node("Shape", ["step_noise"], ["noise_shape"]),
+            node("Gather", ["noise_shape", "one"], ["noise_rows"], axis=0),           # [1] N
+            node("Sub", ["noise_rows", "one"], ["noise_last"]),
+            node("Cast", ["step_index"], ["step_index_i64"], to=7),                     # INT64
+            node("Min", ["step_index_i64", "noise_last"], ["noise_row"]),               # [B]
+            node("Unsqueeze", ["noise_row", "one_axis"], ["noise_idx"]),                # [B, 1]
+            node("GatherND", ["step_noise", "noise_idx"], ["z"], batch_dims=1),         # [B, C, h, w]
+            node("Mul", ["latents", col["c_x"]], ["cx_x"]),
+            node("Mul", ["x0_prev", col["c_x0_prev"]], ["cp_x0"]),
+            node("Mul", ["z", col["c_noise"]], ["cn_z"]),
+            node("Add", ["x_ddim", "cx_x"], ["x_s1"]),
+            node("Add", ["x_s1", "cp_x0"], ["x_s2"]),
+            node("Add", ["x_s2", "cn_z"], ["x_prev"])]
 
 
 def finish_plain(node, col):

@@ -106,23 +106,26 @@ def module(cn):
     return ControlNet(cn)
 
 
-def step_reference(unet, controlnets, u: np.ndarray, t: float, emb: np.ndarray, images: list,
+def step_reference(unet, controlnets, u: np.ndarray, t: np.ndarray, emb: np.ndarray, images: list,
                    scales: list, guidance: bool, cn_input: np.ndarray | None = None) -> np.ndarray:
     """The UNet output of one step with ControlNets, in torch (diffusers' own residual plumbing):
-    ControlNet k on (x_t, t, text, image_k) at scale s_k, residuals summed, the UNet called with
-    down_block_additional_residuals / mid_block_additional_residual. cn_input: the ControlNets'
-    latents when the UNet's input is more (the 9-channel inpainting UNet), else u."""
+    ControlNet k on (x, t, text, image_k), its residuals times s_k (per sample: scales[k][b]),
+    summed over k, the UNet called with down_block_additional_residuals /
+    mid_block_additional_residual. t: per sample [B]. cn_input: the ControlNets' latents when the
+    UNet's input is more (the 9-channel inpainting UNet), else u."""
     import torch
     x = u if cn_input is None else cn_input
     two = (lambda a: np.concatenate([a, a])) if guidance else (lambda a: a)
     emb_t = torch.from_numpy(emb.astype(np.float32))
-    tt = torch.tensor([float(t)])
+    tt = torch.from_numpy(two(np.asarray(t, np.float32)))
     down_sum, mid_sum = None, None
     with torch.no_grad():
         for cn, image, scale in zip(controlnets, images, scales):
+            s = torch.from_numpy(two(np.asarray(scale, np.float32)).reshape(-1, 1, 1, 1))
             down, mid = cn(torch.from_numpy(two(x)), tt, emb_t, controlnet_cond=torch.from_numpy(two(image)),
-                           conditioning_scale=float(scale), return_dict=False)
-            down_sum = list(down) if down_sum is None else [a + b for a, b in zip(down_sum, down)]
+                           conditioning_scale=1.0, return_dict=False)
+            down, mid = [d * s for d in down], mid * s
+            down_sum = down if down_sum is None else [a + b for a, b in zip(down_sum, down)]
             mid_sum = mid if mid_sum is None else mid_sum + mid
         return unet(torch.from_numpy(two(u)), tt, emb_t, down_block_additional_residuals=down_sum,
                     mid_block_additional_residual=mid_sum, return_dict=False)[0].numpy()

@@ -294,42 +294,54 @@ def _control_inputs(folder, model, dims: Dims, seed: int) -> dict:
 
 
 def _step_reference(folder, step, dims: Dims, sched_config: dict, controlnets=()):
-    """Inputs for a denoise-step graph and the expected output from torch UNet + numpy DDIM (+ the
-    variant's own part, REFERENCES, written out here independently of the graph; with ControlNets,
-    torch ControlNets + UNet with their residuals: sdrt.export.controlnet.step_reference)."""
+    """Inputs for a denoise-step graph and the expected output from torch UNet + numpy sampler
+    rows (+ the variant's own part, REFERENCES, written out here independently of the graph; with
+    ControlNets, torch ControlNets + UNet with their residuals: sdrt.export.controlnet).
+    Batch 2 at different steps of a DPM++ 2M SDE table (every sampler term non-zero, a model-input
+    scale of 0.8 written in), each sample its own row and noise row (and ControlNet scales)."""
     import torch
 
-    from sdrt.engine import scheduler
+    from sdrt.engine import samplers
     guidance, (unet_input, finish) = step.step.guidance, REFERENCES[step.step.variant]
-    d = Dims(dims.batch, dims.height, dims.width, cfg=guidance, vae_factor=dims.vae_factor, chunks=dims.chunks,
-             text_len=dims.text_len)
-    sched = scheduler.DDIMConfig.from_json(sched_config)
-    table = scheduler.step_table(sched, 50, 7.5 if guidance else 1.0)
-    n_cn, k = step.step.controlnets, 10
-    scales = [0.8 - 0.3 * i for i in range(n_cn)]            # one per ControlNet, in its table column
-    table = np.concatenate([table, np.zeros((len(table), n_cn), np.float32)], 1)
-    table[k, len(STEP_COLUMNS):] = scales
+    steps, ks = 50, np.array([10, 23], np.int32)
+    d = Dims(2, dims.height, dims.width, cfg=guidance, vae_factor=dims.vae_factor, chunks=dims.chunks,
+             text_len=dims.text_len, noise_steps=steps)
+    table = samplers.step_table(sched_config, samplers.Sampler("dpmpp_2m_sde"), steps,
+                                7.5 if guidance else 1.0).rows
+    table[:, STEP_COLUMNS.index("model_in_scale")] = 0.8
     inputs = to_onnx.example_inputs(step, d, folder.config.vocab_size, seed=2)
-    inputs["step_table"], inputs["step_index"] = table, np.array([k], np.int32)
+    inputs["step_table"], inputs["step_index"] = table, ks
+    n_cn = step.step.controlnets
+    scales = [np.array([0.8, 0.5]) - 0.3 * i for i in range(n_cn)]   # per ControlNet, per sample's row
+    table = np.concatenate([table, np.zeros((len(table), n_cn), np.float32)], 1)
+    for i, s in enumerate(scales):
+        table[ks, len(STEP_COLUMNS) + i] = s
+    inputs["step_table"] = table
     rng = np.random.default_rng(3)
     images = [rng.random(inputs[control_image(i)].shape).astype(np.float32) for i in range(n_cn)]
     inputs.update({control_image(i): im for i, im in enumerate(images)})
     if "mask" in inputs:  # a binary mask, as the runtime feeds it
         inputs["mask"] = (inputs["mask"] > 0).astype(np.float32)
-    x, u = inputs["latents"], unet_input(inputs)
+    rows = table[ks]
+    row = {c: rows[:, i, None, None, None] for i, c in enumerate(STEP_COLUMNS)}   # per sample
+    x = inputs["latents"]
+    u = unet_input({**inputs, "latents": x * row["model_in_scale"]})
     emb = torch.from_numpy(inputs["text_embeddings"].astype(np.float32))
+    t = torch.from_numpy(rows[:, 0].astype(np.float32))
     sample = torch.from_numpy(np.concatenate([u, u]) if guidance else u)
     if n_cn:
-        m = controlnet.step_reference(folder.unet, controlnets[:n_cn], u, table[k, 0], emb.numpy(), images, scales,
-                                      guidance, cn_input=x if u.shape[1] != x.shape[1] else None)
+        m = controlnet.step_reference(folder.unet, controlnets[:n_cn], u, rows[:, 0], emb.numpy(), images, scales,
+                                      guidance, cn_input=x * row["model_in_scale"] if u.shape[1] != x.shape[1] else None)
     else:
         with torch.no_grad():
-            m = folder.unet(sample, torch.tensor([float(table[k, 0])]), emb, return_dict=False)[0].numpy()
+            m = folder.unet(sample, torch.cat([t, t]) if guidance else t, emb, return_dict=False)[0].numpy()
     if guidance:
         uncond, cond = np.split(m, 2)
-        m = uncond + table[k, STEP_COLUMNS.index("guidance")] * (cond - uncond)
-    x_prev = scheduler.apply_step(table[k], x, m)
-    return inputs, [finish(inputs, dict(zip(STEP_COLUMNS, table[k])), x_prev), np.array([k + 1], np.int32)]
+        m = uncond + row["guidance"] * (cond - uncond)
+    outs = [samplers.apply_row(rows[b], x[b], m[b], inputs["x0_prev"][b], inputs["step_noise"][b, ks[b]])
+            for b in range(2)]
+    x_prev, x0 = np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs])
+    return inputs, [finish(inputs, row, x_prev), ks + 1, x0]
 
 
 # Each variant's own part in numpy, (UNet input u, latents_next from x_{t-1}): the reference the

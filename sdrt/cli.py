@@ -45,7 +45,9 @@ def cmd_generate(a):
                               width=a.width, batch=a.batch, seed=a.seed, latents=load_latents(a.latents),
                               image=a.image, mask=a.mask, strength=a.strength, resize=a.resize,
                               clip_skip=a.clip_skip, embeddings=a.embedding, loras=a.lora,
-                              vae_batch=a.vae_batch, prompt_syntax=a.prompt_syntax, control=a.control or None)
+                              vae_batch=a.vae_batch, prompt_syntax=a.prompt_syntax, sampler=a.sampler,
+                              schedule=a.schedule, noise=load_latents(a.noise, "noise"),
+                              cfg_cutoff=a.cfg_cutoff, control=a.control or None)
     generate_files(a.work_dir, request, a.out, backend=a.backend, timings=a.timings)
 
 
@@ -85,7 +87,7 @@ def cmd_train_demo(a):
 def cmd_eval(a):
     from sdrt.benchmarks.eval import main
     main(a.work_dir, backend=a.backend, n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed, out=a.out,
-         grid_path=a.grid)
+         grid_path=a.grid, sampler=a.sampler, schedule=a.schedule, cfg_cutoff=a.cfg_cutoff)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -227,6 +229,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="first image's seed (-1: a random one, in the report)")
     s.add_argument("--out", type=Path, help="also write the report as JSON here")
     s.add_argument("--grid", type=Path, help="also write a PNG of the first 8 images of each split, captioned")
+    s.add_argument("--sampler", default="DDIM", help="as sdrt generate's (DDIM, Euler a, DPM++ 2M Karras, ...)")
+    s.add_argument("--schedule", metavar="{uniform,trailing,karras}")
+    s.add_argument("--cfg-cutoff", type=float, metavar="F")
     s.set_defaults(fn=cmd_eval)
     return p
 
@@ -242,6 +247,16 @@ def add_generate_args(s) -> None:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--seed", type=int, help="the noise's seed; -1 or none: a random one (printed)")
     s.add_argument("--latents", type=Path, help=".npy of shape [B, C, H/f, W/f]: the initial noise")
+    s.add_argument("--sampler", default="DDIM",
+                   help="DDIM (default), DDPM, Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, DPM++ 2M SDE, "
+                        "DPM++ 2M SDE Karras, LCM (case-insensitive; the web UI's and k-diffusion's names)")
+    s.add_argument("--schedule", metavar="{uniform,trailing,karras}",
+                   help="uniform (the model's timestep spacing), trailing, karras (Euler, Euler a, DPM++); "
+                        "default: what the sampler's name and the model's scheduler config say")
+    s.add_argument("--noise", type=Path, metavar="FILE.npy",
+                   help="the stochastic samplers' per-step noise, [steps, B, C, H/f, W/f] (default: from --seed)")
+    s.add_argument("--cfg-cutoff", type=float, metavar="F",
+                   help="after this fraction of the steps, run without the unconditional half (half the UNet work)")
     s.add_argument("--image", type=Path, help="input image: image to image, or inpainting with --mask")
     s.add_argument("--mask", type=Path, help="inpainting mask, the image's size: white = repaint")
     s.add_argument("--strength", type=float,

@@ -9,6 +9,7 @@ Dims are symbolic strings resolved per run by `Dims`:
   text_rows   prompt chunks the text encoder runs at once: text_batch * chunks
   text_seq    conditioning length the UNet attends to: 77 * chunks (prompts of 75 * chunks tokens)
   latent_h/w  latent height/width: image size / vae_factor
+  noise_steps rows of the step graph's noise buffer: the steps of a stochastic sampler, else 1
   height/width  image size in pixels
 Fixed sizes (77 tokens, 768 hidden, 4 channels, ...) are plain ints taken from the model config.
 
@@ -26,13 +27,16 @@ from enum import Enum
 from sdrt.errors import UserError
 
 STEP_TABLE_ROWS = 1000  # max denoising steps; the step table is padded to this (static shape)
-# Per-step table columns (see sdrt.engine.scheduler): one row per denoising step.
-# The last two drive the inpainting blend (the known region re-noised to the next timestep); they
-# were appended, so exports with the first nine still run (the runtime writes the columns the
-# export's contract declares).
+# Per-step table columns (see sdrt.engine.samplers): one row per denoising step.
+# Columns were appended over time, so older exports still run (the runtime writes the columns the
+# export's contract declares): the first nine are DDIM's; the next two drive the inpainting blend
+# (the known region re-noised to the next timestep); the last four the other samplers (the model
+# input's scale, and the coefficients of x, the previous step's x̂0 and the step's noise z).
 STEP_COLUMNS = ("timestep", "c_x0_x", "c_x0_m", "c_eps_x", "c_eps_m",
                 "sqrt_alpha_prev", "sqrt_one_minus_alpha_prev", "clip", "guidance",
-                "sqrt_alpha_next", "sqrt_one_minus_alpha_next")
+                "sqrt_alpha_next", "sqrt_one_minus_alpha_next",
+                "model_in_scale", "c_x", "c_x0_prev", "c_noise")
+SAMPLER_COLUMNS = STEP_COLUMNS[11:]   # an export whose table lacks them runs DDIM only
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ class Dims:
     vae_factor: int = 8
     chunks: int = 1                # prompt chunks of text_len tokens (long prompts: 2, 3, ...)
     text_len: int = 77
+    noise_steps: int = 1           # rows of the per-step noise buffer (stochastic samplers: steps)
 
     def __getitem__(self, name: str) -> int:
         if name == "batch":
@@ -173,6 +178,8 @@ class Dims:
             return self.height
         if name == "width":
             return self.width
+        if name == "noise_steps":
+            return self.noise_steps
         raise KeyError(f"unknown dim {name!r}")
 
 
@@ -328,7 +335,9 @@ def step_inputs(cfg: ModelConfig, precision: str) -> dict[str, Tensor]:
         Tensor("latents", "float32", latent),
         Tensor("text_embeddings", _float(precision), ("text_batch", "text_seq", cfg.text_dim)),
         Tensor("step_table", "float32", (STEP_TABLE_ROWS, len(STEP_COLUMNS))),
-        Tensor("step_index", "int32", (1,)),
+        Tensor("step_index", "int32", ("batch",)),
+        Tensor("x0_prev", "float32", latent),
+        Tensor("step_noise", "float32", ("batch", "noise_steps", cfg.latent_channels, "latent_h", "latent_w")),
         Tensor("mask", "float32", ("batch", 1, "latent_h", "latent_w")),
         Tensor("image_latents", "float32", latent),
         Tensor("noise", "float32", latent),
@@ -351,6 +360,8 @@ def control_columns(n: int) -> tuple[str, ...]:
 
 
 STEP_INPUTS = ("latents", "text_embeddings", "step_table", "step_index")   # every step's first four
+# then the sampler state every step made since the samplers has (older exports: DDIM only)
+SAMPLER_STATE = ("x0_prev", "step_noise")
 
 
 @dataclass(frozen=True)
@@ -396,11 +407,12 @@ class Step:
     def inputs(self, cfg: ModelConfig, precision: str) -> tuple[Tensor, ...]:
         table = step_inputs(cfg, precision)
         table["step_table"] = Tensor("step_table", "float32", (STEP_TABLE_ROWS, len(self.columns)))
-        return tuple(table[n] for n in STEP_INPUTS + self.extra_inputs)
+        return tuple(table[n] for n in STEP_INPUTS + SAMPLER_STATE + self.extra_inputs)
 
     def outputs(self, cfg: ModelConfig) -> tuple[Tensor, ...]:
         latent = ("batch", cfg.latent_channels, "latent_h", "latent_w")
-        return (Tensor("latents_next", "float32", latent), Tensor("step_index_next", "int32", (1,)))
+        return (Tensor("latents_next", "float32", latent), Tensor("step_index_next", "int32", ("batch",)),
+                Tensor("x0_next", "float32", latent))
 
     def to_json(self) -> dict:
         return {"variant": self.variant.value, "guidance": self.guidance,
@@ -469,14 +481,22 @@ def models_of_tasks(cfg: ModelConfig, tasks, guidance: bool, control: bool = Fal
 
 def denoise_step(cfg: ModelConfig, precision: str, guidance: bool, variant: Variant = Variant.plain,
                  controlnets: int = 0) -> Model:
-    """One whole denoising step: UNet + classifier-free guidance + DDIM update (+ the variant's
-    inpainting inputs, bound once per call).
+    """One whole denoising step: UNet + classifier-free guidance + the sampler's update (+ the
+    variant's inpainting inputs, bound once per call; + the ControlNets' residuals).
 
-    Reads its per-step values from `step_table[step_index]` and writes `step_index + 1`, so the
-    same bound buffers (ping-ponged) and one captured CUDA graph serve every step.
+    Per sample b it reads its row `step_table[step_index[b]]` and writes `step_index + 1`, so the
+    same bound buffers (ping-ponged) and one captured CUDA graph serve every step, and samples at
+    different steps (rows of different requests in one shared table) can share a batch. The
+    sampler's state rides along: x0_prev -> x0_next (the previous step's x̂0, ping-ponged like the
+    latents) and step_noise[b, step_index[b]] (z; rows past the buffer's last read its last).
     """
     step = Step(variant, guidance, controlnets)
     return Model(step.name, step.name + ".onnx", step.inputs(cfg, precision), step.outputs(cfg), step)
+
+
+def has_sampler_state(step: Model) -> bool:
+    """Exports made before the samplers have neither x0_prev nor step_noise: DDIM only."""
+    return all(n in {t.name for t in step.inputs} for n in SAMPLER_STATE)
 
 
 def step_models(cfg: ModelConfig, precision: str) -> list[Model]:

@@ -11,13 +11,14 @@ from sdrt.errors import UserError
 from sdrt.fileio import save_images
 
 
-def load_latents(path: Path | None):
+def load_latents(path: Path | None, what: str = "latents"):
+    """A .npy (--latents, --noise), or None."""
     if path is None:
         return None
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read latents {path}: {e}") from None
+        raise UserError(f"cannot read {what} {path}: {e}") from None
 
 
 def output_paths(out: Path, batch: int) -> list[Path]:

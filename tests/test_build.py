@@ -80,7 +80,8 @@ def write_vae_decoder(onnx_dir: Path):
 
 
 def write_step(onnx_dir: Path, guidance: bool = True):
-    """latents_next = (latents * scale * step_table[step_index][1] + mean(emb)), step_index + 1."""
+    """latents_next = (latents * scale * step_table[step_index[b]][1] + mean(emb)), step_index + 1,
+    x0_next = latents + step_noise[b, 0] * 0 + x0_prev * 0 (the sampler state passed through)."""
     from onnx import helper, numpy_helper, TensorProto
     m = contract.denoise_step(CFG, "fp16", guidance)
     scale = np.linspace(0.5, 1.0, CFG.latent_channels, dtype=np.float16).reshape(-1, 1, 1)
@@ -88,8 +89,11 @@ def write_step(onnx_dir: Path, guidance: bool = True):
     inits = [numpy_helper.from_array(scale, "scale")]  # the only external weight
     nodes = [const("one", np.array([1], np.int32)), const("c0", np.array([1], np.int64)),
              const("c1", np.array([2], np.int64)), const("ax", np.array([1], np.int64)),
-             helper.make_node("Gather", ["step_table", "step_index"], ["row"], axis=0),   # [1, 9]
-             helper.make_node("Slice", ["row", "c0", "c1", "ax"], ["coef"]),             # [1, 1]
+             const("ax23", np.array([2, 3], np.int64)), const("zero_f", np.array([0], np.float32)),
+             const("first", np.array([0], np.int64)),
+             helper.make_node("Gather", ["step_table", "step_index"], ["row2"], axis=0),  # [B, columns]
+             helper.make_node("Unsqueeze", ["row2", "ax23"], ["row"]),                   # [B, columns, 1, 1]
+             helper.make_node("Slice", ["row", "c0", "c1", "ax"], ["coef"]),             # [B, 1, 1, 1]
              helper.make_node("Cast", ["coef"], ["coef16"], to=TensorProto.FLOAT16),
              helper.make_node("Cast", ["latents"], ["x16"], to=TensorProto.FLOAT16),
              helper.make_node("Mul", ["x16", "scale"], ["xs"]),
@@ -97,7 +101,13 @@ def write_step(onnx_dir: Path, guidance: bool = True):
              helper.make_node("ReduceMean", ["text_embeddings"], ["emb_mean"], keepdims=0),
              helper.make_node("Add", ["xc", "emb_mean"], ["y16"]),
              helper.make_node("Cast", ["y16"], ["latents_next"], to=TensorProto.FLOAT),
-             helper.make_node("Add", ["step_index", "one"], ["step_index_next"])]
+             helper.make_node("Add", ["step_index", "one"], ["step_index_next"]),
+             helper.make_node("Gather", ["step_noise", "first"], ["z1"], axis=1),        # [B, 1, C, h, w]
+             helper.make_node("ReduceSum", ["z1", "c0"], ["z"], keepdims=0),             # [B, C, h, w]
+             helper.make_node("Mul", ["z", "zero_f"], ["z0"]),
+             helper.make_node("Mul", ["x0_prev", "zero_f"], ["p0"]),
+             helper.make_node("Add", ["latents", "z0"], ["x0a"]),
+             helper.make_node("Add", ["x0a", "p0"], ["x0_next"])]
     _save(m, nodes, inits, onnx_dir / m.onnx, external="unet.onnx.data")
 
 
@@ -186,7 +196,8 @@ def test_manifest_records_engine_keys(built):
     assert step["text_embeddings"] == {"min": [2, 8, 16], "opt": [2, 8, 16], "max": [2, 24, 16]}
     assert step["step_table"] == {k: [contract.STEP_TABLE_ROWS, len(contract.STEP_COLUMNS)]
                                   for k in ("min", "opt", "max")}
-    assert step["step_index"]["min"] == [1]
+    assert step["step_index"]["min"] == [1]                      # [batch]: a row per sample
+    assert step["step_noise"]["min"][1] == 1 and step["step_noise"]["max"][1] == contract.STEP_TABLE_ROWS
     # the step graph's weights live in the UNet's data file: part of its hash
     assert [p.name for p in mf.model_files(work, _manifest(work), "denoise_step_cfg")] == \
         ["denoise_step_cfg.onnx", "unet.onnx.data"]
@@ -438,7 +449,7 @@ def test_profile_from_contract():
     assert p["latents"] == {"min": [1, 4, 8, 16], "opt": [2, 4, 8, 16], "max": [3, 4, 8, 16]}
     # no guidance: text batch == batch; text length 1 chunk (min, opt) to 2 chunks (max)
     assert p["text_embeddings"] == {"min": [1, 8, 16], "opt": [2, 8, 16], "max": [3, 16, 16]}
-    assert p["step_index"] == {"min": [1], "opt": [1], "max": [1]}
+    assert p["step_index"] == {"min": [1], "opt": [2], "max": [3]}   # one row index per sample
 
 
 def test_model_files_from_manifest(tmp_path):

@@ -41,7 +41,11 @@ def pipe(tiny_fp32):
     (dict(prompt=["a", "b"], negative=["n"]), "negative", "negative has 1 entries for a batch of 2"),
     (dict(prompt=["a", 3]), "prompt", "a string or a list of strings"),
     (dict(prompt_syntax="markdown"), "prompt_syntax", "prompt syntax 'markdown' is not one of webui, plain"),
-    (dict(sampler="euler"), "sampler", "sampler 'euler' is not available"),
+    (dict(sampler="heun"), "sampler", "unknown sampler 'heun'"),
+    (dict(sampler="euler", schedule="exponential"), "schedule", "unknown schedule 'exponential'"),
+    (dict(sampler="DPM++ 2M Karras", schedule="uniform"), "schedule", "schedule 'uniform' contradicts"),
+    (dict(sampler="ddim", schedule="karras"), "schedule", "schedule 'karras' needs a sigma-based sampler"),
+    (dict(cfg_cutoff=1.5), "cfg_cutoff", "cfg cutoff 1.5 must be a fraction"),
     (dict(loras=[("a.safetensors", 1.0, 2)]), "loras", "loras entry"),
 ])
 def test_request_checks_name_the_field(kwargs, field, words):
@@ -54,7 +58,8 @@ def test_request_checks_name_the_field(kwargs, field, words):
 
 def test_request_defaults_and_forms():
     r = GenerateRequest("a fox")
-    assert (r.batch, r.steps, r.guidance, r.prompt_syntax, r.sampler, r.clip_skip) == (1, 50, 7.5, "webui", "ddim", 1)
+    assert (r.batch, r.steps, r.guidance, r.prompt_syntax, r.sampler.kind, r.clip_skip) == (1, 50, 7.5, "webui", "ddim", 1)
+    assert GenerateRequest("a", sampler="DPM++ 2M SDE Karras").sampler.label == "dpmpp_2m_sde/karras"
     r = GenerateRequest(["a", "b", "c"], negative="n", seed=[1, 2, 3], guidance=7.5)
     assert r.batch == 3 and r.rows() == ["n"] * 3 + ["a", "b", "c"]
     assert GenerateRequest("a", batch=2, guidance=1.0).rows() == ["a", "a"]

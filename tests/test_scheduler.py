@@ -146,7 +146,8 @@ def test_sd15_golden_numbers():
     row0 = dict(zip(STEP_COLUMNS, table[0]))
     expect = dict(timestep=981, c_x0_x=1 / A981 ** 0.5, c_x0_m=-((1 - A981) / A981) ** 0.5, c_eps_x=0, c_eps_m=1,
                   sqrt_alpha_prev=A961 ** 0.5, sqrt_one_minus_alpha_prev=(1 - A961) ** 0.5, clip=3.0e38,
-                  guidance=7.5, sqrt_alpha_next=A961 ** 0.5, sqrt_one_minus_alpha_next=(1 - A961) ** 0.5)
+                  guidance=7.5, sqrt_alpha_next=A961 ** 0.5, sqrt_one_minus_alpha_next=(1 - A961) ** 0.5,
+                      model_in_scale=1, c_x=0, c_x0_prev=0, c_noise=0)
     for c in STEP_COLUMNS:
         np.testing.assert_allclose(row0[c], expect[c], rtol=2e-6, err_msg=c)
     np.testing.assert_allclose(row0["c_x0_x"], 13.1585, rtol=1e-5)

@@ -21,13 +21,13 @@ def test_step_names_and_inputs_are_those_exports_have_on_disk():
     assert names == {("plain", True): "denoise_step_cfg", ("plain", False): "denoise_step",
                      ("blend", True): "denoise_step_blend_cfg", ("blend", False): "denoise_step_blend",
                      ("concat", True): "denoise_step_inpaint_cfg", ("concat", False): "denoise_step_inpaint"}
-    common = ["latents", "text_embeddings", "step_table", "step_index"]
+    common = ["latents", "text_embeddings", "step_table", "step_index", "x0_prev", "step_noise"]
     extra = {"plain": [], "blend": ["mask", "image_latents", "noise"], "concat": ["mask", "masked_image_latents"]}
     for s in Step.every():
         m = denoise_step(UNET9 if s.variant is Variant.concat else UNET4, "fp16", s.guidance, s.variant)
         assert (m.name, m.onnx, m.step) == (s.name, s.name + ".onnx", s)
         assert [t.name for t in m.inputs] == common + extra[s.variant.value] == common + list(s.extra_inputs)
-        assert [t.name for t in m.outputs] == ["latents_next", "step_index_next"]
+        assert [t.name for t in m.outputs] == ["latents_next", "step_index_next", "x0_next"]
         assert Step.named(s.name) == s and Step.from_json(json.loads(json.dumps(s.to_json()))) == s
     assert Step.named("unet") is None and Step("blend", True).variant is Variant.blend
     assert [m for m in RUNTIME_MODELS if Step.named(m)] == [s.name for s in Step.every()]

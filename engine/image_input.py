@@ -145,6 +145,22 @@ def control_array(img, h: int, w: int) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
+CANNY = (100.0, 200.0)       # the ControlNet authors' default thresholds (annotator/canny)
+
+
+def canny(img, low: float = CANNY[0], high: float = CANNY[1]):
+    """The edge map of an image as the ControlNet authors' canny annotator makes it: OpenCV's Canny
+    on the RGB uint8 image, white edges on black, as an RGB image (the optional opencv extra)."""
+    try:
+        import cv2
+    except ImportError:
+        raise UserError("--control-preprocess canny needs OpenCV: pip install 'sdrt[canny]' "
+                        "(opencv-python-headless)") from None
+    from PIL import Image
+    edges = cv2.Canny(np.asarray(img.convert("RGB")), low, high)
+    return Image.fromarray(np.repeat(edges[..., None], 3, axis=2))
+
+
 def default_size(img, vae_factor: int) -> tuple[int, int]:
     """(height, width) of an output sized by a control image: its own, rounded down to the VAE
     factor (VaeImageProcessor.get_default_height_width)."""

@@ -116,7 +116,8 @@ class Pipeline:
     def generate(self, prompt, negative="", steps=50, guidance=7.5, height=None, width=None,
                  batch=None, seed=None, latents=None, vae_batch=None, clip_skip=1, embeddings=None, image=None,
                  mask=None, strength=None, resize=False, loras=None, prompt_syntax="webui",
-                 sampler="DDIM", schedule=None, noise=None, cfg_cutoff=None, on_step=None, control=None) -> Result:
+                 sampler="DDIM", schedule=None, noise=None, cfg_cutoff=None, on_step=None, control=None,
+                 control_preprocess=None) -> Result:
         """`run(GenerateRequest(...))`: the request's fields as keywords (see sdrt.engine.request).
         Text to image; with `image` (path, PIL image or uint8 array), image to image (strength
         default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0).
@@ -124,7 +125,8 @@ class Pipeline:
         START, END) (sdrt.engine.request.Control)."""
         return self.run(GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed, latents,
                                         image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
-                                        prompt_syntax, sampler, schedule, noise, cfg_cutoff, control),
+                                        prompt_syntax, sampler, schedule, noise, cfg_cutoff, control,
+                                        control_preprocess),
                         on_step=on_step)
 
     def run(self, request: GenerateRequest, on_step: StepCallback | None = None) -> Result:
@@ -145,7 +147,7 @@ class Pipeline:
             self.set_loras(r.loras)           # only when the set differs: a switch re-makes sessions
         source = self.source(r.image, r.mask, r.resize, r.height, r.width)
         variant = self.variant(source)
-        controls = self.controls(r.control)
+        controls = self.controls(r.control, r.control_preprocess)
         height, width = (source.height, source.width) if source is not None else (r.height, r.width)
         if controls and source is None and (height, width) == (None, None):
             height, width = image_input.default_size(controls[0][1], self.config.vae_factor)
@@ -232,8 +234,9 @@ class Pipeline:
 
     # ---- ControlNets --------------------------------------------------------------------------------
 
-    def controls(self, control) -> list:
-        """[(Control, PIL image)] for the export's ControlNets, in export order; [] without control."""
+    def controls(self, control, preprocess=None) -> list:
+        """[(Control, PIL image)] for the export's ControlNets, in export order; [] without control.
+        preprocess ("canny", (low, high)): the images' edge maps instead (image_input.canny)."""
         if control is None or len(control) == 0:
             return []
         n = self.config.controlnets
@@ -243,7 +246,10 @@ class Pipeline:
         if len(control) != n:
             raise RequestError("control", f"{{control}} gives {len(control)} image(s), the export has {n} "
                                           f"ControlNet(s): give one per ControlNet, in export order")
-        return [(c, image_input.load(c.image, "control image")) for c in control]
+        images = [image_input.load(c.image, "control image") for c in control]
+        if preprocess is not None:
+            images = [image_input.canny(im, *preprocess[1]) for im in images]
+        return list(zip(control, images))
 
     @staticmethod
     def control_columns(rows: np.ndarray, controls: list, steps: int, start: int) -> np.ndarray:

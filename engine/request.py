@@ -2,7 +2,8 @@
 
     GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed | latents,
                     image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
-                    prompt_syntax, sampler, schedule, noise, cfg_cutoff, control)
+                    prompt_syntax, sampler, schedule, noise, cfg_cutoff, control,
+                    control_preprocess)
 
 The CLI (`sdrt generate`), the Python API (`Pipeline.generate(**kwargs)`) and a server build one
 and hand it to `Pipeline.run(request, on_step=...)`. Checks that need no model run when the
@@ -102,6 +103,7 @@ class GenerateRequest:
     cfg_cutoff: float | None = None         # after this fraction of the steps run: no guidance
     control: list | None = None             # per ControlNet, in export order: "IMAGE[:SCALE[:START:END]]",
                                             # (IMAGE, SCALE[, START, END]), an image, or a Control
+    control_preprocess: str | None = None   # "canny[:LOW:HIGH]": edge maps made from the control images
 
     def __post_init__(self):
         self.validate()
@@ -139,6 +141,7 @@ class GenerateRequest:
             raise RequestError("prompt_syntax", f"{{prompt_syntax}} {self.prompt_syntax!r} is not one of "
                                                 f"{', '.join(PROMPT_SYNTAXES)}")
         self.control = None if self.control is None else [self._control(c) for c in self.control]
+        self.control_preprocess = self._preprocess()
         from sdrt.engine import samplers        # (samplers -> scheduler -> this module's RequestError)
         self.sampler = self._sampler()
         try:
@@ -206,6 +209,23 @@ class GenerateRequest:
             raise RequestError("control", f"{{control}} step window {c.start!r}:{c.end!r} must satisfy "
                                           f"0 <= START < END <= 1 (shares of the steps)")
         return Control(c.image, float(c.scale), float(c.start), float(c.end))
+
+    def _preprocess(self):
+        """None, or ("canny", (low, high)) from "canny[:LOW:HIGH]"."""
+        p = self.control_preprocess
+        if p is None or isinstance(p, tuple):
+            return p
+        if self.control is None:
+            raise RequestError("control_preprocess", "{control_preprocess} needs {control} images to preprocess")
+        name, x = self._spec("control_preprocess", p, float, None, counts=(2,))
+        if name != "canny" or (x is not None and not isinstance(x, tuple)):
+            raise RequestError("control_preprocess", f"{{control_preprocess}} {p!r}: give canny or canny:LOW:HIGH "
+                                                     f"(OpenCV's Canny thresholds, e.g. canny:100:200)")
+        low, high = x or (100.0, 200.0)
+        if not (is_number(low) and is_number(high) and 0 <= low <= high <= 1000):
+            raise RequestError("control_preprocess", f"{{control_preprocess}} thresholds {low:g}:{high:g} must "
+                                                     f"satisfy 0 <= LOW <= HIGH <= 1000")
+        return ("canny", (low, high))
 
     def _spec(self, name: str, spec, convert, default, counts=(1,)):
         try:

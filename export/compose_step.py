@@ -19,6 +19,8 @@ each (GRAPHS; the step model's Step says which):
     blend    u = x_t, then the known region (mask 0) is put back, re-noised to the next timestep:
              latents_next = (1 - mask) (sqrt(ᾱ_next) x0_img + sqrt(1 - ᾱ_next) ε) + mask x_{t-1}
 The mask, image latents and noise are graph inputs bound once per call, not copied per step.
+With ControlNets (Step.controlnets > 0) the ControlNet graphs run first and their scaled residuals
+are added at the UNet's skip connections and mid block (add_controlnets, below).
 
 The coefficients (sdrt.engine.samplers.step_table) make every sampler and epsilon, v and sample prediction one
 linear form. The UNet's initializers are not copied: the step graph points at the UNet's external

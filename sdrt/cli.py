@@ -47,7 +47,8 @@ def cmd_generate(a):
                               clip_skip=a.clip_skip, embeddings=a.embedding, loras=a.lora,
                               vae_batch=a.vae_batch, prompt_syntax=a.prompt_syntax, sampler=a.sampler,
                               schedule=a.schedule, noise=load_latents(a.noise, "noise"),
-                              cfg_cutoff=a.cfg_cutoff, control=a.control or None)
+                              cfg_cutoff=a.cfg_cutoff, control=a.control or None,
+                              control_preprocess=a.control_preprocess)
     generate_files(a.work_dir, request, a.out, backend=a.backend, timings=a.timings)
 
 
@@ -274,6 +275,9 @@ def add_generate_args(s) -> None:
     s.add_argument("--control", action="append", default=[], metavar="IMAGE[:SCALE[:START:END]]",
                    help="a ControlNet's conditioning image, scale (default 1) and step window (shares of the "
                         "steps, default 0:1); one per exported ControlNet, in export order")
+    s.add_argument("--control-preprocess", metavar="canny[:LOW:HIGH]",
+                   help="make edge maps of the --control images first (OpenCV's Canny, thresholds default 100:200; "
+                        "pip install 'sdrt[canny]')")
     s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA .safetensors (diffusers/PEFT or kohya keys), scale default 1; repeatable. "
                         "Merged at run time: no re-export, no rebuild (TensorRT: engines built with --refit)")

@@ -208,3 +208,22 @@ def test_rtx_builds_the_controlnet_step_and_memory_counts_it(cn1_export):
     plan, _, _ = B._build_one(trt, api, backend, model, mf.model_files(cn1_export, man, model.name), profile,
                               options, None, False, [])
     assert len(plan) > 0
+
+
+def test_canny_preprocess_is_opencvs_canny(cn1_export, tmp_path):
+    """--control-preprocess canny:LOW:HIGH gives the same image as the edge map made by OpenCV
+    beforehand (the ControlNet authors' annotator: Canny on the RGB image)."""
+    cv2 = pytest.importorskip("cv2")
+    photo = Image.fromarray(np.random.default_rng(9).integers(0, 255, (H, W, 3)).astype(np.uint8))
+    edges = cv2.Canny(np.asarray(photo), 50, 150)
+    p = Pipeline(cn1_export, backend="onnxruntime-cpu")
+    kw = dict(steps=2, guidance=7.5, latents=noise(6))
+    a = p.generate(PROMPT, control=[photo], control_preprocess="canny:50:150", **kw).images
+    b = p.generate(PROMPT, control=[np.repeat(edges[..., None], 3, axis=2)], **kw).images
+    assert np.array_equal(a, b)
+    c = p.generate(PROMPT, control=[photo], **kw).images
+    assert not np.array_equal(a, c)
+    photo.save(tmp_path / "photo.png")
+    proc = run_cli("generate", cn1_export, PROMPT, "--steps", "1", "--backend", "onnxruntime-cpu", "--control",
+                   tmp_path / "photo.png", "--control-preprocess", "sobel", "--out", tmp_path / "o.png")
+    assert_user_error(proc, "--control-preprocess", "canny")

@@ -2,14 +2,14 @@
 step without, in the same process, alternating (A B A B ...) so that a noisy machine slows both
 alike; the ratio of the medians is the figure.
 
-    python -m sdrt.benchmarks.controlnet_cost WORK_DIR [--backend onnxruntime-cpu] [--size 256x384]
-        [--steps 5] [--rounds 5] [--out benchmarks/results/controlnet-cost.json]
+    python -m sdrt.benchmarks.controlnet_cost WORK_DIR [OUT.json]
+
+(ONNX Runtime CPU, 256x384, 4 steps per generation, 3 rounds; the README's figure.)
 
 WORK_DIR: an export with ControlNets (`sdrt export MODEL WORK_DIR --controlnet CN_DIR`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 from pathlib import Path
@@ -47,22 +47,17 @@ def measure(work_dir: Path, backend: str, h: int, w: int, steps: int, rounds: in
             "ratio_with_over_without": med["with"] / med["without"], "machine": platform.machine()}
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("work_dir", type=Path)
-    ap.add_argument("--backend", default="onnxruntime-cpu")
-    ap.add_argument("--size", default="256x384")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--device", default="2 CPU cores, ONNX Runtime CPU", help="what ran it, for the record")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/controlnet-cost.json"))
-    a = ap.parse_args(argv)
-    h, w = map(int, a.size.split("x"))
-    r = {**measure(a.work_dir, a.backend, h, w, a.steps, a.rounds), "device": a.device}
-    write_json_atomic(a.out, r)
+BACKEND, SIZE, STEPS, ROUNDS = "onnxruntime-cpu", (256, 384), 4, 3
+DEVICE = "2 CPU cores, ONNX Runtime CPU"
+
+
+def main(work_dir: Path, out: Path = Path("benchmarks/results/controlnet-cost-cpu-tiny.json")) -> dict:
+    r = {**measure(work_dir, BACKEND, *SIZE, STEPS, ROUNDS), "device": DEVICE}
+    write_json_atomic(out, r)
     print(json.dumps(r, indent=1))
     return r
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    main(*map(Path, sys.argv[1:]))

@@ -203,8 +203,9 @@ def test_rtx_builds_the_controlnet_step_and_memory_counts_it(cn1_export):
     cfg = mf.config(man)
     ranges = B.parse_dynamic(None, 1, H, W, cfg.vae_factor)
     profile = B.profile_for(model, ranges, True, cfg.vae_factor, 1, cfg.text_len)
-    options = {"opt_level": None, "strongly_typed": True, "workspace_mb": None,
-               "require_user_allocation": api["user_allocation"], "precision": "fp32"}
+    options = B.model_options(model, {"opt_level": None, "strongly_typed": True, "workspace_mb": None,
+                                      "require_user_allocation": api["user_allocation"], "precision": "fp32",
+                                      "refit": False}, 1)
     plan, _, _ = B._build_one(trt, api, backend, model, mf.model_files(cn1_export, man, model.name), profile,
                               options, None, False, [])
     assert len(plan) > 0

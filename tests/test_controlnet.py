@@ -228,3 +228,23 @@ def test_canny_preprocess_is_opencvs_canny(cn1_export, tmp_path):
     proc = run_cli("generate", cn1_export, PROMPT, "--steps", "1", "--backend", "onnxruntime-cpu", "--control",
                    tmp_path / "photo.png", "--control-preprocess", "sobel", "--out", tmp_path / "o.png")
     assert_user_error(proc, "--control-preprocess", "canny")
+
+
+def test_control_specs_share_the_file_x_rule(tmp_path):
+    """IMAGE[:SCALE[:START:END]] by request.parse_spec (the LoRA/embedding rule), checked once."""
+    from sdrt.engine.request import Control, GenerateRequest, RequestError
+    odd = tmp_path / "a:0.5"                   # a file whose name ends like a scale stays a path
+    odd.write_bytes(b"")
+    r = GenerateRequest("x", control=["e.png", "e.png:0.5", "e.png:0.5:0.1:0.9", str(odd), ("d.png", 0.3),
+                                      Control("c.png", 2.0, 0.0, 0.5)])
+    assert r.control == [Control("e.png"), Control("e.png", 0.5), Control("e.png", 0.5, 0.1, 0.9),
+                         Control(str(odd)), Control("d.png", 0.3), Control("c.png", 2.0, 0.0, 0.5)]
+    assert [Control("i", 1, 0.1, 0.9).keep(i, 10) for i in range(10)] == [0, 1, 1, 1, 1, 1, 1, 1, 1, 0]
+    for bad, words in ((["e.png:-1"], "scale"), (["e.png:11"], "scale"), (["e.png:1:0.5:0.5"], "window"),
+                       (["e.png:1:0:1.5"], "window"), ([("e.png", 1, 0)], r"IMAGE\[:SCALE")):
+        with pytest.raises(RequestError, match=words) as e:
+            GenerateRequest("x", control=bad)
+        assert e.value.field == "control"
+    with pytest.raises(RequestError) as e:
+        GenerateRequest("x", control_preprocess="canny")
+    assert e.value.field == "control_preprocess"

@@ -167,6 +167,10 @@ def test_control_on_an_export_without_controlnet(tiny_fp32, tmp_path):
 
 
 def test_controlnet_for_another_base_is_refused(cn_folders, tmp_path):
+    """Refused before anything is exported: one line and exit 2 from the CLI (cross-attention
+    width), the same UserError from the API (block layout)."""
+    from sdrt.errors import UserError
+    from sdrt.export.export import export
     from sdrt.export.init_models import pipeline_from_spec, random_controlnet
     sd, _ = cn_folders
     for key, value, words in (("cross_attention_dim", 48, ("cross-attention width 48",)),
@@ -176,9 +180,14 @@ def test_controlnet_for_another_base_is_refused(cn_folders, tmp_path):
             spec["text"] = {**SPEC["text"], "hidden_size": 48, "projection_dim": 48}
         other = pipeline_from_spec(spec, seed=1).unet
         random_controlnet(other, 1, embedding_channels=(8, 8, 8, 16)).save_pretrained(tmp_path / key)
-        proc = run_cli("export", sd, tmp_path / f"w-{key}", "--precision", "fp32", "--controlnet", tmp_path / key)
-        assert_user_error(proc, "another base model", *words)
-        assert not (tmp_path / f"w-{key}").exists()
+        work = tmp_path / f"w-{key}"
+        if key == "cross_attention_dim":
+            proc = run_cli("export", sd, work, "--precision", "fp32", "--controlnet", tmp_path / key)
+            assert_user_error(proc, "another base model", *words)
+        else:
+            with pytest.raises(UserError, match="another base model.*" + words[0]):
+                export(sd, work, precision="fp32", controlnets=[tmp_path / key])
+        assert not work.exists()
 
 
 def test_rtx_builds_the_controlnet_step_and_memory_counts_it(cn1_export):

@@ -81,16 +81,17 @@ def test_build_flags_say_how_to_build_each_step():
 
 def test_the_step_is_recorded_but_not_part_of_the_engine_key():
     """Model.to_json records the Step; the engine key's io digest covers the I/O alone, so engines
-    built before the step was recorded stay valid (digests as the engine keys recorded them)."""
+    built before the step was recorded stay valid (digests as the engine keys record them; the
+    samplers' state inputs changed the I/O, so engines built before them are rebuilt)."""
     from sdrt.engine.engine_keys import io_digest
     m = denoise_step(UNET4, "fp16", False, "blend")
     assert m.to_json() == {**m.io_json(), "step": {"variant": "blend", "guidance": False}}
     assert Model.from_json(m.name, m.to_json()) == m
     assert "step" not in all_models(UNET4, "fp16")["unet"].to_json()
     digests = {s.name: io_digest(denoise_step(UNET4, "fp16", s.guidance, s.variant)) for s in Step.of_unet(UNET4)}
-    assert digests == {"denoise_step_cfg": "467c3668c1b8f094", "denoise_step": "7f402b222cbfe482",
-                       "denoise_step_blend_cfg": "703985180e21d7bb", "denoise_step_blend": "56ef18f61e145bca"}
-    assert io_digest(denoise_step(UNET9, "fp16", True, "concat")) == "4c4beece50cdc88c"
+    assert digests == {"denoise_step_cfg": "d45eb7242812efdd", "denoise_step": "b2cb3ef12dd7838b",
+                       "denoise_step_blend_cfg": "ef2dbca1176711cb", "denoise_step_blend": "30600d88bc0d23bf"}
+    assert io_digest(denoise_step(UNET9, "fp16", True, "concat")) == "9868d65e91dc3dc1"
 
 
 def test_manifest_reader_derives_the_step_of_older_exports():

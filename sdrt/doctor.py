@@ -331,6 +331,8 @@ def table(report: dict) -> str:
         lines += ["", f"work dir {w['path']} ({w['precision']}, attention {w['attention']})",
                   "  models: " + ", ".join(f"{m} {p}" for m, p in w["models"].items())]
         lines += [f"  attention: {p}" for p in w["attention_problems"]] or ["  attention: ok for what is installed"]
+        if w.get("controlnets"):
+            lines.append(f"  controlnets: {w['controlnets']} (the live check runs them, on a fixed grid image)")
         for e in w["engines"]:
             lines.append(f"  engine {e['backend']}/{e['model']}: {e['state']}" + (f" ({e['why']})" if e["why"] else ""))
         if not w["engines"]:

@@ -262,7 +262,8 @@ def build_missing_engines(work_dir: Path, manifest: dict, statuses: dict) -> dic
         if statuses[name]["usable"] and not manifest.get("engines", {}).get(name):
             print(f"[doctor] sdrt build {work_dir} --backend {name}", file=sys.stderr, flush=True)
             try:
-                build(work_dir, name, control=mf.config(manifest).controlnets > 0)
+                control = bool(manifest.get("config", {}).get("controlnets"))   # their steps too
+                build(work_dir, name, **({"control": True} if control else {}))
             except UserError as e:   # the live check then says "no engines" and the build's reason
                 statuses[name]["build_error"] = str(e)
     return mf.load(work_dir)
@@ -285,8 +286,9 @@ def live_check(work_dir: Path, manifest: dict, statuses: dict) -> list[dict]:
         else:
             print(f"[doctor] live check: {name} ...", file=sys.stderr, flush=True)
             try:
+                controls = fixed_controls(manifest)
                 got = run_once(work_dir, name, latents, ort_fusion=name != "onnxruntime-cpu",
-                               control=fixed_controls(manifest))
+                               **({"control": controls} if controls else {}))
             except Exception as e:  # UserError or a runtime failure: the row says which
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             else:

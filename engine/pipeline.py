@@ -50,7 +50,7 @@ class Result:
 @dataclass
 class Plan:
     """Everything bound for one (batch, size, guidance) shape and step variant (self.plans is keyed
-    by (dims, variant))."""
+    by (dims, variant, ControlNets))."""
     dims: Dims
     buf: dict
     text: object
@@ -84,7 +84,7 @@ class Pipeline:
         self.scheduler_config = scheduler.read_config_json(self.work_dir / "scheduler" / "scheduler_config.json")
         self.scheduler = scheduler.DDIMConfig.from_json(self.scheduler_config)
         self.backend = backends.open_backend(backend, self.work_dir, self.manifest, ort_fusion)
-        self.plans: dict[tuple[Dims, str], Plan] = {}
+        self.plans: dict[tuple[Dims, Variant, int], Plan] = {}
         self.decoders: dict = {}               # Pipeline.decode's VAE bindings
         self.graph: tuple[str, str] = ("", "")  # (path, error) of the last generation's step
         self.loras = LoraState(self.work_dir, self.manifest)

@@ -70,11 +70,13 @@ def test_attention_op_keeps_scores_out_of_memory(tiny_fp32, tiny_fp32_decomposed
     assert op["models"]["denoise_step_cfg"]["weights_from"] == "onnx"
     assert op["weights_bytes"] == pytest.approx(dec["weights_bytes"], rel=0.05)
     # io: what make_plan binds: token embeddings, clip skip, text embeddings, latents x2,
-    # step index x2, step table (11 columns), image, and the VAE encoder's image and latents at batch 1
+    # step index x2 (one per sample), step table (15 columns), the sampler state (x̂0 x2, a noise
+    # buffer of one row), image, and the VAE encoder's image and latents at batch 1
     tokens_in, emb = 2 * 2 * 77 * 32 * 4, 2 * 2 * 77 * 32 * 4
-    latents, table, image = 2 * 4 * 8 * 8 * 4, 1000 * 11 * 4, 2 * 3 * 64 * 64 * 4
+    latents, table, image = 2 * 4 * 8 * 8 * 4, 1000 * 15 * 4, 2 * 3 * 64 * 64 * 4
     encoder = 3 * 64 * 64 * 4 + 4 * 8 * 8 * 4
-    assert op["io_bytes"] == tokens_in + 4 + emb + 2 * latents + 2 * 4 + table + image + encoder
+    assert op["io_bytes"] == (tokens_in + 4 + emb + 2 * latents + 2 * 2 * 4 + table + 3 * latents + image
+                              + encoder)
 
 
 def test_memory_cli(tiny_fp32, tiny_fp32_decomposed, tmp_path):

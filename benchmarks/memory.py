@@ -38,9 +38,11 @@ from sdrt.export.to_onnx import onnx_graph
 def runtime_models(man: dict) -> tuple[str, ...]:
     """What generations with guidance run, as `sdrt build` builds them by default: the step of the
     export's UNet (an inpainting UNet's own step), and the VAE encoder of image inputs when the
-    export has one (sdrt.contract.engine_tasks)."""
+    export has one (sdrt.contract.engine_tasks); in an export with ControlNets, the steps that run
+    them (`sdrt build --control`), so their weights are counted."""
     cfg = mf.config(man)
-    return models_of_tasks(cfg, engine_tasks(cfg, image_inputs="vae_encoder" in man["models"]), True)
+    return models_of_tasks(cfg, engine_tasks(cfg, image_inputs="vae_encoder" in man["models"]), True,
+                           control=cfg.controlnets > 0)
 
 
 # Nominal DRAM shared by CPU and GPU (NVIDIA's module specifications).

@@ -134,3 +134,37 @@ def mask_array(img, h: int, w: int) -> np.ndarray:
     m = np.asarray(_resized(img, h, w).convert("L")).astype(np.float32) / 255.0
     m = np.where(m < 0.5, np.float32(0), np.float32(1))
     return np.ascontiguousarray(m[None, None])
+
+
+def control_array(img, h: int, w: int) -> np.ndarray:
+    """A ControlNet's conditioning image: [1, 3, H, W] float32 in [0, 1] (diffusers' control image
+    processor: RGB, resized to the output size, pil_to_numpy, no normalisation)."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    x = np.asarray(_resized(img, h, w)).astype(np.float32) / 255.0
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+CANNY = (100.0, 200.0)       # the ControlNet authors' default thresholds (annotator/canny)
+
+
+def canny(img, low: float = CANNY[0], high: float = CANNY[1]):
+    """The edge map of an image as the ControlNet authors' canny annotator makes it: OpenCV's Canny
+    on the RGB uint8 image, white edges on black, as an RGB image (the optional opencv extra)."""
+    try:
+        import cv2
+    except ImportError:
+        raise UserError("--control-preprocess canny needs OpenCV: pip install 'sdrt[canny]' "
+                        "(opencv-python-headless)") from None
+    from PIL import Image
+    edges = cv2.Canny(np.asarray(img.convert("RGB")), low, high)
+    return Image.fromarray(np.repeat(edges[..., None], 3, axis=2))
+
+
+def default_size(img, vae_factor: int) -> tuple[int, int]:
+    """(height, width) of an output sized by a control image: its own, rounded down to the VAE
+    factor (VaeImageProcessor.get_default_height_width)."""
+    w, h = img.size
+    if w < vae_factor or h < vae_factor:
+        raise UserError(f"the control image is {_size(img)}: it must be at least {vae_factor}x{vae_factor} pixels")
+    return h - h % vae_factor, w - w % vae_factor

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt import manifest as mf
-from sdrt.contract import Dims, Step, Task, Variant, has_sampler_state, tasks_of_unet
+from sdrt.contract import Dims, Step, Task, Variant, control_image, has_sampler_state, tasks_of_unet
 from sdrt.engine import backends, cuda, image_input, samplers, scheduler, vae_slices
 from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows, copy_rows
 from sdrt.engine.conditioning import Conditioning, emphasize
@@ -50,7 +50,7 @@ class Result:
 @dataclass
 class Plan:
     """Everything bound for one (batch, size, guidance) shape and step variant (self.plans is keyed
-    by (dims, variant))."""
+    by (dims, variant, ControlNets))."""
     dims: Dims
     buf: dict
     text: object
@@ -84,7 +84,7 @@ class Pipeline:
         self.scheduler_config = scheduler.read_config_json(self.work_dir / "scheduler" / "scheduler_config.json")
         self.scheduler = scheduler.DDIMConfig.from_json(self.scheduler_config)
         self.backend = backends.open_backend(backend, self.work_dir, self.manifest, ort_fusion)
-        self.plans: dict[tuple[Dims, str], Plan] = {}
+        self.plans: dict[tuple[Dims, Variant, int], Plan] = {}
         self.decoders: dict = {}               # Pipeline.decode's VAE bindings
         self.graph: tuple[str, str] = ("", "")  # (path, error) of the last generation's step
         self.loras = LoraState(self.work_dir, self.manifest)
@@ -116,13 +116,18 @@ class Pipeline:
     def generate(self, prompt, negative="", steps=50, guidance=7.5, height=None, width=None,
                  batch=None, seed=None, latents=None, vae_batch=None, clip_skip=1, embeddings=None, image=None,
                  mask=None, strength=None, resize=False, loras=None, prompt_syntax="webui",
-                 sampler="DDIM", schedule=None, noise=None, cfg_cutoff=None, on_step=None) -> Result:
+                 sampler="DDIM", schedule=None, noise=None, cfg_cutoff=None, on_step=None, control=None,
+                 control_preprocess=None) -> Result:
         """`run(GenerateRequest(...))`: the request's fields as keywords (see sdrt.engine.request).
         Text to image; with `image` (path, PIL image or uint8 array), image to image (strength
-        default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0)."""
+        default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0).
+        control: one entry per exported ControlNet, "IMAGE[:SCALE[:START:END]]" or (IMAGE, SCALE,
+        START, END) (sdrt.engine.request.Control)."""
         return self.run(GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed, latents,
                                         image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
-                                        prompt_syntax, sampler, schedule, noise, cfg_cutoff), on_step=on_step)
+                                        prompt_syntax, sampler, schedule, noise, cfg_cutoff, control,
+                                        control_preprocess),
+                        on_step=on_step)
 
     def run(self, request: GenerateRequest, on_step: StepCallback | None = None) -> Result:
         """One generation. prompt/negative: any length (77-token chunks), emphasis syntax
@@ -142,13 +147,17 @@ class Pipeline:
             self.set_loras(r.loras)           # only when the set differs: a switch re-makes sessions
         source = self.source(r.image, r.mask, r.resize, r.height, r.width)
         variant = self.variant(source)
+        controls = self.controls(r.control, r.control_preprocess)
         height, width = (source.height, source.width) if source is not None else (r.height, r.width)
+        if controls and source is None and (height, width) == (None, None):
+            height, width = image_input.default_size(controls[0][1], self.config.vae_factor)
         cond = self.conditioning(self.embeddings if r.embeddings is None else r.embeddings)
         layers = self.check_clip_skip(r.clip_skip)
         steps = r.steps
         strength = self.strength(source, r.strength)
         start = self.start_index(steps, strength) if source is not None else 0
         table = self.step_table(r.sampler, steps, r.guidance, start)
+        table = replace(table, rows=self.control_columns(table.rows, [c for c, _ in controls], steps, start))
         rows = r.rows()
         text = cond.rows(rows, r.prompt_syntax)   # ids, weights [rows * k, 77]
         dims = self.dims(height, width, r.batch, r.guidance, chunks=len(text.ids) // len(rows))
@@ -161,12 +170,12 @@ class Pipeline:
         embeds = cond.lookup(text.ids)
         t_tok = time.perf_counter()
 
-        fresh = (dims, variant) not in self.plans
-        plan = self.plan(dims, variant)
+        fresh = (dims, variant, len(controls)) not in self.plans
+        plan = self.plan(dims, variant, len(controls))
         self.check_sampler(plan, r.sampler)
         run_steps = steps - start
         guided = samplers.guided_steps(run_steps, r.cfg_cutoff) if dims.cfg else run_steps
-        unguided = self.cutoff_plan(plan, variant) if guided < run_steps else None
+        unguided = self.cutoff_plan(plan, variant, len(controls)) if guided < run_steps else None
         final = unguided or plan               # the plan whose buffers hold x_0 (and the image)
         vae_size = min(r.vae_batch or final.vae_batch, r.batch)
         vae_runs = self.vae_bindings(final, final.dims, vae_size)
@@ -176,6 +185,9 @@ class Pipeline:
         buf["clip_skip"].write(layers)
         for p in (plan, unguided) if unguided else (plan,):
             self.write_sampler_inputs(p, table, start, z)
+            for k, (_, pil) in enumerate(controls):   # bound once per call, repeated over the batch
+                image = image_input.control_array(pil, height, width)
+                p.buf[control_image(k)].write(np.repeat(image, dims.batch, 0))
         clock.mark("start")
         plan.text.run()
         if (text.weights != 1.0).any():       # emphasis: a round trip (and sync) of the embeddings
@@ -219,6 +231,38 @@ class Pipeline:
         timings["sampler"], timings["guided_steps"] = r.sampler.label, guided
         timings["unet_evaluations"] = run_steps + (guided if dims.cfg else 0)   # per image
         return Result(to_uint8(image), timings, seed)
+
+    # ---- ControlNets --------------------------------------------------------------------------------
+
+    def controls(self, control, preprocess=None) -> list:
+        """[(Control, PIL image)] for the export's ControlNets, in export order; [] without control.
+        preprocess ("canny", (low, high)): the images' edge maps instead (image_input.canny)."""
+        if control is None or len(control) == 0:
+            return []
+        n = self.config.controlnets
+        if n == 0:
+            raise RequestError("control", f"{self.work_dir} was exported without ControlNet: export with "
+                                          f"`sdrt export MODEL WORK_DIR --controlnet CN_DIR` to use {{control}}")
+        if len(control) != n:
+            raise RequestError("control", f"{{control}} gives {len(control)} image(s), the export has {n} "
+                                          f"ControlNet(s): give one per ControlNet, in export order")
+        images = [image_input.load(c.image, "control image") for c in control]
+        if preprocess is not None:
+            images = [image_input.canny(im, *preprocess[1]) for im in images]
+        return list(zip(control, images))
+
+    @staticmethod
+    def control_columns(rows: np.ndarray, controls: list, steps: int, start: int) -> np.ndarray:
+        """The step table's rows with one column per ControlNet: its scale at each step run, 0
+        outside its step window (step i of the n run, as diffusers counts them: the strength's
+        share skipped)."""
+        if not controls:
+            return rows
+        n = steps - start
+        cols = np.zeros((len(rows), len(controls)), np.float32)
+        for k, c in enumerate(controls):
+            cols[start:steps, k] = [c.scale * c.keep(i, n) for i in range(n)]
+        return np.concatenate([rows, cols], 1)
 
     # ---- samplers ---------------------------------------------------------------------------------
 
@@ -292,12 +336,12 @@ class Pipeline:
         run.run()
         return to_uint8(buf["image"].read())
 
-    def cutoff_plan(self, plan: "Plan", variant: str) -> "Plan":
+    def cutoff_plan(self, plan: "Plan", variant: str, controlnets: int = 0) -> "Plan":
         """The unguided plan (batch B) the steps after the CFG cut-off run on."""
         if self.backend.max_plans is not None and self.backend.max_plans < 2:
             raise RequestError("cfg_cutoff", f"{{cfg_cutoff}} runs two shape plans (guided and unguided); the {self.backend.name} "
                             f"backend keeps one: use --backend tensorrt or onnxruntime-cpu, or leave it out")
-        return self.plan(replace(plan.dims, cfg=False), variant)
+        return self.plan(replace(plan.dims, cfg=False), variant, controlnets)
 
     # ---- image inputs -----------------------------------------------------------------------------
 
@@ -436,13 +480,13 @@ class Pipeline:
             raise RequestError("latents", "latents must be finite floating-point values")
         return latents.astype(np.float32)
 
-    def plan(self, dims: Dims, variant: Variant = Variant.plain) -> Plan:
-        key = (dims, Variant(variant))
+    def plan(self, dims: Dims, variant: Variant = Variant.plain, controlnets: int = 0) -> Plan:
+        key = (dims, Variant(variant), controlnets)
         if key not in self.plans:
             if self.backend.max_plans and len(self.plans) >= self.backend.max_plans:
                 self.plans.clear()             # free the old plan's buffers (and sessions) first
                 self.backend.drop_plans()
-            self.plans[key] = self.make_plan(dims, variant)
+            self.plans[key] = self.make_plan(dims, variant, controlnets)
         return self.plans[key]
 
     def model(self, name: str, what: str):
@@ -451,9 +495,9 @@ class Pipeline:
                             f"run `sdrt export` again")
         return self.models[name]
 
-    def make_plan(self, dims: Dims, variant: Variant = Variant.plain) -> Plan:
+    def make_plan(self, dims: Dims, variant: Variant = Variant.plain, controlnets: int = 0) -> Plan:
         be = self.backend
-        kind = Step(variant, dims.cfg)
+        kind = Step(variant, dims.cfg, controlnets)
         step = self.model(kind.name, "the step graph for " + " and ".join(t.value for t in kind.spec.tasks))
         te, vae = self.models["text_encoder"], self.models["vae_decoder"]
         Buffer = DeviceBuffer if be.device == "cuda" else HostBuffer

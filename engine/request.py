@@ -2,7 +2,8 @@
 
     GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed | latents,
                     image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
-                    prompt_syntax, sampler, schedule, noise, cfg_cutoff)
+                    prompt_syntax, sampler, schedule, noise, cfg_cutoff, control,
+                    control_preprocess)
 
 The CLI (`sdrt generate`), the Python API (`Pipeline.generate(**kwargs)`) and a server build one
 and hand it to `Pipeline.run(request, on_step=...)`. Checks that need no model run when the
@@ -11,7 +12,8 @@ the text encoder's layers, prompt length vs built engines, image inputs vs an in
 run once in the Pipeline (clip skip's type too: its message gives the model's range). Every failure is a RequestError naming the field; the CLI writes the
 field as its flag (clip_skip -> --clip-skip), a server as the JSON key.
 
-Also here: "FILE[:X]" specs (LoRA "FILE[:SCALE]", embedding "FILE[:TOKEN]") parsed by one rule,
+Also here: "FILE[:X]" specs (LoRA "FILE[:SCALE]", embedding "FILE[:TOKEN]", control image
+"IMAGE[:SCALE[:START:END]]") parsed by one rule,
 and the seeds: -1 (the web UI's "random seed") or None picks a random seed that is reported.
 """
 from __future__ import annotations
@@ -49,6 +51,24 @@ class RequestError(UserError):
         return re.sub(r"\{(\w+)\}", lambda m: name(m[1]) if m[1] in fields else m[0], self.template)
 
 
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet's input for a call: its conditioning image (path, PIL image or uint8 array),
+    conditioning scale, and step window (diffusers' control_guidance_start/end: the ControlNet acts
+    on the steps whose share of the run lies in [start, end])."""
+    image: object
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def keep(self, i: int, n: int) -> float:
+        """1 when step i of n lies in the window, else 0 (diffusers' controlnet_keep)."""
+        return 1.0 - float(i / n < self.start or (i + 1) / n > self.end)
+
+
+CONTROL_SCALE_MAX = 10.0     # conditioning scales are 0..this (diffusers' are usually 0..2)
+
+
 class Cancelled(Exception):
     """Raised by an on_step callback to stop a generation between steps (not a user error)."""
 
@@ -81,6 +101,9 @@ class GenerateRequest:
     schedule: str | None = None             # uniform | trailing | karras; None: the sampler's name / config
     noise: np.ndarray | None = None         # the per-step noise z [steps, B, C, H/f, W/f] instead of a seed's
     cfg_cutoff: float | None = None         # after this fraction of the steps run: no guidance
+    control: list | None = None             # per ControlNet, in export order: "IMAGE[:SCALE[:START:END]]",
+                                            # (IMAGE, SCALE[, START, END]), an image, or a Control
+    control_preprocess: str | None = None   # "canny[:LOW:HIGH]": edge maps made from the control images
 
     def __post_init__(self):
         self.validate()
@@ -117,6 +140,8 @@ class GenerateRequest:
         if self.prompt_syntax not in PROMPT_SYNTAXES:
             raise RequestError("prompt_syntax", f"{{prompt_syntax}} {self.prompt_syntax!r} is not one of "
                                                 f"{', '.join(PROMPT_SYNTAXES)}")
+        self.control = None if self.control is None else [self._control(c) for c in self.control]
+        self.control_preprocess = self._preprocess()
         from sdrt.engine import samplers        # (samplers -> scheduler -> this module's RequestError)
         self.sampler = self._sampler()
         try:
@@ -164,9 +189,47 @@ class GenerateRequest:
                 raise RequestError("seed", f"{{seed}} {s!r} must be an integer >= 0, or -1 for a random seed")
         return seeds if isinstance(self.seed, (list, tuple)) else self.seed
 
-    def _spec(self, name: str, spec, convert, default):
+    def _control(self, c) -> Control:
+        if not isinstance(c, Control):
+            if isinstance(c, (str, Path)):
+                c = self._spec("control", c, float, None, counts=(1, 3))
+            elif not isinstance(c, (tuple, list)):
+                c = (c, None)                           # an image object alone
+            if len(c) not in (2, 4):
+                raise RequestError("control", f"{{control}} entry {c!r}: give IMAGE[:SCALE[:START:END]] or "
+                                              f"(IMAGE, SCALE[, START, END])")
+            image, rest = c[0], c[1:]
+            rest = rest[0] if len(rest) == 1 and isinstance(rest[0], tuple) else rest
+            rest = (1.0,) if rest in ((None,), ()) else tuple(rest)
+            c = Control(image, *rest)
+        if not is_number(c.scale) or not 0 <= c.scale <= CONTROL_SCALE_MAX:
+            raise RequestError("control", f"{{control}} scale {c.scale!r} must be in [0, {CONTROL_SCALE_MAX:g}] "
+                                          f"(1 = as trained)")
+        if not (is_number(c.start) and is_number(c.end) and 0 <= c.start < c.end <= 1):
+            raise RequestError("control", f"{{control}} step window {c.start!r}:{c.end!r} must satisfy "
+                                          f"0 <= START < END <= 1 (shares of the steps)")
+        return Control(c.image, float(c.scale), float(c.start), float(c.end))
+
+    def _preprocess(self):
+        """None, or ("canny", (low, high)) from "canny[:LOW:HIGH]"."""
+        p = self.control_preprocess
+        if p is None or isinstance(p, tuple):
+            return p
+        if self.control is None:
+            raise RequestError("control_preprocess", "{control_preprocess} needs {control} images to preprocess")
+        name, x = self._spec("control_preprocess", p, float, None, counts=(2,))
+        if name != "canny" or (x is not None and not isinstance(x, tuple)):
+            raise RequestError("control_preprocess", f"{{control_preprocess}} {p!r}: give canny or canny:LOW:HIGH "
+                                                     f"(OpenCV's Canny thresholds, e.g. canny:100:200)")
+        low, high = x or (100.0, 200.0)
+        if not (is_number(low) and is_number(high) and 0 <= low <= high <= 1000):
+            raise RequestError("control_preprocess", f"{{control_preprocess}} thresholds {low:g}:{high:g} must "
+                                                     f"satisfy 0 <= LOW <= HIGH <= 1000")
+        return ("canny", (low, high))
+
+    def _spec(self, name: str, spec, convert, default, counts=(1,)):
         try:
-            return parse_spec(spec, convert, default)
+            return parse_spec(spec, convert, default, counts)
         except (TypeError, ValueError) as e:
             raise RequestError(name, f"{{{name}}} entry {spec!r}: {e}") from None
 
@@ -214,9 +277,12 @@ def is_number(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def parse_spec(spec, convert=str, default=None) -> tuple[str, object]:
+def parse_spec(spec, convert=str, default=None, counts=(1,)) -> tuple[str, object]:
     """"FILE[:X]" or a (FILE, X) pair -> (FILE, X); X converted by `convert`, `default` when absent.
     The LoRA form is FILE[:SCALE] (convert=float, default 1.0), the embedding form FILE[:TOKEN].
+    counts: how many colon-separated X a spec may carry; with more than one (the control image's
+    IMAGE[:SCALE[:START:END]]: counts=(1, 3)), X is a tuple of that many values when there are
+    more than one, the longest form that parses winning.
 
     The last colon separates X unless it belongs to the path: no text before it, the whole spec
     names an existing file (a file named a:b), what follows holds a path separator (C:\\dir\\f), or
@@ -229,6 +295,14 @@ def parse_spec(spec, convert=str, default=None) -> tuple[str, object]:
     if not isinstance(spec, (str, Path)):
         raise TypeError(f"expected a path string, got {type(spec).__name__}")
     spec = str(spec)
+    for n in sorted((c for c in counts if c > 1), reverse=True):
+        head, *tails = spec.rsplit(":", n)
+        if len(tails) == n and head and not Path(spec).exists() and all(t and "/" not in t and "\\" not in t
+                                                                         for t in tails):
+            try:
+                return head, tuple(convert(t) for t in tails)
+            except ValueError:
+                pass
     path, sep, tail = spec.rpartition(":")
     if not sep or not path or "/" in tail or "\\" in tail or Path(spec).exists():
         return spec, default

@@ -305,7 +305,7 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
           batch: int = 1, dynamic: str | None = None, opt_level: int | None = None,
           timing_cache: Path | None = None, guidance: bool = True, workspace_mb: int | None = None,
           progress: bool = True, inpaint: bool = False, max_prompt_chunks: int = 3,
-          refit: bool = False) -> dict:
+          refit: bool = False, control: bool = False) -> dict:
     """Build the runtime's engines; returns {"backend", "built", "up_to_date", "engines"}.
 
     inpaint: with a 4-channel UNet, also the inpainting (blend) step; an export of a 9-channel
@@ -313,7 +313,8 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
     max_prompt_chunks: the longest prompt the text models take, in 77-token chunks.
     refit: the engines of LoRA-mapped models (text encoder, every denoise step variant) are
     refittable in exactly the weights LoRA may change, so `generate --lora` refits instead of
-    rebuilding."""
+    rebuilding.
+    control: also the steps with the export's ControlNets (one engine each: ControlNets + UNet)."""
     work_dir = Path(work_dir)
     if backend not in MODULES:
         raise UserError(f"unknown backend {backend!r}: use one of {', '.join(MODULES)}")
@@ -323,7 +324,10 @@ def build(work_dir: Path, backend: str, height: int | None = None, width: int | 
     # the engines to build: text encoder, step graph(s), VAE encoder (exports that have one), decoder
     tasks = engine_tasks(cfg, inpaint, "vae_encoder" in contracts)
     names = models_of_tasks(cfg, tasks, guidance)
-    steps = {Step.for_task(cfg, t, guidance).name for t in tasks}
+    if control:                 # also the steps that run the export's ControlNets
+        names = models_of_tasks(cfg, tasks, guidance) + tuple(
+            n for n in models_of_tasks(cfg, tasks, guidance, control=True) if n not in names)
+    steps = {Step.for_task(cfg, t, guidance, control=c).name for t in tasks for c in {False, control}}
     for n in names:
         if n not in contracts:
             raise UserError(f"{work_dir} has no {n} model: export again"

@@ -19,6 +19,8 @@ each (GRAPHS; the step model's Step says which):
     blend    u = x_t, then the known region (mask 0) is put back, re-noised to the next timestep:
              latents_next = (1 - mask) (sqrt(ᾱ_next) x0_img + sqrt(1 - ᾱ_next) ε) + mask x_{t-1}
 The mask, image latents and noise are graph inputs bound once per call, not copied per step.
+With ControlNets (Step.controlnets > 0) the ControlNet graphs run first and their scaled residuals
+are added at the UNet's skip connections and mid block (add_controlnets, below).
 
 The coefficients (sdrt.engine.samplers.step_table) make every sampler and epsilon, v and sample prediction one
 linear form. The UNet's initializers are not copied: the step graph points at the UNet's external
@@ -30,15 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.contract import STEP_COLUMNS, STEP_TABLE_ROWS, Model, Variant
+from sdrt.contract import STEP_TABLE_ROWS, Model, Variant, control_image
+from sdrt.errors import UserError
 from sdrt.export.to_onnx import onnx_graph
 
 P = "sdrt_step/"  # prefix for everything this module adds to the UNet graph
 
 
-def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
+def compose(unet_path: Path, unet: Model, step: Model, out_path: Path, controlnets=()) -> None:
     """The step graph of `step` (its contract; step.step says the variant and guidance) on top of
-    the UNet graph at unet_path, written to out_path."""
+    the UNet graph at unet_path, written to out_path. controlnets: [(onnx path, Model)] of the
+    export's ControlNets, for a step with ControlNets (step.step.controlnets of them)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -53,7 +57,8 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
         return helper.make_node(op, [_n(i, io) for i in inputs], [_n(o, io) for o in outputs],
                                 name=P + outputs[0], **attrs)
 
-    col = {c: P + "col_" + c for c in STEP_COLUMNS}
+    columns = step.step.columns
+    col = {c: P + "col_" + c for c in columns}
     # per sample b: row b = step_table[step_index[b]], as [B, columns, 1, 1] so each column splits
     # out as [B, 1, 1, 1] and broadcasts over that sample's latents
     # (an index past the table reads its last row, which the runtime keeps zero: parked slots)
@@ -74,6 +79,8 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
         pre.append(node("Cast", ["u"], ["sample"], to=f_type))
         pre.append(node("Identity", ["t_b"], ["timestep"]))
 
+    if step.step.controlnets:
+        pre += add_controlnets(g, unet, controlnets[:step.step.controlnets], node, col, f_type, guidance)
     post = [node("Cast", ["noise_pred"], ["m_raw"], to=TensorProto.FLOAT)]
     if guidance:  # ε = ε_uncond + g (ε_cond - ε_uncond)
         halves = {"num_outputs": 2} if opset >= 18 else {}  # equal halves, either opset's way
@@ -105,7 +112,7 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
               numpy_helper.from_array(np.array([STEP_TABLE_ROWS - 1], np.int32), P + "last_row"),
               numpy_helper.from_array(np.array([1], np.int64), P + "one_axis"),
               numpy_helper.from_array(np.array([1], np.float32), P + "one_f"),
-              numpy_helper.from_array(np.ones(len(STEP_COLUMNS), np.int64), P + "ones")]
+              numpy_helper.from_array(np.ones(len(columns), np.int64), P + "ones")]
     unet_io = {t.name for t in unet.inputs} | {t.name for t in unet.outputs}
     # The UNet's graph inputs become internal tensors fed by `pre`; its output feeds `post`.
     old_inputs = [i for i in g.input if i.name not in unet_io]
@@ -113,13 +120,114 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path) -> None:
     g.input.extend(old_inputs + [_value_info(t) for t in step.inputs])
     del g.output[:]
     g.output.extend(_value_info(t) for t in step.outputs)
-    nodes = pre + list(g.node) + post
+    nodes = pre + list(g.node) + post         # the UNet's nodes: g.node (ControlNets: in `pre`)
     del g.node[:]
     g.node.extend(nodes)
     g.initializer.extend(consts)
     g.name = step.name
     _rename_unet_io(g, unet)
     onnx.save_model(base, str(out_path))
+
+
+# ---- ControlNets ---------------------------------------------------------------------------------
+#
+#   c_k        = ControlNet_k(x_in, t, text, image_k)       (CFG: x_in and image_k doubled, as u)
+#   r_i        = Σ_k s_k c_k,i      s_k = row_b.control_scale_k (0 outside ControlNet k's step window)
+#   UNet skip i (the up blocks' Concat inputs) <- skip_i + r_i;  mid-block output <- mid + r_mid
+#
+# The ControlNet graphs are copied in under their own prefix; their initializers keep pointing at
+# controlnet_K.onnx.data, so the weights exist once on disk.
+
+def add_controlnets(g, unet: Model, controlnets, node, col, f_type, guidance: bool) -> list:
+    """Nodes that run the ControlNets and sum their scaled residuals; rewires the UNet graph `g`
+    so its skip connections and mid-block output take them. Returns the nodes to run first."""
+    skips, mid = unet_skips(g)
+    out, x = [], "x_cn_2" if guidance else "x_in"         # the latents the UNet sees (x_in: scaled)
+    if guidance:
+        out.append(node("Concat", ["x_in", "x_in"], ["x_cn_2"], axis=0))
+    out.append(node("Cast", [x], ["cn_sample"], to=f_type))
+    sums = None
+    for k, (path, model) in enumerate(controlnets):
+        n_down = len(model.outputs) - 1
+        if n_down != len(skips):
+            raise UserError(f"{model.name} has {n_down} down residuals, the UNet {len(skips)} skip connections: "
+                            f"it is for another block layout")
+        image = control_image(k)
+        if guidance:
+            out.append(node("Concat", [image, image], [f"cn{k}_image_2"], axis=0))
+            image = f"cn{k}_image_2"
+        out.append(node("Cast", [image], [f"cn{k}_cond"], to=f_type))
+        outputs = import_graph(g, path, f"{P}cn{k}/", {"sample": P + "cn_sample", "timestep": P + "timestep",
+                                                        "encoder_hidden_states": P + "encoder_hidden_states",
+                                                        "controlnet_cond": P + f"cn{k}_cond"}, out)
+        scale = col[f"control_scale_{k}"]                      # [B, 1, 1, 1]: each sample's row
+        if guidance:
+            out.append(node("Concat", [scale, scale], [f"cn{k}_scale_2"], axis=0))
+            scale = f"cn{k}_scale_2"
+        out.append(node("Cast", [scale], [f"cn{k}_scale"], to=f_type))
+        scaled = [f"cn{k}_{o.name}_s" for o in model.outputs]
+        out += [node("Mul", [outputs[o.name], f"cn{k}_scale"], [name]) for o, name in zip(model.outputs, scaled)]
+        if sums is not None:
+            out += [node("Add", [a, b], [f"cn_sum{k}_{i}"]) for i, (a, b) in enumerate(zip(sums, scaled))]
+            scaled = [f"cn_sum{k}_{i}" for i in range(len(scaled))]
+        sums = scaled
+    adds = {}
+    for i, skip in enumerate(skips):
+        _rewire(g, skip, sums[i], f"skip{i}", node, adds)
+    _rewire(g, mid, sums[-1], "mid", node, adds)
+    nodes = [n for old in g.node for n in adds.get(old.name, []) + [old]]
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
+
+
+def unet_skips(g) -> tuple[list[str], str]:
+    """The UNet graph's skip-connection tensors in diffusers' down_block_res_samples order, and the
+    mid block's output. The up blocks take the skips last-first, each as the second input of a
+    channel Concat (torch.cat([h, res], 1)); the mid block's output is the first up Concat's first
+    input."""
+    concats = [n for n in g.node if n.op_type == "Concat" and n.name.startswith("/m/up_blocks.")
+               and any(a.name == "axis" and a.i == 1 for a in n.attribute) and len(n.input) == 2]
+    if not concats:
+        raise UserError("the UNet graph has no up-block skip connections where sdrt looks for them "
+                        "(/m/up_blocks.*/Concat): export the UNet again with this sdrt")
+    return [n.input[1] for n in reversed(concats)], concats[0].input[0]
+
+
+def _rewire(g, tensor: str, residual: str, tag: str, node, adds: dict) -> None:
+    """tensor + residual, read by the up blocks instead of tensor (the down path still reads
+    tensor itself); the Add goes right before its first reader (adds: {reader node name: nodes})."""
+    readers = [n for n in g.node if tensor in n.input and n.name.startswith("/m/up_blocks.")]
+    new = P + tag + "_controlled"
+    for n in readers:
+        n.input[:] = [new if i == tensor else i for i in n.input]
+    from onnx import helper
+    add = helper.make_node("Add", [tensor, P + residual], [new], name=new)   # tensor: the UNet's own name
+    adds.setdefault(readers[0].name, []).append(add)
+
+
+def import_graph(g, path: Path, prefix: str, inputs: dict, out: list) -> dict:
+    """Copy the graph at `path` (weights external, left where they are) into g under `prefix`, its
+    inputs fed by the tensors named in `inputs`; its nodes appended to `out`. Returns its outputs:
+    {output name: tensor name in g}."""
+    sub = onnx_graph(path).graph
+    rename = dict(inputs)
+    for t in sub.initializer:
+        rename[t.name] = prefix + t.name
+    for n in sub.node:
+        for o in n.output:
+            if o:
+                rename.setdefault(o, prefix + o)
+
+    for t in sub.initializer:
+        t.name = rename[t.name]
+        g.initializer.append(t)
+    for n in sub.node:
+        n.input[:] = [rename.get(i, i) if i else i for i in n.input]
+        n.output[:] = [rename.get(o, o) if o else o for o in n.output]
+        n.name = prefix + n.name
+        out.append(n)
+    return {o.name: rename[o.name] for o in sub.output}
 
 
 def unet_input_plain(node):

@@ -9,16 +9,19 @@ import gc
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 import sdrt
+from sdrt import contract
 from sdrt import manifest as mf
-from sdrt.contract import STEP_COLUMNS, Dims, ModelConfig, Variant, all_models, step_models
+from sdrt.contract import (MAX_CONTROLNETS, STEP_COLUMNS, Dims, ModelConfig, Variant, all_models, control_image,
+                           step_models)
 from sdrt.errors import UserError
 from sdrt.fileio import default_mode_tree, temp_dir_beside, write_json_atomic
-from sdrt.export import (attention, compose_step, lora_targets, pipeline_folder, scheduler_config, single_file,
+from sdrt.export import (attention, compose_step, controlnet, lora_targets, pipeline_folder, scheduler_config, single_file,
                          to_onnx, validate)
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -59,23 +62,28 @@ def export(model_dir: Path, work_dir: Path, precision: str = "fp16", opset: int 
            ort_fusion: bool = False, attention_form: str = "op", tokenizer: Path | None = None,
            config: str | None = None, prediction_type: str | None = None,
            vae_precision: str | None = None, text_encoder_precision: str | None = None,
-           force: bool = False) -> Path:
+           force: bool = False, controlnets=()) -> Path:
     """opset None: 23 for attention_form "op" (ONNX's Attention op), 18 for "decomposed".
     model_dir: a diffusers folder, or a single-file .safetensors/.ckpt checkpoint (then tokenizer,
     config and prediction_type apply: sdrt.export.single_file). force: replace a previous export
-    in work_dir (else refused)."""
+    in work_dir (else refused). controlnets: diffusers ControlNetModel folders, exported beside the
+    UNet with step graphs that run them (in this order)."""
     model_dir, work_dir = Path(model_dir), Path(work_dir)
+    controlnets = tuple(Path(c) for c in controlnets)
+    if len(controlnets) > MAX_CONTROLNETS:
+        raise UserError(f"{len(controlnets)} --controlnet folders: sdrt takes at most {MAX_CONTROLNETS}")
     per_model = precisions(precision, vae_precision, text_encoder_precision)
     opset = attention.resolve_opset(attention_form, opset)
     check_work_dir(work_dir, force)
     if single_file.is_single_file(model_dir):
         return _export_single_file(model_dir, work_dir, tokenizer, config, prediction_type,
-                                   per_model, opset, ort_fusion, attention_form)
+                                   per_model, opset, ort_fusion, attention_form, controlnets=controlnets)
     if (tokenizer, config, prediction_type) != (None, None, None):
         raise UserError("--tokenizer, --config and --prediction-type apply to single-file checkpoints "
                         "(.safetensors, .ckpt); a diffusers folder carries its own")
     pipeline_folder.read_model_index(model_dir)
-    return _export_folder(model_dir, work_dir, per_model, opset, ort_fusion, attention_form, None)
+    return _export_folder(model_dir, work_dir, per_model, opset, ort_fusion, attention_form, None,
+                          controlnets=controlnets)
 
 
 def precisions(precision: str, vae: str | None, text_encoder: str | None) -> dict:
@@ -92,23 +100,24 @@ def precisions(precision: str, vae: str | None, text_encoder: str | None) -> dic
             "vae_encoder": vae or precision}
 
 
-def _export_single_file(path: Path, work_dir: Path, tokenizer, config, prediction_type, *args) -> Path:
+def _export_single_file(path: Path, work_dir: Path, tokenizer, config, prediction_type, *args,
+                        controlnets=()) -> Path:
     """Convert to a diffusers folder beside WORK_DIR (diffusers' loaders), export that, remove it."""
     conv = temp_dir_beside(work_dir)
     try:
         found = single_file.to_folder(path, conv / "model", tokenizer, config, prediction_type, say)
         source = {"path": str(path.resolve()), "sha256": {"file": mf.sha256_file(path)},
                   "single_file": found}
-        return _export_folder(conv / "model", work_dir, *args, source)
+        return _export_folder(conv / "model", work_dir, *args, source, controlnets=controlnets)
     finally:
         shutil.rmtree(conv, ignore_errors=True)
 
 
 def _export_folder(model_dir: Path, work_dir: Path, per_model: dict, opset: int, ort_fusion: bool,
-                   attention_form: str, source: dict | None) -> Path:
+                   attention_form: str, source: dict | None, controlnets=()) -> Path:
     tmp = temp_dir_beside(work_dir)
     try:
-        _export_into(model_dir, tmp, per_model, opset, ort_fusion, attention_form, source)
+        _export_into(model_dir, tmp, per_model, opset, ort_fusion, attention_form, source, controlnets)
         default_mode_tree(tmp)            # onnx writes *.onnx.data as 0600: readable like the rest
         _swap_in(tmp, work_dir)
     except BaseException:
@@ -118,27 +127,41 @@ def _export_folder(model_dir: Path, work_dir: Path, per_model: dict, opset: int,
 
 
 def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_fusion: bool,
-                 form: str, source: dict | None = None) -> None:
+                 form: str, source: dict | None = None, controlnets=()) -> None:
     t0 = time.perf_counter()
     precision = precisions["unet"]
     sched, updated = scheduler_config.effective_config(
         model_dir / "scheduler", pipeline_folder.read_model_index(model_dir)["scheduler"][1])
     scheduler_config.warn_if_updated(updated)
     pipeline_folder.check_tokenizer(model_dir / "tokenizer", pipeline_folder.text_vocab_size(model_dir))
+    cns = [controlnet.load(p) for p in controlnets]          # refused before the base is loaded
+    unet_config, vae_config = (controlnet.read_config(model_dir / c) for c in ("unet", "vae"))
+    layouts = [controlnet.check_fits(cn, unet_config, vae_config.latent_channels, p)
+               for cn, p in zip(cns, controlnets)]
     say(f"loading {model_dir} ...")
     folder = pipeline_folder.load(model_dir)
-    cfg = folder.config
+    cfg = folder.config = replace(folder.config, controlnets=len(cns))
     models = all_models(cfg, precision)
+    cn_models = [contract.controlnet(cfg, precision, k, lay) for k, lay in enumerate(layouts)]
+    models.update({m.name: m for m in cn_models})
+    cn_files = [(out / "onnx" / m.onnx, m) for m in cn_models]
     (out / "onnx").mkdir()
     vdims = validation_dims(cfg)
     trace = to_onnx.trace_dims(cfg.sample_hw, folder.unet.num_upsamplers, cfg.text_len)
     records = {}
-    for i, name in enumerate(BASE_MODELS + step_names(cfg), 1):
+    for i, name in enumerate(BASE_MODELS + tuple(m.name for m in cn_models) + step_names(cfg), 1):
         model, path = models[name], out / "onnx" / models[name].onnx
-        precision_of = precisions["unet" if model.step else name]
+        precision_of = precisions["unet" if model.step or name not in BASE_MODELS else name]
         t = time.perf_counter()
         say(f"[{i}/{len(models)}] {name}: exporting {precision_of} ...")
-        if name in BASE_MODELS:
+        if name not in BASE_MODELS and not model.step:          # ControlNet k
+            k = cn_models.index(model)
+            module = controlnet.module(cns[k])
+            to_onnx.export(module, model, path, _control_inputs(folder, model, to_onnx.image_trace_dims(
+                trace, cfg.vae_factor), 0), precision_of, opset, form, external=True)
+            inputs = _control_inputs(folder, model, vdims, 1)
+            ref = validate.run_torch(module, model, inputs)
+        elif name in BASE_MODELS:
             module = to_onnx.wrap(name, folder)
             traced = to_onnx.image_trace_dims(trace, cfg.vae_factor) if name == "vae_encoder" else trace
             to_onnx.export(module, model, path, _inputs(folder, model, traced, 0, precision),
@@ -146,8 +169,8 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
             inputs = _inputs(folder, model, vdims, 1, precision)
             ref = validate.run_torch(module, model, inputs)
         else:
-            compose_step.compose(out / "onnx" / models["unet"].onnx, models["unet"], model, path)
-            inputs, ref = _step_reference(folder, model, vdims, sched)
+            compose_step.compose(out / "onnx" / models["unet"].onnx, models["unet"], model, path, cn_files)
+            inputs, ref = _step_reference(folder, model, vdims, sched, cns)
         records[name] = _validated_record(out, name, model, path, inputs, ref, precision_of, t,
                                           f"[{i}/{len(models)}]")
         records[name]["precision"] = precision_of          # the one record of it (mf.model_precision)
@@ -160,6 +183,9 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
             records[name]["lora_targets"] = _lora_targets(module, path, precision_of, name)
         elif model.step:  # the step graphs read the UNet's initializers (same names, file)
             records[name]["weights_of"] = "unet"
+        elif model in cn_models:
+            records[name]["source"] = {"path": str(controlnets[cn_models.index(model)].resolve()),
+                                       "layout": layouts[cn_models.index(model)].to_json()}
     token_embedding = _write_token_table(folder, out, precision)   # the contract's dtype (the UNet's)
     variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, form, vdims, sched)} \
         if ort_fusion else {}
@@ -248,7 +274,8 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
     # every torch reference first: the fusion of a 3.4 GB graph needs the memory the modules hold
     unet_in = to_onnx.example_inputs(unet, vdims, folder.config.vocab_size, seed=1)
     refs = {"unet": (unet_in, validate.run_torch(module, unet, unet_in))}
-    refs.update({n: _step_reference(folder, models[n], vdims, sched) for n in step_names(folder.config)})
+    ort_steps = tuple(n for n in step_names(folder.config) if not models[n].step.controlnets)
+    refs.update({n: _step_reference(folder, models[n], vdims, sched) for n in ort_steps})
     del module
     folder.text_encoder = folder.unet = folder.vae = None
     gc.collect()
@@ -258,7 +285,7 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
         shutil.rmtree(src.parent)
     records = {"unet": {**_validated_record(out, "unet", unet, ort_dir / unet.onnx, *refs["unet"],
                                             precision, t, "[ort]"), "fused_ops": ops}}
-    for name in step_names(folder.config):
+    for name in ort_steps:                 # steps with ControlNets run the plain graphs (onnx/)
         t, model = time.perf_counter(), models[name]
         compose_step.compose(ort_dir / unet.onnx, unet, model, ort_dir / model.onnx)
         records[name] = _validated_record(out, name, model, ort_dir / model.onnx, *refs[name],
@@ -266,11 +293,20 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
     return records
 
 
-def _step_reference(folder, step, dims: Dims, sched_config: dict):
+def _control_inputs(folder, model, dims: Dims, seed: int) -> dict:
+    """A ControlNet's inputs: random latents and text, a conditioning image in [0, 1]."""
+    inputs = to_onnx.example_inputs(model, dims, folder.config.vocab_size, seed=seed)
+    image = inputs["controlnet_cond"]
+    inputs["controlnet_cond"] = np.random.default_rng(seed).random(image.shape).astype(image.dtype)
+    return inputs
+
+
+def _step_reference(folder, step, dims: Dims, sched_config: dict, controlnets=()):
     """Inputs for a denoise-step graph and the expected output from torch UNet + numpy sampler
-    rows (+ the variant's own part, REFERENCES, written out here independently of the graph).
+    rows (+ the variant's own part, REFERENCES, written out here independently of the graph; with
+    ControlNets, torch ControlNets + UNet with their residuals: sdrt.export.controlnet).
     Batch 2 at different steps of a DPM++ 2M SDE table (every sampler term non-zero, a model-input
-    scale of 0.8 written in), each sample its own row and noise row."""
+    scale of 0.8 written in), each sample its own row and noise row (and ControlNet scales)."""
     import torch
 
     from sdrt.engine import samplers
@@ -283,6 +319,15 @@ def _step_reference(folder, step, dims: Dims, sched_config: dict):
     table[:, STEP_COLUMNS.index("model_in_scale")] = 0.8
     inputs = to_onnx.example_inputs(step, d, folder.config.vocab_size, seed=2)
     inputs["step_table"], inputs["step_index"] = table, ks
+    n_cn = step.step.controlnets
+    scales = [np.array([0.8, 0.5]) - 0.3 * i for i in range(n_cn)]   # per ControlNet, per sample's row
+    table = np.concatenate([table, np.zeros((len(table), n_cn), np.float32)], 1)
+    for i, s in enumerate(scales):
+        table[ks, len(STEP_COLUMNS) + i] = s
+    inputs["step_table"] = table
+    rng = np.random.default_rng(3)
+    images = [rng.random(inputs[control_image(i)].shape).astype(np.float32) for i in range(n_cn)]
+    inputs.update({control_image(i): im for i, im in enumerate(images)})
     if "mask" in inputs:  # a binary mask, as the runtime feeds it
         inputs["mask"] = (inputs["mask"] > 0).astype(np.float32)
     rows = table[ks]
@@ -292,8 +337,12 @@ def _step_reference(folder, step, dims: Dims, sched_config: dict):
     emb = torch.from_numpy(inputs["text_embeddings"].astype(np.float32))
     t = torch.from_numpy(rows[:, 0].astype(np.float32))
     sample = torch.from_numpy(np.concatenate([u, u]) if guidance else u)
-    with torch.no_grad():
-        m = folder.unet(sample, torch.cat([t, t]) if guidance else t, emb, return_dict=False)[0].numpy()
+    if n_cn:
+        m = controlnet.step_reference(folder.unet, controlnets[:n_cn], u, rows[:, 0], emb.numpy(), images, scales,
+                                      guidance, cn_input=x * row["model_in_scale"] if u.shape[1] != x.shape[1] else None)
+    else:
+        with torch.no_grad():
+            m = folder.unet(sample, torch.cat([t, t]) if guidance else t, emb, return_dict=False)[0].numpy()
     if guidance:
         uncond, cond = np.split(m, 2)
         m = uncond + row["guidance"] * (cond - uncond)

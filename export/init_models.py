@@ -6,7 +6,9 @@ SD 1.5's exact shapes (UNet 859.5 M parameters, CLIP ViT-L/14 text encoder, 4-ch
 factor 8); `tiny` has the same structure, scaled down to run in seconds on a CPU. Both load with
 diffusers' `StableDiffusionPipeline.from_pretrained`. The `-inpaint` archs are the same with a
 9-channel UNet (latents, mask, masked-image latents; SD 1.5 inpainting's layout), saved as a
-`StableDiffusionInpaintPipeline`.
+`StableDiffusionInpaintPipeline`. `tiny-controlnet` is `tiny` with a random-weight ControlNet for its
+UNet in DIR/controlnet (a diffusers ControlNetModel folder: `sdrt export DIR WORK --controlnet
+DIR/controlnet`).
 """
 from __future__ import annotations
 
@@ -66,6 +68,28 @@ def _inpaint(base: str) -> dict:
 
 ARCHS["tiny-inpaint"] = _inpaint("tiny")
 ARCHS["sd15-inpaint"] = _inpaint("sd15")
+# "controlnet": the ControlNet's conditioning_embedding_out_channels (SD 1.5's are diffusers' default)
+ARCHS["tiny-controlnet"] = {**ARCHS["tiny"], "controlnet": (8, 8, 16, 16)}
+ARCHS["sd15-controlnet"] = {**ARCHS["sd15"], "controlnet": (16, 32, 96, 256)}
+CONTROLNET_DIR = "controlnet"            # where init writes the ControlNet of a -controlnet arch
+
+
+def random_controlnet(unet, seed: int = 1, scale: float = 0.05, embedding_channels=(8, 8, 16, 16),
+                      copy_unet: bool = False):
+    """A ControlNetModel for `unet` with random weights (copy_unet: its encoder copied from the
+    UNet, as ControlNet training starts). A trained ControlNet's last convolutions start at zero
+    (it then adds nothing); here they are random too (normal, std `scale`), so that every residual
+    changes the image and a parity test can see it."""
+    import torch
+    from diffusers import ControlNetModel
+    torch.manual_seed(seed)
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(embedding_channels),
+                                   load_weights_from_unet=copy_unet)
+    with torch.no_grad():
+        for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
+            conv.weight.normal_(0, scale)
+            conv.bias.normal_(0, scale)
+    return cn.to(unet.dtype).eval()
 
 
 def build_pipeline(arch: str, seed: int = 0):
@@ -118,5 +142,9 @@ def init(out_dir: Path, arch: str, seed: int = 0, force: bool = False) -> Path:
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose a new folder or pass --force to replace it")
     with atomic_dir(out_dir) as tmp:
-        build_pipeline(arch, seed).save_pretrained(tmp, safe_serialization=True)
+        pipe = build_pipeline(arch, seed)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if ARCHS[arch].get("controlnet"):
+            random_controlnet(pipe.unet, seed + 1, embedding_channels=ARCHS[arch]["controlnet"]).save_pretrained(Path(tmp) / CONTROLNET_DIR,
+                                                                   safe_serialization=True)
     return out_dir

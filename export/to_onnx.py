@@ -153,7 +153,7 @@ def token_table(text_encoder, precision: str):
 
 
 def export(module, model: Model, out_path: Path, inputs: dict, precision: str, opset: int,
-           attention_form: str = "op") -> None:
+           attention_form: str = "op", external: bool | None = None) -> None:
     """Trace `module` to out_path (weights over 2 GB, and the UNet's always, to one .data file),
     attention written as `attention_form` (sdrt.export.attention)."""
     import torch
@@ -172,7 +172,8 @@ def export(module, model: Model, out_path: Path, inputs: dict, precision: str, o
                               input_names=[t.name for t in model.inputs],
                               output_names=[t.name for t in model.outputs],
                               dynamic_axes=model.dynamic_axes(), do_constant_folding=True)
-        cleanup_and_save(raw, out_path, external=model.name in WEIGHTS_BESIDE, opset=opset)
+        cleanup_and_save(raw, out_path, external=model.name in WEIGHTS_BESIDE if external is None else external,
+                         opset=opset)
     module.float()
 
 

@@ -42,7 +42,7 @@ def run_torch(module, model: Model, inputs: dict) -> list[np.ndarray]:
         args.append(x.float() if x.is_floating_point() else x)
     with torch.no_grad():
         out = module(*args)
-    return [out.float().numpy()]
+    return [o.float().numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
 
 
 def check(model: Model, got: list[np.ndarray], ref: list[np.ndarray], precision: str) -> dict:

@@ -30,7 +30,7 @@ def cmd_export(a):
     out = export(a.model_dir, a.work_dir, precision=a.precision, opset=a.opset, ort_fusion=a.ort_fusion,
                  attention_form=a.attention, tokenizer=a.tokenizer, config=a.config,
                  prediction_type=a.prediction_type, vae_precision=a.vae_precision,
-                 text_encoder_precision=a.text_encoder_precision, force=a.force)
+                 text_encoder_precision=a.text_encoder_precision, force=a.force, controlnets=a.controlnet)
     print(f"wrote {out}")
 
 
@@ -39,7 +39,7 @@ def cmd_build(a):
     build(a.work_dir, a.backend, height=a.height, width=a.width, batch=a.batch, dynamic=a.dynamic,
           opt_level=a.opt_level, timing_cache=a.timing_cache, guidance=not a.no_guidance,
           workspace_mb=a.workspace_mb, inpaint=a.inpaint, max_prompt_chunks=a.max_prompt_chunks,
-          refit=a.refit)
+          refit=a.refit, control=a.control)
 
 
 def cmd_generate(a):
@@ -51,7 +51,8 @@ def cmd_generate(a):
                               clip_skip=a.clip_skip, embeddings=a.embedding, loras=a.lora,
                               vae_batch=a.vae_batch, prompt_syntax=a.prompt_syntax, sampler=a.sampler,
                               schedule=a.schedule, noise=load_latents(a.noise, "noise"),
-                              cfg_cutoff=a.cfg_cutoff)
+                              cfg_cutoff=a.cfg_cutoff, control=a.control or None,
+                              control_preprocess=a.control_preprocess)
     generate_files(a.work_dir, request, a.out, backend=a.backend, timings=a.timings)
 
 
@@ -162,7 +163,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="write a random-weight pipeline folder (tiny or SD 1.5 shaped), "
                                     "or copy the trained demo model (--arch demo)")
     s.add_argument("dir", type=Path)
-    s.add_argument("--arch", choices=("tiny", "sd15", "demo", "tiny-inpaint", "sd15-inpaint"), default="tiny")
+    s.add_argument("--arch", choices=("tiny", "sd15", "demo", "tiny-inpaint", "sd15-inpaint", "tiny-controlnet", "sd15-controlnet"), default="tiny")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace DIR if it exists")
     s.set_defaults(fn=cmd_init)
@@ -187,6 +188,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--prediction-type", help="single file: epsilon or v_prediction instead of what is detected")
     s.add_argument("--force", action="store_true",
                    help="replace a previous export in WORK_DIR (its engines/ and anything else in it go too)")
+    s.add_argument("--controlnet", action="append", default=[], type=Path, metavar="CN_DIR",
+                   help="a diffusers ControlNetModel folder for this model; repeatable (their residuals add up)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an export")
@@ -200,6 +203,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timing-cache", type=Path)
     s.add_argument("--workspace-mb", type=int, help="builder memory limit (Jetson: keep it small)")
     s.add_argument("--no-guidance", action="store_true", help="build the step for guidance <= 1 (no CFG)")
+    s.add_argument("--control", action="store_true",
+                   help="also build the steps that run the export's ControlNets (generate --control)")
     s.add_argument("--inpaint", action="store_true",
                    help="4-channel UNet: also build the inpainting step (a second UNet engine); "
                         "9-channel inpainting exports build only theirs")
@@ -412,6 +417,12 @@ def add_generate_args(s) -> None:
                    help="textual-inversion embedding (.safetensors, .bin, .pt); repeatable")
     s.add_argument("--vae-batch", type=int, metavar="N",
                    help="decode N images at a time (default: the whole batch, or what fits the free GPU memory)")
+    s.add_argument("--control", action="append", default=[], metavar="IMAGE[:SCALE[:START:END]]",
+                   help="a ControlNet's conditioning image, scale (default 1) and step window (shares of the "
+                        "steps, default 0:1); one per exported ControlNet, in export order")
+    s.add_argument("--control-preprocess", metavar="canny[:LOW:HIGH]",
+                   help="make edge maps of the --control images first (OpenCV's Canny, thresholds default 100:200; "
+                        "pip install 'sdrt[canny]')")
     s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA .safetensors (diffusers/PEFT or kohya keys), scale default 1; repeatable. "
                         "Merged at run time: no re-export, no rebuild (TensorRT: engines built with --refit)")

@@ -112,6 +112,7 @@ class ModelConfig:
     vae_factor: int = 8            # image size / latent size
     sample_size: int | tuple = 64  # UNet's native latent size (512 px for SD 1.5): an int, or
                                    # (height, width) as diffusers allows ([64, 96]: 512x768 px)
+    controlnets: int = 0           # ControlNets exported beside the UNet (their steps: Step.controlnets)
 
     @property
     def sample_hw(self) -> tuple[int, int]:
@@ -170,6 +171,9 @@ class Dims:
             return self.height // self.vae_factor
         if name == "latent_w":
             return self.width // self.vae_factor
+        if name.startswith(("latent_h/", "latent_w/")):   # a UNet level's size: latent_h/4 = ceil(h / 4)
+            side, div = name.split("/")
+            return -(-self[side] // int(div))
         if name == "height":
             return self.height
         if name == "width":
@@ -206,6 +210,41 @@ def unet(cfg: ModelConfig, precision: str) -> Model:
                   Tensor("timestep", "float32", (1,)),
                   Tensor("encoder_hidden_states", f, ("text_batch", "text_seq", cfg.text_dim))),
                  (Tensor("noise_pred", f, ("text_batch", c, "latent_h", "latent_w")),))
+
+
+@dataclass(frozen=True)
+class ControlLayout:
+    """What a ControlNet adds to the UNet: one residual per skip connection (its channels and UNet
+    level: the size is the latent size / 2^level), in diffusers' down_block_res_samples order,
+    and the mid block's. A ControlNet fits a UNet when the UNet has exactly these skips."""
+    down: tuple[tuple[int, int], ...]      # (channels, level) per down residual
+    mid: tuple[int, int]                   # (channels, level) of the mid-block residual
+
+    def to_json(self) -> dict:
+        return {"down": [list(d) for d in self.down], "mid": list(self.mid)}
+
+    @staticmethod
+    def from_json(d: dict) -> "ControlLayout":
+        return ControlLayout(tuple(tuple(x) for x in d["down"]), tuple(d["mid"]))
+
+
+def _level_shape(channels: int, level: int) -> tuple:
+    s = "" if level == 0 else f"/{2 ** level}"
+    return ("text_batch", channels, "latent_h" + s, "latent_w" + s)
+
+
+def controlnet(cfg: ModelConfig, precision: str, k: int, layout: ControlLayout) -> Model:
+    """ControlNet k: the UNet's inputs (4-channel latents) and the conditioning image in [0, 1]
+    (CFG-duplicated: text_batch rows) -> its residuals at conditioning scale 1. Exported and
+    validated on its own; the step graphs with ControlNets run it (its weights stay in its file)."""
+    f = _float(precision)
+    u = {t.name: t for t in unet(cfg, precision).inputs}
+    down = tuple(Tensor(f"down_{i}", f, _level_shape(c, lv)) for i, (c, lv) in enumerate(layout.down))
+    return Model(f"controlnet_{k}", f"controlnet_{k}.onnx",
+                 (Tensor("sample", f, ("text_batch", cfg.latent_channels, "latent_h", "latent_w")),
+                  u["timestep"], u["encoder_hidden_states"],
+                  Tensor("controlnet_cond", f, ("text_batch", 3, "height", "width"))),
+                 down + (Tensor("mid", f, _level_shape(*layout.mid)),))
 
 
 def vae_decoder(cfg: ModelConfig, precision: str) -> Model:
@@ -302,7 +341,22 @@ def step_inputs(cfg: ModelConfig, precision: str) -> dict[str, Tensor]:
         Tensor("mask", "float32", ("batch", 1, "latent_h", "latent_w")),
         Tensor("image_latents", "float32", latent),
         Tensor("noise", "float32", latent),
-        Tensor("masked_image_latents", "float32", latent))}
+        Tensor("masked_image_latents", "float32", latent),
+        *(Tensor(control_image(k), "float32", ("batch", 3, "height", "width")) for k in range(MAX_CONTROLNETS)))}
+
+
+MAX_CONTROLNETS = 8
+
+
+def control_image(k: int) -> str:
+    """The step input of ControlNet k's conditioning image ([B, 3, H, W] in [0, 1], bound once per call)."""
+    return f"control_image_{k}"
+
+
+def control_columns(n: int) -> tuple[str, ...]:
+    """Step-table columns after STEP_COLUMNS in a step with n ControlNets: ControlNet k's
+    conditioning scale at that step (0 outside its step window)."""
+    return tuple(f"control_scale_{k}" for k in range(n))
 
 
 STEP_INPUTS = ("latents", "text_embeddings", "step_table", "step_index")   # every step's first four
@@ -313,12 +367,17 @@ SAMPLER_STATE = ("x0_prev", "step_noise")
 @dataclass(frozen=True)
 class Step:
     """One denoising step graph: UNet + classifier-free guidance (or not) + DDIM update, in the
-    way its variant feeds and finishes it. Owns the model's name, extra inputs and build flags."""
+    way its variant feeds and finishes it. Owns the model's name, extra inputs and build flags.
+    controlnets > 0: the export's ControlNets run first in the same graph, their down/mid residuals
+    (each times its step-table column control_scale_k) added into the UNet's skip connections."""
     variant: Variant
     guidance: bool
+    controlnets: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "variant", Variant(self.variant))
+        if not 0 <= self.controlnets <= MAX_CONTROLNETS:
+            raise UserError(f"{self.controlnets} ControlNets: sdrt takes at most {MAX_CONTROLNETS}")
 
     @property
     def spec(self) -> VariantSpec:
@@ -326,12 +385,19 @@ class Step:
 
     @property
     def name(self) -> str:
-        return self.spec.name + ("_cfg" if self.guidance else "")
+        control = f"_control{self.controlnets}" if self.controlnets else ""
+        return self.spec.name + control + ("_cfg" if self.guidance else "")
 
     @property
     def extra_inputs(self) -> tuple[str, ...]:
-        """Names of the inputs bound once per call (mask, image latents, ...), in graph order."""
-        return self.spec.extra_inputs
+        """Names of the inputs bound once per call (mask, image latents, ..., control images), in
+        graph order."""
+        return self.spec.extra_inputs + tuple(control_image(k) for k in range(self.controlnets))
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The step table's columns: STEP_COLUMNS, then one conditioning scale per ControlNet."""
+        return STEP_COLUMNS + control_columns(self.controlnets)
 
     @property
     def build_flags(self) -> tuple[str, ...]:
@@ -340,6 +406,7 @@ class Step:
 
     def inputs(self, cfg: ModelConfig, precision: str) -> tuple[Tensor, ...]:
         table = step_inputs(cfg, precision)
+        table["step_table"] = Tensor("step_table", "float32", (STEP_TABLE_ROWS, len(self.columns)))
         return tuple(table[n] for n in STEP_INPUTS + SAMPLER_STATE + self.extra_inputs)
 
     def outputs(self, cfg: ModelConfig) -> tuple[Tensor, ...]:
@@ -348,25 +415,33 @@ class Step:
                 Tensor("x0_next", "float32", latent))
 
     def to_json(self) -> dict:
-        return {"variant": self.variant.value, "guidance": self.guidance}
+        return {"variant": self.variant.value, "guidance": self.guidance,
+                **({"controlnets": self.controlnets} if self.controlnets else {})}
 
     @staticmethod
     def from_json(d: dict) -> "Step":
-        return Step(Variant(d["variant"]), bool(d["guidance"]))
+        return Step(Variant(d["variant"]), bool(d["guidance"]), int(d.get("controlnets", 0)))
 
     @staticmethod
-    def every() -> tuple["Step", ...]:
-        return tuple(Step(v, g) for v in Variant for g in (True, False))
+    def every(controlnets: int = 0) -> tuple["Step", ...]:
+        """Every step without ControlNet, and with `controlnets` ControlNets when that is > 0."""
+        counts = (0, controlnets) if controlnets else (0,)
+        return tuple(Step(v, g, n) for n in counts for v in Variant for g in (True, False))
 
     @staticmethod
     def of_unet(cfg: ModelConfig) -> tuple["Step", ...]:
-        """The steps an export of this UNet has (a 9-channel UNet can only inpaint)."""
-        return tuple(s for s in Step.every() if s.spec.inpainting_unet == cfg.inpainting_unet)
+        """The steps an export of this UNet has (a 9-channel UNet can only inpaint); with
+        ControlNets, each of them also with the ControlNets."""
+        return tuple(s for s in Step.every(cfg.controlnets) if s.spec.inpainting_unet == cfg.inpainting_unet)
 
     @staticmethod
-    def for_task(cfg: ModelConfig, task: Task, guidance: bool, where: str = "this export") -> "Step":
-        """The step a generation of `task` runs on this UNet; UserError when the UNet cannot."""
-        return Step(Variant.for_task(cfg, task, where), guidance)
+    def for_task(cfg: ModelConfig, task: Task, guidance: bool, where: str = "this export",
+                 control: bool = False) -> "Step":
+        """The step a generation of `task` runs on this UNet (with the export's ControlNets when
+        `control`); UserError when the UNet cannot."""
+        if control and not cfg.controlnets:
+            raise UserError(f"{where} has no ControlNet: export with --controlnet CN_DIR to use control images")
+        return Step(Variant.for_task(cfg, task, where), guidance, cfg.controlnets if control else 0)
 
     @staticmethod
     def named(name: str) -> "Step | None":
@@ -379,11 +454,12 @@ def tasks_of_unet(cfg: ModelConfig) -> tuple[Task, ...]:
     return tuple(t for t in Task if any(t in s.spec.tasks for s in Step.of_unet(cfg)))
 
 
-def task_models(cfg: ModelConfig, task: Task, guidance: bool) -> tuple[str, ...]:
-    """The models one generation of `task` runs, in order: text encoder, its step, the VAE encoder
-    (image inputs), the VAE decoder. UserError when this UNet cannot do `task`."""
+def task_models(cfg: ModelConfig, task: Task, guidance: bool, control: bool = False) -> tuple[str, ...]:
+    """The models one generation of `task` runs, in order: text encoder, its step (with the
+    ControlNets when `control`), the VAE encoder (image inputs), the VAE decoder. UserError when
+    this UNet cannot do `task`."""
     encoder = () if task is Task.text_to_image else ("vae_encoder",)
-    return ("text_encoder", Step.for_task(cfg, task, guidance).name, *encoder, "vae_decoder")
+    return ("text_encoder", Step.for_task(cfg, task, guidance, control=control).name, *encoder, "vae_decoder")
 
 
 def engine_tasks(cfg: ModelConfig, inpaint: bool = False, image_inputs: bool = True) -> tuple[Task, ...]:
@@ -395,17 +471,18 @@ def engine_tasks(cfg: ModelConfig, inpaint: bool = False, image_inputs: bool = T
                  and (t is not Task.inpainting or inpaint or tasks == (Task.inpainting,)))
 
 
-def models_of_tasks(cfg: ModelConfig, tasks, guidance: bool) -> tuple[str, ...]:
+def models_of_tasks(cfg: ModelConfig, tasks, guidance: bool, control: bool = False) -> tuple[str, ...]:
     """Every model these tasks run, each once, in run order (text encoder, steps, VAE encoder, VAE
-    decoder)."""
-    names = {n: None for t in tasks for n in task_models(cfg, t, guidance)}
-    order = ["text_encoder", *(s.name for s in Step.every()), "vae_encoder", "vae_decoder"]
+    decoder); with `control`, the steps with the export's ControlNets instead of those without."""
+    names = {n: None for t in tasks for n in task_models(cfg, t, guidance, control)}
+    order = ["text_encoder", *(s.name for s in Step.every(cfg.controlnets)), "vae_encoder", "vae_decoder"]
     return tuple(sorted(names, key=order.index))
 
 
-def denoise_step(cfg: ModelConfig, precision: str, guidance: bool, variant: Variant = Variant.plain) -> Model:
+def denoise_step(cfg: ModelConfig, precision: str, guidance: bool, variant: Variant = Variant.plain,
+                 controlnets: int = 0) -> Model:
     """One whole denoising step: UNet + classifier-free guidance + the sampler's update (+ the
-    variant's inpainting inputs, bound once per call).
+    variant's inpainting inputs, bound once per call; + the ControlNets' residuals).
 
     Per sample b it reads its row `step_table[step_index[b]]` and writes `step_index + 1`, so the
     same bound buffers (ping-ponged) and one captured CUDA graph serve every step, and samples at
@@ -413,7 +490,7 @@ def denoise_step(cfg: ModelConfig, precision: str, guidance: bool, variant: Vari
     sampler's state rides along: x0_prev -> x0_next (the previous step's x̂0, ping-ponged like the
     latents) and step_noise[b, step_index[b]] (z; rows past the buffer's last read its last).
     """
-    step = Step(variant, guidance)
+    step = Step(variant, guidance, controlnets)
     return Model(step.name, step.name + ".onnx", step.inputs(cfg, precision), step.outputs(cfg), step)
 
 
@@ -423,7 +500,7 @@ def has_sampler_state(step: Model) -> bool:
 
 
 def step_models(cfg: ModelConfig, precision: str) -> list[Model]:
-    return [denoise_step(cfg, precision, s.guidance, s.variant) for s in Step.of_unet(cfg)]
+    return [denoise_step(cfg, precision, s.guidance, s.variant, s.controlnets) for s in Step.of_unet(cfg)]
 
 
 def all_models(cfg: ModelConfig, precision: str) -> dict[str, Model]:
@@ -433,7 +510,8 @@ def all_models(cfg: ModelConfig, precision: str) -> dict[str, Model]:
 
 
 # What the runtime may run (the plain UNet is exported and validated, but served through the steps).
-RUNTIME_MODELS = ("text_encoder", *(s.name for s in Step.every()), "vae_encoder", "vae_decoder")
+RUNTIME_MODELS = ("text_encoder", *dict.fromkeys(s.name for n in range(MAX_CONTROLNETS + 1) for s in Step.every(n)),
+                  "vae_encoder", "vae_decoder")
 
 
 def _float(precision: str) -> str:

@@ -200,6 +200,7 @@ def engine_checks(work_dir: Path, manifest: dict, statuses: dict) -> list[dict]:
 def work_dir_report(work_dir: Path, manifest: dict, statuses: dict) -> dict:
     return {"path": str(work_dir), "precision": manifest["precision"],
             "attention": manifest.get("attention", "decomposed"),
+            "controlnets": mf.config(manifest).controlnets,
             "models": model_precisions(manifest), "attention_problems": attention_check(manifest, statuses),
             "engines": engine_checks(work_dir, manifest, statuses)}
 
@@ -230,6 +231,19 @@ def own_image_and_mask(cfg, height: int | None = None, width: int | None = None)
     return {"image": image.astype(np.uint8), "mask": mask.astype(np.uint8)}
 
 
+def fixed_controls(manifest: dict) -> list | None:
+    """An export with ControlNets is checked running them: one fixed conditioning image each (a
+    grid of lines at the model's default size), scale 1."""
+    cfg = mf.config(manifest)
+    if not cfg.controlnets:
+        return None
+    h, w = cfg.default_height, cfg.default_width
+    grid = np.zeros((h, w, 3), np.uint8)
+    grid[::max(h // 8, 1)] = 255
+    grid[:, ::max(w // 8, 1)] = 255
+    return [grid] * cfg.controlnets
+
+
 def memory_mb(device: str, baseline: int) -> float:
     from sdrt.engine import cuda
     if device == "cuda":
@@ -238,7 +252,7 @@ def memory_mb(device: str, baseline: int) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # peak RSS of the process
 
 
-def run_once(work_dir: Path, backend: str, latents: np.ndarray, ort_fusion: bool) -> dict:
+def run_once(work_dir: Path, backend: str, latents: np.ndarray, ort_fusion: bool, control=None) -> dict:
     """One generation: image, timings and device memory (CPU: the process's peak RSS)."""
     from sdrt.engine import cuda
     from sdrt.engine.pipeline import Pipeline
@@ -246,7 +260,7 @@ def run_once(work_dir: Path, backend: str, latents: np.ndarray, ort_fusion: bool
     baseline = cuda.mem_used_bytes() if on_gpu else 0
     pipe = Pipeline(work_dir, backend=backend, ort_fusion=ort_fusion)
     result = pipe.generate(LIVE["prompt"], LIVE["negative"], LIVE["steps"], LIVE["guidance"],
-                           batch=LIVE["batch"], latents=latents, **own_image_and_mask(pipe.config))
+                           batch=LIVE["batch"], latents=latents, control=control, **own_image_and_mask(pipe.config))
     t = result.timings
     return {"image": result.images, "backend_name": pipe.backend_name, "graph": t["graph"],
             "graph_error": t["graph_error"] or None, "step_ms": t["unet_step_ms"],
@@ -261,7 +275,8 @@ def build_missing_engines(work_dir: Path, manifest: dict, statuses: dict) -> dic
         if statuses[name]["usable"] and not manifest.get("engines", {}).get(name):
             print(f"[doctor] sdrt build {work_dir} --backend {name}", file=sys.stderr, flush=True)
             try:
-                build(work_dir, name)
+                control = bool(manifest.get("config", {}).get("controlnets"))   # their steps too
+                build(work_dir, name, **({"control": True} if control else {}))
             except UserError as e:   # the live check then says "no engines" and the build's reason
                 statuses[name]["build_error"] = str(e)
     return mf.load(work_dir)
@@ -284,7 +299,9 @@ def live_check(work_dir: Path, manifest: dict, statuses: dict) -> list[dict]:
         else:
             print(f"[doctor] live check: {name} ...", file=sys.stderr, flush=True)
             try:
-                got = run_once(work_dir, name, latents, ort_fusion=name != "onnxruntime-cpu")
+                controls = fixed_controls(manifest)
+                got = run_once(work_dir, name, latents, ort_fusion=name != "onnxruntime-cpu",
+                               **({"control": controls} if controls else {}))
             except Exception as e:  # UserError or a runtime failure: the row says which
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             else:
@@ -329,6 +346,8 @@ def table(report: dict) -> str:
         lines += ["", f"work dir {w['path']} ({w['precision']}, attention {w['attention']})",
                   "  models: " + ", ".join(f"{m} {p}" for m, p in w["models"].items())]
         lines += [f"  attention: {p}" for p in w["attention_problems"]] or ["  attention: ok for what is installed"]
+        if w.get("controlnets"):
+            lines.append(f"  controlnets: {w['controlnets']} (the live check runs them, on a fixed grid image)")
         for e in w["engines"]:
             lines.append(f"  engine {e['backend']}/{e['model']}: {e['state']}" + (f" ({e['why']})" if e["why"] else ""))
         if not w["engines"]:

@@ -153,7 +153,7 @@ def test_long_prompt_inpainting_matches_diffusers(monkeypatch, tiny_dir, tiny_fp
     pipe = Pipeline(work, backend="onnxruntime-cpu")
     res = pipe.generate(LONG, negative=NEGATIVE_LONG, steps=steps, latents=noise, image=test_image(),
                         mask=test_mask(), strength=strength)
-    assert {(d.chunks, v) for d, v in pipe.plans} == {(k, "concat" if inpainting_unet else "blend")}
+    assert {(d.chunks, v) for d, v, _controlnets in pipe.plans} == {(k, "concat" if inpainting_unet else "blend")}
     assert psnr(res.images, ref) >= 50, psnr(res.images, ref)
 
 

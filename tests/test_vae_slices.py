@@ -31,7 +31,7 @@ def test_sliced_decode_is_bit_identical(pipe):
 def test_each_slice_size_is_bound_once(pipe):
     lat = np.random.default_rng(4).standard_normal((3, 4, 8, 8), dtype=np.float32)
     pipe.generate("a fox", steps=2, height=64, width=64, batch=3, latents=lat, vae_batch=2)
-    plan = next(p for (d, _), p in pipe.plans.items() if d.batch == 3 and d.height == 64)  # keyed (dims, variant)
+    plan = next(p for (d, *_), p in pipe.plans.items() if d.batch == 3 and d.height == 64)  # keyed (dims, variant, controlnets)
     first = plan.vae[2]
     assert [b.shapes["latents"][0] for b in first] == [2, 1]     # slices of 2 and 1 images
     pipe.generate("a fox", steps=2, height=64, width=64, batch=3, latents=lat, vae_batch=2)

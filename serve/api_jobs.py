@@ -40,6 +40,7 @@ class JobRequest(BaseModel):
     n: int = 1
     seed: int | None = Field(None, description="-1 or absent: random; image k uses seed + k")
     sampler: str | None = None
+    schedule: str | None = None
     clip_skip: int | None = None
     loras: list[LoraChoice] = []
     image: str | None = Field(None, description="base64 image: image to image (or inpainting with mask)")
@@ -60,7 +61,7 @@ def job_spec(server, req: JobRequest) -> sp.Spec:
         mask = mask.resize(image.size) if mask.size != image.size else mask
     return sp.make(lim, prompt=req.prompt, negative=req.negative_prompt, steps=req.steps,
                    guidance=req.guidance_scale, width=req.width, height=req.height, n=req.n, seed=req.seed,
-                   sampler_name=req.sampler, clip_skip=req.clip_skip, lora_list=req.loras, image=image, mask=mask,
+                   sampler_name=req.sampler, schedule=req.schedule, clip_skip=req.clip_skip, lora_list=req.loras, image=image, mask=mask,
                    strength=req.strength)
 
 
@@ -141,7 +142,10 @@ async def server_info(request: Request):
 
 BATCHING_NOTES = {
     "none": "one job per engine call",
-    "request": "queued jobs of equal size, steps, guidance, clip skip and LoRA set share one engine call",
+    "request": "queued jobs of equal size, steps, guidance, clip skip, sampler, schedule and LoRA set share one "
+               "engine call",
     "step": "text-to-image jobs of equal size, guidance on/off and LoRA set share the running batch: they join "
-            "between denoising steps and leave after their last step; image inputs and prompts over one "
-            "77-token chunk run per request, between steps"}
+            "between denoising steps and leave after their last step; each slot has its own sampler rows, so "
+            "jobs of different deterministic samplers (DDIM, Euler, DPM++ 2M) share the slots; image inputs, "
+            "stochastic samplers (DDPM, Euler a, DPM++ 2M SDE, LCM) and prompts over one 77-token chunk run "
+            "per request, between steps"}

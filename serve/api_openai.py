@@ -42,6 +42,7 @@ class ImagesRequest(BaseModel):
     guidance_scale: float | None = None
     seed: int | None = None
     sampler: str | None = None
+    schedule: str | None = None
     clip_skip: int | None = None
     loras: list[LoraChoice] = []
 
@@ -88,14 +89,14 @@ async def generations(req: ImagesRequest, request: Request):
     w, h = wh if wh else (None, None)
     spec = sp.make(server.limits, prompt=req.prompt, negative=req.negative_prompt, steps=req.steps,
                    guidance=req.guidance_scale, width=w, height=h, n=req.n, seed=req.seed,
-                   sampler_name=req.sampler, clip_skip=req.clip_skip, lora_list=req.loras,
+                   sampler_name=req.sampler, schedule=req.schedule, clip_skip=req.clip_skip, lora_list=req.loras,
                    not_applied=not_applied, fields={"width": "size", "height": "size"})
     return await run_blocking(request, spec)
 
 
 EDIT_FIELDS = {"prompt", "model", "n", "size", "response_format", "user", "quality", "background",
                "output_format", "output_compression", "input_fidelity", "stream", "partial_images",
-               "negative_prompt", "steps", "guidance_scale", "seed", "sampler", "clip_skip", "loras", "strength"}
+               "negative_prompt", "steps", "guidance_scale", "seed", "sampler", "schedule", "clip_skip", "loras", "strength"}
 
 
 @router.post("/v1/images/edits")
@@ -132,7 +133,7 @@ async def edits(request: Request):
     spec = sp.make(lim, prompt=get("prompt"), negative=get("negative_prompt"),
                    steps=form_number("steps", get("steps"), int), guidance=form_number("guidance_scale",
                    get("guidance_scale"), float), n=form_number("n", get("n"), int),
-                   seed=form_number("seed", get("seed"), int), sampler_name=get("sampler"),
+                   seed=form_number("seed", get("seed"), int), sampler_name=get("sampler"), schedule=get("schedule"),
                    clip_skip=form_number("clip_skip", get("clip_skip"), int),
                    lora_list=form_json("loras", get("loras")), image=img.convert("RGB"), mask=mask,
                    strength=form_number("strength", get("strength"), float), not_applied=not_applied,

@@ -22,7 +22,6 @@ from sdrt.serve.app import job_error, server_of, wait_done
 
 router = APIRouter(prefix="/sdapi/v1", tags=["webui"])
 TASK_ID = re.compile(r"^[A-Za-z0-9_.():-]{1,96}$")
-AUTOMATIC = (None, "", "automatic", "Automatic")
 
 
 class Processing(BaseModel):
@@ -116,7 +115,7 @@ def not_applied(req: Processing, has_mask: bool = False) -> list[str]:
     checks = {
         "styles": bool(req.styles), "subseed_strength": bool(req.subseed_strength),
         "seed_resize_from_h": req.seed_resize_from_h > 0, "seed_resize_from_w": req.seed_resize_from_w > 0,
-        "scheduler": req.scheduler not in AUTOMATIC, "distilled_cfg_scale": req.distilled_cfg_scale is not None,
+"distilled_cfg_scale": req.distilled_cfg_scale is not None,
         "restore_faces": bool(req.restore_faces), "tiling": bool(req.tiling), "eta": bool(req.eta),
         "s_min_uncond": bool(req.s_min_uncond), "s_churn": bool(req.s_churn), "s_tmin": bool(req.s_tmin),
         "s_tmax": req.s_tmax not in (None, 0, float("inf")), "s_noise": req.s_noise not in (None, 1, 1.0),
@@ -177,9 +176,9 @@ def common(server, req: Processing, image=None, mask=None, strength=None, extra_
     return sp.make(server.limits, prompt=req.prompt, negative=req.negative_prompt, steps=req.steps,
                    guidance=req.cfg_scale, width=None if image is not None else req.width,
                    height=None if image is not None else req.height, n=n, seed=req.seed, sampler_name=sampler,
-                   clip_skip=clip_skip, image=image, mask=mask, strength=strength,
+                   schedule=req.scheduler, clip_skip=clip_skip, image=image, mask=mask, strength=strength,
                    not_applied=not_applied(req, mask is not None) + ignored + list(extra_not_applied),
-                   fields={"guidance": "cfg_scale", "n": "batch_size", "sampler": field,
+                   fields={"guidance": "cfg_scale", "n": "batch_size", "sampler": field, "schedule": "scheduler",
                            "clip_skip": "override_settings.CLIP_stop_at_last_layers",
                            "strength": "denoising_strength"})
 
@@ -300,13 +299,14 @@ async def interrupt(request: Request, id_task: str | None = None, task_id: str |
 
 @router.get("/samplers")
 async def samplers():
-    return [{"name": name, "aliases": [name.lower()], "options": {}} for name in sp.SAMPLERS]
+    return [{"name": name, "aliases": [name.lower()], "options": {}} for name in sp.SAMPLER_NAMES]
 
 
 @router.get("/schedulers")
 async def schedulers():
-    return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
-             "need_inner_model": False}]
+    auto = {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}
+    return [auto] + [{"name": s, "label": s.capitalize(), "aliases": None, "default_rho": 7.0 if s == "karras" else -1,
+                      "need_inner_model": False} for s in sp.SCHEDULES]
 
 
 @router.get("/sd-models")

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdrt.engine.request import RequestError
+from sdrt.engine.samplers import SAMPLER_NAMES, SCHEDULES, Sampler
 from sdrt.engine.scheduler import start_index
-from sdrt.errors import first_line
+from sdrt.errors import UserError, first_line
 
-SAMPLERS = ("DDIM",)            # what the runtime steps with today
-SAMPLER_ALIASES = {"ddim": "DDIM"}
+AUTOMATIC = ("", "automatic")   # the web UI's scheduler "automatic": the sampler's own schedule
 MAX_SEED = 2**53 - 1            # seeds stay exact in JavaScript clients
 TASKS = ("txt2img", "img2img", "inpaint")
 
@@ -61,7 +61,7 @@ class Limits:
                          "max_pixels": self.max_pixels},
                 "max_batch": self.max_batch, "steps": {"min": 1, "max": self.max_steps},
                 "clip_skip": {"min": 1, "max": self.clip_skip_max},
-                "samplers": list(SAMPLERS), "loras": sorted(self.loras), "embeddings": list(self.embeddings),
+                "samplers": list(SAMPLER_NAMES), "schedules": list(SCHEDULES), "loras": sorted(self.loras), "embeddings": list(self.embeddings),
                 "tasks": ["inpaint"] if self.inpainting_unet else list(TASKS),
                 "defaults": dict(DEFAULTS, width=self.default_width, height=self.default_height),
                 "max_image_pixels": self.max_image_pixels, "max_body_bytes": self.max_body_bytes}
@@ -83,6 +83,7 @@ class Spec:
     n: int
     seeds: list
     sampler: str = "DDIM"
+    schedule: str | None = None      # uniform | trailing | karras; None: the sampler's name / the config
     clip_skip: int = 1
     loras: tuple = ()                # ((name, scale), ...) sorted by name
     image: object = None             # PIL image (image to image, inpainting), already at width x height
@@ -93,6 +94,11 @@ class Spec:
     def __post_init__(self):
         self.task = "txt2img" if self.image is None else "img2img" if self.mask is None else "inpaint"
 
+    @property
+    def method(self) -> Sampler:
+        """The runtime's sampler and schedule (what the step table is built from)."""
+        return Sampler.parse(self.sampler, self.schedule)
+
     def release_inputs(self) -> None:
         """Drop the input image and mask (a finished job keeps its status, not its inputs)."""
         self.image = self.mask = None
@@ -100,7 +106,8 @@ class Spec:
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one engine call. Image inputs are one per call."""
         own = id(self) if self.task != "txt2img" else None
-        return (self.task, self.width, self.height, self.steps, self.guidance, self.clip_skip, self.loras, own)
+        return (self.task, self.width, self.height, self.steps, self.guidance, self.clip_skip, self.loras,
+                self.method, own)
 
     def step_key(self) -> tuple:
         """Requests with equal keys can share the slots of step-level batching: one shape plan
@@ -112,7 +119,8 @@ class Spec:
     def info(self) -> dict:
         return {"prompt": self.prompt, "negative_prompt": self.negative, "steps": self.steps,
                 "guidance_scale": self.guidance, "width": self.width, "height": self.height, "n": self.n,
-                "seeds": list(self.seeds), "sampler": self.sampler, "clip_skip": self.clip_skip,
+                "seeds": list(self.seeds), "sampler": self.sampler,
+                "schedule": self.schedule, "clip_skip": self.clip_skip,
                 "loras": [{"name": n, "scale": s} for n, s in self.loras], "task": self.task,
                 "strength": self.strength, "not_applied": list(self.not_applied)}
 
@@ -173,15 +181,26 @@ def parse_size(lim: Limits, s, field: str = "size") -> tuple[int, int] | None:
     return size(lim, int(w), int(h), field, field)
 
 
-def sampler(v, field: str = "sampler") -> str:
+def sampler(v, schedule=None, field: str = "sampler", schedule_field: str = "schedule") -> tuple[str, str | None]:
+    """(sampler name, schedule or None), checked by the runtime's parser (sdrt.engine.samplers.Sampler);
+    schedule None or "automatic": the sampler's own."""
     if v is None or v == "":
-        return "DDIM"
+        v = "DDIM"
     if not isinstance(v, str):
-        raise bad(field, "must be a string")
-    name = SAMPLER_ALIASES.get(v.strip().lower())
-    if name is None:
-        raise bad(field, f"{v!r} is not available: this server runs {', '.join(SAMPLERS)}")
-    return name
+        raise bad(field, f"must be a string: one of {', '.join(SAMPLER_NAMES)}")
+    if schedule is not None and not isinstance(schedule, str):
+        raise bad(schedule_field, f"must be a string: automatic or one of {', '.join(SCHEDULES)}")
+    if schedule is not None and schedule.strip().lower() in AUTOMATIC:
+        schedule = None
+    try:
+        Sampler.parse(v, None)
+    except UserError as e:
+        raise bad(field, first_line(e)) from None
+    try:
+        Sampler.parse(v, schedule)
+    except UserError as e:
+        raise bad(schedule_field, first_line(e)) from None
+    return v.strip(), None if schedule is None else schedule.strip().lower()
 
 
 def seeds(v, n: int, field: str = "seed") -> list[int]:
@@ -211,11 +230,11 @@ def loras(lim: Limits, items, field: str = "loras") -> tuple:
 
 
 def make(lim: Limits, *, prompt, negative=None, steps=None, guidance=None, width=None, height=None, n=None,
-         seed=None, sampler_name=None, clip_skip=None, lora_list=None, image=None, mask=None, strength=None,
+         seed=None, sampler_name=None, schedule=None, clip_skip=None, lora_list=None, image=None, mask=None, strength=None,
          not_applied=(), fields=None) -> Spec:
     """A Spec from the common fields; fields: {common name: the route's own name} for messages."""
     f = {"prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "guidance": "guidance_scale",
-         "width": "width", "height": "height", "n": "n", "seed": "seed", "sampler": "sampler",
+         "width": "width", "height": "height", "n": "n", "seed": "seed", "sampler": "sampler", "schedule": "schedule",
          "clip_skip": "clip_skip", "loras": "loras", "strength": "strength", **(fields or {})}
     prompt = text(f["prompt"], prompt)
     negative = text(f["negative"], negative)
@@ -236,10 +255,11 @@ def make(lim: Limits, *, prompt, negative=None, steps=None, guidance=None, width
             start_index(steps, strength)
         except RequestError as e:
             raise ApiError(400, e.render(lambda name: f.get(name, name)), f["strength"]) from None
+    name, schedule = sampler(sampler_name, schedule, f["sampler"], f["schedule"])
     if lim.inpainting_unet and (image is None or mask is None):
         raise ApiError(400, "this model is an inpainting UNet: it needs an image and a mask", "image")
     return Spec(prompt=prompt, negative=negative, steps=steps, guidance=guidance, width=width, height=height,
-                n=n, seeds=seeds(seed, n, f["seed"]), sampler=sampler(sampler_name, f["sampler"]),
+                n=n, seeds=seeds(seed, n, f["seed"]), sampler=name, schedule=schedule,
                 clip_skip=integer(f["clip_skip"], 1 if clip_skip is None else clip_skip, 1, lim.clip_skip_max),
                 loras=loras(lim, lora_list, f["loras"]), image=image, mask=mask, strength=strength,
                 not_applied=list(not_applied))

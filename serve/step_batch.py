@@ -1,7 +1,8 @@
 """--batching step: the running batch of the engine worker (sdrt.engine.step_slots.StepSlots at
 --max-batch slots). Jobs join free slots between denoising steps and leave when their last step
-is done (then their VAE decode runs); each slot has its own step index, table rows, guidance,
-prompt embeddings and initial noise. Parked slots step on zeros. Used by the worker thread only.
+is done (then their VAE decode runs); each slot has its own step index, table rows (its own
+sampler: DDIM, Euler and DPM++ 2M jobs share the slots), guidance, prompt embeddings and initial
+noise. Stochastic samplers (their per-step noise) run per request between steps. Parked slots step on zeros. Used by the worker thread only.
 
 Rows of the shared step table: slot s owns rows s * R .. s * R + R - 1 (R = the parked row //
 slots), so a job of n images writes its rows once per slot and starts there at step 0."""
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sdrt.engine.request import noise as seeded_noise
-from sdrt.engine.samplers import Sampler, step_table
+from sdrt.engine.samplers import STOCHASTIC, step_table
 from sdrt.engine.step_slots import PARKED
 from sdrt.serve.jobs import Job
 
@@ -50,6 +51,8 @@ class StepBatch:
         """Why this job cannot take slots (None: it can); such a job runs per request."""
         if spec.task != "txt2img":
             return "image inputs"
+        if spec.method.kind in STOCHASTIC:
+            return "a stochastic sampler (its per-step noise rows are per request)"
         if spec.steps > self.rows_per_slot:
             return f"more than {self.rows_per_slot} steps"
         cond = self.slots.pipe.conditioning(self.slots.pipe.embeddings)
@@ -64,7 +67,7 @@ class StepBatch:
         spec, s = job.spec, self.slots
         free = [i for i, e in enumerate(self.occupant) if e is None][:spec.n]
         assert len(free) == spec.n, "place: not enough free slots"
-        table = step_table(s.pipe.scheduler_config, Sampler.parse(spec.sampler), spec.steps, spec.guidance)
+        table = step_table(s.pipe.scheduler_config, spec.method, spec.steps, spec.guidance)
         emb = s.embed(spec.prompt, spec.negative, spec.clip_skip)
         c, h, w = s.plan.buf["latents_0"].shape[1:]
         entry = Entry(job, free, [i * self.rows_per_slot for i in free], spec.steps)

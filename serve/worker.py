@@ -236,7 +236,7 @@ class EngineWorker(threading.Thread):
         t0 = time.perf_counter()
         result = runner.run(self.pipe, samples, spec.steps, spec.guidance, spec.height, spec.width,
                             clip_skip=spec.clip_skip, image=spec.image, mask=spec.mask, strength=spec.strength,
-                            on_step=on_step)
+                            sampler=spec.sampler, schedule=spec.schedule, on_step=on_step)
         if self.metrics:
             self.metrics.batches.inc()
         t = result.timings

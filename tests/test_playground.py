@@ -150,6 +150,9 @@ def test_page_draws_the_prompt_and_shows_the_servers_png(server, browser, tmp_pa
         assert r.status == 200 and b"sdrt playground" in r.read()
     assert http(server, "GET", "/v1/info", key=None)[0] == 401
     open_page(browser, server)
+    from sdrt.engine.samplers import SAMPLER_NAMES
+    options = browser.find_element(By.ID, "sampler").find_elements(By.TAG_NAME, "option")
+    assert [o.get_attribute("value") for o in options] == list(SAMPLER_NAMES)     # the runtime's samplers
     width = int(browser.find_element(By.ID, "width").get_attribute("value"))
     height = int(browser.find_element(By.ID, "height").get_attribute("value"))
     fill(browser, prompt="a large red circle on a blue background", steps=8, seed=11, n=2)

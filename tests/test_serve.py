@@ -30,6 +30,7 @@ pytest.importorskip("uvicorn")
 from conftest import assert_user_error, run_cli  # noqa: E402
 from sdrt import scenes  # noqa: E402
 from sdrt.benchmarks import checker  # noqa: E402
+from sdrt.engine.samplers import SAMPLER_NAMES, SCHEDULES  # noqa: E402
 
 RED = "a large red circle on a white background"
 BLUE = "a large blue square on a black background"
@@ -186,7 +187,7 @@ def test_job_progress_events_result_and_cancel(server):
     assert server.http.get("/openapi.json").json()["paths"].keys() >= {"/v1/jobs", "/sdapi/v1/txt2img"}
     assert server.http.get("/docs").status_code == 200
     info = server.http.get("/v1/info").json()
-    assert info["samplers"] == ["DDIM"] and info["loras"] == ["grain"] and info["max_batch"] == 4
+    assert info["samplers"] == list(SAMPLER_NAMES) and info["schedules"] == list(SCHEDULES) and info["loras"] == ["grain"] and info["max_batch"] == 4
     assert (info["default_width"], info["size"]["multiple"]) == (32, 4)
 
     blocker = server.job(prompt=BLUE, steps=30)
@@ -332,6 +333,27 @@ WEBUI_TXT2IMG = {
 }
 
 
+def test_samplers_draw_what_the_pipeline_draws_in_process(server, demo_fp32):
+    """Jobs API and web UI with the runtime's samplers: the image `Pipeline.generate(sampler=...)`
+    draws in process from the same export and seed, bit for bit; "Euler a" reads per-step noise."""
+    from sdrt.engine.pipeline import Pipeline
+    pipe = Pipeline(demo_fp32, backend="onnxruntime-cpu")
+    for sampler, schedule, seed in (("Euler a", None, 5), ("DPM++ 2M Karras", None, 6), ("Euler", "karras", 8)):
+        want = pipe.generate(RED, steps=12, guidance=5.0, height=32, width=32, seed=[seed], sampler=sampler,
+                             schedule=schedule).images[0]
+        job = server.job(prompt=RED, seed=seed, steps=12, guidance_scale=5.0, sampler=sampler, schedule=schedule)
+        assert server.wait_job(job["id"])["state"] == "succeeded"
+        res = server.http.get(f"/v1/jobs/{job['id']}/result").json()
+        assert (res["info"]["sampler"], res["info"]["schedule"]) == (sampler, schedule)
+        np.testing.assert_array_equal(png(res["images"][0]), want, err_msg=sampler)
+    r = server.http.post("/sdapi/v1/txt2img", json={"prompt": RED, "seed": 5, "steps": 12, "cfg_scale": 5.0,
+                                                    "sampler_name": "Euler a", "scheduler": "Automatic"})
+    assert r.status_code == 200, r.text
+    want = pipe.generate(RED, steps=12, guidance=5.0, height=32, width=32, seed=[5], sampler="Euler a").images[0]
+    np.testing.assert_array_equal(png(r.json()["images"][0]), want)
+    assert json.loads(r.json()["info"])["sampler_name"] == "Euler a"
+
+
 def test_webui_txt2img_img2img_with_every_field(server):
     r = server.http.post("/sdapi/v1/txt2img", json=WEBUI_TXT2IMG)
     assert r.status_code == 200, r.text
@@ -348,8 +370,11 @@ def test_webui_txt2img_img2img_with_every_field(server):
     info = json.loads(r.json()["info"])
     assert {"restore_faces", "enable_hr", "override_settings.sd_vae"} <= set(info["sdrt_not_applied"])
     assert info["clip_skip"] == 2
-    r = server.http.post("/sdapi/v1/txt2img", json={**WEBUI_TXT2IMG, "sampler_name": "Euler a"})
+    r = server.http.post("/sdapi/v1/txt2img", json={**WEBUI_TXT2IMG, "sampler_name": "Heun"})
     assert r.status_code == 400 and error_of(r)["param"] == "sampler_name"
+    assert "Euler a" in error_of(r)["message"] and "DPM++ 2M Karras" in error_of(r)["message"]
+    r = server.http.post("/sdapi/v1/txt2img", json={**WEBUI_TXT2IMG, "scheduler": "exponential"})
+    assert r.status_code == 400 and error_of(r)["param"] == "scheduler" and "karras" in error_of(r)["message"]
     r = server.http.post("/sdapi/v1/txt2img", json={**WEBUI_TXT2IMG, "script_name": "x/y/z plot"})
     assert r.status_code == 400 and error_of(r)["param"] == "script_name"
 
@@ -367,7 +392,8 @@ def test_webui_txt2img_img2img_with_every_field(server):
     assert np.abs(out[:, :12].astype(int) - init[:, :12]).mean() < np.abs(out[:, 20:].astype(int) -
                                                                              init[:, 20:]).mean()
 
-    assert server.http.get("/sdapi/v1/samplers").json()[0]["name"] == "DDIM"
+    assert [x["name"] for x in server.http.get("/sdapi/v1/samplers").json()] == list(SAMPLER_NAMES)
+    assert [x["name"] for x in server.http.get("/sdapi/v1/schedulers").json()] == ["automatic", *SCHEDULES]
     assert server.http.get("/sdapi/v1/sd-models").json()[0]["model_name"] == "demo-fp32"
     assert server.http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "demo-fp32"
     r = server.http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "other"})
@@ -434,7 +460,10 @@ def bomb_png() -> str:
     ("/v1/jobs", {"prompt": "x", "n": 5}, "n"),
     ("/v1/jobs", {"prompt": "x", "steps": 0}, "steps"),
     ("/v1/jobs", {"prompt": "x", "steps": 1000}, "steps"),
-    ("/v1/jobs", {"prompt": "x", "sampler": "Euler a"}, "sampler"),
+    ("/v1/jobs", {"prompt": "x", "sampler": "Heun"}, "sampler"),
+    ("/v1/jobs", {"prompt": "x", "sampler": 3}, "sampler"),
+    ("/v1/jobs", {"prompt": "x", "sampler": "DDIM", "schedule": "karras"}, "schedule"),
+    ("/v1/images/generations", {"prompt": "x", "sampler": "Heun"}, "sampler"),
     ("/v1/jobs", {"prompt": "x", "loras": [{"name": "nope"}]}, "loras[0].name"),
     ("/v1/jobs", {"prompt": "x", "image": "not base64!"}, "image"),
     ("/v1/jobs", {"prompt": "x", "image": base64.b64encode(b"hello, not a picture").decode()}, "image"),

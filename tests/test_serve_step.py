@@ -82,6 +82,32 @@ def test_joining_mid_way_draws_what_the_job_draws_alone_and_progress_is_per_job(
     assert draws(png(result(server, blocker["id"])["images"][0]), BLUE)
 
 
+def test_different_samplers_share_the_slots_each_as_alone(server, demo_fp32):
+    """Each slot has its own sampler rows: Euler and DPM++ 2M Karras jobs join a running DDIM job's
+    slots and draw what they draw alone; Euler a (per-step noise) runs per request beside the slots
+    and draws what `Pipeline.generate` draws in process."""
+    jobs = {"Euler": 21, "DPM++ 2M Karras": 22}
+    alone = {name: png(result(server, server.job(prompt=RED, seed=seed, steps=12, sampler=name)["id"])["images"][0])
+             for name, seed in jobs.items()}
+    ddim = png(result(server, server.job(prompt=RED, seed=21, steps=12)["id"])["images"][0])
+    assert not np.array_equal(alone["Euler"], ddim)                      # the sampler is applied
+    blocker = server.job(prompt=BLUE, seed=1, steps=100)
+    wait_step(server, blocker["id"], 3)
+    ids = {name: server.job(prompt=RED, seed=seed, steps=12, sampler=name)["id"] for name, seed in jobs.items()}
+    stochastic = server.job(prompt=RED, seed=23, steps=12, sampler="Euler a")
+    for name, job_id in ids.items():
+        res = result(server, job_id)
+        assert res["info"]["batching"] == "step" and res["info"]["sampler"] == name
+        np.testing.assert_array_equal(png(res["images"][0]), alone[name], err_msg=name)
+    assert server.http.get(f"/v1/jobs/{blocker['id']}").json()["state"] == "running"   # they shared its slots
+    from sdrt.engine.pipeline import Pipeline
+    want = Pipeline(demo_fp32, backend="onnxruntime-cpu").generate(
+        RED, steps=12, guidance=5.0, height=32, width=32, seed=[23], sampler="Euler a").images[0]
+    np.testing.assert_array_equal(png(result(server, stochastic["id"])["images"][0]), want)
+    assert "stochastic samplers" in server.http.get("/v1/info").json()["batching_notes"]
+    server.http.delete(f"/v1/jobs/{blocker['id']}")
+
+
 def test_concurrent_clients_get_their_own_images(server):
     """Jobs API, OpenAI client, web UI API at once, two prompts, different step counts: one batch."""
     busy_before, _ = occupancy(server)

@@ -183,7 +183,8 @@ def test_cancel_from_the_page(server, browser, tmp_path):
     status, info = http(server, "GET", "/v1/info")
     assert status == 200
     steps_max = (info.get("steps") or {}).get("max") or 200
-    fill(browser, prompt="a small blue square on a white background", steps=steps_max, seed=1)
+    # the most steps at 16x the demo's pixels: still running when the click lands, on an idle machine too
+    fill(browser, prompt="a small blue square on a white background", steps=steps_max, seed=1, width=128, height=128)
     browser.find_element(By.ID, "generate").click()
     wait_for(browser, lambda d: page_state(d)[0] in ("queued", "running"), PAGE_WAIT_S, "the job queued or running")
     _, job_id = page_state(browser)

@@ -46,6 +46,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Jobs that must still be running seconds later (cancel, disconnect, timeout): the server's most
+# steps at 16x the demo's pixels, so an idle machine does not finish them first (their images are
+# never read).
+LONG_SIZE = {"width": 128, "height": 128}
+
+
 class ServeProcess:
     """`sdrt serve WORK_DIR --port P ARGS...` in its own process group."""
 
@@ -213,7 +219,7 @@ def test_job_progress_events_result_and_cancel(server):
     assert res["seeds"] == [7] and res["info"]["prompt"] == RED
     assert draws(png(res["images"][0]), RED)
 
-    long = server.job(prompt=BLUE, steps=150)
+    long = server.job(prompt=BLUE, steps=150, **LONG_SIZE)
     assert server.http.get(f"/v1/jobs/{long['id']}/result").status_code == 409
     server.wait_running(long["id"])
     st = server.http.delete(f"/v1/jobs/{long['id']}").json()
@@ -433,7 +439,7 @@ def test_webui_progress_and_interrupt_scoped_to_the_task(server):
 
 def test_client_disconnect_cancels_its_job(server):
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": RED, "steps": 150, "force_task_id": "gone"},
+        httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": RED, "steps": 150, "force_task_id": "gone", **LONG_SIZE},
                    timeout=httpx.Timeout(WAIT_S, read=1.0))
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
@@ -513,9 +519,9 @@ def test_queue_limit_timeout_auth_and_body_size(demo_fp32, tmp_path):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
 
-        running = s.job(prompt=RED, steps=150)
+        running = s.job(prompt=RED, steps=150, **LONG_SIZE)
         s.wait_running(running["id"])
-        queued = s.job(prompt=RED, steps=150)
+        queued = s.job(prompt=RED, steps=150, **LONG_SIZE)
         r = s.http.post("/v1/jobs", json={"prompt": RED})
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         for job in (running, queued):                                            # --timeout 1.5

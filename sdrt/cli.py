@@ -52,15 +52,23 @@ def cmd_generate(a):
 
 
 def cmd_bench(a):
+    if a.compare:
+        if a.work_dirs or a.reference:
+            raise UserError("--compare takes result files only: leave out WORK_DIR and --reference")
+        from sdrt.benchmarks.report import compare
+        for p in compare(a.compare, a.out):
+            print(f"wrote {p}")
+        return
     from sdrt.benchmarks.bench import bench
     bench(a.work_dirs, a.reference, backends=a.backends, sizes=a.sizes, steps=a.steps, batches=a.batches,
           runs=a.runs, warmup=a.warmup, out=a.out, no_reference=a.no_reference, image=a.image, mask=a.mask,
-          strength=a.strength)
+          strength=a.strength, interleave=a.interleave)
 
 
 def cmd_bench_lora(a):
     from sdrt.benchmarks.lora_switch import bench_lora
-    bench_lora(a.work_dir, backend=a.backend, rank=a.rank, steps=a.steps, size=a.size, out=a.out)
+    for p in bench_lora(a.work_dir, backend=a.backend, rank=a.rank, steps=a.steps, size=a.size, out=a.out):
+        print(f"wrote {p}")
 
 
 def cmd_memory(a):
@@ -155,18 +163,27 @@ def parser() -> argparse.ArgumentParser:
                         "none: the demo model's export (made in ./sdrt-demo if absent)")
     s.add_argument("--reference", type=Path, help="the diffusers pipeline folder (default with no WORK_DIR: "
                                                    "the demo model)")
-    s.add_argument("--backends", default="available", help="comma list or 'available'")
-    s.add_argument("--sizes", help="comma list of HxW (default: the model's own size, 512x512 for SD 1.5; "
-                                   "with --image: the image's size)")
+    s.add_argument("--backends", default="available",
+                   help="'available' (what runs here) or a comma list of tensorrt, tensorrt-rtx, onnxruntime-cuda, "
+                        "onnxruntime-cpu")
+    s.add_argument("--sizes", help="comma list of HxW (default: the model's own size, e.g. 512x512 for SD 1.5, "
+                                   "32x32 for the demo; with --image: the image's size)")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--batches", default="1,4,8")
     s.add_argument("--image", type=Path, help="benchmark image to image from this image (times the VAE encoder)")
     s.add_argument("--mask", type=Path, help="with --image: benchmark inpainting")
     s.add_argument("--strength", type=float, help="default 0.75 (image to image), 1.0 (inpainting)")
-    s.add_argument("--runs", type=int, default=5, help="timed runs per configuration")
+    s.add_argument("--runs", type=int, default=5, help="timed runs per configuration and contender")
     s.add_argument("--warmup", type=int, default=1)
-    s.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    s.add_argument("--interleave", action=argparse.BooleanOptionalAction,
+                   help="time the contenders (exports x backends, the reference) in turn, A B A B ..., so a "
+                        "shared machine's drift hits all alike (default when there is more than one)")
+    s.add_argument("--out", type=Path, default=Path("sdrt-results"),
+                   help="folder for the .json, .md and .png (default: ./sdrt-results)")
     s.add_argument("--no-reference", action="store_true", help="skip the diffusers reference")
+    s.add_argument("--compare", type=Path, nargs="+", metavar="RESULT.json",
+                   help="instead of measuring: a table and plot of two or more result files, matched by "
+                        "configuration, with time ratios and whether the runs' spreads overlap")
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("bench-lora", help="time LoRA switches on a work folder (random LoRA files shaped for it)")
@@ -175,7 +192,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rank", type=int, default=16)
     s.add_argument("--steps", type=int, default=1, help="denoising steps of each timed generate")
     s.add_argument("--size", type=int, help="image height and width (default: the model's)")
-    s.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    s.add_argument("--out", type=Path, default=Path("sdrt-results"),
+                   help="folder for the .md and .json (default: ./sdrt-results)")
     s.set_defaults(fn=cmd_bench_lora)
 
     s = sub.add_parser("memory", help="GPU memory a generation needs, and a Jetson budget (no GPU needed)")

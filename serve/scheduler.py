@@ -227,22 +227,7 @@ class Scheduler:
 
     def on_step(self, batch: list[Job], step: int, seconds: float) -> list[Job]:
         """After each denoising step: progress, timeouts; returns the jobs still wanted."""
-        with self.cond:
-            self.step_s = seconds if self.step_s is None else 0.8 * self.step_s + 0.2 * seconds
-            if self.metrics:
-                self.metrics.step_time.observe(seconds)
-            now = time.monotonic()
-            live = []
-            for job in batch:
-                if job.done:
-                    continue
-                if job.deadline is not None and now > job.deadline:
-                    self.time_out(job)
-                    continue
-                job.step = step
-                job.changed()
-                live.append(job)
-            return live
+        return self.record_step([(job, step) for job in batch], seconds)
 
     def on_slots_step(self, progress: list[tuple[Job, int]], seconds: float, occupied: int) -> list[Job]:
         """Step policy, after each step of the slots: each job its own step (progress: (job,
@@ -250,6 +235,11 @@ class Scheduler:
         were cancelled or timed out: the worker parks their slots)."""
         if self.metrics:
             self.metrics.step_batch.observe(occupied)
+        return self.record_step(progress, seconds)
+
+    def record_step(self, progress: list[tuple[Job, int]], seconds: float) -> list[Job]:
+        """One step's time (the ETA's running mean), each job's step; jobs past their deadline
+        time out. Returns the jobs still wanted."""
         with self.cond:
             self.step_s = seconds if self.step_s is None else 0.8 * self.step_s + 0.2 * seconds
             if self.metrics:

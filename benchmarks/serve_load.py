@@ -44,18 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.demo import PROMPTS as DEMO_PROMPTS
 from sdrt.errors import UserError
 from sdrt.fileio import write_atomic, write_json_atomic
 
 POLICIES = ("none", "request", "step")
-PROMPTS = (
-    "a small red circle on a blue background",
-    "a large yellow triangle on a black background, top left",
-    "a large white square on a green background",
-    "a small purple triangle on a yellow background, bottom right",
-    "a large orange circle on a purple background, right",
-    "a small blue square on a white background, top",
-)
+PROMPTS = DEMO_PROMPTS[:6]   # captions of the demo model's world (any model takes them)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TERMINAL = ("succeeded", "failed", "cancelled")
 READY_TIMEOUT_S = 300

@@ -52,6 +52,14 @@ def free_port() -> int:
 LONG_SIZE = {"width": 128, "height": 128}
 
 
+
+def wait_done(jobs) -> None:
+    """Wait (bounded by WAIT_S) until every in-process scheduler job has ended."""
+    deadline = time.monotonic() + WAIT_S
+    while not all(j.done for j in jobs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 class ServeProcess:
     """`sdrt serve WORK_DIR --port P ARGS...` in its own process group."""
 
@@ -589,15 +597,11 @@ def test_engine_fault_fails_that_job_only(demo_fp32, monkeypatch):
     jobs = [sched.submit(mk(p)) for p in ("fault", RED, BLUE)]   # one batch: same size, steps, guidance
     server.worker.start()
     try:
-        deadline = time.monotonic() + WAIT_S
-        while not all(j.done for j in jobs) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_done(jobs)
         assert [j.state for j in jobs] == ["failed", "succeeded", "succeeded"]
         assert jobs[0].error_status == 500 and jobs[0].error == "engine error: device lost"
         after = sched.submit(mk(RED))
-        deadline = time.monotonic() + WAIT_S
-        while not after.done and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_done([after])
         assert after.state == "succeeded"
     finally:
         sched.drain()

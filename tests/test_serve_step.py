@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from test_serve import BLUE, RED, WAIT_S, ServeProcess, draws, png
+from test_serve import BLUE, RED, WAIT_S, ServeProcess, draws, png, wait_done
 
 SLOTS = 3
 
@@ -216,9 +216,7 @@ def test_engine_fault_in_the_slots_fails_that_job_only(demo_fp32, monkeypatch):
     jobs = [sched.submit(mk(p, s)) for p, s in (("fault", 3), (RED, 5), (BLUE, 8))]
     server.worker.start()
     try:
-        deadline = time.monotonic() + WAIT_S
-        while not all(j.done for j in jobs) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_done(jobs)
         assert [j.state for j in jobs] == ["failed", "succeeded", "succeeded"]
         assert jobs[0].error_status == 500 and jobs[0].error == "engine error: device lost"
         assert draws(jobs[1].images[0], RED) and draws(jobs[2].images[0], BLUE)

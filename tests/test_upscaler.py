@@ -8,6 +8,8 @@ the low-res scheduler's add_noise, the concatenation, class labels, CFG, the sam
 """
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -145,11 +147,19 @@ def test_seeded_image_noise_is_reproducible_and_per_sample(upscalers):
 @pytest.fixture(scope="module")
 def tiny_upscaler_fp16(tmp_path_factory):
     """`sdrt init --arch tiny-upscaler` exported FP16 (each graph validated against torch FP32)."""
+    from sdrt.export.export import export
+    from sdrt.export.init_models import init
     root = tmp_path_factory.mktemp("tiny-upscaler")
-    assert run_cli("init", root / "m", "--arch", "tiny-upscaler").returncode == 0
-    p = run_cli("export", root / "m", root / "w", "--precision", "fp16")
-    assert p.returncode == 0, p.stderr
-    return root / "w"
+    return export(init(root / "m", "tiny-upscaler"), root / "w", precision="fp16")
+
+
+def cli(capsys, *args) -> subprocess.CompletedProcess:
+    """`sdrt ...` in this interpreter (the bad-input cases: no new process per case)."""
+    from sdrt.cli import main
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out.out, out.err)
 
 
 def test_fp16_export_validates_and_upscales(tiny_upscaler_fp16, tmp_path):
@@ -179,19 +189,19 @@ def test_fp16_export_validates_and_upscales(tiny_upscaler_fp16, tmp_path):
     (["--image", "odd.png"], ["--resize", "not a multiple of 4"]),
     (["--noise-level", "5"], ["--noise-level needs --image"]),
 ])
-def test_bad_upscaler_inputs(tiny_upscaler_fp16, tmp_path, args, words):
+def test_bad_upscaler_inputs(capsys, tiny_upscaler_fp16, tmp_path, args, words):
     low_res_image().save(tmp_path / "low.png")
     low_res_image(LOW_H + 2, LOW_W).save(tmp_path / "odd.png")
     np.save(tmp_path / "wrong.npy", np.zeros((1, 4, LOW_H, LOW_W), np.float32))
     out = tmp_path / "out" / "o.png"
-    p = run_cli("generate", tiny_upscaler_fp16, "x", "--steps", "2", "--out", out,
-                *[str(tmp_path / a) if a.endswith((".png", ".npy")) else a for a in args])
+    p = cli(capsys, "generate", tiny_upscaler_fp16, "x", "--steps", "2", "--out", out,
+            *[str(tmp_path / a) if a.endswith((".png", ".npy")) else a for a in args])
     assert_user_error(p, *words)
     assert not (tmp_path / "out").exists()
 
 
-def test_noise_level_refused_on_other_exports(tiny_fp32, tmp_path):
+def test_noise_level_refused_on_other_exports(capsys, tiny_fp32, tmp_path):
     low_res_image(64, 64).save(tmp_path / "in.png")
-    p = run_cli("generate", tiny_fp32, "x", "--steps", "2", "--image", tmp_path / "in.png", "--noise-level", "5",
-                "--out", tmp_path / "out" / "o.png")
+    p = cli(capsys, "generate", tiny_fp32, "x", "--steps", "2", "--image", tmp_path / "in.png", "--noise-level", "5",
+            "--out", tmp_path / "out" / "o.png")
     assert_user_error(p, "--noise-level", "upscaler")

@@ -9,6 +9,7 @@ the low-res scheduler's add_noise, the concatenation, class labels, CFG, the sam
 from __future__ import annotations
 
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -205,3 +206,51 @@ def test_noise_level_refused_on_other_exports(capsys, tiny_fp32, tmp_path):
     p = cli(capsys, "generate", tiny_fp32, "x", "--steps", "2", "--image", tmp_path / "in.png", "--noise-level", "5",
             "--out", tmp_path / "out" / "o.png")
     assert_user_error(p, "--noise-level", "upscaler")
+
+
+def test_serve_jobs_api_upscales_and_other_routes_refuse(upscalers):
+    """POST /v1/jobs with the low-resolution image and noise_level gives what `generate --seed`
+    gives; the OpenAI and web-UI routes refuse an upscaler in one line (in process, no socket)."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from sdrt.serve import server as srv
+    work = upscalers["eps"][1]
+    app, server = srv.build(work, "onnxruntime-cpu", max_batch=2, warmup=False)
+    client = TestClient(app)
+    png = io.BytesIO()
+    low_res_image().save(png, format="PNG")
+    image = base64.b64encode(png.getvalue()).decode()
+    info = client.get("/v1/info").json()
+    assert info["tasks"] == ["upscale"] and info["noise_level"] == {"min": 0, "max": 250, "default": 20}
+    for body, words in (({"prompt": "x"}, "low-resolution image"),
+                        ({"prompt": "x", "image": image, "noise_level": 251}, "noise_level: 251 is outside 0..250"),
+                        ({"prompt": "x", "image": image, "strength": 0.5}, "strength")):
+        r = client.post("/v1/jobs", json=body)
+        assert r.status_code == 400 and words in r.json()["detail"], r.json()
+    r = client.post("/v1/images/generations", json={"prompt": "x"})
+    assert r.status_code == 400 and "x4 upscaler: POST /v1/jobs" in r.json()["detail"], r.json()
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x"})
+    assert r.status_code == 400 and "x4 upscaler: POST /v1/jobs" in r.json()["detail"], r.json()
+    r = client.post("/v1/jobs", json={"prompt": PROMPT, "image": image, "noise_level": 60, "seed": 3, "n": 2,
+                                      "steps": 3, "guidance_scale": 3.0})
+    assert r.status_code == 202, r.json()
+    job = server.scheduler.get(r.json()["id"])
+    server.worker.start()
+    try:
+        deadline = time.monotonic() + 300                           # bounded wait
+        while not job.done and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.state == "succeeded", job.error
+        alone = Pipeline(work, backend="onnxruntime-cpu").generate(PROMPT, steps=3, guidance=3.0, image=low_res_image(),
+                                                                  noise_level=60, seed=4, negative="")
+        got = np.stack([np.asarray(im) for im in job.images])
+        assert got.shape == (2, 4 * LOW_H, 4 * LOW_W, 3)
+        np.testing.assert_array_equal(got[1], alone.images[0])      # image k: seed + k, as generate draws it
+    finally:
+        server.scheduler.drain()
+        server.scheduler.stop()
+        server.worker.join(10)

@@ -131,7 +131,8 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     t0 = time.perf_counter()
     precision = precisions["unet"]
     index = pipeline_folder.read_model_index(model_dir)
-    sched, updated = scheduler_config.effective_config(model_dir / "scheduler", index["scheduler"][1])
+    sched, updated = scheduler_config.effective_config(model_dir / "scheduler", index["scheduler"][1],
+                                                       rewrite=not upscaler.is_upscaler(index))
     scheduler_config.warn_if_updated(updated)
     pipeline_folder.check_tokenizer(model_dir / "tokenizer", pipeline_folder.text_vocab_size(model_dir))
     cns = [controlnet.load(p) for p in controlnets]          # refused before the base is loaded

@@ -254,3 +254,45 @@ def test_serve_jobs_api_upscales_and_other_routes_refuse(upscalers):
         server.scheduler.drain()
         server.scheduler.stop()
         server.worker.join(10)
+
+
+def test_bench_against_diffusers_upscale_pipeline(upscalers, tmp_path):
+    """`sdrt bench --image` on an upscaler export: the output size is 4x the image, the reference is
+    diffusers' StableDiffusionUpscalePipeline with the same latents and image noise (same images)."""
+    import json
+
+    from sdrt.benchmarks.bench import bench
+    folder, work = upscalers["eps"]
+    low_res_image().save(tmp_path / "low.png")
+    bench([work], folder, backends="onnxruntime-cpu", steps=2, batches="1", runs=1, warmup=0,
+          out=tmp_path / "out", image=tmp_path / "low.png")
+    [record] = json.loads(sorted((tmp_path / "out").glob("*.json"))[0].read_text())["records"]
+    assert (record["height"], record["width"], record["mode"]) == (4 * LOW_H, 4 * LOW_W, "upscale")
+    assert record["psnr_vs_reference"] >= 50 and record["vae_encoder_ms"] is None
+
+
+def test_memory_estimate_counts_the_4x_decode_and_vae_slices(upscalers):
+    """The VAE decode at 4x the latent size is the largest activation; --vae-batch shrinks it."""
+    from sdrt.benchmarks.memory import estimate
+    work = upscalers["v"][1]
+    whole = estimate(work, 4 * 64, 4 * 64, 4)
+    sliced = estimate(work, 4 * 64, 4 * 64, 4, vae_batch=1)
+    assert whole["step"] == "denoise_step_upscale_cfg" and "vae_encoder" not in whole["models"]
+    vae, step = whole["models"]["vae_decoder"], whole["models"][whole["step"]]
+    assert vae["activation_bytes"] > step["activation_bytes"] and whole["activation_bytes"] == vae["activation_bytes"]
+    assert sliced["models"]["vae_decoder"]["activation_bytes"] * 3 < vae["activation_bytes"]
+
+
+def test_rtx_engines_build_on_cpu(upscalers, tmp_path):
+    """TensorRT-RTX's builder (it needs no GPU) takes the upscale step graph."""
+    pytest.importorskip("tensorrt_rtx")
+    import json
+    import shutil
+
+    from sdrt.export.build import build
+    work = shutil.copytree(upscalers["eps"][1], tmp_path / "w")
+    build(work, "tensorrt-rtx", height=4 * LOW_H, width=4 * LOW_W)
+    engines = json.loads((work / "manifest.json").read_text())["engines"]["tensorrt-rtx"]
+    assert set(engines) == {"text_encoder", "denoise_step_upscale_cfg", "vae_decoder"}
+    profile = engines["denoise_step_upscale_cfg"]["key"]["profile"]
+    assert profile["low_res_image"]["max"] == [1, 3, LOW_H, LOW_W] and profile["class_labels"]["max"] == [2]

@@ -8,6 +8,8 @@ the loop; decode. Over any backend.
     image to image:  s = steps - int(steps·strength),    x = sqrt(ᾱ_s) vae_encoder(image) + sqrt(1-ᾱ_s) ε
     inpainting:      as image to image (strength 1: x = ε); the step graph also reads the latent
                      mask and the (masked-)image latents, bound once per call
+    upscaling:       x = init_noise_sigma ε at the low-res image's size; the step graph also reads
+                     the noised low-res image and the noise level (sdrt.engine.upscaler)
     for i in range(s, steps): launch(step graph i % 2)          UNet + CFG + DDIM, in one graph
     image   = vae_decoder(x_0)                                 in slices of the batch if asked
 

@@ -1,4 +1,4 @@
-"""`sdrt init DIR --arch tiny|sd15|tiny-inpaint|sd15-inpaint`: random-weight pipeline folders in
+"""`sdrt init DIR --arch tiny|sd15|tiny-inpaint|sd15-inpaint|...`: random-weight pipeline folders in
 the diffusers layout.
 
 No real weights can be fetched here, so tests, the demo and speed work run on these. `sd15` has
@@ -8,7 +8,8 @@ diffusers' `StableDiffusionPipeline.from_pretrained`. The `-inpaint` archs are t
 9-channel UNet (latents, mask, masked-image latents; SD 1.5 inpainting's layout), saved as a
 `StableDiffusionInpaintPipeline`. `tiny-controlnet` is `tiny` with a random-weight ControlNet for its
 UNet in DIR/controlnet (a diffusers ControlNetModel folder: `sdrt export DIR WORK --controlnet
-DIR/controlnet`).
+DIR/controlnet`). `tiny-ldm-bert` is a small LDMTextToImagePipeline (LDM-BERT text encoder,
+BERT WordPiece tokenizer with a small vocab written here: sdrt.export.ldm_bert).
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ ARCHS["sd15-inpaint"] = _inpaint("sd15")
 # "controlnet": the ControlNet's conditioning_embedding_out_channels (SD 1.5's are diffusers' default)
 ARCHS["tiny-controlnet"] = {**ARCHS["tiny"], "controlnet": (8, 8, 16, 16)}
 ARCHS["sd15-controlnet"] = {**ARCHS["sd15"], "controlnet": (16, 32, 96, 256)}
+ARCHS["tiny-ldm-bert"] = {"pipeline": "LDMTextToImagePipeline"}   # sdrt.export.ldm_bert.TINY
 CONTROLNET_DIR = "controlnet"            # where init writes the ControlNet of a -controlnet arch
 
 
@@ -142,9 +144,13 @@ def init(out_dir: Path, arch: str, seed: int = 0, force: bool = False) -> Path:
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose a new folder or pass --force to replace it")
     with atomic_dir(out_dir) as tmp:
-        pipe = build_pipeline(arch, seed)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if ARCHS[arch].get("controlnet"):
-            random_controlnet(pipe.unet, seed + 1, embedding_channels=ARCHS[arch]["controlnet"]).save_pretrained(Path(tmp) / CONTROLNET_DIR,
-                                                                   safe_serialization=True)
+        if arch == "tiny-ldm-bert":
+            from sdrt.export import ldm_bert
+            ldm_bert.init(Path(tmp), seed)
+        else:
+            pipe = build_pipeline(arch, seed)
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            if ARCHS[arch].get("controlnet"):
+                random_controlnet(pipe.unet, seed + 1, embedding_channels=ARCHS[arch]["controlnet"]).save_pretrained(
+                    Path(tmp) / CONTROLNET_DIR, safe_serialization=True)
     return out_dir

@@ -113,6 +113,7 @@ class ModelConfig:
     sample_size: int | tuple = 64  # UNet's native latent size (512 px for SD 1.5): an int, or
                                    # (height, width) as diffusers allows ([64, 96]: 512x768 px)
     controlnets: int = 0           # ControlNets exported beside the UNet (their steps: Step.controlnets)
+    text_encoder: str = "clip"     # "clip" (CLIPTextModel) | "bert" (LDMBertModel, LDMTextToImagePipeline)
 
     @property
     def sample_hw(self) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """The eager PyTorch reference: diffusers' StableDiffusionPipeline with DDIM (FP16 + SDPA on a
 GPU, FP32 on CPU), timed per stage with CUDA events recorded by forward hooks on its modules.
 With an input image: StableDiffusionImg2ImgPipeline, with a mask StableDiffusionInpaintPipeline,
-on the same modules, given sdrt's noise and the posterior mean (sdrt's deterministic encoder)."""
+on the same modules, given sdrt's noise and the posterior mean (sdrt's deterministic encoder).
+An LDMTextToImagePipeline folder runs its own pipeline (LDM-BERT; no negative prompt, no image inputs)."""
 from __future__ import annotations
 
 import time
@@ -13,8 +14,10 @@ import numpy as np
 
 class Reference:
     def __init__(self, model_dir: Path):
+        import json
+
         import torch
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMScheduler, LDMTextToImagePipeline, StableDiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
         diffusers_logging.disable_progress_bar()   # sdrt bench prints its own progress
@@ -23,13 +26,17 @@ class Reference:
         self.cuda = torch.cuda.is_available()
         dtype = torch.float16 if self.cuda else torch.float32
         self.description = "diffusers eager " + ("FP16, SDPA" if self.cuda else "FP32, CPU")
-        pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype)
+        index = json.loads((Path(model_dir) / "model_index.json").read_text())
+        self.ldm_bert = index.get("_class_name") == "LDMTextToImagePipeline"
+        cls = LDMTextToImagePipeline if self.ldm_bert else StableDiffusionPipeline
+        pipe = cls.from_pretrained(model_dir, dtype=dtype)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to("cuda" if self.cuda else "cpu")
         self.marks: dict[str, list] = {}
-        for name, module in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet),
-                             ("vae", pipe.vae.decoder), ("vae_encoder", pipe.vae.encoder)):
+        text, vae = (pipe.bert, pipe.vqvae) if self.ldm_bert else (pipe.text_encoder, pipe.vae)
+        for name, module in (("text_encoder", text), ("unet", pipe.unet),
+                             ("vae", vae.decoder), ("vae_encoder", vae.encoder)):
             module.register_forward_pre_hook(self._hook(name, "start"))
             module.register_forward_hook(self._hook(name, "end"))
         self._time_tokenizer(pipe.tokenizer)
@@ -76,6 +83,12 @@ class Reference:
         noise = torch.from_numpy(latents).to(self.pipe.device, self.pipe.unet.dtype)
         common = dict(prompt=[prompt] * b, negative_prompt=[negative] * b, num_inference_steps=steps,
                       guidance_scale=guidance, output_type="np")
+        if self.ldm_bert:
+            from sdrt.errors import UserError
+            if image is not None or negative:
+                raise UserError("the LDMTextToImagePipeline reference takes neither an input image nor a "
+                                "negative prompt: bench this export with text alone")
+            del common["negative_prompt"]
         if image is not None:   # built (once) outside the timed call
             pipe, module = self.image_pipeline(mask is not None)
         t0 = time.perf_counter()

@@ -92,7 +92,8 @@ def text_encoder_module(bert):
 # ---- sdrt init --arch tiny-ldm-bert ------------------------------------------------------------------
 
 # Not sdrt's own `tiny`: BERT 3 layers of width 48 (heads of 12), a UNet with attention on its
-# second level only and 3 levels, a 3-level KL autoencoder (factor 4).
+# second level only and 3 levels, a KL autoencoder of other widths (factor 8: the pipeline makes
+# latents of height // 8 whatever the autoencoder).
 TINY = dict(
     bert=dict(d_model=48, encoder_layers=3, encoder_attention_heads=4, head_dim=12, encoder_ffn_dim=96,
               max_position_embeddings=TEXT_LEN),
@@ -102,8 +103,8 @@ TINY = dict(
               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
               cross_attention_dim=48, attention_head_dim=8, norm_num_groups=32),
     vae=dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-             block_out_channels=(32, 32, 32), layers_per_block=1, norm_num_groups=32,
-             down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3),
+             block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=16,
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
 )
 # A DDIM scheduler (SD's betas; the folder's own scheduler config is what an export reads).
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -141,8 +142,11 @@ def write_tokenizer(out: Path) -> int:
     return len(vocab)
 
 
-def build_pipeline(tmp: Path, seed: int = 0, spec: dict = TINY):
-    """A diffusers LDMTextToImagePipeline with random weights (its tokenizer written to tmp/tokenizer)."""
+def build_pipeline(tmp: Path, seed: int = 0, spec: dict = TINY, text_gain=(16.0, 4.0)):
+    """A diffusers LDMTextToImagePipeline with random weights (its tokenizer written to tmp/tokenizer).
+    The UNet's cross-attention key and value projections are scaled by `text_gain`: at random init
+    the attention over the 77 positions is near uniform, one word moves the image by little, and a
+    parity test must see a changed word."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, LDMTextToImagePipeline, UNet2DConditionModel
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
@@ -153,10 +157,14 @@ def build_pipeline(tmp: Path, seed: int = 0, spec: dict = TINY):
     vocab_size = write_tokenizer(tmp / "tokenizer")
     torch.manual_seed(seed)
     bert = LDMBertModel(LDMBertConfig(vocab_size=vocab_size, **spec["bert"]))
+    unet = UNet2DConditionModel(**spec["unet"]).eval()
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith(("attn2.to_k", "attn2.to_v")):
+                module.weight.mul_(text_gain[name.endswith("to_v")])
     return LDMTextToImagePipeline(vqvae=AutoencoderKL(**spec["vae"]).eval(), bert=bert.eval(),
                                   tokenizer=BertTokenizer.from_pretrained(tmp / "tokenizer"),
-                                  unet=UNet2DConditionModel(**spec["unet"]).eval(),
-                                  scheduler=DDIMScheduler(**SCHEDULER))
+                                  unet=unet, scheduler=DDIMScheduler(**SCHEDULER))
 
 
 def init(out: Path, seed: int = 0, spec: dict = TINY) -> None:

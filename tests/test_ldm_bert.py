@@ -179,15 +179,25 @@ def test_emphasis_long_prompts_and_samplers(ldm_fp32):
     assert euler.images.shape == (1, 64, 64, 3) and euler.images.std() > 0
 
 
-def test_cli_init_export_generate(tmp_path, ldm_fp32):
+def test_cli_generate_doctor_memory(tmp_path, ldm_fp32):
+    """`sdrt generate` with torch, diffusers and transformers unimportable (the runtime's own
+    tokenizer); doctor and memory know the export; a bad --clip-skip is one line."""
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nfor m in ('torch', 'diffusers', 'transformers'):\n    sys.modules[m] = None\n")
     out = tmp_path / "x.png"
     p = run_cli("generate", ldm_fp32, PROMPT, "--steps", "2", "--guidance", "1", "--height", "64", "--width", "64",
-                "--seed", "3", "--backend", "onnxruntime-cpu", "--out", out)
+                "--seed", "3", "--backend", "onnxruntime-cpu", "--out", out, env={"PYTHONPATH": str(blocker)})
     assert p.returncode == 0, p.stderr
     assert out.is_file()
     assert_user_error(run_cli("generate", ldm_fp32, PROMPT, "--clip-skip", "3", "--out", tmp_path / "y.png"),
                       "clip")
     assert not (tmp_path / "y.png").exists()
+    doctor = run_cli("doctor", ldm_fp32)
+    assert doctor.returncode == 0 and "text encoder LDM-BERT" in doctor.stdout, doctor.stdout + doctor.stderr
+    memory = run_cli("memory", ldm_fp32, "--sizes", "64x64", "--batches", "1")
+    assert memory.returncode == 0 and "64x64" in memory.stdout, memory.stderr
 
 
 def test_bad_ldm_folders(ldm_dir, tmp_path):

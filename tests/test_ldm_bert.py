@@ -235,3 +235,19 @@ def test_server_runs_an_ldm_bert_export(ldm_fp32, tmp_path):
         np.testing.assert_array_equal(png(r.json()["images"][0]), want)
     finally:
         server.stop()
+
+
+def test_textual_inversion_token_is_its_vector(ldm_fp32, tmp_path):
+    """An embedding whose vector is the token table's row of "squirrel": "<my-token>" in a prompt draws
+    what "squirrel" draws (the BERT tokenizer learns the added token; the graph takes the vector)."""
+    from safetensors.numpy import save_file
+
+    from sdrt.engine.pipeline import Pipeline
+    pipe = Pipeline(ldm_fp32, "onnxruntime-cpu")
+    row = pipe.token_table[pipe.tokenizer.backend.token_to_id("squirrel")]
+    save_file({"<my-token>": row.astype(np.float32)}, str(tmp_path / "learned_embeds.safetensors"))
+    lat = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    run = lambda p, **kw: pipe.generate(p, steps=3, guidance=6.0, latents=lat, height=64, width=64, **kw).images
+    with_token = run(PROMPT.replace("squirrel", "<my-token>"), embeddings=[str(tmp_path / "learned_embeds.safetensors")])
+    np.testing.assert_array_equal(with_token, run(PROMPT))
+    assert psnr(run(PROMPT.replace("squirrel", "burger")), with_token) < 50

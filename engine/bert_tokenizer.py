@@ -78,8 +78,9 @@ def read_config(path: Path) -> dict:
     then special_tokens_map.json (as transformers reads them)."""
     config = {**BERT_TOKENS, **BERT_FLAGS}
     for file in ("tokenizer_config.json", "special_tokens_map.json"):
-        config.update({k: v for k, v in read_json(path / file).items() if k in config and v is not None
-                       or k == "strip_accents"})
+        for key, value in read_json(path / file).items():
+            if key in config and (value is not None or key == "strip_accents"):   # strip_accents null: follow lowercasing
+                config[key] = value
     return config
 
 

@@ -201,7 +201,9 @@ def test_cli_generate_doctor_memory(tmp_path, ldm_fp32):
 
 
 def test_bad_ldm_folders(ldm_dir, tmp_path):
-    """A VQModel autoencoder, a missing bert/, a tokenizer that does not fit: one line each, exit 2."""
+    """A VQModel autoencoder, a missing bert/, a tokenizer that does not fit: one line each (exit 2 from
+    the CLI), nothing written."""
+    from sdrt.export.export import export
     vq = tmp_path / "vq"
     shutil.copytree(ldm_dir, vq)
     index = json.loads((vq / "model_index.json").read_text())
@@ -209,10 +211,12 @@ def test_bad_ldm_folders(ldm_dir, tmp_path):
     assert_user_error(run_cli("export", vq, tmp_path / "w1"), "VQModel", "AutoencoderKL")
     shutil.rmtree(vq / "bert")
     (vq / "model_index.json").write_text(json.dumps(index))
-    assert_user_error(run_cli("export", vq, tmp_path / "w2"), "missing its bert/")
+    with pytest.raises(UserError, match="missing its bert/"):
+        export(vq, tmp_path / "w2")
     shutil.copytree(ldm_dir / "bert", vq / "bert")
     (vq / "tokenizer" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\n")
-    assert_user_error(run_cli("export", vq, tmp_path / "w3"), "tokens", "token table")
+    with pytest.raises(UserError, match="tokens but the text encoder's token table"):
+        export(vq, tmp_path / "w3")
     assert not any(tmp_path.glob("w*"))
 
 

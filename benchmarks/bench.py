@@ -147,7 +147,7 @@ def bench_prompt(work_dir: Path, manifest: dict) -> Prompt:
     an LDM-BERT export no negative prompt (LDMTextToImagePipeline's unconditional rows are "")."""
     from sdrt import manifest as mf
     from sdrt.engine.conditioning import load_tokenizer
-    text_encoder = mf.config(manifest).text_encoder
+    text_encoder = mf.config(manifest).text_encoder if "config" in manifest else "clip"
     tokenizer = load_tokenizer(Path(work_dir) / "tokenizer", text_encoder)
     if is_demo(work_dir, manifest):
         from sdrt.scenes import Scene

@@ -255,3 +255,15 @@ def test_textual_inversion_token_is_its_vector(ldm_fp32, tmp_path):
     with_token = run(PROMPT.replace("squirrel", "<my-token>"), embeddings=[str(tmp_path / "learned_embeds.safetensors")])
     np.testing.assert_array_equal(with_token, run(PROMPT))
     assert psnr(run(PROMPT.replace("squirrel", "burger")), with_token) < 50
+
+
+def test_tensorrt_rtx_builds_the_ldm_bert_engines_on_cpu(ldm_fp32, tmp_path):
+    """TensorRT-RTX parses and builds the LDM-BERT text encoder and the other engines (RTX builds
+    without a GPU; running them needs one)."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx not installed (pip install 'sdrt[tensorrt-rtx]')")
+    from sdrt.export import build as B
+    work = tmp_path / "work"
+    shutil.copytree(ldm_fp32, work)
+    result = B.build(work, "tensorrt-rtx", height=64, width=64, batch=1, progress=False)
+    assert {"text_encoder", "denoise_step_cfg", "vae_decoder"} <= set(result["built"])
+    assert all((work / "engines" / "tensorrt-rtx" / f"{n}.plan").stat().st_size > 0 for n in result["built"])

@@ -3,6 +3,7 @@ to the text encoder's output. numpy only.
 
     items       = parse(prompt)                          [(text, weight) | BREAK]   (prompt_parser)
     ids, w      = chunks of 75 tokens: [bos, t_1..t_75, eos, pad...] each, weights 1 at bos/eos/pad
+                  (CLIP: <|startoftext|> ... <|endoftext|>; LDM-BERT: [CLS] ... [SEP] [PAD]...)
     e           = table[ids]                             [rows * k, 77, D]   token embeddings
     z           = text_encoder(e, clip_skip)             [rows * k, 77, D]
     z'          = z * w;  z' *= mean(z) / mean(z')        per chunk (all 77 positions), the web UI's rule

@@ -67,13 +67,13 @@ def text_encoder_module(bert):
     import torch
 
     class BertTextEncoder(torch.nn.Module):
-        def __init__(self, m):
+        def __init__(self, encoder):
             super().__init__()
-            self.m = m                     # initializers keep LDMBertModel's names (m.model.layers.N...)
+            self.m = encoder               # LDMBertEncoder (not to_logits): initializers m.layers.N...
             self.out_dtype = None
 
         def forward(self, inputs_embeds, clip_skip):
-            enc = self.m.model
+            enc = self.m
             dtype = enc.layer_norm.weight.dtype
             positions = enc.embed_positions.weight[: inputs_embeds.shape[1]]
             h = inputs_embeds.to(dtype) + positions
@@ -86,7 +86,7 @@ def text_encoder_module(bert):
             out = enc.layer_norm(chosen)
             return out if self.out_dtype is None else out.to(self.out_dtype)
 
-    return BertTextEncoder(bert).eval()    # eval: LDM-BERT has dropout (the exporter restores train modes)
+    return BertTextEncoder(bert.model).eval()    # eval: LDM-BERT has dropout (the exporter restores train modes)
 
 
 # ---- sdrt init --arch tiny-ldm-bert ------------------------------------------------------------------

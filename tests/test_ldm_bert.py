@@ -267,3 +267,39 @@ def test_tensorrt_rtx_builds_the_ldm_bert_engines_on_cpu(ldm_fp32, tmp_path):
     result = B.build(work, "tensorrt-rtx", height=64, width=64, batch=1, progress=False)
     assert {"text_encoder", "denoise_step_cfg", "vae_decoder"} <= set(result["built"])
     assert all((work / "engines" / "tensorrt-rtx" / f"{n}.plan").stat().st_size > 0 for n in result["built"])
+
+
+def test_long_prompt_matches_diffusers_components(ldm_dir, ldm_fp32):
+    """A prompt past 75 tokens against diffusers' own modules: transformers' BertTokenizer ids cut in
+    75-token chunks, each framed [CLS] .. [SEP] [PAD].. and encoded by LDMBertModel, concatenated
+    along the sequence; the pipeline's loop (UNet, DDIMScheduler.step, guidance 6 against "") and
+    its decode. PSNR >= 50 dB."""
+    import torch
+    from diffusers import LDMTextToImagePipeline
+
+    from sdrt.engine.pipeline import Pipeline
+    pipe = LDMTextToImagePipeline.from_pretrained(ldm_dir, dtype=torch.float32)
+    tok = pipe.tokenizer
+
+    def encode(text):
+        ids = tok(text, add_special_tokens=False).input_ids
+        chunks = [ids[i:i + 75] for i in range(0, len(ids), 75)] or [[]]
+        rows = [[tok.cls_token_id, *c, tok.sep_token_id] + [tok.pad_token_id] * (75 - len(c)) for c in chunks]
+        with torch.no_grad():
+            return torch.cat([pipe.bert(torch.tensor([r]))[0] for r in rows], 1), len(rows)
+
+    cond, k = encode(LONG)
+    uncond = torch.cat([encode("")[0]] * k, 1)           # the empty prompt, padded to as many chunks
+    assert k >= 2
+    latents = np.random.default_rng(4).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    x = torch.from_numpy(latents)
+    pipe.scheduler.set_timesteps(6)
+    with torch.no_grad():
+        for t in pipe.scheduler.timesteps:
+            e_u, e_c = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+            x = pipe.scheduler.step(e_u + 6.0 * (e_c - e_u), t, x).prev_sample
+        image = pipe.vqvae.decode(x / pipe.vqvae.config.scaling_factor).sample
+    ref = ((image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    got = Pipeline(ldm_fp32, "onnxruntime-cpu").generate(LONG, steps=6, guidance=6.0, latents=latents,
+                                                         height=64, width=64, prompt_syntax="plain")
+    assert psnr(got.images, ref) >= 50, psnr(got.images, ref)

@@ -143,14 +143,17 @@ def is_demo(work_dir: Path, manifest: dict) -> bool:
 def bench_prompt(work_dir: Path, manifest: dict) -> Prompt:
     """A prompt the model's tokenizer takes whole (bos + tokens + eos within its length), so that
     sdrt (which encodes long prompts in chunks) and diffusers (which truncates) condition alike:
-    the demo model gets a caption of its world, with the demo's guidance and no negative prompt."""
-    from sdrt.engine.tokenizer import ClipTokenizer
-    tokenizer = ClipTokenizer.from_dir(Path(work_dir) / "tokenizer")
+    the demo model gets a caption of its world, with the demo's guidance and no negative prompt;
+    an LDM-BERT export no negative prompt (LDMTextToImagePipeline's unconditional rows are "")."""
+    from sdrt import manifest as mf
+    from sdrt.engine.conditioning import load_tokenizer
+    text_encoder = mf.config(manifest).text_encoder if "config" in manifest else "clip"
+    tokenizer = load_tokenizer(Path(work_dir) / "tokenizer", text_encoder)
     if is_demo(work_dir, manifest):
         from sdrt.scenes import Scene
         prompt = Prompt(Scene("circle", "red", "blue", "large", "top left").caption, "", 5.0)
     else:
-        prompt = Prompt(PROMPT, NEGATIVE, GUIDANCE)
+        prompt = Prompt(PROMPT, "" if text_encoder == "bert" else NEGATIVE, GUIDANCE)
     return Prompt(fit(prompt.text, tokenizer), fit(prompt.negative, tokenizer), prompt.guidance)
 
 

@@ -2,7 +2,8 @@
 GPU, FP32 on CPU), timed per stage with CUDA events recorded by forward hooks on its modules.
 With an input image: StableDiffusionImg2ImgPipeline, with a mask StableDiffusionInpaintPipeline,
 on the same modules, given sdrt's noise and the posterior mean (sdrt's deterministic encoder).
-An upscaler folder: StableDiffusionUpscalePipeline, given sdrt's latents and low-res image noise."""
+An upscaler folder: StableDiffusionUpscalePipeline, given sdrt's latents and low-res image noise.
+An LDMTextToImagePipeline folder runs its own pipeline (LDM-BERT; no negative prompt, no image inputs)."""
 from __future__ import annotations
 
 import time
@@ -14,8 +15,9 @@ import numpy as np
 
 class Reference:
     def __init__(self, model_dir: Path):
+
         import torch
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMScheduler, LDMTextToImagePipeline, StableDiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
         diffusers_logging.disable_progress_bar()   # sdrt bench prints its own progress
@@ -26,18 +28,22 @@ class Reference:
         self.description = "diffusers eager " + ("FP16, SDPA" if self.cuda else "FP32, CPU")
         from sdrt.export.pipeline_folder import read_model_index
         from sdrt.export.upscaler import is_upscaler
-        self.upscaler = is_upscaler(read_model_index(model_dir))
+        index = read_model_index(model_dir)
+        self.upscaler = is_upscaler(index)
+        self.ldm_bert = index.get("_class_name") == "LDMTextToImagePipeline"
         if self.upscaler:
             from diffusers import StableDiffusionUpscalePipeline
             pipe = StableDiffusionUpscalePipeline.from_pretrained(model_dir, dtype=dtype)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype)
+            cls = LDMTextToImagePipeline if self.ldm_bert else StableDiffusionPipeline
+            pipe = cls.from_pretrained(model_dir, dtype=dtype)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to("cuda" if self.cuda else "cpu")
         self.marks: dict[str, list] = {}
-        for name, module in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet),
-                             ("vae", pipe.vae.decoder), ("vae_encoder", pipe.vae.encoder)):
+        text, vae = (pipe.bert, pipe.vqvae) if self.ldm_bert else (pipe.text_encoder, pipe.vae)
+        for name, module in (("text_encoder", text), ("unet", pipe.unet),
+                             ("vae", vae.decoder), ("vae_encoder", vae.encoder)):
             module.register_forward_pre_hook(self._hook(name, "start"))
             module.register_forward_hook(self._hook(name, "end"))
         self._time_tokenizer(pipe.tokenizer)
@@ -84,6 +90,12 @@ class Reference:
         noise = torch.from_numpy(latents).to(self.pipe.device, self.pipe.unet.dtype)
         common = dict(prompt=[prompt] * b, negative_prompt=[negative] * b, num_inference_steps=steps,
                       guidance_scale=guidance, output_type="np")
+        if self.ldm_bert:
+            from sdrt.errors import UserError
+            if image is not None or negative:
+                raise UserError("the LDMTextToImagePipeline reference takes neither an input image nor a "
+                                "negative prompt: bench this export with text alone")
+            del common["negative_prompt"]
         if image is not None and not self.upscaler:   # built (once) outside the timed call
             pipe, module = self.image_pipeline(mask is not None)
         t0 = time.perf_counter()

@@ -3,6 +3,7 @@ to the text encoder's output. numpy only.
 
     items       = parse(prompt)                          [(text, weight) | BREAK]   (prompt_parser)
     ids, w      = chunks of 75 tokens: [bos, t_1..t_75, eos, pad...] each, weights 1 at bos/eos/pad
+                  (CLIP: <|startoftext|> ... <|endoftext|>; LDM-BERT: [CLS] ... [SEP] [PAD]...)
     e           = table[ids]                             [rows * k, 77, D]   token embeddings
     z           = text_encoder(e, clip_skip)             [rows * k, 77, D]
     z'          = z * w;  z' *= mean(z) / mean(z')        per chunk (all 77 positions), the web UI's rule
@@ -19,8 +20,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdrt.engine import embedding_files, prompt_parser
+from sdrt.engine.bert_tokenizer import BertTokenizer
 from sdrt.engine.tokenizer import ClipTokenizer
 from sdrt.errors import UserError
+
+
+TOKENIZERS = {"clip": ClipTokenizer, "bert": BertTokenizer}   # by ModelConfig.text_encoder
+
+
+def load_tokenizer(path, text_encoder: str = "clip") -> ClipTokenizer | BertTokenizer:
+    """The tokenizer folder of an export whose text encoder is `text_encoder` (ModelConfig's)."""
+    if text_encoder not in TOKENIZERS:
+        raise UserError(f"this export's text encoder is {text_encoder!r}: this sdrt knows "
+                        f"{', '.join(TOKENIZERS)}; update sdrt or export again")
+    return TOKENIZERS[text_encoder].from_dir(path)
 
 
 @dataclass
@@ -35,7 +48,7 @@ class Chunks:
 class Conditioning:
     """A tokenizer and the token table it indexes, with any textual-inversion tokens added."""
 
-    def __init__(self, tokenizer: ClipTokenizer, table: np.ndarray, text_len: int, embeddings=()):
+    def __init__(self, tokenizer: ClipTokenizer | BertTokenizer, table: np.ndarray, text_len: int, embeddings=()):
         self.text_len = text_len
         self.embeddings = [embedding_files.load(e) for e in embeddings]
         self.table = table                   # the model's rows, shared (never copied)
@@ -119,7 +132,7 @@ def vector_tokens(e) -> list[str]:
     return [e.token] + [f"{e.token}_{i}" for i in range(1, len(e.vectors))]
 
 
-def add_embeddings(tokenizer: ClipTokenizer, table: np.ndarray, embeddings: list):
+def add_embeddings(tokenizer: ClipTokenizer | BertTokenizer, table: np.ndarray, embeddings: list):
     """(tokenizer with the new tokens, {new id: vector in the table's dtype})."""
     if not embeddings:
         return tokenizer, {}

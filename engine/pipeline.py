@@ -30,11 +30,10 @@ from sdrt import manifest as mf
 from sdrt.contract import Dims, Step, Task, Variant, control_image, has_sampler_state, tasks_of_unet
 from sdrt.engine import backends, cuda, image_input, samplers, scheduler, vae_slices
 from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows, copy_rows
-from sdrt.engine.conditioning import Conditioning, emphasize
+from sdrt.engine.conditioning import Conditioning, emphasize, load_tokenizer
 from sdrt.engine.lora import LoraState
 from sdrt.engine.request import GenerateRequest, RequestError, StepCallback, noise as seeded_noise, resolve_seed
 from sdrt.engine.timing import Clock
-from sdrt.engine.tokenizer import ClipTokenizer
 from sdrt.engine.upscaler import Upscaler
 from sdrt.errors import UserError
 
@@ -79,7 +78,7 @@ class Pipeline:
         self.manifest = mf.load(self.work_dir)
         self.config = mf.config(self.manifest)
         self.models = mf.models(self.manifest)
-        self.tokenizer = ClipTokenizer.from_dir(self.work_dir / "tokenizer")
+        self.tokenizer = load_tokenizer(self.work_dir / "tokenizer", self.config.text_encoder)
         self.token_table = load_token_table(self.work_dir, self.manifest)
         self.conditionings: dict[tuple, Conditioning] = {}
         self.embeddings = tuple(embeddings)

@@ -21,8 +21,8 @@ from sdrt.contract import (MAX_CONTROLNETS, STEP_COLUMNS, Dims, ModelConfig, Var
                            step_models)
 from sdrt.errors import UserError
 from sdrt.fileio import default_mode_tree, temp_dir_beside, write_json_atomic
-from sdrt.export import (attention, compose_step, controlnet, lora_targets, pipeline_folder, scheduler_config, single_file,
-                         to_onnx, upscaler, validate)
+from sdrt.export import (attention, compose_step, controlnet, ldm_bert, lora_targets, pipeline_folder, scheduler_config,
+                         single_file, to_onnx, upscaler, validate)
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 TOKEN_TABLE = "token_embedding.npy"
@@ -134,9 +134,12 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     sched, updated = scheduler_config.effective_config(model_dir / "scheduler", index["scheduler"][1],
                                                        rewrite=not upscaler.is_upscaler(index))
     scheduler_config.warn_if_updated(updated)
-    pipeline_folder.check_tokenizer(model_dir / "tokenizer", pipeline_folder.text_vocab_size(model_dir))
+    class_name = pipeline_folder.read_model_index(model_dir)["_class_name"]
+    pipeline_folder.check_tokenizer(model_dir / "tokenizer", pipeline_folder.text_vocab_size(model_dir),
+                                    text_encoder="bert" if class_name == ldm_bert.PIPELINE else "clip")
     cns = [controlnet.load(p) for p in controlnets]          # refused before the base is loaded
-    unet_config, vae_config = (controlnet.read_config(model_dir / c) for c in ("unet", "vae"))
+    unet_config, vae_config = (controlnet.read_config(model_dir / c)
+                               for c in ("unet", pipeline_folder.vae_component(class_name)))
     layouts = [controlnet.check_fits(cn, unet_config, vae_config.latent_channels, p)
                for cn, p in zip(cns, controlnets)]
     say(f"loading {model_dir} ...")
@@ -403,7 +406,7 @@ def external_data_locations(path: Path) -> list[str]:
 
 def _component_hashes(model_dir: Path) -> dict:
     out = {}
-    for comp in pipeline_folder.COMPONENTS:
+    for comp in pipeline_folder.components(pipeline_folder.read_model_index(model_dir)["_class_name"]):
         files = sorted(p for p in (model_dir / comp).rglob("*") if p.is_file())
         out[comp] = mf.sha256_bytes("".join(p.name + mf.sha256_file(p) for p in files).encode())
     return out

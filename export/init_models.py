@@ -1,4 +1,4 @@
-"""`sdrt init DIR --arch tiny|sd15|tiny-inpaint|sd15-inpaint|tiny-upscaler|...`: random-weight pipeline folders in
+"""`sdrt init DIR --arch tiny|sd15|tiny-inpaint|sd15-inpaint|tiny-upscaler|tiny-ldm-bert|...`: random-weight pipeline folders in
 the diffusers layout.
 
 No real weights can be fetched here, so tests, the demo and speed work run on these. `sd15` has
@@ -10,6 +10,8 @@ diffusers' `StableDiffusionPipeline.from_pretrained`. The `-inpaint` archs are t
 UNet in DIR/controlnet (a diffusers ControlNetModel folder: `sdrt export DIR WORK --controlnet
 DIR/controlnet`). `tiny-upscaler` is a small StableDiffusionUpscalePipeline (the x4 upscaler's layout
 with other widths and depths: sdrt.export.upscaler).
+`tiny-ldm-bert` is a small LDMTextToImagePipeline (LDM-BERT text encoder,
+BERT WordPiece tokenizer with a small vocab written here: sdrt.export.ldm_bert).
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ ARCHS["sd15-inpaint"] = _inpaint("sd15")
 # "controlnet": the ControlNet's conditioning_embedding_out_channels (SD 1.5's are diffusers' default)
 ARCHS["tiny-controlnet"] = {**ARCHS["tiny"], "controlnet": (8, 8, 16, 16)}
 ARCHS["sd15-controlnet"] = {**ARCHS["sd15"], "controlnet": (16, 32, 96, 256)}
+ARCHS["tiny-ldm-bert"] = {"pipeline": "LDMTextToImagePipeline"}   # sdrt.export.ldm_bert.TINY
 CONTROLNET_DIR = "controlnet"            # where init writes the ControlNet of a -controlnet arch
 # The x4 upscaler's layout (StableDiffusionUpscalePipeline, sdrt.export.upscaler), small: a 3-level
 # VAE (factor 4: latents at the low-resolution image's size), a 7-channel UNet whose class
@@ -163,9 +166,13 @@ def init(out_dir: Path, arch: str, seed: int = 0, force: bool = False) -> Path:
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose a new folder or pass --force to replace it")
     with atomic_dir(out_dir) as tmp:
-        pipe = build_pipeline(arch, seed)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if ARCHS[arch].get("controlnet"):
-            random_controlnet(pipe.unet, seed + 1, embedding_channels=ARCHS[arch]["controlnet"]).save_pretrained(Path(tmp) / CONTROLNET_DIR,
-                                                                   safe_serialization=True)
+        if arch == "tiny-ldm-bert":
+            from sdrt.export import ldm_bert
+            ldm_bert.init(Path(tmp), seed)
+        else:
+            pipe = build_pipeline(arch, seed)
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            if ARCHS[arch].get("controlnet"):
+                random_controlnet(pipe.unet, seed + 1, embedding_channels=ARCHS[arch]["controlnet"]).save_pretrained(
+                    Path(tmp) / CONTROLNET_DIR, safe_serialization=True)
     return out_dir

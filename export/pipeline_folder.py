@@ -7,10 +7,26 @@ from pathlib import Path
 
 from sdrt.contract import ModelConfig
 from sdrt.errors import UserError
+from sdrt.export import ldm_bert
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline",
-             "StableDiffusionUpscalePipeline")
+             "StableDiffusionUpscalePipeline", ldm_bert.PIPELINE)
+
+
+def components(class_name: str) -> tuple[str, ...]:
+    """The component folders of a supported pipeline class."""
+    return ldm_bert.COMPONENTS if class_name == ldm_bert.PIPELINE else COMPONENTS
+
+
+def vae_component(class_name: str) -> str:
+    """The folder of the pipeline's autoencoder."""
+    return "vqvae" if class_name == ldm_bert.PIPELINE else "vae"
+
+
+def text_component(class_name: str) -> str:
+    """The folder of the pipeline's text encoder."""
+    return "bert" if class_name == ldm_bert.PIPELINE else "text_encoder"
 
 
 @dataclass
@@ -49,10 +65,13 @@ def read_model_index(path: Path) -> dict:
                         "(StableDiffusionPipeline) only")
     if name not in SUPPORTED:
         raise UserError(f"{path} holds a {name}: sdrt supports {', '.join(SUPPORTED)} only")
-    for comp in COMPONENTS:
+    needed = components(name)
+    for comp in needed:
         if comp not in data or data[comp] in (None, [None, None]) or not (path / comp).is_dir():
-            raise UserError(f"{path} is missing its {comp}/ component: a Stable Diffusion folder needs "
-                            f"{', '.join(COMPONENTS)}")
+            raise UserError(f"{path} is missing its {comp}/ component: a {name} folder needs "
+                            f"{', '.join(needed)}")
+    if name == ldm_bert.PIPELINE:
+        ldm_bert.check_index(path, data)
     return data
 
 
@@ -66,6 +85,9 @@ def load(path: Path) -> PipelineFolder:
     path = Path(path)
     index = read_model_index(path)
     quiet()
+    if index["_class_name"] == ldm_bert.PIPELINE:
+        bert, unet, vae = ldm_bert.load(path)
+        return PipelineFolder(path, model_config(bert, unet, vae), bert, unet, vae)
     try:
         # eager attention traces to plain MatMul/Softmax; sdpa's mask handling traces poorly
         text = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32,
@@ -80,13 +102,14 @@ def load(path: Path) -> PipelineFolder:
                           vae.eval())
 
 
-def check_tokenizer(path: Path, vocab_size: int, flag: str = "the tokenizer folder") -> None:
+def check_tokenizer(path: Path, vocab_size: int, flag: str = "the tokenizer folder",
+                    text_encoder: str = "clip") -> None:
     """The tokenizer the runtime will load from `path` (sdrt.engine.tokenizer) must exist and fit
     the text encoder's token table: a missing or foreign vocabulary would give every prompt the
     same few token ids, and the same image, without any error."""
-    from sdrt.engine.tokenizer import ClipTokenizer
+    from sdrt.engine.conditioning import load_tokenizer
     try:
-        tok = ClipTokenizer.from_dir(path)
+        tok = load_tokenizer(path, text_encoder)
     except UserError as e:
         raise UserError(f"{flag}: {e}" if flag.startswith("--") else str(e)) from None
     size = tok.backend.get_vocab_size(with_added_tokens=True)
@@ -99,9 +122,10 @@ def text_vocab_size(path: Path) -> int:
     """The text encoder's token table size, from its config (from_pretrained checks the weights
     against it), read before any model is loaded."""
     from sdrt.engine.scheduler import read_config_json
-    size = read_config_json(Path(path) / "text_encoder" / "config.json").get("vocab_size")
+    comp = text_component(read_model_index(path)["_class_name"])
+    size = read_config_json(Path(path) / comp / "config.json").get("vocab_size")
     if not isinstance(size, int) or size <= 0:
-        raise UserError(f"{path}/text_encoder/config.json has no vocab_size: not a CLIP text encoder folder")
+        raise UserError(f"{path}/{comp}/config.json has no vocab_size: not a text encoder folder")
     return size
 
 
@@ -111,20 +135,21 @@ def model_config(text, unet, vae, upscaler: bool = False) -> ModelConfig:
     from sdrt.export import upscaler as sr
     u, v, t = unet.config, vae.config, text.config
     c = v.latent_channels
+    text_numbers = ldm_bert.text_config(text) if t.model_type == "ldmbert" else dict(
+        text_len=t.max_position_embeddings, text_dim=t.hidden_size, text_layers=t.num_hidden_layers,
+        vocab_size=t.vocab_size)
     image_channels = sr.check_unet(unet, c) if upscaler else 0
     if not image_channels and (u.in_channels not in (c, 2 * c + 1) or u.out_channels != c):
         raise UserError(f"UNet has {u.in_channels} input / {u.out_channels} output channels for a {c}-channel "
                         f"VAE: sdrt supports {c} in (text-to-image) or {2 * c + 1} in (inpainting: latents, "
                         f"mask, masked-image latents), {c} out")
-    if u.cross_attention_dim != t.hidden_size:
+    if u.cross_attention_dim != text_numbers["text_dim"]:
         raise UserError(f"UNet cross-attention dim {u.cross_attention_dim} != text encoder width "
                         f"{t.hidden_size}: this pipeline is not supported")
     if (getattr(u, "addition_embed_type", None) or getattr(u, "class_embed_type", None)
             or (u.num_class_embeds and not image_channels)):
         raise UserError("UNet has extra conditioning (class/addition embeddings): not supported")
-    return ModelConfig(text_len=t.max_position_embeddings, text_dim=t.hidden_size,
-                       text_layers=t.num_hidden_layers,
-                       vocab_size=t.vocab_size, latent_channels=c, unet_channels=u.in_channels,
+    return ModelConfig(**text_numbers, latent_channels=c, unet_channels=u.in_channels,
                        vae_factor=2 ** (len(v.block_out_channels) - 1),
                        sample_size=sample_size(u.sample_size), class_embeds=int(u.num_class_embeds or 0),
                        image_channels=image_channels)

@@ -95,6 +95,9 @@ def _modules():
 def wrap(name: str, folder) -> object:
     """The torch module that computes contract model `name` (float32, eval)."""
     TextEncoder, UNet, VaeDecoder, VaeEncoder = _modules()
+    if name == "text_encoder" and folder.config.text_encoder == "bert":
+        from sdrt.export.ldm_bert import text_encoder_module
+        return text_encoder_module(folder.text_encoder)
     return {"text_encoder": lambda: TextEncoder(folder.text_encoder),
             "unet": lambda: UNet(folder.unet),
             "vae_decoder": lambda: VaeDecoder(folder.vae),

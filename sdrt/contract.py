@@ -116,6 +116,7 @@ class ModelConfig:
     class_embeds: int = 0          # the UNet's num_class_embeds (0 = none): step input class_labels
     image_channels: int = 0        # channels of a low-resolution image concatenated to the UNet's input
                                    # (3 for the x4 upscaler; 0 = none): Task.upscaling
+    text_encoder: str = "clip"     # "clip" (CLIPTextModel) | "bert" (LDMBertModel, LDMTextToImagePipeline)
 
     @property
     def sample_hw(self) -> tuple[int, int]:

@@ -197,10 +197,13 @@ def engine_checks(work_dir: Path, manifest: dict, statuses: dict) -> list[dict]:
     return out
 
 
+TEXT_ENCODERS = {"bert": "LDM-BERT"}   # ModelConfig.text_encoder other than CLIP, as doctor names it
+
+
 def work_dir_report(work_dir: Path, manifest: dict, statuses: dict) -> dict:
     return {"path": str(work_dir), "precision": manifest["precision"],
             "attention": manifest.get("attention", "decomposed"),
-            "controlnets": mf.config(manifest).controlnets,
+            "controlnets": mf.config(manifest).controlnets, "text_encoder": mf.config(manifest).text_encoder,
             "models": model_precisions(manifest), "attention_problems": attention_check(manifest, statuses),
             "engines": engine_checks(work_dir, manifest, statuses)}
 
@@ -349,7 +352,9 @@ def table(report: dict) -> str:
                      f"{'yes' if b['usable'] else 'no':<8}{b['why'] or ''}")
     w = report.get("work_dir")
     if w:
-        lines += ["", f"work dir {w['path']} ({w['precision']}, attention {w['attention']})",
+        lines += ["", f"work dir {w['path']} ({w['precision']}, attention {w['attention']}"
+                  + (f", text encoder {TEXT_ENCODERS.get(w['text_encoder'], w['text_encoder'])})"
+                     if w.get("text_encoder", "clip") != "clip" else ")"),
                   "  models: " + ", ".join(f"{m} {p}" for m, p in w["models"].items())]
         lines += [f"  attention: {p}" for p in w["attention_problems"]] or ["  attention: ok for what is installed"]
         if w.get("controlnets"):

@@ -1,0 +1,84 @@
+"""ControlNet with the runtime's other features, each against diffusers' StableDiffusionControlNetPipeline
+(CPU, FP32, ONNX Runtime, the same latents and per-step noise): a LoRA (diffusers' load_lora_weights on
+the UNet and text encoder; the ControlNet is not patched, in either), a prompt longer than 77 tokens
+(diffusers fed the same 77-token chunks as prompt_embeds) and the non-DDIM samplers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffusers_samplers import feed_noise, scheduler_for
+from test_controlnet import (H, NEGATIVE, PROMPT, W, cn1_export, cn_folders, control_picture,  # noqa: F401
+                             noise, psnr)
+from sdrt.engine.pipeline import Pipeline
+
+STEPS = 5
+SCALE, WINDOW = 0.9, (0.0, 0.8)
+
+
+def reference_pipe(sd, cn_dir, sampler="ddim", schedule=None):
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        sd, controlnet=ControlNetModel.from_pretrained(cn_dir), dtype=torch.float32, safety_checker=None,
+        requires_safety_checker=False)
+    pipe.scheduler = scheduler_for(sampler, schedule, dict(pipe.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference(pipe, control, eps, z=None, **kw):
+    import torch
+    kw = {"prompt": PROMPT, "negative_prompt": NEGATIVE, **kw}
+    with feed_noise(pipe.scheduler, z if z is not None else np.zeros((STEPS,) + eps.shape, np.float32)):
+        out = pipe(image=control, latents=torch.from_numpy(eps), controlnet_conditioning_scale=SCALE,
+                   control_guidance_start=WINDOW[0], control_guidance_end=WINDOW[1], num_inference_steps=STEPS,
+                   guidance_scale=7.5, output_type="np", **kw)
+    return (out.images * 255).round().astype(np.uint8)
+
+
+def ours(work, control, eps, prompt=PROMPT, negative=NEGATIVE, scale=SCALE, **kw):
+    return Pipeline(work, backend="onnxruntime-cpu").generate(
+        prompt, negative=negative, steps=STEPS, guidance=7.5, latents=eps, control=[(control, scale, *WINDOW)],
+        **kw).images
+
+
+def test_lora_and_controlnet_match_diffusers(cn_folders, cn1_export, tmp_path):
+    from test_lora import _modules, write_peft
+    sd, cns = cn_folders
+    lora = write_peft(tmp_path / "lora.safetensors", _modules(sd), seed=3)
+    pipe = reference_pipe(sd, cns[0])
+    pipe.load_lora_weights(str(lora), adapter_name="l0")
+    pipe.set_adapters(["l0"], adapter_weights=[0.8])
+    control, eps = control_picture(31), noise(31)
+    ref = reference(pipe, control, eps)
+    got = ours(cn1_export, control, eps, loras=[(lora, 0.8)])
+    assert psnr(got, ref) >= 50, psnr(got, ref)
+    assert psnr(ours(cn1_export, control, eps, loras=[]), ref) < 50          # the LoRA counts
+    assert psnr(ours(cn1_export, control, eps, scale=SCALE * 1.1, loras=[(lora, 0.8)]), ref) < 50
+
+
+def test_long_prompt_and_controlnet_match_diffusers(cn_folders, cn1_export):
+    from test_prompts import LONG, NEGATIVE_LONG, encode, reference_chunks
+    sd, cns = cn_folders
+    pipe = reference_pipe(sd, cns[0])
+    pos, neg = reference_chunks(pipe.tokenizer, LONG), reference_chunks(pipe.tokenizer, NEGATIVE_LONG)
+    k = max(len(pos), len(neg))
+    assert k >= 2
+    control, eps = control_picture(32), noise(32)
+    ref = reference(pipe, control, eps, prompt=None, negative_prompt=None, prompt_embeds=encode(pipe, pos, k),
+                    negative_prompt_embeds=encode(pipe, neg, k))
+    got = ours(cn1_export, control, eps, prompt=LONG, negative=NEGATIVE_LONG)
+    assert psnr(got, ref) >= 50, psnr(got, ref)
+
+
+@pytest.mark.parametrize("sampler,schedule", [("dpmpp_2m", "karras"), ("euler_a", None)])
+def test_samplers_and_controlnet_match_diffusers(cn_folders, cn1_export, sampler, schedule):
+    sd, cns = cn_folders
+    control, eps = control_picture(33), noise(33)
+    z = np.random.default_rng(33).standard_normal((STEPS,) + eps.shape).astype(np.float32)
+    ref = reference(reference_pipe(sd, cns[0], sampler, schedule), control, eps, z)
+    got = ours(cn1_export, control, eps, sampler=sampler, schedule=schedule, noise=z)
+    assert psnr(got, ref) >= 50, psnr(got, ref)
+    assert psnr(ours(cn1_export, control, eps, scale=SCALE * 1.1, sampler=sampler, schedule=schedule, noise=z),
+                ref) < 50

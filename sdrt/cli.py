@@ -72,7 +72,7 @@ def cmd_bench(a):
     from sdrt.benchmarks.bench import bench
     bench(a.work_dirs, a.reference, backends=a.backends, sizes=a.sizes, steps=a.steps, batches=a.batches,
           runs=a.runs, warmup=a.warmup, out=a.out, no_reference=a.no_reference, image=a.image, mask=a.mask,
-          strength=a.strength, interleave=a.interleave)
+          strength=a.strength, interleave=a.interleave, control=a.control)
 
 
 def cmd_bench_lora(a):
@@ -238,6 +238,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--image", type=Path, help="benchmark image to image from this image (times the VAE encoder)")
     s.add_argument("--mask", type=Path, help="with --image: benchmark inpainting")
     s.add_argument("--strength", type=float, help="default 0.75 (image to image), 1.0 (inpainting)")
+    s.add_argument("--control", action="append", metavar="IMAGE[:SCALE[:START:END]]",
+                   help="benchmark text to image with the export's ControlNets, one per ControlNet in export order "
+                        "(the reference: diffusers' ControlNet pipeline)")
     s.add_argument("--runs", type=int, default=5, help="timed runs per configuration and contender")
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--interleave", action=argparse.BooleanOptionalAction,

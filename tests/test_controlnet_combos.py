@@ -82,3 +82,25 @@ def test_samplers_and_controlnet_match_diffusers(cn_folders, cn1_export, sampler
     assert psnr(got, ref) >= 50, psnr(got, ref)
     assert psnr(ours(cn1_export, control, eps, scale=SCALE * 1.1, sampler=sampler, schedule=schedule, noise=z),
                 ref) < 50
+
+
+def test_bench_times_controlnet_against_diffusers_controlnet_pipeline(cn_folders, cn1_export, tmp_path):
+    """`sdrt bench --control`: the reference is diffusers' ControlNet pipeline on the ControlNet folder
+    the export was made from; the same images (PSNR), denoise timed with the ControlNet in it."""
+    import json
+    from conftest import assert_user_error, run_cli
+    sd, _ = cn_folders
+    control_picture(34).save(tmp_path / "edges.png")
+    out = tmp_path / "results"
+    base = ("bench", cn1_export, "--reference", sd, "--steps", "3", "--batches", "1", "--sizes", f"{H}x{W}",
+            "--runs", "1", "--warmup", "0")
+    p = run_cli(*base, "--control", f"{tmp_path / 'edges.png'}:0.9:0:0.8", "--out", out)
+    assert p.returncode == 0, p.stderr
+    [record] = json.loads(sorted(out.glob("*.json"))[0].read_text())["records"]
+    assert record["mode"] == "controlnet x1" and record["psnr_vs_reference"] >= 50
+    assert record["reference_stages"]["denoise"]["min"] > 0
+    assert_user_error(run_cli(*base, "--control", tmp_path / "edges.png", "--control", tmp_path / "edges.png",
+                              "--out", tmp_path / "r"), "--control", "1 ControlNet")
+    assert_user_error(run_cli(*base, "--control", f"{tmp_path / 'edges.png'}:-1", "--out", tmp_path / "r"),
+                      "--control", "scale")
+    assert not (tmp_path / "r").exists()

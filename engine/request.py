@@ -104,6 +104,7 @@ class GenerateRequest:
     control: list | None = None             # per ControlNet, in export order: "IMAGE[:SCALE[:START:END]]",
                                             # (IMAGE, SCALE[, START, END]), an image, or a Control
     control_preprocess: str | None = None   # "canny[:LOW:HIGH]": edge maps made from the control images
+    guess_mode: bool = False                # diffusers' guess_mode: ControlNets steer the conditional half only
 
     def __post_init__(self):
         self.validate()
@@ -142,6 +143,11 @@ class GenerateRequest:
                                                 f"{', '.join(PROMPT_SYNTAXES)}")
         self.control = None if self.control is None else [self._control(c) for c in self.control]
         self.control_preprocess = self._preprocess()
+        if not isinstance(self.guess_mode, (bool, np.bool_)):
+            raise RequestError("guess_mode", f"{{guess_mode}} must be true or false, got {self.guess_mode!r}")
+        if self.guess_mode and not self.control:
+            raise RequestError("guess_mode", "{guess_mode} needs {control} images (it changes how the ControlNets "
+                                             "steer)")
         from sdrt.engine import samplers        # (samplers -> scheduler -> this module's RequestError)
         self.sampler = self._sampler()
         try:

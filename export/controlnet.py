@@ -107,12 +107,14 @@ def module(cn):
 
 
 def step_reference(unet, controlnets, u: np.ndarray, t: np.ndarray, emb: np.ndarray, images: list,
-                   scales: list, guidance: bool, cn_input: np.ndarray | None = None) -> np.ndarray:
+                   scales: list, guidance: bool, cn_input: np.ndarray | None = None, weights=None) -> np.ndarray:
     """The UNet output of one step with ControlNets, in torch (diffusers' own residual plumbing):
     ControlNet k on (x, t, text, image_k), its residuals times s_k (per sample: scales[k][b]),
     summed over k, the UNet called with down_block_additional_residuals /
     mid_block_additional_residual. t: per sample [B]. cn_input: the ControlNets' latents when the
-    UNet's input is more (the 9-channel inpainting UNet), else u."""
+    UNet's input is more (the 9-channel inpainting UNet), else u. weights: per ControlNet, [2, ≥R]
+    residual weights (row 0: the unconditional half of a CFG batch, row 1: the conditional half, or
+    the whole batch without CFG; sdrt.contract.control_weights); None: ones."""
     import torch
     x = u if cn_input is None else cn_input
     two = (lambda a: np.concatenate([a, a])) if guidance else (lambda a: a)
@@ -120,11 +122,14 @@ def step_reference(unet, controlnets, u: np.ndarray, t: np.ndarray, emb: np.ndar
     tt = torch.from_numpy(two(np.asarray(t, np.float32)))
     down_sum, mid_sum = None, None
     with torch.no_grad():
-        for cn, image, scale in zip(controlnets, images, scales):
-            s = torch.from_numpy(two(np.asarray(scale, np.float32)).reshape(-1, 1, 1, 1))
+        for k, (cn, image, scale) in enumerate(zip(controlnets, images, scales)):
+            scale = np.asarray(scale, np.float32)
+            w = np.ones((2, 64), np.float32) if weights is None else np.asarray(weights[k], np.float32)
+            half = lambda i: (np.concatenate([scale * w[0, i], scale * w[1, i]]) if guidance else scale * w[1, i])
+            s = [torch.from_numpy(half(i).astype(np.float32).reshape(-1, 1, 1, 1)) for i in range(w.shape[1])]
             down, mid = cn(torch.from_numpy(two(x)), tt, emb_t, controlnet_cond=torch.from_numpy(two(image)),
                            conditioning_scale=1.0, return_dict=False)
-            down, mid = [d * s for d in down], mid * s
+            down, mid = [d * s[i] for i, d in enumerate(down)], mid * s[len(down)]
             down_sum = down if down_sum is None else [a + b for a, b in zip(down_sum, down)]
             mid_sum = mid if mid_sum is None else mid_sum + mid
         return unet(torch.from_numpy(two(u)), tt, emb_t, down_block_additional_residuals=down_sum,

@@ -17,8 +17,8 @@ import numpy as np
 import sdrt
 from sdrt import contract
 from sdrt import manifest as mf
-from sdrt.contract import (MAX_CONTROLNETS, STEP_COLUMNS, Dims, ModelConfig, Variant, all_models, control_image,
-                           step_models)
+from sdrt.contract import (MAX_CONTROL_RESIDUALS, MAX_CONTROLNETS, STEP_COLUMNS, Dims, ModelConfig, Variant, all_models,
+                           control_image, control_weights, step_models)
 from sdrt.errors import UserError
 from sdrt.fileio import default_mode_tree, temp_dir_beside, write_json_atomic
 from sdrt.export import (attention, compose_step, controlnet, lora_targets, pipeline_folder, scheduler_config, single_file,
@@ -328,6 +328,8 @@ def _step_reference(folder, step, dims: Dims, sched_config: dict, controlnets=()
     rng = np.random.default_rng(3)
     images = [rng.random(inputs[control_image(i)].shape).astype(np.float32) for i in range(n_cn)]
     inputs.update({control_image(i): im for i, im in enumerate(images)})
+    weights = [rng.random((2, MAX_CONTROL_RESIDUALS)).astype(np.float32) for _ in range(n_cn)]   # any weights
+    inputs.update({control_weights(i): w for i, w in enumerate(weights) if control_weights(i) in inputs})
     if "mask" in inputs:  # a binary mask, as the runtime feeds it
         inputs["mask"] = (inputs["mask"] > 0).astype(np.float32)
     rows = table[ks]
@@ -339,7 +341,8 @@ def _step_reference(folder, step, dims: Dims, sched_config: dict, controlnets=()
     sample = torch.from_numpy(np.concatenate([u, u]) if guidance else u)
     if n_cn:
         m = controlnet.step_reference(folder.unet, controlnets[:n_cn], u, rows[:, 0], emb.numpy(), images, scales,
-                                      guidance, cn_input=x * row["model_in_scale"] if u.shape[1] != x.shape[1] else None)
+                                      guidance, cn_input=x * row["model_in_scale"] if u.shape[1] != x.shape[1] else None,
+                                      weights=weights)
     else:
         with torch.no_grad():
             m = folder.unet(sample, torch.cat([t, t]) if guidance else t, emb, return_dict=False)[0].numpy()

@@ -52,7 +52,7 @@ def cmd_generate(a):
                               vae_batch=a.vae_batch, prompt_syntax=a.prompt_syntax, sampler=a.sampler,
                               schedule=a.schedule, noise=load_latents(a.noise, "noise"),
                               cfg_cutoff=a.cfg_cutoff, control=a.control or None,
-                              control_preprocess=a.control_preprocess)
+                              control_preprocess=a.control_preprocess, guess_mode=a.guess_mode)
     generate_files(a.work_dir, request, a.out, backend=a.backend, timings=a.timings)
 
 
@@ -426,6 +426,9 @@ def add_generate_args(s) -> None:
     s.add_argument("--control-preprocess", metavar="canny[:LOW:HIGH]",
                    help="make edge maps of the --control images first (OpenCV's Canny, thresholds default 100:200; "
                         "pip install 'sdrt[canny]')")
+    s.add_argument("--guess-mode", action="store_true",
+                   help="diffusers' guess mode: the ControlNets steer the conditional half of guidance only, "
+                        "their residuals weighted 0.1 (shallow) to 1 (deep)")
     s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA .safetensors (diffusers/PEFT or kohya keys), scale default 1; repeatable. "
                         "Merged at run time: no re-export, no rebuild (TensorRT: engines built with --refit)")

@@ -84,6 +84,21 @@ def test_samplers_and_controlnet_match_diffusers(cn_folders, cn1_export, sampler
                 ref) < 50
 
 
+def test_guess_mode_matches_diffusers(cn_folders, cn1_export, tmp_path):
+    """guess_mode=True: the ControlNet's residuals reach the conditional half only, residual i of R
+    weighted logspace(-1, 0, R)[i] (per-call weights in the step graph: no other graph, no rebuild)."""
+    from conftest import assert_user_error, run_cli
+    sd, cns = cn_folders
+    control, eps = control_picture(35), noise(35)
+    ref = reference(reference_pipe(sd, cns[0]), control, eps, guess_mode=True)
+    got = ours(cn1_export, control, eps, guess_mode=True)
+    assert psnr(got, ref) >= 50, psnr(got, ref)
+    assert psnr(ours(cn1_export, control, eps), ref) < 50                  # guess mode counts
+    control.save(tmp_path / "edges.png")
+    assert_user_error(run_cli("generate", cn1_export, PROMPT, "--steps", "1", "--backend", "onnxruntime-cpu",
+                              "--guess-mode", "--out", tmp_path / "o.png"), "--guess-mode", "--control")
+
+
 def test_bench_times_controlnet_against_diffusers_controlnet_pipeline(cn_folders, cn1_export, tmp_path):
     """`sdrt bench --control`: the reference is diffusers' ControlNet pipeline on the ControlNet folder
     the export was made from; the same images (PSNR), denoise timed with the ControlNet in it."""

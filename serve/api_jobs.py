@@ -57,6 +57,7 @@ class JobRequest(BaseModel):
     mask: str | None = Field(None, description="base64 mask, white = repaint")
     strength: float | None = None
     control: list[ControlChoice] = Field([], description="one per exported ControlNet, in export order")
+    guess_mode: bool = Field(False, description="the ControlNets steer the conditional half only (diffusers' guess mode)")
 
 
 def job_spec(server, req: JobRequest) -> sp.Spec:
@@ -75,7 +76,7 @@ def job_spec(server, req: JobRequest) -> sp.Spec:
     return sp.make(lim, prompt=req.prompt, negative=req.negative_prompt, steps=req.steps,
                    guidance=req.guidance_scale, width=req.width, height=req.height, n=req.n, seed=req.seed,
                    sampler_name=req.sampler, schedule=req.schedule, clip_skip=req.clip_skip, lora_list=req.loras, image=image, mask=mask,
-                   strength=req.strength, control=sp.control_units(lim, units))
+                   strength=req.strength, control=sp.control_units(lim, units), guess_mode=req.guess_mode)
 
 
 @router.post("/v1/jobs", status_code=202)

@@ -165,7 +165,7 @@ def common(server, req: Processing, image=None, mask=None, strength=None, extra_
     if req.force_task_id is not None and not TASK_ID.match(req.force_task_id):
         raise sp.bad("force_task_id", "use 1-96 letters, digits and _ . ( ) : -")
     clip_skip, ignored = settings(server, req)
-    control, cn_ignored = controlnet_units(server, req)
+    control, cn_ignored, guess_mode = controlnet_units(server, req)
     sampler = req.sampler_name if req.sampler_name else (req.sampler_index if "sampler_index" in req.model_fields_set
                                                          else None)
     field = "sampler_name" if req.sampler_name else "sampler_index"
@@ -179,7 +179,7 @@ def common(server, req: Processing, image=None, mask=None, strength=None, extra_
                    height=None if image is not None else req.height, n=n, seed=req.seed, sampler_name=sampler,
                    schedule=req.scheduler, clip_skip=clip_skip, image=image, mask=mask, strength=strength,
                    not_applied=not_applied(req, mask is not None) + ignored + cn_ignored + list(extra_not_applied),
-                   control=control,
+                   control=control, guess_mode=guess_mode,
                    fields={"guidance": "cfg_scale", "n": "batch_size", "sampler": field, "schedule": "scheduler",
                            "clip_skip": "override_settings.CLIP_stop_at_last_layers",
                            "strength": "denoising_strength"})
@@ -189,18 +189,19 @@ CN = "alwayson_scripts.controlnet.args"
 CN_MODULES = {"none": None, "canny": "canny"}
 
 
-def controlnet_units(server, req: Processing) -> tuple[tuple, list[str]]:
+def controlnet_units(server, req: Processing) -> tuple[tuple, list[str], bool]:
     """The ControlNet extension's units (alwayson_scripts.controlnet.args: image or input_image as
     base64, module none/canny with threshold_a/threshold_b, weight, guidance_start, guidance_end)
-    -> (spec.ControlUnit per exported ControlNet, in export order; fields not applied). Disabled
-    units are left out; `model` is not read: unit k runs on the export's ControlNet k."""
+    -> (spec.ControlUnit per exported ControlNet, in export order; fields not applied; guess mode:
+    the units' guess_mode, which must agree). Disabled units are left out; `model` is not read:
+    unit k runs on the export's ControlNet k."""
     script = (req.alwayson_scripts or {}).get("controlnet")
     if script is None:
-        return (), []
+        return (), [], False
     args = script.get("args") if isinstance(script, dict) else None
     if not isinstance(args, list):
         raise sp.bad(CN, "must be a list of ControlNet units ({image, module, weight, guidance_start, guidance_end})")
-    units, ignored = [], []
+    units, ignored, guess = [], [], set()
     for i, u in enumerate(args):
         where = f"{CN}[{i}]"
         if not isinstance(u, dict):
@@ -223,14 +224,17 @@ def controlnet_units(server, req: Processing) -> tuple[tuple, list[str]]:
             canny = tuple(d if u.get(k) in (None, -1) else u.get(k) for k, d in zip(("threshold_a", "threshold_b"), CANNY))
         changes = {"control_mode": u.get("control_mode") not in (None, 0, "Balanced"),
                    "resize_mode": u.get("resize_mode") not in (None, 0, "Just Resize"),
-                   "pixel_perfect": bool(u.get("pixel_perfect")), "guess_mode": bool(u.get("guess_mode")),
+                   "pixel_perfect": bool(u.get("pixel_perfect")),
                    "processor_res": module != "none" and u.get("processor_res") not in (None, -1)}
         ignored += [f"{where}.{k}" for k, v in changes.items() if v]
+        guess.add(bool(u.get("guess_mode")))
         units.append({"image": image, "scale": u.get("weight"), "start": u.get("guidance_start"),
                       "end": u.get("guidance_end"), "canny": canny,
                       "fields": {"image": key, "scale": "weight", "start": "guidance_start", "end": "guidance_end",
                                  "preprocess": "threshold_a"}})
-    return sp.control_units(server.limits, units, CN), ignored
+    if len(guess) > 1:
+        raise sp.bad(f"{CN}[0].guess_mode", "guess mode applies to every unit here: give the same guess_mode in each")
+    return sp.control_units(server.limits, units, CN), ignored, guess == {True}
 
 
 def info_json(server, req: Processing, job, spec: sp.Spec) -> str:

@@ -22,7 +22,7 @@ class Sample:
 
 def request(samples: list[Sample], steps: int, guidance: float, height: int | None, width: int | None,
             clip_skip: int = 1, image=None, mask=None, strength=None, sampler: str = "DDIM",
-            schedule: str | None = None, control=()) -> GenerateRequest:
+            schedule: str | None = None, control=(), guess_mode: bool = False) -> GenerateRequest:
     """image/mask: a PIL image each (image to image, inpainting), shared by every sample; the
     output then has the image's size. control: spec.ControlUnit per exported ControlNet, shared
     by every sample. LoRAs stay as applied (the worker switches them)."""
@@ -31,16 +31,16 @@ def request(samples: list[Sample], steps: int, guidance: float, height: int | No
                            width=None if image is not None else width, batch=len(samples),
                            seed=[s.seed for s in samples], image=image, mask=mask, strength=strength,
                            clip_skip=clip_skip, sampler=sampler, schedule=schedule,
-                           control=[u.runtime() for u in control] or None)
+                           control=[u.runtime() for u in control] or None, guess_mode=guess_mode)
 
 
 def run(pipe, samples: list[Sample], steps: int, guidance: float, height: int | None, width: int | None,
         clip_skip: int = 1, image=None, mask=None, strength=None, sampler: str = "DDIM",
-        schedule: str | None = None, on_step=None, control=()) -> Result:
+        schedule: str | None = None, on_step=None, control=(), guess_mode: bool = False) -> Result:
     """on_step(step, steps) after each denoising step, counted over all `steps` (image inputs
     start part-way: strength); it may raise sdrt.engine.request.Cancelled to stop the call."""
     def hook(done: int, total: int) -> None:
         on_step(steps - total + done, steps)
     return pipe.run(request(samples, steps, guidance, height, width, clip_skip, image, mask, strength,
-                                    sampler, schedule, control),
+                                    sampler, schedule, control, guess_mode),
                     on_step=hook if on_step is not None else None)

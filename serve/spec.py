@@ -91,6 +91,7 @@ class Spec:
     mask: object = None              # PIL "L" image, white = repaint
     strength: float | None = None
     control: tuple = ()              # ControlUnit per exported ControlNet, in export order
+    guess_mode: bool = False         # the ControlNets steer the conditional half only (diffusers' guess mode)
     not_applied: list = field(default_factory=list)   # accepted fields sdrt does not apply
 
     def __post_init__(self):
@@ -126,7 +127,7 @@ class Spec:
                 "schedule": self.schedule, "clip_skip": self.clip_skip,
                 "loras": [{"name": n, "scale": s} for n, s in self.loras], "task": self.task,
                 "strength": self.strength, "not_applied": list(self.not_applied),
-                **({"control": [u.info() for u in self.control]} if self.control else {})}
+                **({"control": [u.info() for u in self.control], "guess_mode": self.guess_mode} if self.control else {})}
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ def loras(lim: Limits, items, field: str = "loras") -> tuple:
 
 def make(lim: Limits, *, prompt, negative=None, steps=None, guidance=None, width=None, height=None, n=None,
          seed=None, sampler_name=None, schedule=None, clip_skip=None, lora_list=None, image=None, mask=None, strength=None,
-         not_applied=(), fields=None, control=()) -> Spec:
+         not_applied=(), fields=None, control=(), guess_mode=False) -> Spec:
     """A Spec from the common fields; fields: {common name: the route's own name} for messages."""
     f = {"prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "guidance": "guidance_scale",
          "width": "width", "height": "height", "n": "n", "seed": "seed", "sampler": "sampler", "schedule": "schedule",
@@ -284,7 +285,16 @@ def make(lim: Limits, *, prompt, negative=None, steps=None, guidance=None, width
                 n=n, seeds=seeds(seed, n, f["seed"]), sampler=name, schedule=schedule,
                 clip_skip=integer(f["clip_skip"], 1 if clip_skip is None else clip_skip, 1, lim.clip_skip_max),
                 loras=loras(lim, lora_list, f["loras"]), image=image, mask=mask, strength=strength,
-                control=tuple(control), not_applied=list(not_applied))
+                control=tuple(control), guess_mode=control_guess_mode(control, guess_mode, f.get("guess_mode", "guess_mode")),
+                not_applied=list(not_applied))
+
+
+def control_guess_mode(control, v, field: str) -> bool:
+    if not isinstance(v, bool):
+        raise bad(field, f"{v!r} is not true or false")
+    if v and not control:
+        raise bad(field, "needs control units (it changes how the ControlNets steer)")
+    return v
 
 
 # ---- ControlNet units ------------------------------------------------------------------------------
@@ -314,9 +324,9 @@ def control_unit(lim: Limits, u: dict, where: str) -> ControlUnit:
         raise bad(f["start"], f"the step window {start:g}..{end:g} is empty: start must be below end")
     preprocess = "none"
     if u.get("canny") is not None:
-        low, high = (number(f["preprocess"], v, 0.0, 10000.0) for v in u["canny"])
-        if not low < high:
-            raise bad(f["preprocess"], f"canny thresholds {low:g}:{high:g}: the low one must be below the high one")
+        low, high = (number(f["preprocess"], v, 0.0, 1000.0) for v in u["canny"])
+        if not low <= high:
+            raise bad(f["preprocess"], f"canny thresholds {low:g}:{high:g}: the low one must not exceed the high one")
         from sdrt.engine import image_input
         try:
             img = image_input.canny(img, low, high)

@@ -236,7 +236,8 @@ class EngineWorker(threading.Thread):
         t0 = time.perf_counter()
         result = runner.run(self.pipe, samples, spec.steps, spec.guidance, spec.height, spec.width,
                             clip_skip=spec.clip_skip, image=spec.image, mask=spec.mask, strength=spec.strength,
-                            sampler=spec.sampler, schedule=spec.schedule, on_step=on_step, control=spec.control)
+                            sampler=spec.sampler, schedule=spec.schedule, on_step=on_step, control=spec.control,
+                            guess_mode=spec.guess_mode)
         if self.metrics:
             self.metrics.batches.inc()
         t = result.timings

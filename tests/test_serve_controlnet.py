@@ -49,6 +49,13 @@ def test_jobs_api_control_units_draw_what_the_pipeline_draws(cn_server, cn1_expo
     want = in_process(cn1_export, 3, [(edges, 0.9, 0.0, 0.8)])
     np.testing.assert_array_equal(png(res["images"][0]), want)
     assert res["info"]["control"] == [{"scale": 0.9, "start": 0.0, "end": 0.8, "preprocess": "none"}]
+    assert res["info"]["guess_mode"] is False
+    job = cn_server.job(prompt=PROMPT, seed=3, steps=STEPS, guidance_scale=7.5, width=W, height=H, guess_mode=True,
+                        control=[{"image": b64png(edges), "scale": 0.9, "start": 0.0, "end": 0.8}])
+    assert cn_server.wait_job(job["id"])["state"] == "succeeded"
+    res = cn_server.http.get(f"/v1/jobs/{job['id']}/result").json()
+    np.testing.assert_array_equal(png(res["images"][0]), in_process(cn1_export, 3, [(edges, 0.9, 0.0, 0.8)],
+                                                                    guess_mode=True))
     # canny made by the server from a photo: the image of --control-preprocess canny:50:150
     pytest.importorskip("cv2")
     job = cn_server.job(prompt=PROMPT, seed=4, steps=STEPS, guidance_scale=7.5, width=W, height=H,
@@ -93,6 +100,7 @@ def test_webui_controlnet_extension_units(cn_server, cn1_export):
     ("/v1/jobs", {"control": [{"image": "EDGES", "scale": 11}]}, "control[0].scale"),
     ("/v1/jobs", {"control": [{"image": "EDGES", "start": 0.9, "end": 0.2}]}, "control[0].start"),
     ("/v1/jobs", {"control": [{"image": "EDGES", "preprocess": "depth"}]}, "control[0].preprocess"),
+    ("/v1/jobs", {"guess_mode": True}, "guess_mode"),
     ("/sdapi/v1/txt2img", {"alwayson_scripts": {"controlnet": {"args": [{"image": "EDGES", "module": "depth"}]}}},
      "alwayson_scripts.controlnet.args[0].module"),
     ("/sdapi/v1/txt2img", {"alwayson_scripts": {"controlnet": {"args": [{"input_image": "EDGES",

@@ -134,8 +134,9 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
         model_dir / "scheduler", pipeline_folder.read_model_index(model_dir)["scheduler"][1])
     scheduler_config.warn_if_updated(updated)
     pipeline_folder.check_tokenizer(model_dir / "tokenizer", pipeline_folder.text_vocab_size(model_dir))
-    cns = [controlnet.load(p) for p in controlnets]          # refused before the base is loaded
     unet_config, vae_config = (controlnet.read_config(model_dir / c) for c in ("unet", "vae"))
+    cns = [controlnet.load(p, unet_config, vae_config.latent_channels)      # refused before the base is loaded
+           for p in controlnets]
     layouts = [controlnet.check_fits(cn, unet_config, vae_config.latent_channels, p)
                for cn, p in zip(cns, controlnets)]
     say(f"loading {model_dir} ...")

@@ -189,7 +189,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true",
                    help="replace a previous export in WORK_DIR (its engines/ and anything else in it go too)")
     s.add_argument("--controlnet", action="append", default=[], type=Path, metavar="CN_DIR",
-                   help="a diffusers ControlNetModel folder for this model; repeatable (their residuals add up)")
+                   help="a diffusers ControlNetModel folder (or a single-file ControlNet checkpoint) for this model; "
+                        "repeatable (their residuals add up)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an export")

@@ -99,6 +99,48 @@ def test_guess_mode_matches_diffusers(cn_folders, cn1_export, tmp_path):
                               "--guess-mode", "--out", tmp_path / "o.png"), "--guess-mode", "--control")
 
 
+def controlnet_to_ldm(cn, up_block_types) -> dict:
+    """A diffusers ControlNetModel's weights in the original layout (control_model.*: the UNet
+    encoder's LDM names, input_hint_block, zero_convs, middle_block_out), as community checkpoints
+    hold them; diffusers' from_single_file reads them back."""
+    from ldm_checkpoint import UNET, unet_to_ldm
+    state = cn.state_dict()
+    shared = {k: v for k, v in state.items() if k.startswith(("conv_in.", "time_embedding.", "down_blocks.",
+                                                                "mid_block."))}
+    out = {"control_model." + k[len(UNET):]: v
+           for k, v in unet_to_ldm(shared, {**dict(cn.config), "up_block_types": up_block_types}).items()}
+    e = cn.controlnet_cond_embedding
+    named = [(f"input_hint_block.{2 * n}", c) for n, c in enumerate([e.conv_in, *e.blocks, e.conv_out])]
+    named += [(f"zero_convs.{i}.0", c) for i, c in enumerate(cn.controlnet_down_blocks)]
+    named += [("middle_block_out.0", cn.controlnet_mid_block)]
+    for name, conv in named:
+        out[f"control_model.{name}.weight"], out[f"control_model.{name}.bias"] = conv.weight, conv.bias
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def test_single_file_controlnet_checkpoint(cn_folders, cn1_export, tmp_path):
+    """--controlnet FILE.safetensors in the original layout: read offline by diffusers'
+    ControlNetModel.from_single_file with a config sdrt derives (the base UNet's encoder, the
+    checkpoint's conditioning channels); the export draws what the folder's export draws."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+    from conftest import assert_user_error, run_cli
+    from sdrt.export.export import export
+    from test_controlnet import SPEC
+    sd, cns = cn_folders
+    path = tmp_path / "control_edges.safetensors"
+    save_file(controlnet_to_ldm(ControlNetModel.from_pretrained(cns[0]), SPEC["unet"]["up_block_types"]), str(path))
+    work = export(sd, tmp_path / "work", precision="fp32", controlnets=[path])
+    control, eps = control_picture(36), noise(36)
+    a, b = ours(work, control, eps), ours(cn1_export, control, eps)
+    assert psnr(a, b) >= 50, psnr(a, b)
+    bad = tmp_path / "not_a_controlnet.safetensors"
+    save_file({"w": __import__("torch").zeros(2)}, str(bad))
+    assert_user_error(run_cli("export", sd, tmp_path / "w2", "--precision", "fp32", "--controlnet", bad),
+                      "not a ControlNet checkpoint")
+    assert not (tmp_path / "w2").exists()
+
+
 def test_bench_times_controlnet_against_diffusers_controlnet_pipeline(cn_folders, cn1_export, tmp_path):
     """`sdrt bench --control`: the reference is diffusers' ControlNet pipeline on the ControlNet folder
     the export was made from; the same images (PSNR), denoise timed with the ControlNet in it."""

@@ -118,24 +118,30 @@ def controlnet_to_ldm(cn, up_block_types) -> dict:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def test_single_file_controlnet_checkpoint(cn_folders, cn1_export, tmp_path):
+def test_single_file_controlnet_checkpoint(cn_folders, tmp_path):
     """--controlnet FILE.safetensors in the original layout: read offline by diffusers'
     ControlNetModel.from_single_file with a config sdrt derives (the base UNet's encoder, the
-    checkpoint's conditioning channels); the export draws what the folder's export draws."""
+    checkpoint's conditioning channels): the same config and weights as the folder (so the same
+    export); `sdrt export` takes that path for a file, and refuses a file that is no ControlNet."""
+    import torch
     from diffusers import ControlNetModel
     from safetensors.torch import save_file
     from conftest import assert_user_error, run_cli
-    from sdrt.export.export import export
+    from sdrt.export import controlnet
     from test_controlnet import SPEC
     sd, cns = cn_folders
+    folder = ControlNetModel.from_pretrained(cns[0])
     path = tmp_path / "control_edges.safetensors"
-    save_file(controlnet_to_ldm(ControlNetModel.from_pretrained(cns[0]), SPEC["unet"]["up_block_types"]), str(path))
-    work = export(sd, tmp_path / "work", precision="fp32", controlnets=[path])
-    control, eps = control_picture(36), noise(36)
-    a, b = ours(work, control, eps), ours(cn1_export, control, eps)
-    assert psnr(a, b) >= 50, psnr(a, b)
+    save_file(controlnet_to_ldm(folder, SPEC["unet"]["up_block_types"]), str(path))
+    got = controlnet.load(path, controlnet.read_config(sd / "unet"), 4)
+    for key in ("conditioning_embedding_out_channels", "block_out_channels", "cross_attention_dim",
+                "attention_head_dim", "layers_per_block", "in_channels"):
+        assert tuple(np.atleast_1d(got.config[key])) == tuple(np.atleast_1d(folder.config[key])), key
+    want = folder.state_dict()
+    assert got.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in got.state_dict().items())
     bad = tmp_path / "not_a_controlnet.safetensors"
-    save_file({"w": __import__("torch").zeros(2)}, str(bad))
+    save_file({"w": torch.zeros(2)}, str(bad))
     assert_user_error(run_cli("export", sd, tmp_path / "w2", "--precision", "fp32", "--controlnet", bad),
                       "not a ControlNet checkpoint")
     assert not (tmp_path / "w2").exists()

@@ -195,6 +195,7 @@ class SdrtContender:
 
     def run(self, prompt: Prompt, steps: int, h: int, w: int, batch: int, latents, inputs: dict) -> Sample:
         before = mem_used()
+        inputs = {k: v for k, v in inputs.items() if k != "controlnet_dirs"}
         r = self.pipe.generate(prompt.text, prompt.negative, steps, prompt.guidance, h, w, batch,
                                latents=latents, **inputs)
         self.held_bytes += max(mem_used() - before, 0)
@@ -328,6 +329,8 @@ def versions() -> dict:
 
 
 def mode_of(inputs: dict) -> str:
+    if inputs.get("control"):
+        return f"controlnet x{len(inputs['control'])}"
     if inputs.get("noise_level") is not None:
         return "upscale"
     if inputs.get("mask") is not None:
@@ -366,6 +369,24 @@ def upscale_inputs(image, mask, strength, cfg) -> tuple[dict, tuple[int, int]]:
             (h * cfg.vae_factor, w * cfg.vae_factor))
 
 
+def control_inputs(control, manifest: dict, cfg, image) -> dict:
+    """{control: [(PIL image, scale, start, end)], controlnet_dirs: [the ControlNet folders the
+    export was made from (the reference loads them)]} for --control; {} without."""
+    if not control:
+        return {}
+    from sdrt.engine import image_input
+    from sdrt.engine.request import GenerateRequest
+    if image is not None:
+        raise UserError("bench --control times text to image with ControlNets: leave --image out")
+    units = GenerateRequest("bench", control=list(control)).control     # IMAGE[:SCALE[:START:END]], checked
+    if len(units) != cfg.controlnets:
+        raise UserError(f"--control: {len(units)} image(s), the export has {cfg.controlnets} ControlNet(s): give "
+                        f"one --control per ControlNet, in export order")
+    dirs = [Path(manifest["models"][f"controlnet_{k}"].get("source", {}).get("path", "")) for k in range(len(units))]
+    return {"control": [(image_input.load(u.image, "control image").convert("RGB"), u.scale, u.start, u.end)
+                        for u in units], "controlnet_dirs": dirs}
+
+
 def load_exports(work_dirs: list) -> list[dict]:
     """The manifests of the exports to compare: all of one model, or the comparison is void."""
     manifests = [mf.load(w) for w in work_dirs]
@@ -398,10 +419,12 @@ def variants(names: list[str], manifest: dict) -> list[tuple[str, bool]]:
 def bench(work_dirs: list | None = None, reference=None, backends: str = "available", sizes: str | None = None,
           steps: int = 50, batches: str = "1,4,8", runs: int = 5, warmup: int = 1,
           out=DEFAULT_OUT, no_reference: bool = False, image=None, mask=None,
-          strength: float | None = None, interleave: bool | None = None) -> list:
+          strength: float | None = None, interleave: bool | None = None, control=None) -> list:
     """Measure, print the table, write the results under `out`; returns the files written.
     sizes None: the model's own size (512x512 for SD 1.5), or the image's size with `image`
-    (image to image; with `mask`, inpainting). interleave None: interleaved when there is more
+    (image to image; with `mask`, inpainting). control: IMAGE[:SCALE[:START:END]] per exported
+    ControlNet (text to image with them; the reference: diffusers' ControlNet pipeline on the
+    ControlNet folders the export was made from). interleave None: interleaved when there is more
     than one contender (several exports or backends, or a reference)."""
     from sdrt.benchmarks import report
     work_dirs, reference = demo_defaults(work_dirs, reference, no_reference)
@@ -413,6 +436,12 @@ def bench(work_dirs: list | None = None, reference=None, backends: str = "availa
         raise UserError("--steps and --runs must be positive, --warmup not negative")
     names = [parse_backends(backends, m) for m in manifests]
     inputs, image_size = image_inputs(image, mask, strength, steps, cfg)
+    inputs.update(control_inputs(control, manifests[0], cfg, image))
+    if inputs.get("control") and not no_reference:
+        for d in inputs["controlnet_dirs"]:
+            if not (d / "config.json").is_file():
+                raise UserError(f"the ControlNet folder {work_dirs[0]} was exported from ({d}) is gone: the "
+                                f"reference needs it (or pass --no-reference)")
     if image_size is not None:
         if sizes is not None and size_list != [image_size]:
             raise UserError(f"--sizes {sizes}: with --image the size is the image's "

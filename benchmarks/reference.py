@@ -3,7 +3,9 @@ GPU, FP32 on CPU), timed per stage with CUDA events recorded by forward hooks on
 With an input image: StableDiffusionImg2ImgPipeline, with a mask StableDiffusionInpaintPipeline,
 on the same modules, given sdrt's noise and the posterior mean (sdrt's deterministic encoder).
 An upscaler folder: StableDiffusionUpscalePipeline, given sdrt's latents and low-res image noise.
-An LDMTextToImagePipeline folder runs its own pipeline (LDM-BERT; no negative prompt, no image inputs)."""
+An LDMTextToImagePipeline folder runs its own pipeline (LDM-BERT; no negative prompt, no image inputs).
+With control images: StableDiffusionControlNetPipeline on the same modules and the export's
+ControlNet folders (denoise: the ControlNet and UNet calls of each step)."""
 from __future__ import annotations
 
 import time
@@ -77,7 +79,8 @@ class Reference:
         return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
     def run(self, prompt, negative, steps, guidance, height, width, latents: np.ndarray,
-            image=None, mask=None, strength=None, noise_level=None, image_noise=None):
+            image=None, mask=None, strength=None, noise_level=None, image_noise=None, control=None,
+            controlnet_dirs=()):
         """Images (uint8 NHWC) and per-stage timings of one full pipeline call (the tokenizer on the
         host clock, the modules on CUDA events on a GPU; denoise: the UNet calls). With `image`
         (a PIL image), `latents` is the noise added to its latents."""
@@ -98,6 +101,11 @@ class Reference:
             del common["negative_prompt"]
         if image is not None and not self.upscaler:   # built (once) outside the timed call
             pipe, module = self.image_pipeline(mask is not None)
+        if control:
+            pipe, one = self.controlnet_pipeline(controlnet_dirs), len(control) == 1
+            images, scales = [c[0] for c in control], [c[1] for c in control]
+            kw = dict(image=images[0] if one else images, controlnet_conditioning_scale=scales[0] if one else scales,
+                      control_guidance_start=[c[2] for c in control], control_guidance_end=[c[3] for c in control])
         t0 = time.perf_counter()
         if self.upscaler:        # sdrt's latents, and its image noise drawn by the pipeline
             from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_upscale as up
@@ -108,6 +116,8 @@ class Reference:
                 out = self.pipe(image=[image] * b, noise_level=noise_level, latents=noise, **common)
             finally:
                 up.randn_tensor = saved
+        elif control:
+            out = pipe(height=height, width=width, latents=noise, **kw, **common)
         elif image is None:
             out = self.pipe(height=height, width=width, latents=noise, **common)
         else:
@@ -122,6 +132,10 @@ class Reference:
         e2e = (time.perf_counter() - t0) * 1e3
         stage = {name: [self._ms(a[1], z[1]) for a, z in zip(m[0::2], m[1::2])]
                  for name, m in self.marks.items()}
+        if control:                     # each step: its ControlNet calls, then the UNet's
+            per = len(control)
+            cn = stage.pop("controlnet")
+            stage["unet"] = [u + sum(cn[i * per:(i + 1) * per]) for i, u in enumerate(stage["unet"])]
         timings = {"e2e_ms": e2e, "text_encoder_ms": sum(stage["text_encoder"]),
                    "tokenize_ms": self.tokenize_ms,
                    "vae_encoder_ms": sum(stage.get("vae_encoder", [])) if image is not None and not self.upscaler
@@ -147,6 +161,25 @@ class Reference:
         pipe = cls(**self.pipe.components, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe, module
+
+    def controlnet_pipeline(self, dirs):
+        """StableDiffusionControlNetPipeline on the same modules with these ControlNet folders
+        (their calls timed as stage "controlnet"); made once."""
+        key = tuple(map(str, dirs))
+        cache = self.__dict__.setdefault("_controlnet_pipes", {})
+        if key not in cache:
+            from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+            cns = [ControlNetModel.from_pretrained(d, dtype=self.pipe.unet.dtype).to(self.pipe.device).eval()
+                   for d in dirs]
+            for cn in cns:
+                cn.register_forward_pre_hook(self._hook("controlnet", "start"))
+                cn.register_forward_hook(self._hook("controlnet", "end"))
+            parts = {k: v for k, v in self.pipe.components.items() if k != "image_encoder"}
+            pipe = StableDiffusionControlNetPipeline(**parts, controlnet=cns[0] if len(cns) == 1 else cns,
+                                                     requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            cache[key] = pipe
+        return cache[key]
 
     def close(self):
         del self.pipe

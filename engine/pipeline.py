@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from sdrt import manifest as mf
-from sdrt.contract import Dims, Step, Task, Variant, control_image, has_sampler_state, tasks_of_unet
+from sdrt.contract import (Dims, Step, Task, Variant, control_image, control_weights, has_sampler_state,
+                           tasks_of_unet)
 from sdrt.engine import backends, cuda, image_input, samplers, scheduler, vae_slices
 from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows, copy_rows
 from sdrt.engine.conditioning import Conditioning, emphasize, load_tokenizer
@@ -120,18 +121,20 @@ class Pipeline:
                  batch=None, seed=None, latents=None, vae_batch=None, clip_skip=1, embeddings=None, image=None,
                  mask=None, strength=None, resize=False, loras=None, prompt_syntax="webui",
                  sampler="DDIM", schedule=None, noise=None, cfg_cutoff=None, on_step=None, control=None,
-                 control_preprocess=None, noise_level=None, image_noise=None) -> Result:
+                 control_preprocess=None, noise_level=None, image_noise=None, guess_mode=False) -> Result:
         """`run(GenerateRequest(...))`: the request's fields as keywords (see sdrt.engine.request).
         Text to image; with `image` (path, PIL image or uint8 array), image to image (strength
         default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0).
         control: one entry per exported ControlNet, "IMAGE[:SCALE[:START:END]]" or (IMAGE, SCALE,
         START, END) (sdrt.engine.request.Control). On an upscaler export, `image` is the low-resolution
         image: the output is 4x its size; noise_level (default 20) and image_noise (its noise
-        [1 | B, 3, h, w] instead of the seed's) apply (sdrt.engine.upscaler)."""
+        [1 | B, 3, h, w] instead of the seed's) apply (sdrt.engine.upscaler).
+        guess_mode: diffusers' guess mode (the ControlNets steer the conditional half only, their
+        residuals weighted 0.1 .. 1 from shallow to deep)."""
         return self.run(GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed, latents,
                                         image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
                                         prompt_syntax, sampler, schedule, noise, cfg_cutoff, control,
-                                        control_preprocess, noise_level, image_noise),
+                                        control_preprocess, noise_level, image_noise, guess_mode),
                         on_step=on_step)
 
     def run(self, request: GenerateRequest, on_step: StepCallback | None = None) -> Result:
@@ -202,6 +205,7 @@ class Pipeline:
             for k, (_, pil) in enumerate(controls):   # bound once per call, repeated over the batch
                 image = image_input.control_array(pil, height, width)
                 p.buf[control_image(k)].write(np.repeat(image, dims.batch, 0))
+                self.write_control_weights(p, k, r.guess_mode)
         clock.mark("start")
         plan.text.run()
         if (text.weights != 1.0).any():       # emphasis: a round trip (and sync) of the embeddings
@@ -264,6 +268,23 @@ class Pipeline:
         if preprocess is not None:
             images = [image_input.canny(im, *preprocess[1]) for im in images]
         return list(zip(control, images))
+
+    def write_control_weights(self, plan: "Plan", k: int, guess_mode: bool) -> None:
+        """ControlNet k's residual weights (sdrt.contract.control_weights): ones, or guess mode's
+        (diffusers: the unconditional half gets no residual, residual i of R is scaled by
+        logspace(-1, 0, R)[i]). Exports made before the weights run without guess mode."""
+        name = control_weights(k)
+        if name not in plan.buf:
+            if guess_mode:
+                raise RequestError("guess_mode", f"{self.work_dir} was exported before guess mode: run `sdrt export` "
+                                                 f"again to use {{guess_mode}}")
+            return
+        w = np.ones(plan.buf[name].shape, np.float32)
+        if guess_mode:
+            n = len(self.models[f"controlnet_{k}"].outputs)      # R: down residuals + mid
+            w[0] = 0.0
+            w[1, :n] = np.logspace(-1, 0, n, dtype=np.float64).astype(np.float32)
+        plan.buf[name].write(w)
 
     @staticmethod
     def control_columns(rows: np.ndarray, controls: list, steps: int, start: int) -> np.ndarray:
@@ -519,7 +540,8 @@ class Pipeline:
         dtypes = {t.name: t.dtype for m in (te, step, vae) for t in m.tensors}
         new = lambda name, key=None: Buffer(shapes[key or name], dtypes[key or name], be.stream)
         shapes["text_embeddings"] = step.shapes(dims)["text_embeddings"]    # [text_batch, 77 k, D]
-        extra = kind.extra_inputs               # the variant's inputs, bound once per call
+        declared = {t.name for t in step.inputs}    # older exports: without the ControlNets' weights
+        extra = [n for n in kind.extra_inputs if n in declared]   # the variant's inputs, bound once per call
         buf = {n: new(n) for n in ("inputs_embeds", "clip_skip", "text_embeddings", "step_table", "image", *extra)}
         buf["text_rows"] = buf["text_embeddings"].view(te.shapes(dims)["text_embeddings"])  # [text_batch k, 77, D]
         state = has_sampler_state(step)       # exports before the samplers: DDIM only

@@ -106,6 +106,7 @@ class GenerateRequest:
     control_preprocess: str | None = None   # "canny[:LOW:HIGH]": edge maps made from the control images
     noise_level: int | None = None          # x4 upscaler: the low-res image's noise level (default 20)
     image_noise: np.ndarray | None = None   # x4 upscaler: that noise [1 | B, 3, h, w] instead of a seed's
+    guess_mode: bool = False                # diffusers' guess_mode: ControlNets steer the conditional half only
 
     def __post_init__(self):
         self.validate()
@@ -144,6 +145,11 @@ class GenerateRequest:
                                                 f"{', '.join(PROMPT_SYNTAXES)}")
         self.control = None if self.control is None else [self._control(c) for c in self.control]
         self.control_preprocess = self._preprocess()
+        if not isinstance(self.guess_mode, (bool, np.bool_)):
+            raise RequestError("guess_mode", f"{{guess_mode}} must be true or false, got {self.guess_mode!r}")
+        if self.guess_mode and not self.control:
+            raise RequestError("guess_mode", "{guess_mode} needs {control} images (it changes how the ControlNets "
+                                             "steer)")
         from sdrt.engine import samplers        # (samplers -> scheduler -> this module's RequestError)
         self.sampler = self._sampler()
         try:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.contract import STEP_TABLE_ROWS, Model, Variant, control_image
+from sdrt.contract import MAX_CONTROL_RESIDUALS, STEP_TABLE_ROWS, Model, Variant, control_image, control_weights
 from sdrt.errors import UserError
 from sdrt.export.to_onnx import onnx_graph
 
@@ -134,7 +134,9 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path, controlne
 # ---- ControlNets ---------------------------------------------------------------------------------
 #
 #   c_k        = ControlNet_k(x_in, t, text, image_k)       (CFG: x_in and image_k doubled, as u)
-#   r_i        = Σ_k s_k c_k,i      s_k = row_b.control_scale_k (0 outside ControlNet k's step window)
+#   r_i        = Σ_k s_k w_k,h,i c_k,i    s_k = row_b.control_scale_k (0 outside ControlNet k's step window)
+#                w_k,h,i = control_weights_k[h, i]: residual i's weight on CFG half h (uncond 0, cond 1;
+#                without CFG: row 1); ones, or guess mode's [0 ...; logspace(-1, 0, R)]
 #   UNet skip i (the up blocks' Concat inputs) <- skip_i + r_i;  mid-block output <- mid + r_mid
 #
 # The ControlNet graphs are copied in under their own prefix; their initializers keep pointing at
@@ -151,6 +153,8 @@ def add_controlnets(g, unet: Model, controlnets, node, col, f_type, guidance: bo
     sums = None
     for k, (path, model) in enumerate(controlnets):
         n_down = len(model.outputs) - 1
+        if len(model.outputs) > MAX_CONTROL_RESIDUALS:
+            raise UserError(f"{model.name} has {len(model.outputs)} residuals: sdrt takes at most {MAX_CONTROL_RESIDUALS}")
         if n_down != len(skips):
             raise UserError(f"{model.name} has {n_down} down residuals, the UNet {len(skips)} skip connections: "
                             f"it is for another block layout")
@@ -163,12 +167,11 @@ def add_controlnets(g, unet: Model, controlnets, node, col, f_type, guidance: bo
                                                         "encoder_hidden_states": P + "encoder_hidden_states",
                                                         "controlnet_cond": P + f"cn{k}_cond"}, out)
         scale = col[f"control_scale_{k}"]                      # [B, 1, 1, 1]: each sample's row
-        if guidance:
-            out.append(node("Concat", [scale, scale], [f"cn{k}_scale_2"], axis=0))
-            scale = f"cn{k}_scale_2"
-        out.append(node("Cast", [scale], [f"cn{k}_scale"], to=f_type))
+        out.append(node("Reshape", [control_weights(k), "minus_one"], [f"cn{k}_w"]))   # [2 R]: uncond, cond
         scaled = [f"cn{k}_{o.name}_s" for o in model.outputs]
-        out += [node("Mul", [outputs[o.name], f"cn{k}_scale"], [name]) for o, name in zip(model.outputs, scaled)]
+        for i, (o, name) in enumerate(zip(model.outputs, scaled)):
+            out += residual_factor(node, k, i, scale, guidance, f_type)
+            out.append(node("Mul", [outputs[o.name], f"cn{k}_f{i}"], [name]))
         if sums is not None:
             out += [node("Add", [a, b], [f"cn_sum{k}_{i}"]) for i, (a, b) in enumerate(zip(sums, scaled))]
             scaled = [f"cn_sum{k}_{i}" for i in range(len(scaled))]
@@ -181,6 +184,25 @@ def add_controlnets(g, unet: Model, controlnets, node, col, f_type, guidance: bo
     del g.node[:]
     g.node.extend(nodes)
     return out
+
+
+def residual_factor(node, k: int, i: int, scale: str, guidance: bool, f_type) -> list:
+    """cn{k}_f{i}: residual i's factor per batch row, s_k w[h, i]: [2B, 1, 1, 1] with CFG (the
+    unconditional half's weight, then the conditional half's), else [B, 1, 1, 1]."""
+    from onnx import helper, numpy_helper
+    def const(name, i):
+        return node("Constant", [], [name], value=numpy_helper.from_array(np.array([i], np.int64)))
+    out = [const(f"cn{k}_i{i}c", MAX_CONTROL_RESIDUALS + i),
+           node("Gather", [f"cn{k}_w", f"cn{k}_i{i}c"], [f"cn{k}_w{i}c"], axis=0),        # [1]
+           node("Mul", [scale, f"cn{k}_w{i}c"], [f"cn{k}_s{i}c"])]
+    last = f"cn{k}_s{i}c"
+    if guidance:
+        out += [const(f"cn{k}_i{i}u", i),
+                node("Gather", [f"cn{k}_w", f"cn{k}_i{i}u"], [f"cn{k}_w{i}u"], axis=0),
+                node("Mul", [scale, f"cn{k}_w{i}u"], [f"cn{k}_s{i}u"]),
+                node("Concat", [f"cn{k}_s{i}u", f"cn{k}_s{i}c"], [f"cn{k}_s{i}"], axis=0)]
+        last = f"cn{k}_s{i}"
+    return out + [node("Cast", [last], [f"cn{k}_f{i}"], to=f_type)]
 
 
 def unet_skips(g) -> tuple[list[str], str]:

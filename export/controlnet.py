@@ -23,12 +23,16 @@ from sdrt.contract import ControlLayout
 from sdrt.errors import UserError, first_line
 
 
-def load(path: Path):
-    """A diffusers ControlNetModel folder, float32, eval."""
+def load(path: Path, unet_config=None, latent_channels: int = 4):
+    """A diffusers ControlNetModel folder, or a single-file ControlNet checkpoint (the original
+    layout; its config from this base's UNet config: load_single_file), float32, eval."""
     import torch
     from diffusers import ControlNetModel
 
+    from sdrt.export import single_file
     path = Path(path)
+    if single_file.is_single_file(path) and unet_config is not None:
+        return load_single_file(path, unet_config, latent_channels)
     if not (path / "config.json").is_file():
         raise UserError(f"--controlnet {path}: not a diffusers ControlNetModel folder (no config.json)")
     try:
@@ -36,6 +40,59 @@ def load(path: Path):
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise UserError(f"--controlnet {path}: cannot load it as a ControlNetModel ({first_line(e)[:200]})") from None
     return model.eval()
+
+
+# The UNet config keys a ControlNetModel shares (a ControlNet copies its base's encoder).
+SHARED_KEYS = ("block_out_channels", "layers_per_block", "down_block_types", "only_cross_attention",
+               "attention_head_dim", "num_attention_heads", "use_linear_projection", "upcast_attention",
+               "norm_num_groups", "norm_eps", "act_fn", "flip_sin_to_cos", "freq_shift", "downsample_padding",
+               "transformer_layers_per_block", "resnet_time_scale_shift", "mid_block_type")
+
+
+def single_file_config(sd: dict, unet_config, latent_channels: int, path: Path) -> dict:
+    """A ControlNetModel config for a checkpoint in the original layout (control_model.* keys, or
+    none): the base UNet's encoder settings, the cross-attention width read from the checkpoint
+    (a ControlNet for another base is then refused by check_fits), and the conditioning network's
+    channels read from its input_hint_block convolutions: conv_in, two per level, conv_out."""
+    prefix = "control_model." if any(k.startswith("control_model.") for k in sd) else ""
+    hint = sorted(int(k.split(".")[-2]) for k in sd if k.startswith(prefix + "input_hint_block.")
+                  and k.endswith(".weight") and getattr(sd[k], "ndim", 0) == 4)
+    if not hint:
+        raise UserError(f"--controlnet {path}: not a ControlNet checkpoint (no input_hint_block weights): give a "
+                        f"ControlNet .safetensors/.ckpt or a diffusers ControlNetModel folder")
+    convs = [sd[f"{prefix}input_hint_block.{n}.weight"] for n in hint]
+    levels = (len(convs) - 2) // 2
+    to_k = next((v for k, v in sd.items() if k.startswith(prefix) and k.endswith("attn2.to_k.weight")), None)
+    cfg = {k: getattr(unet_config, k) for k in SHARED_KEYS if hasattr(unet_config, k)}
+    return {**cfg, "_class_name": "ControlNetModel", "in_channels": latent_channels,
+            "cross_attention_dim": int(to_k.shape[1]) if to_k is not None else unet_config.cross_attention_dim,
+            "conditioning_channels": int(convs[0].shape[1]),
+            "conditioning_embedding_out_channels": [int(convs[0].shape[0])]
+                                                   + [int(convs[2 + 2 * j].shape[0]) for j in range(levels)]}
+
+
+def load_single_file(path: Path, unet_config, latent_channels: int):
+    """diffusers' ControlNetModel.from_single_file, offline, on a config sdrt writes (as
+    sdrt.export.single_file does for whole checkpoints): nothing is fetched."""
+    import json
+    import tempfile
+
+    import torch
+    from diffusers import ControlNetModel
+
+    from sdrt.export import single_file
+    sd = single_file.read_checkpoint(path)
+    config = single_file_config(sd, unet_config, latent_channels, path)
+    single_file.go_offline()
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(config))
+        try:
+            model = ControlNetModel.from_single_file(str(path), config=d, local_files_only=True,
+                                                     torch_dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
+            raise UserError(f"--controlnet {path}: cannot load it as a ControlNet checkpoint for this base "
+                            f"({first_line(e)[:200]})") from None
+    return model.float().eval()
 
 
 def read_config(component: Path):
@@ -107,12 +164,14 @@ def module(cn):
 
 
 def step_reference(unet, controlnets, u: np.ndarray, t: np.ndarray, emb: np.ndarray, images: list,
-                   scales: list, guidance: bool, cn_input: np.ndarray | None = None) -> np.ndarray:
+                   scales: list, guidance: bool, cn_input: np.ndarray | None = None, weights=None) -> np.ndarray:
     """The UNet output of one step with ControlNets, in torch (diffusers' own residual plumbing):
     ControlNet k on (x, t, text, image_k), its residuals times s_k (per sample: scales[k][b]),
     summed over k, the UNet called with down_block_additional_residuals /
     mid_block_additional_residual. t: per sample [B]. cn_input: the ControlNets' latents when the
-    UNet's input is more (the 9-channel inpainting UNet), else u."""
+    UNet's input is more (the 9-channel inpainting UNet), else u. weights: per ControlNet, [2, ≥R]
+    residual weights (row 0: the unconditional half of a CFG batch, row 1: the conditional half, or
+    the whole batch without CFG; sdrt.contract.control_weights); None: ones."""
     import torch
     x = u if cn_input is None else cn_input
     two = (lambda a: np.concatenate([a, a])) if guidance else (lambda a: a)
@@ -120,11 +179,14 @@ def step_reference(unet, controlnets, u: np.ndarray, t: np.ndarray, emb: np.ndar
     tt = torch.from_numpy(two(np.asarray(t, np.float32)))
     down_sum, mid_sum = None, None
     with torch.no_grad():
-        for cn, image, scale in zip(controlnets, images, scales):
-            s = torch.from_numpy(two(np.asarray(scale, np.float32)).reshape(-1, 1, 1, 1))
+        for k, (cn, image, scale) in enumerate(zip(controlnets, images, scales)):
+            scale = np.asarray(scale, np.float32)
+            w = np.ones((2, 64), np.float32) if weights is None else np.asarray(weights[k], np.float32)
+            half = lambda i: (np.concatenate([scale * w[0, i], scale * w[1, i]]) if guidance else scale * w[1, i])
+            s = [torch.from_numpy(half(i).astype(np.float32).reshape(-1, 1, 1, 1)) for i in range(w.shape[1])]
             down, mid = cn(torch.from_numpy(two(x)), tt, emb_t, controlnet_cond=torch.from_numpy(two(image)),
                            conditioning_scale=1.0, return_dict=False)
-            down, mid = [d * s for d in down], mid * s
+            down, mid = [d * s[i] for i, d in enumerate(down)], mid * s[len(down)]
             down_sum = down if down_sum is None else [a + b for a, b in zip(down_sum, down)]
             mid_sum = mid if mid_sum is None else mid_sum + mid
         return unet(torch.from_numpy(two(u)), tt, emb_t, down_block_additional_residuals=down_sum,

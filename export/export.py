@@ -17,8 +17,8 @@ import numpy as np
 import sdrt
 from sdrt import contract
 from sdrt import manifest as mf
-from sdrt.contract import (MAX_CONTROLNETS, STEP_COLUMNS, Dims, ModelConfig, Variant, all_models, control_image,
-                           step_models)
+from sdrt.contract import (MAX_CONTROL_RESIDUALS, MAX_CONTROLNETS, STEP_COLUMNS, Dims, ModelConfig, Variant, all_models,
+                           control_image, control_weights, step_models)
 from sdrt.errors import UserError
 from sdrt.fileio import default_mode_tree, temp_dir_beside, write_json_atomic
 from sdrt.export import (attention, compose_step, controlnet, ldm_bert, lora_targets, pipeline_folder, scheduler_config,
@@ -137,9 +137,10 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     class_name = pipeline_folder.read_model_index(model_dir)["_class_name"]
     pipeline_folder.check_tokenizer(model_dir / "tokenizer", pipeline_folder.text_vocab_size(model_dir),
                                     text_encoder="bert" if class_name == ldm_bert.PIPELINE else "clip")
-    cns = [controlnet.load(p) for p in controlnets]          # refused before the base is loaded
     unet_config, vae_config = (controlnet.read_config(model_dir / c)
                                for c in ("unet", pipeline_folder.vae_component(class_name)))
+    cns = [controlnet.load(p, unet_config, vae_config.latent_channels)      # refused before the base is loaded
+           for p in controlnets]
     layouts = [controlnet.check_fits(cn, unet_config, vae_config.latent_channels, p)
                for cn, p in zip(cns, controlnets)]
     say(f"loading {model_dir} ...")
@@ -336,6 +337,8 @@ def _step_reference(folder, step, dims: Dims, sched_config: dict, controlnets=()
     rng = np.random.default_rng(3)
     images = [rng.random(inputs[control_image(i)].shape).astype(np.float32) for i in range(n_cn)]
     inputs.update({control_image(i): im for i, im in enumerate(images)})
+    weights = [rng.random((2, MAX_CONTROL_RESIDUALS)).astype(np.float32) for _ in range(n_cn)]   # any weights
+    inputs.update({control_weights(i): w for i, w in enumerate(weights) if control_weights(i) in inputs})
     if "mask" in inputs:  # a binary mask, as the runtime feeds it
         inputs["mask"] = (inputs["mask"] > 0).astype(np.float32)
     rows = table[ks]
@@ -347,7 +350,8 @@ def _step_reference(folder, step, dims: Dims, sched_config: dict, controlnets=()
     sample = torch.from_numpy(np.concatenate([u, u]) if guidance else u)
     if n_cn:
         m = controlnet.step_reference(folder.unet, controlnets[:n_cn], u, rows[:, 0], emb.numpy(), images, scales,
-                                      guidance, cn_input=x * row["model_in_scale"] if u.shape[1] != x.shape[1] else None)
+                                      guidance, cn_input=x * row["model_in_scale"] if u.shape[1] != x.shape[1] else None,
+                                      weights=weights)
     else:
         labels = torch.from_numpy(inputs["class_labels"]).long() if "class_labels" in inputs else None
         with torch.no_grad():

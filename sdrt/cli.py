@@ -53,7 +53,8 @@ def cmd_generate(a):
                               schedule=a.schedule, noise=load_latents(a.noise, "noise"),
                               cfg_cutoff=a.cfg_cutoff, control=a.control or None,
                               control_preprocess=a.control_preprocess, noise_level=a.noise_level,
-                              image_noise=load_latents(a.image_noise, "image noise"))
+                              image_noise=load_latents(a.image_noise, "image noise"),
+                              guess_mode=a.guess_mode)
     generate_files(a.work_dir, request, a.out, backend=a.backend, timings=a.timings)
 
 
@@ -73,7 +74,7 @@ def cmd_bench(a):
     from sdrt.benchmarks.bench import bench
     bench(a.work_dirs, a.reference, backends=a.backends, sizes=a.sizes, steps=a.steps, batches=a.batches,
           runs=a.runs, warmup=a.warmup, out=a.out, no_reference=a.no_reference, image=a.image, mask=a.mask,
-          strength=a.strength, interleave=a.interleave)
+          strength=a.strength, interleave=a.interleave, control=a.control)
 
 
 def cmd_bench_lora(a):
@@ -190,7 +191,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true",
                    help="replace a previous export in WORK_DIR (its engines/ and anything else in it go too)")
     s.add_argument("--controlnet", action="append", default=[], type=Path, metavar="CN_DIR",
-                   help="a diffusers ControlNetModel folder for this model; repeatable (their residuals add up)")
+                   help="a diffusers ControlNetModel folder (or a single-file ControlNet checkpoint) for this model; "
+                        "repeatable (their residuals add up)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an export")
@@ -239,6 +241,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--image", type=Path, help="benchmark image to image from this image (times the VAE encoder)")
     s.add_argument("--mask", type=Path, help="with --image: benchmark inpainting")
     s.add_argument("--strength", type=float, help="default 0.75 (image to image), 1.0 (inpainting)")
+    s.add_argument("--control", action="append", metavar="IMAGE[:SCALE[:START:END]]",
+                   help="benchmark text to image with the export's ControlNets, one per ControlNet in export order "
+                        "(the reference: diffusers' ControlNet pipeline)")
     s.add_argument("--runs", type=int, default=5, help="timed runs per configuration and contender")
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--interleave", action=argparse.BooleanOptionalAction,
@@ -429,6 +434,9 @@ def add_generate_args(s) -> None:
     s.add_argument("--control-preprocess", metavar="canny[:LOW:HIGH]",
                    help="make edge maps of the --control images first (OpenCV's Canny, thresholds default 100:200; "
                         "pip install 'sdrt[canny]')")
+    s.add_argument("--guess-mode", action="store_true",
+                   help="diffusers' guess mode: the ControlNets steer the conditional half of guidance only, "
+                        "their residuals weighted 0.1 (shallow) to 1 (deep)")
     s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA .safetensors (diffusers/PEFT or kohya keys), scale default 1; repeatable. "
                         "Merged at run time: no re-export, no rebuild (TensorRT: engines built with --refit)")

@@ -369,15 +369,26 @@ def step_inputs(cfg: ModelConfig, precision: str) -> dict[str, Tensor]:
         # the upscaler's low-resolution image, noised ([-1, 1] + noise), at the latent size
         Tensor("low_res_image", "float32", ("batch", cfg.image_channels or 3, "latent_h", "latent_w")),
         Tensor("class_labels", "int32", ("text_batch",)),      # the UNet's class labels (noise level)
-        *(Tensor(control_image(k), "float32", ("batch", 3, "height", "width")) for k in range(MAX_CONTROLNETS)))}
+        *(Tensor(control_image(k), "float32", ("batch", 3, "height", "width")) for k in range(MAX_CONTROLNETS)),
+        *(Tensor(control_weights(k), "float32", (2, MAX_CONTROL_RESIDUALS)) for k in range(MAX_CONTROLNETS)))}
 
 
 MAX_CONTROLNETS = 8
+MAX_CONTROL_RESIDUALS = 32   # residuals per ControlNet (SD 1.5: 12 down + 1 mid)
 
 
 def control_image(k: int) -> str:
     """The step input of ControlNet k's conditioning image ([B, 3, H, W] in [0, 1], bound once per call)."""
     return f"control_image_{k}"
+
+
+def control_weights(k: int) -> str:
+    """The step input of ControlNet k's per-residual weights ([2, MAX_CONTROL_RESIDUALS], bound once
+    per call): row 0 multiplies residual i on the unconditional half of a CFG batch, row 1 on the
+    conditional half (or the whole batch without CFG). Ones: diffusers' plain ControlNet; guess
+    mode: row 0 zeros, row 1 logspace(-1, 0, R) (the ControlNet steers the conditional half only,
+    its shallow residuals weakest)."""
+    return f"control_weights_{k}"
 
 
 def control_columns(n: int) -> tuple[str, ...]:
@@ -417,9 +428,11 @@ class Step:
 
     @property
     def extra_inputs(self) -> tuple[str, ...]:
-        """Names of the inputs bound once per call (mask, image latents, ..., control images), in
-        graph order."""
-        return self.spec.extra_inputs + tuple(control_image(k) for k in range(self.controlnets))
+        """Names of the inputs bound once per call (mask, image latents, ..., control images and
+        residual weights), in graph order. (Exports made before the weights lack them: the
+        runtime binds what the export's contract declares.)"""
+        return (self.spec.extra_inputs + tuple(control_image(k) for k in range(self.controlnets))
+                + tuple(control_weights(k) for k in range(self.controlnets)))
 
     @property
     def columns(self) -> tuple[str, ...]:

@@ -29,6 +29,16 @@ class LoraChoice(BaseModel):
     scale: float = 1.0
 
 
+class ControlChoice(BaseModel):
+    """One exported ControlNet's input (sdrt.engine.request.Control's fields)."""
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(description="base64 control image (an edge map, depth map, ...)")
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocess: str | None = Field(None, description="none (a ready control image), canny or canny:LOW:HIGH")
+
+
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str = ""
@@ -48,6 +58,8 @@ class JobRequest(BaseModel):
     strength: float | None = None
     noise_level: int | None = Field(None, description="x4 upscaler models: the low-resolution image's noise "
                                                        "level, 0..max (GET /v1/info), default 20")
+    control: list[ControlChoice] = Field([], description="one per exported ControlNet, in export order")
+    guess_mode: bool = Field(False, description="the ControlNets steer the conditional half only (diffusers' guess mode)")
 
 
 def job_spec(server, req: JobRequest) -> sp.Spec:
@@ -62,10 +74,13 @@ def job_spec(server, req: JobRequest) -> sp.Spec:
     if req.mask is not None:
         mask = sp.binary_mask(sp.open_image(lim, "mask", sp.decode_base64("mask", req.mask)))
         mask = mask.resize(image.size) if mask.size != image.size else mask
+    units = [{**c.model_dump(), "canny": sp.preprocess_spec(f"control[{i}].preprocess", c.preprocess), "fields": {}}
+             for i, c in enumerate(req.control)]
     return sp.make(lim, prompt=req.prompt, negative=req.negative_prompt, steps=req.steps,
                    guidance=req.guidance_scale, width=req.width, height=req.height, n=req.n, seed=req.seed,
                    sampler_name=req.sampler, schedule=req.schedule, clip_skip=req.clip_skip, lora_list=req.loras, image=image, mask=mask,
-                   strength=req.strength, noise_level=req.noise_level, upscale_route=True)
+                   strength=req.strength, noise_level=req.noise_level, upscale_route=True,
+                   control=sp.control_units(lim, units), guess_mode=req.guess_mode)
 
 
 @router.post("/v1/jobs", status_code=202)
@@ -147,7 +162,7 @@ BATCHING_NOTES = {
     "none": "one job per engine call",
     "request": "queued jobs of equal size, steps, guidance, clip skip, sampler, schedule and LoRA set share one "
                "engine call",
-    "step": "text-to-image jobs of equal size, guidance on/off and LoRA set share the running batch: they join "
+    "step": "text-to-image jobs (without control images) of equal size, guidance on/off and LoRA set share the running batch: they join "
             "between denoising steps and leave after their last step; each slot has its own sampler rows, so "
             "jobs of different deterministic samplers (DDIM, Euler, DPM++ 2M) share the slots; image inputs, "
             "stochastic samplers (DDPM, Euler a, DPM++ 2M SDE, LCM) and prompts over one 77-token chunk run "

@@ -135,7 +135,7 @@ def not_applied(req: Processing, has_mask: bool = False) -> list[str]:
                                          max(req.mask_blur_x, req.mask_blur_y)) > 0,
                            "inpainting_fill": req.inpainting_fill != 1, "inpaint_full_res": req.inpaint_full_res})
     out += [k for k, v in checks.items() if v]
-    out += [f"alwayson_scripts.{k}" for k in (req.alwayson_scripts or {})]
+    out += [f"alwayson_scripts.{k}" for k in (req.alwayson_scripts or {}) if k != "controlnet"]
     out += [k for k in (req.model_extra or {})]
     return out
 
@@ -165,6 +165,7 @@ def common(server, req: Processing, image=None, mask=None, strength=None, extra_
     if req.force_task_id is not None and not TASK_ID.match(req.force_task_id):
         raise sp.bad("force_task_id", "use 1-96 letters, digits and _ . ( ) : -")
     clip_skip, ignored = settings(server, req)
+    control, cn_ignored, guess_mode = controlnet_units(server, req)
     sampler = req.sampler_name if req.sampler_name else (req.sampler_index if "sampler_index" in req.model_fields_set
                                                          else None)
     field = "sampler_name" if req.sampler_name else "sampler_index"
@@ -177,10 +178,63 @@ def common(server, req: Processing, image=None, mask=None, strength=None, extra_
                    guidance=req.cfg_scale, width=None if image is not None else req.width,
                    height=None if image is not None else req.height, n=n, seed=req.seed, sampler_name=sampler,
                    schedule=req.scheduler, clip_skip=clip_skip, image=image, mask=mask, strength=strength,
-                   not_applied=not_applied(req, mask is not None) + ignored + list(extra_not_applied),
+                   not_applied=not_applied(req, mask is not None) + ignored + cn_ignored + list(extra_not_applied),
+                   control=control, guess_mode=guess_mode,
                    fields={"guidance": "cfg_scale", "n": "batch_size", "sampler": field, "schedule": "scheduler",
                            "clip_skip": "override_settings.CLIP_stop_at_last_layers",
                            "strength": "denoising_strength"})
+
+
+CN = "alwayson_scripts.controlnet.args"
+CN_MODULES = {"none": None, "canny": "canny"}
+
+
+def controlnet_units(server, req: Processing) -> tuple[tuple, list[str], bool]:
+    """The ControlNet extension's units (alwayson_scripts.controlnet.args: image or input_image as
+    base64, module none/canny with threshold_a/threshold_b, weight, guidance_start, guidance_end)
+    -> (spec.ControlUnit per exported ControlNet, in export order; fields not applied; guess mode:
+    the units' guess_mode, which must agree). Disabled units are left out; `model` is not read:
+    unit k runs on the export's ControlNet k."""
+    script = (req.alwayson_scripts or {}).get("controlnet")
+    if script is None:
+        return (), [], False
+    args = script.get("args") if isinstance(script, dict) else None
+    if not isinstance(args, list):
+        raise sp.bad(CN, "must be a list of ControlNet units ({image, module, weight, guidance_start, guidance_end})")
+    units, ignored, guess = [], [], set()
+    for i, u in enumerate(args):
+        where = f"{CN}[{i}]"
+        if not isinstance(u, dict):
+            raise sp.bad(where, "must be an object (a ControlNet unit: image, module, weight, ...)")
+        if u.get("enabled", True) is False:
+            continue
+        key = "image" if u.get("image") is not None else "input_image"
+        image = u.get(key)
+        if isinstance(image, dict):            # {"image": base64, "mask": base64}
+            if image.get("mask"):
+                ignored.append(f"{where}.{key}.mask")
+            image, key = image.get("image"), key + ".image"
+        module = u.get("module") or "none"
+        if module not in CN_MODULES:
+            raise sp.bad(f"{where}.module", f"{module!r} is not available here: use none (a ready control image) "
+                                            f"or canny")
+        canny = None
+        if module == "canny":
+            from sdrt.engine.image_input import CANNY
+            canny = tuple(d if u.get(k) in (None, -1) else u.get(k) for k, d in zip(("threshold_a", "threshold_b"), CANNY))
+        changes = {"control_mode": u.get("control_mode") not in (None, 0, "Balanced"),
+                   "resize_mode": u.get("resize_mode") not in (None, 0, "Just Resize"),
+                   "pixel_perfect": bool(u.get("pixel_perfect")),
+                   "processor_res": module != "none" and u.get("processor_res") not in (None, -1)}
+        ignored += [f"{where}.{k}" for k, v in changes.items() if v]
+        guess.add(bool(u.get("guess_mode")))
+        units.append({"image": image, "scale": u.get("weight"), "start": u.get("guidance_start"),
+                      "end": u.get("guidance_end"), "canny": canny,
+                      "fields": {"image": key, "scale": "weight", "start": "guidance_start", "end": "guidance_end",
+                                 "preprocess": "threshold_a"}})
+    if len(guess) > 1:
+        raise sp.bad(f"{CN}[0].guess_mode", "guess mode applies to every unit here: give the same guess_mode in each")
+    return sp.control_units(server.limits, units, CN), ignored, guess == {True}
 
 
 def info_json(server, req: Processing, job, spec: sp.Spec) -> str:

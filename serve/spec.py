@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdrt.engine.request import RequestError
+from sdrt.engine.request import CONTROL_SCALE_MAX, RequestError
 from sdrt.engine.samplers import SAMPLER_NAMES, SCHEDULES, Sampler
 from sdrt.engine.scheduler import start_index
 from sdrt.errors import UserError, first_line
@@ -55,6 +55,7 @@ class Limits:
     max_image_pixels: int = 4096 * 4096   # an uploaded image (decompression bombs are refused)
     max_body_bytes: int = 32 << 20
     inpainting_unet: bool = False
+    controlnets: int = 0             # the export's ControlNets: a request gives one control unit each
     max_noise_level: int | None = None    # an x4 upscaler export: noise levels 0..this; None: not one
 
     @property
@@ -69,6 +70,7 @@ class Limits:
                 "clip_skip": {"min": 1, "max": self.clip_skip_max},
                 "samplers": list(SAMPLER_NAMES), "schedules": list(SCHEDULES), "loras": sorted(self.loras), "embeddings": list(self.embeddings),
                 "tasks": [UPSCALE] if self.upscaler else ["inpaint"] if self.inpainting_unet else list(TASKS),
+                "controlnets": self.controlnets,
                 **({"noise_level": {"min": 0, "max": self.max_noise_level, "default": DEFAULT_NOISE_LEVEL}}
                    if self.upscaler else {}),
                 "defaults": dict(DEFAULTS, width=self.default_width, height=self.default_height),
@@ -97,6 +99,8 @@ class Spec:
     image: object = None             # PIL image (image to image, inpainting), already at width x height
     mask: object = None              # PIL "L" image, white = repaint
     strength: float | None = None
+    control: tuple = ()              # ControlUnit per exported ControlNet, in export order
+    guess_mode: bool = False         # the ControlNets steer the conditional half only (diffusers' guess mode)
     not_applied: list = field(default_factory=list)   # accepted fields sdrt does not apply
     noise_level: int | None = None   # an x4 upscaler's (then image is the low-resolution image)
 
@@ -112,18 +116,19 @@ class Spec:
     def release_inputs(self) -> None:
         """Drop the input image and mask (a finished job keeps its status, not its inputs)."""
         self.image = self.mask = None
+        self.control = ()
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one engine call. Image inputs are one per call."""
-        own = id(self) if self.task != "txt2img" else None
+        own = id(self) if self.task != "txt2img" or self.control else None
         return (self.task, self.width, self.height, self.steps, self.guidance, self.clip_skip, self.loras,
                 self.method, own)
 
     def step_key(self) -> tuple:
         """Requests with equal keys can share the slots of step-level batching: one shape plan
         (size, guidance on or off) and one LoRA set; steps, guidance scale, clip skip and prompts
-        are per slot. Image inputs run per request."""
-        own = id(self) if self.task != "txt2img" else None
+        are per slot. Image inputs (and control images) run per request."""
+        own = id(self) if self.task != "txt2img" or self.control else None
         return (self.task, self.width, self.height, self.guidance > 1.0, self.loras, own)
 
     def info(self) -> dict:
@@ -133,7 +138,26 @@ class Spec:
                 "schedule": self.schedule, "clip_skip": self.clip_skip,
                 "loras": [{"name": n, "scale": s} for n, s in self.loras], "task": self.task,
                 "strength": self.strength, "not_applied": list(self.not_applied),
-                **({"noise_level": self.noise_level} if self.noise_level is not None else {})}
+                **({"noise_level": self.noise_level} if self.noise_level is not None else {}),
+                **({"control": [u.info() for u in self.control], "guess_mode": self.guess_mode} if self.control else {})}
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet's input, checked: its conditioning image (PIL, already preprocessed), scale
+    and step window (sdrt.engine.request.Control's fields)."""
+    image: object
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocess: str = "none"         # "none" or "canny:LOW:HIGH" (what made `image`)
+
+    def runtime(self) -> tuple:
+        """(IMAGE, SCALE, START, END) as GenerateRequest.control takes it."""
+        return (self.image, self.scale, self.start, self.end)
+
+    def info(self) -> dict:
+        return {"scale": self.scale, "start": self.start, "end": self.end, "preprocess": self.preprocess}
 
 
 # ---- checks, one per field -------------------------------------------------------------------------
@@ -242,7 +266,8 @@ def loras(lim: Limits, items, field: str = "loras") -> tuple:
 
 def make(lim: Limits, *, prompt, negative=None, steps=None, guidance=None, width=None, height=None, n=None,
          seed=None, sampler_name=None, schedule=None, clip_skip=None, lora_list=None, image=None, mask=None, strength=None,
-         not_applied=(), fields=None, noise_level=None, upscale_route: bool = False) -> Spec:
+         not_applied=(), fields=None, noise_level=None, upscale_route: bool = False, control=(),
+         guess_mode=False) -> Spec:
     """A Spec from the common fields; fields: {common name: the route's own name} for messages.
     upscale_route: the route takes an upscaler's image and noise_level (the native jobs API)."""
     f = {"prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "guidance": "guidance_scale",
@@ -276,7 +301,8 @@ def make(lim: Limits, *, prompt, negative=None, steps=None, guidance=None, width
                 n=n, seeds=seeds(seed, n, f["seed"]), sampler=name, schedule=schedule,
                 clip_skip=integer(f["clip_skip"], 1 if clip_skip is None else clip_skip, 1, lim.clip_skip_max),
                 loras=loras(lim, lora_list, f["loras"]), image=image, mask=mask, strength=strength,
-                not_applied=list(not_applied), noise_level=noise_level)
+                not_applied=list(not_applied), noise_level=noise_level, control=tuple(control),
+                guess_mode=control_guess_mode(control, guess_mode, f.get("guess_mode", "guess_mode")))
 
 
 DEFAULT_NOISE_LEVEL = 20        # diffusers' StableDiffusionUpscalePipeline default (sdrt.engine.upscaler)
@@ -298,6 +324,69 @@ def upscale_inputs(lim: Limits, image, mask, strength, noise_level, route: bool)
     if strength is not None:
         raise bad("strength", "an x4 upscaler runs every step: set noise_level instead")
     return integer("noise_level", DEFAULT_NOISE_LEVEL if noise_level is None else noise_level, 0, lim.max_noise_level)
+
+
+def control_guess_mode(control, v, field: str) -> bool:
+    if not isinstance(v, bool):
+        raise bad(field, f"{v!r} is not true or false")
+    if v and not control:
+        raise bad(field, "needs control units (it changes how the ControlNets steer)")
+    return v
+
+
+# ---- ControlNet units ------------------------------------------------------------------------------
+
+def control_units(lim: Limits, units: list[dict], field: str = "control") -> tuple:
+    """[ControlUnit] from units in a neutral form: {"image": base64, "scale", "start", "end",
+    "canny": None or (low, high), "fields": {key: the route's own field name}}; one per exported
+    ControlNet, in export order."""
+    if not units:
+        return ()
+    if lim.controlnets == 0:
+        raise bad(field, f"{lim.model} was exported without ControlNet: export it with `sdrt export MODEL "
+                         f"WORK_DIR --controlnet CN_DIR` to serve control images")
+    if len(units) != lim.controlnets:
+        raise bad(field, f"{len(units)} control unit(s) given, this model has {lim.controlnets} ControlNet(s): give "
+                         f"one per ControlNet, in export order")
+    return tuple(control_unit(lim, u, f"{field}[{i}]") for i, u in enumerate(units))
+
+
+def control_unit(lim: Limits, u: dict, where: str) -> ControlUnit:
+    f = {k: f"{where}.{u['fields'].get(k, k)}" for k in ("image", "scale", "start", "end", "preprocess")}
+    img = open_image(lim, f["image"], decode_base64(f["image"], u.get("image")))
+    scale = number(f["scale"], 1.0 if u.get("scale") is None else u["scale"], 0.0, CONTROL_SCALE_MAX)
+    start = number(f["start"], 0.0 if u.get("start") is None else u["start"], 0.0, 1.0)
+    end = number(f["end"], 1.0 if u.get("end") is None else u["end"], 0.0, 1.0)
+    if not start < end:
+        raise bad(f["start"], f"the step window {start:g}..{end:g} is empty: start must be below end")
+    preprocess = "none"
+    if u.get("canny") is not None:
+        low, high = (number(f["preprocess"], v, 0.0, 1000.0) for v in u["canny"])
+        if not low <= high:
+            raise bad(f["preprocess"], f"canny thresholds {low:g}:{high:g}: the low one must not exceed the high one")
+        from sdrt.engine import image_input
+        try:
+            img = image_input.canny(img, low, high)
+        except UserError as e:
+            raise ApiError(501, f"{f['preprocess']}: {first_line(e)}", f["preprocess"]) from None
+        preprocess = f"canny:{low:g}:{high:g}"
+    return ControlUnit(img.convert("RGB"), scale, start, end, preprocess)
+
+
+def preprocess_spec(field: str, v) -> tuple | None:
+    """"none" / None -> None; "canny" or "canny:LOW:HIGH" -> (low, high)."""
+    from sdrt.engine.image_input import CANNY
+    if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none")):
+        return None
+    parts = v.strip().lower().split(":") if isinstance(v, str) else []
+    if not parts or parts[0] != "canny" or len(parts) not in (1, 3):
+        raise bad(field, f"{v!r}: give none (a ready control image), canny or canny:LOW:HIGH")
+    if len(parts) == 1:
+        return CANNY
+    try:
+        return float(parts[1]), float(parts[2])
+    except ValueError:
+        raise bad(field, f"{v!r}: the canny thresholds must be numbers (canny:LOW:HIGH)") from None
 
 
 # ---- images --------------------------------------------------------------------------------------

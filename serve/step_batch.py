@@ -49,7 +49,7 @@ class StepBatch:
 
     def fits(self, spec) -> str | None:
         """Why this job cannot take slots (None: it can); such a job runs per request."""
-        if spec.task != "txt2img":
+        if spec.task != "txt2img" or spec.control:
             return "image inputs"
         if spec.method.kind in STOCHASTIC:
             return "a stochastic sampler (its per-step noise rows are per request)"

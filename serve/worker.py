@@ -96,7 +96,7 @@ class EngineWorker(threading.Thread):
                 self.scheduler.fail(job, 400, first_line(e))
             self.scheduler.batch_done(first)
             return
-        if spec.task != "txt2img":                # image inputs: one engine call per request
+        if spec.task != "txt2img" or spec.control:   # image inputs: one engine call per request
             for job in first:
                 self.run_batch([job])
             return
@@ -240,7 +240,7 @@ class EngineWorker(threading.Thread):
         result = runner.run(self.pipe, samples, spec.steps, spec.guidance, spec.height, spec.width,
                             clip_skip=spec.clip_skip, image=spec.image, mask=spec.mask, strength=spec.strength,
                             sampler=spec.sampler, schedule=spec.schedule, on_step=on_step,
-                            noise_level=spec.noise_level)
+                            noise_level=spec.noise_level, control=spec.control, guess_mode=spec.guess_mode)
         if self.metrics:
             self.metrics.batches.inc()
         t = result.timings

@@ -68,9 +68,13 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path, controlne
            helper.make_node("Split", [P + "row", P + "ones"], list(col.values()), axis=1,
                             name=P + "split_row"),
            node("Reshape", [col["timestep"], "minus_one"], ["t_b"]),                  # [B]
-           node("Identity", ["text_embeddings"], ["encoder_hidden_states"]),
            node("Mul", ["latents", col["model_in_scale"]], ["x_in"])]                # Euler: x/sqrt(σ²+1)
-    pre += unet_input(node)
+    unet_inputs = {t.name for t in unet.inputs}
+    if "encoder_hidden_states" in unet_inputs:        # UNets without text (UNet2DModel) have none
+        pre.append(node("Identity", ["text_embeddings"], ["encoder_hidden_states"]))
+    if "class_labels" in unet_inputs:                 # bound once per call: CFG rows [null; class]
+        pre.append(helper.make_node("Identity", ["class_labels"], [P + "class_labels"], name=P + "class_labels_in"))
+    pre += unet_input(node, col)
     if guidance:  # one UNet call at batch 2B: [uncond; cond] rows match the embeddings' order
         pre.append(node("Concat", ["u", "u"], ["u2"], axis=0))
         pre.append(node("Cast", ["u2"], ["sample"], to=f_type))
@@ -230,14 +234,21 @@ def import_graph(g, path: Path, prefix: str, inputs: dict, out: list) -> dict:
     return {o.name: rename[o.name] for o in sub.output}
 
 
-def unet_input_plain(node):
+def unet_input_plain(node, col):
     """u = x_t (scaled: model_in_scale x_t)"""
     return [node("Identity", ["x_in"], ["u"])]
 
 
-def unet_input_concat(node):
+def unet_input_concat(node, col):
     """u = concat(x_t, mask, masked-image latents) on channels: the 9-channel inpainting UNet."""
     return [node("Concat", ["x_in", "mask", "masked_image_latents"], ["u"], axis=1)]
+
+
+def unet_input_superres(node, col):
+    """u = c concat(x_t, y): LDM super-resolution scales the low-resolution image y with the latents
+    (diffusers' LDMSuperResolutionPipeline: scale_model_input(concat(latents, image)))."""
+    return [node("Mul", ["low_res_image", col["model_in_scale"]], ["y_in"]),
+            node("Concat", ["x_in", "y_in"], ["u"], axis=1)]
 
 
 def sampler_terms(node, col):
@@ -277,11 +288,12 @@ def blend_known_region(node, col):
             node("Add", ["kept", "repainted"], ["latents_next"])]
 
 
-# Each variant's graph: (UNet input u, latents_next from x_prev); its numpy reference is
+# Each variant's graph: (UNet input u from x_in and the row's columns, latents_next from x_prev); its numpy reference is
 # sdrt.export.export.REFERENCES.
 GRAPHS = {Variant.plain: (unet_input_plain, finish_plain),
           Variant.blend: (unet_input_plain, blend_known_region),
-          Variant.concat: (unet_input_concat, finish_plain)}
+          Variant.concat: (unet_input_concat, finish_plain),
+          Variant.superres: (unet_input_superres, finish_plain)}
 
 
 def _linear(out, ca, cb, node):

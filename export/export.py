@@ -21,8 +21,8 @@ from sdrt.contract import (MAX_CONTROLNETS, STEP_COLUMNS, Dims, ModelConfig, Var
                            step_models)
 from sdrt.errors import UserError
 from sdrt.fileio import default_mode_tree, temp_dir_beside, write_json_atomic
-from sdrt.export import (attention, compose_step, controlnet, lora_targets, pipeline_folder, scheduler_config, single_file,
-                         to_onnx, validate)
+from sdrt.export import (attention, compose_step, controlnet, ldm, lora_targets, pipeline_folder, scheduler_config,
+                         single_file, to_onnx, validate)
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 TOKEN_TABLE = "token_embedding.npy"
@@ -53,6 +53,8 @@ def validation_dims(cfg: ModelConfig) -> Dims:
     """A shape other than the traced one, small enough for 2 CPU cores (at most 15x18 latents:
     120x144 px on SD): an odd latent height and an even latent width, so a graph that only works
     at even sizes fails here."""
+    if cfg.latent_multiple > 1:        # UNet2DModel: multiples of its downsampling, two different ones
+        return ldm.validation_dims(cfg)
     h = min(max(cfg.sample_hw[0] // 2, 4), 14) | 1
     return Dims(batch=1, height=h * cfg.vae_factor, width=(h + 3) * cfg.vae_factor, cfg=True,
                 vae_factor=cfg.vae_factor, chunks=2, text_len=cfg.text_len)  # 2 chunks: a long prompt
@@ -130,14 +132,20 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
                  form: str, source: dict | None = None, controlnets=()) -> None:
     t0 = time.perf_counter()
     precision = precisions["unet"]
-    sched, updated = scheduler_config.effective_config(
-        model_dir / "scheduler", pipeline_folder.read_model_index(model_dir)["scheduler"][1])
+    index = pipeline_folder.read_model_index(model_dir)
+    text = not ldm.is_ldm(index["_class_name"])      # LDM folders: no text encoder, no tokenizer
+    sched, updated = scheduler_config.effective_config(model_dir / "scheduler", index["scheduler"][1], update=text)
     scheduler_config.warn_if_updated(updated)
-    pipeline_folder.check_tokenizer(model_dir / "tokenizer", pipeline_folder.text_vocab_size(model_dir))
+    if text:
+        pipeline_folder.check_tokenizer(model_dir / "tokenizer", pipeline_folder.text_vocab_size(model_dir))
+    elif controlnets:
+        raise UserError(f"{model_dir} holds a {index['_class_name']}: --controlnet applies to Stable Diffusion folders")
     cns = [controlnet.load(p) for p in controlnets]          # refused before the base is loaded
-    unet_config, vae_config = (controlnet.read_config(model_dir / c) for c in ("unet", "vae"))
-    layouts = [controlnet.check_fits(cn, unet_config, vae_config.latent_channels, p)
-               for cn, p in zip(cns, controlnets)]
+    layouts = []
+    if cns:
+        unet_config, vae_config = (controlnet.read_config(model_dir / c) for c in ("unet", "vae"))
+        layouts = [controlnet.check_fits(cn, unet_config, vae_config.latent_channels, p)
+                   for cn, p in zip(cns, controlnets)]
     say(f"loading {model_dir} ...")
     folder = pipeline_folder.load(model_dir)
     cfg = folder.config = replace(folder.config, controlnets=len(cns))
@@ -147,9 +155,11 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     cn_files = [(out / "onnx" / m.onnx, m) for m in cn_models]
     (out / "onnx").mkdir()
     vdims = validation_dims(cfg)
-    trace = to_onnx.trace_dims(cfg.sample_hw, folder.unet.num_upsamplers, cfg.text_len)
+    trace = ldm.trace_dims(cfg) if cfg.unet_kind == "unconditional" else \
+        to_onnx.trace_dims(cfg.sample_hw, folder.unet.num_upsamplers, cfg.text_len)
     records = {}
-    for i, name in enumerate(BASE_MODELS + tuple(m.name for m in cn_models) + step_names(cfg), 1):
+    base = tuple(n for n in BASE_MODELS if n in models)
+    for i, name in enumerate(base + tuple(m.name for m in cn_models) + step_names(cfg), 1):
         model, path = models[name], out / "onnx" / models[name].onnx
         precision_of = precisions["unet" if model.step or name not in BASE_MODELS else name]
         t = time.perf_counter()
@@ -186,10 +196,11 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
         elif model in cn_models:
             records[name]["source"] = {"path": str(controlnets[cn_models.index(model)].resolve()),
                                        "layout": layouts[cn_models.index(model)].to_json()}
-    token_embedding = _write_token_table(folder, out, precision)   # the contract's dtype (the UNet's)
+    token_embedding = _write_token_table(folder, out, precision) if text else None   # the UNet's dtype
     variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, form, vdims, sched)} \
         if ort_fusion else {}
-    shutil.copytree(model_dir / "tokenizer", out / "tokenizer")
+    if text:
+        shutil.copytree(model_dir / "tokenizer", out / "tokenizer")
     (out / "scheduler").mkdir()
     write_json_atomic(out / "scheduler" / "scheduler_config.json", sched)
     write_json_atomic(out / mf.NAME, {
@@ -203,7 +214,8 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
 
 def _inputs(folder, model, dims: Dims, seed: int, precision: str) -> dict:
     """Random contract inputs; the text encoder gets rows of its own token table (real inputs)."""
-    inputs = to_onnx.example_inputs(model, dims, folder.config.vocab_size, seed=seed)
+    inputs = to_onnx.example_inputs(model, dims, folder.config.vocab_size, seed=seed,
+                                    classes=folder.config.class_embeds)
     if model.name == "text_encoder":
         table = to_onnx.token_table(folder.text_encoder, precision)
         inputs["inputs_embeds"] = to_onnx.token_embeddings(table, dims, seed)
@@ -272,7 +284,8 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
             folder.config.vocab_size), "fp32",
             min(opset, attention.TRACE_OPSET_MAX), "decomposed")
     # every torch reference first: the fusion of a 3.4 GB graph needs the memory the modules hold
-    unet_in = to_onnx.example_inputs(unet, vdims, folder.config.vocab_size, seed=1)
+    unet_in = to_onnx.example_inputs(unet, vdims, folder.config.vocab_size, seed=1,
+                                     classes=folder.config.class_embeds)
     refs = {"unet": (unet_in, validate.run_torch(module, unet, unet_in))}
     ort_steps = tuple(n for n in step_names(folder.config) if not models[n].step.controlnets)
     refs.update({n: _step_reference(folder, models[n], vdims, sched) for n in ort_steps})
@@ -295,7 +308,8 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
 
 def _control_inputs(folder, model, dims: Dims, seed: int) -> dict:
     """A ControlNet's inputs: random latents and text, a conditioning image in [0, 1]."""
-    inputs = to_onnx.example_inputs(model, dims, folder.config.vocab_size, seed=seed)
+    inputs = to_onnx.example_inputs(model, dims, folder.config.vocab_size, seed=seed,
+                                    classes=folder.config.class_embeds)
     image = inputs["controlnet_cond"]
     inputs["controlnet_cond"] = np.random.default_rng(seed).random(image.shape).astype(image.dtype)
     return inputs
@@ -317,7 +331,8 @@ def _step_reference(folder, step, dims: Dims, sched_config: dict, controlnets=()
     table = samplers.step_table(sched_config, samplers.Sampler("dpmpp_2m_sde"), steps,
                                 7.5 if guidance else 1.0).rows
     table[:, STEP_COLUMNS.index("model_in_scale")] = 0.8
-    inputs = to_onnx.example_inputs(step, d, folder.config.vocab_size, seed=2)
+    inputs = to_onnx.example_inputs(step, d, folder.config.vocab_size, seed=2,
+                                    classes=folder.config.class_embeds)
     inputs["step_table"], inputs["step_index"] = table, ks
     n_cn = step.step.controlnets
     scales = [np.array([0.8, 0.5]) - 0.3 * i for i in range(n_cn)]   # per ControlNet, per sample's row
@@ -333,11 +348,17 @@ def _step_reference(folder, step, dims: Dims, sched_config: dict, controlnets=()
     rows = table[ks]
     row = {c: rows[:, i, None, None, None] for i, c in enumerate(STEP_COLUMNS)}   # per sample
     x = inputs["latents"]
-    u = unet_input({**inputs, "latents": x * row["model_in_scale"]})
-    emb = torch.from_numpy(inputs["text_embeddings"].astype(np.float32))
+    u = unet_input({**inputs, "latents": x * row["model_in_scale"], "model_in_scale": row["model_in_scale"]})
+    cfg = folder.config
+    emb = torch.from_numpy(inputs["text_embeddings"].astype(np.float32)) if cfg.has_text else None
     t = torch.from_numpy(rows[:, 0].astype(np.float32))
     sample = torch.from_numpy(np.concatenate([u, u]) if guidance else u)
-    if n_cn:
+    if cfg.class_embeds or not cfg.has_text:     # the UNet's other inputs by name (either UNet kind)
+        kw = {**({"encoder_hidden_states": emb} if cfg.has_text else {}),
+              **({"class_labels": torch.from_numpy(inputs["class_labels"].astype(np.int64))} if cfg.class_embeds else {})}
+        with torch.no_grad():
+            m = folder.unet(sample, torch.cat([t, t]) if guidance else t, **kw, return_dict=False)[0].numpy()
+    elif n_cn:
         m = controlnet.step_reference(folder.unet, controlnets[:n_cn], u, rows[:, 0], emb.numpy(), images, scales,
                                       guidance, cn_input=x * row["model_in_scale"] if u.shape[1] != x.shape[1] else None)
     else:
@@ -375,9 +396,16 @@ def finish_blend(inputs: dict, row: dict, x_prev: np.ndarray) -> np.ndarray:
     return (1 - inputs["mask"]) * known + inputs["mask"] * x_prev
 
 
+def unet_input_superres(inputs: dict) -> np.ndarray:
+    """u = c concat(x_t, y): the low-resolution image scaled with the latents (inputs["latents"] is
+    c x_t here; y's scale is read from the model-input scale c alone)."""
+    return np.concatenate([inputs["latents"], inputs["low_res_image"] * inputs["model_in_scale"]], 1)
+
+
 REFERENCES = {Variant.plain: (unet_input_latents, finish_plain),
               Variant.blend: (unet_input_latents, finish_blend),
-              Variant.concat: (unet_input_concat, finish_plain)}
+              Variant.concat: (unet_input_concat, finish_plain),
+              Variant.superres: (unet_input_superres, finish_plain)}
 
 
 def external_data_locations(path: Path) -> list[str]:
@@ -389,7 +417,9 @@ def external_data_locations(path: Path) -> list[str]:
 
 def _component_hashes(model_dir: Path) -> dict:
     out = {}
-    for comp in pipeline_folder.COMPONENTS:
+    for comp in pipeline_folder.COMPONENTS + ("vqvae",):
+        if not (model_dir / comp).is_dir():
+            continue
         files = sorted(p for p in (model_dir / comp).rglob("*") if p.is_file())
         out[comp] = mf.sha256_bytes("".join(p.name + mf.sha256_file(p) for p in files).encode())
     return out

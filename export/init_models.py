@@ -9,6 +9,8 @@ diffusers' `StableDiffusionPipeline.from_pretrained`. The `-inpaint` archs are t
 `StableDiffusionInpaintPipeline`. `tiny-controlnet` is `tiny` with a random-weight ControlNet for its
 UNet in DIR/controlnet (a diffusers ControlNetModel folder: `sdrt export DIR WORK --controlnet
 DIR/controlnet`).
+`tiny-ldm`, `tiny-ldm-sr`, `tiny-class-ldm`: diffusers LDMPipeline / LDMSuperResolutionPipeline
+folders (UNet2DModel + VQModel; the class one with 10 classes and a null class), sdrt.export.ldm.
 """
 from __future__ import annotations
 
@@ -137,11 +139,15 @@ def _tokenizer(tmp: Path, vocab_size: int):
 def init(out_dir: Path, arch: str, seed: int = 0, force: bool = False) -> Path:
     """Write the pipeline folder atomically: a temp folder beside it, renamed at the end."""
     out_dir = Path(out_dir)
-    if arch not in ARCHS:
-        raise UserError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    from sdrt.export import ldm
+    if arch not in ARCHS and arch not in ldm.ARCHS:
+        raise UserError(f"unknown --arch {arch!r}: choose one of {', '.join([*ARCHS, *ldm.ARCHS])}")
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose a new folder or pass --force to replace it")
     with atomic_dir(out_dir) as tmp:
+        if arch in ldm.ARCHS:             # LDMPipeline / LDMSuperResolutionPipeline folders
+            ldm.save(ldm.ARCHS[arch], Path(tmp), seed)
+            return out_dir
         pipe = build_pipeline(arch, seed)
         pipe.save_pretrained(tmp, safe_serialization=True)
         if ARCHS[arch].get("controlnet"):

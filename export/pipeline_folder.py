@@ -19,6 +19,7 @@ class PipelineFolder:
     text_encoder: object
     unet: object
     vae: object
+    vq_scaled: bool = True          # a VQ decoder divides by the scaling factor first (LDMPipeline)
 
 
 def quiet() -> None:
@@ -46,8 +47,12 @@ def read_model_index(path: Path) -> dict:
     if "XL" in name:
         raise UserError(f"{path} is an SDXL pipeline ({name}): sdrt supports Stable Diffusion 1.x/2.x "
                         "(StableDiffusionPipeline) only")
+    from sdrt.export import ldm
+    if ldm.is_ldm(name):
+        ldm.check_components(path, data)
+        return data
     if name not in SUPPORTED:
-        raise UserError(f"{path} holds a {name}: sdrt supports {', '.join(SUPPORTED)} only")
+        raise UserError(f"{path} holds a {name}: sdrt supports {', '.join(SUPPORTED + tuple(ldm.PIPELINES))} only")
     for comp in COMPONENTS:
         if comp not in data or data[comp] in (None, [None, None]) or not (path / comp).is_dir():
             raise UserError(f"{path} is missing its {comp}/ component: a Stable Diffusion folder needs "
@@ -62,7 +67,10 @@ def load(path: Path) -> PipelineFolder:
     from transformers import CLIPTextModel
 
     path = Path(path)
-    read_model_index(path)
+    name = read_model_index(path)["_class_name"]
+    from sdrt.export import ldm
+    if ldm.is_ldm(name):
+        return ldm.load(path, name)
     quiet()
     try:
         # eager attention traces to plain MatMul/Softmax; sdpa's mask handling traces poorly
@@ -72,7 +80,7 @@ def load(path: Path) -> PipelineFolder:
         vae = AutoencoderKL.from_pretrained(path / "vae", dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"cannot load the models in {path}: {str(e).splitlines()[0]}") from None
-    return PipelineFolder(path, model_config(text, unet, vae), text.eval(), unet.eval(), vae.eval())
+    return PipelineFolder(path, model_config(text, unet, vae, path), text.eval(), unet.eval(), vae.eval())
 
 
 def check_tokenizer(path: Path, vocab_size: int, flag: str = "the tokenizer folder") -> None:
@@ -100,7 +108,7 @@ def text_vocab_size(path: Path) -> int:
     return size
 
 
-def model_config(text, unet, vae) -> ModelConfig:
+def model_config(text, unet, vae, path: Path = Path(".")) -> ModelConfig:
     u, v, t = unet.config, vae.config, text.config
     c = v.latent_channels
     if u.in_channels not in (c, 2 * c + 1) or u.out_channels != c:
@@ -110,13 +118,15 @@ def model_config(text, unet, vae) -> ModelConfig:
     if u.cross_attention_dim != t.hidden_size:
         raise UserError(f"UNet cross-attention dim {u.cross_attention_dim} != text encoder width "
                         f"{t.hidden_size}: this pipeline is not supported")
-    if getattr(u, "addition_embed_type", None) or getattr(u, "class_embed_type", None):
-        raise UserError("UNet has extra conditioning (class/addition embeddings): not supported")
+    if getattr(u, "addition_embed_type", None):
+        raise UserError("UNet has extra conditioning (addition embeddings): not supported")
+    from sdrt.export.ldm import class_config
+    classes = class_config(u, path)     # a plain class table (num_class_embeds) is diffusers' class-label path
     return ModelConfig(text_len=t.max_position_embeddings, text_dim=t.hidden_size,
                        text_layers=t.num_hidden_layers,
                        vocab_size=t.vocab_size, latent_channels=c, unet_channels=u.in_channels,
                        vae_factor=2 ** (len(v.block_out_channels) - 1),
-                       sample_size=sample_size(u.sample_size))
+                       sample_size=sample_size(u.sample_size), **classes)
 
 
 def sample_size(value) -> int | tuple:

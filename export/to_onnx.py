@@ -94,6 +94,14 @@ def _modules():
 def wrap(name: str, folder) -> object:
     """The torch module that computes contract model `name` (float32, eval)."""
     TextEncoder, UNet, VaeDecoder, VaeEncoder = _modules()
+    cfg = folder.config
+    if name == "unet" and (cfg.class_embeds or cfg.unet_kind == "unconditional"):
+        from sdrt.contract import unet
+        from sdrt.export import ldm
+        return ldm.modules()[0](folder.unet, [t.name for t in unet(cfg, "fp32").inputs])
+    if name == "vae_decoder" and cfg.decoder == "vq":
+        from sdrt.export import ldm
+        return ldm.modules()[1](folder.vae, folder.vq_scaled)
     return {"text_encoder": lambda: TextEncoder(folder.text_encoder),
             "unet": lambda: UNet(folder.unet),
             "vae_decoder": lambda: VaeDecoder(folder.vae),
@@ -118,8 +126,8 @@ def image_trace_dims(trace: Dims, vae_factor: int) -> Dims:
                 vae_factor=vae_factor, text_len=trace.text_len)
 
 
-def example_inputs(model: Model, dims: Dims, vocab_size: int, seed: int = 0) -> dict:
-    """Random inputs of the contract's names, shapes and dtypes (numpy)."""
+def example_inputs(model: Model, dims: Dims, vocab_size: int, seed: int = 0, classes: int = 1) -> dict:
+    """Random inputs of the contract's names, shapes and dtypes (numpy); class labels in 0..classes-1."""
     import numpy as np
     rng = np.random.default_rng(seed)
     out = {}
@@ -127,6 +135,8 @@ def example_inputs(model: Model, dims: Dims, vocab_size: int, seed: int = 0) -> 
         shape = t.resolve(dims)
         if t.name == "clip_skip":
             out[t.name] = np.ones(1, np.int32)
+        elif t.name == "class_labels":                # rows of the class table
+            out[t.name] = rng.integers(0, max(classes, 1), size=shape).astype(np.int32)
         elif t.name == "timestep":
             out[t.name] = np.array([rng.integers(1, 1000)], dtype=np.float32)
         else:

@@ -163,7 +163,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="write a random-weight pipeline folder (tiny or SD 1.5 shaped), "
                                     "or copy the trained demo model (--arch demo)")
     s.add_argument("dir", type=Path)
-    s.add_argument("--arch", choices=("tiny", "sd15", "demo", "tiny-inpaint", "sd15-inpaint", "tiny-controlnet", "sd15-controlnet"), default="tiny")
+    s.add_argument("--arch", choices=("tiny", "sd15", "demo", "tiny-inpaint", "sd15-inpaint", "tiny-controlnet", "sd15-controlnet",
+                                       "tiny-ldm", "tiny-ldm-sr", "tiny-class-ldm"), default="tiny")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace DIR if it exists")
     s.set_defaults(fn=cmd_init)

@@ -113,6 +113,14 @@ class ModelConfig:
     sample_size: int | tuple = 64  # UNet's native latent size (512 px for SD 1.5): an int, or
                                    # (height, width) as diffusers allows ([64, 96]: 512x768 px)
     controlnets: int = 0           # ControlNets exported beside the UNet (their steps: Step.controlnets)
+    # The latent-diffusion family (sdrt.export.ldm): what conditions the UNet and what decodes.
+    text_encoder: str = "clip"     # "clip" | "bert" (LDM-BERT) | "none": no text conditioning
+    decoder: str = "kl"            # "kl" AutoencoderKL | "vq" VQModel (decode quantises first)
+    unet_kind: str = "conditional"  # "conditional" UNet2DConditionModel | "unconditional" UNet2DModel
+    class_embeds: int = 0          # the UNet's num_class_embeds (class-table rows); 0 = none
+    image_channels: int = 0        # channels of a low-resolution image concatenated to the UNet's input
+    null_class: bool = False       # the last class row is the null class: guidance runs against it
+    latent_multiple: int = 1       # latent sides must be multiples of this (UNet2DModel: 2^downsamplers)
 
     @property
     def sample_hw(self) -> tuple[int, int]:
@@ -127,6 +135,26 @@ class ModelConfig:
     @property
     def default_width(self) -> int:
         return self.sample_hw[1] * self.vae_factor
+
+    @property
+    def has_text(self) -> bool:
+        """A text encoder conditions the UNet (prompts apply)."""
+        return self.text_encoder != "none"
+
+    @property
+    def classes(self) -> int:
+        """Class labels a user may give: 0..classes-1 (the null class, where there is one, is not one)."""
+        return self.class_embeds - int(self.null_class)
+
+    @property
+    def can_guide(self) -> bool:
+        """Classifier-free guidance needs an unconditional row: a negative prompt, or the null class."""
+        return self.has_text or self.null_class
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides the models accept are multiples of this (the VAE factor x the UNet's own)."""
+        return self.vae_factor * self.latent_multiple
 
     @property
     def inpainting_unet(self) -> bool:
@@ -205,10 +233,11 @@ def text_encoder(cfg: ModelConfig, precision: str) -> Model:
 def unet(cfg: ModelConfig, precision: str) -> Model:
     f = _float(precision)
     c = cfg.latent_channels
+    text = (Tensor("encoder_hidden_states", f, ("text_batch", "text_seq", cfg.text_dim)),) if cfg.has_text else ()
+    labels = (Tensor("class_labels", "int32", ("text_batch",)),) if cfg.class_embeds else ()
     return Model("unet", "unet.onnx",
                  (Tensor("sample", f, ("text_batch", cfg.unet_channels, "latent_h", "latent_w")),
-                  Tensor("timestep", "float32", (1,)),
-                  Tensor("encoder_hidden_states", f, ("text_batch", "text_seq", cfg.text_dim))),
+                  Tensor("timestep", "float32", (1,)), *text, *labels),
                  (Tensor("noise_pred", f, ("text_batch", c, "latent_h", "latent_w")),))
 
 
@@ -278,9 +307,13 @@ class Task(str, Enum):
     text_to_image = "text to image"
     image_to_image = "image to image"          # an image
     inpainting = "inpainting"                  # an image and a mask (white = repaint)
+    upscaling = "upscaling"                    # a low-resolution image concatenated to the UNet's input
 
     @staticmethod
-    def of(image: bool, mask: bool) -> "Task":
+    def of(image: bool, mask: bool, upscaling: bool = False) -> "Task":
+        """upscaling: the UNet takes an image (ModelConfig.image_channels), so an image is the one to upscale."""
+        if image and upscaling:
+            return Task.upscaling
         return Task.inpainting if mask else Task.image_to_image if image else Task.text_to_image
 
 
@@ -290,6 +323,8 @@ class Variant(str, Enum):
     blend = "blend"      # inpainting with a 4-channel UNet: the known region, re-noised to the next
                          # timestep, replaces the step's output outside the mask
     concat = "concat"    # inpainting with a 9-channel UNet: concat(x_t, mask, masked-image latents) in
+    superres = "superres"  # LDM super-resolution: concat(x_t, low-res image), scaled together (diffusers'
+                           # LDMSuperResolutionPipeline scales the concatenation by the sampler's input scale)
 
     @property
     def spec(self) -> "VariantSpec":
@@ -299,8 +334,11 @@ class Variant(str, Enum):
     def for_task(cfg: ModelConfig, task: Task, where: str = "this export") -> "Variant":
         """The variant a generation of `task` runs on this UNet; UserError when the UNet cannot."""
         for v in Variant:
-            if v.spec.inpainting_unet == cfg.inpainting_unet and task in v.spec.tasks:
+            if v.spec.fits(cfg) and task in v.spec.tasks:
                 return v
+        if cfg.image_channels:
+            raise UserError(f"{where} holds a super-resolution UNet (a {cfg.image_channels}-channel image "
+                            f"concatenated to the latents): it needs --image, the low-resolution image")
         if cfg.inpainting_unet:
             raise UserError(f"{where} holds an inpainting UNet ({cfg.unet_channels} input channels): it needs "
                             f"--image and --mask; text to image and image to image need an export of an "
@@ -317,6 +355,11 @@ class VariantSpec:
     inpainting_unet: bool              # runs on a 9-channel inpainting UNet, else a 4-channel one
     tasks: tuple[Task, ...]            # the generations it serves
     build_flags: tuple[str, ...] = ()  # what `sdrt build` needs to make its engine
+    image_unet: bool = False           # runs on a UNet that takes an image beside the latents
+
+    def fits(self, cfg: ModelConfig) -> bool:
+        """This variant's UNet input is the one of cfg's UNet."""
+        return self.inpainting_unet == cfg.inpainting_unet and self.image_unet == bool(cfg.image_channels)
 
 
 VARIANTS = {
@@ -325,6 +368,8 @@ VARIANTS = {
                                (Task.inpainting,), ("--inpaint",)),
     Variant.concat: VariantSpec("denoise_step_inpaint", ("mask", "masked_image_latents"), True,
                                 (Task.inpainting,)),
+    Variant.superres: VariantSpec("denoise_step_superres", ("low_res_image",), False, (Task.upscaling,),
+                                  image_unet=True),
 }
 
 
@@ -342,6 +387,8 @@ def step_inputs(cfg: ModelConfig, precision: str) -> dict[str, Tensor]:
         Tensor("image_latents", "float32", latent),
         Tensor("noise", "float32", latent),
         Tensor("masked_image_latents", "float32", latent),
+        Tensor("low_res_image", "float32", ("batch", cfg.image_channels, "latent_h", "latent_w")),
+        Tensor("class_labels", "int32", ("text_batch",)),
         *(Tensor(control_image(k), "float32", ("batch", 3, "height", "width")) for k in range(MAX_CONTROLNETS)))}
 
 
@@ -360,6 +407,16 @@ def control_columns(n: int) -> tuple[str, ...]:
 
 
 STEP_INPUTS = ("latents", "text_embeddings", "step_table", "step_index")   # every step's first four
+
+
+def step_input_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """A step's first inputs on this UNet: STEP_INPUTS without the text embeddings when nothing
+    reads text (text_encoder "none"), with the class labels (bound once per call: CFG rows
+    [null class; class], else [class]) when the UNet has a class table."""
+    names = tuple(n for n in STEP_INPUTS if cfg.has_text or n != "text_embeddings")
+    return names + (("class_labels",) if cfg.class_embeds else ())
+
+
 # then the sampler state every step made since the samplers has (older exports: DDIM only)
 SAMPLER_STATE = ("x0_prev", "step_noise")
 
@@ -407,7 +464,7 @@ class Step:
     def inputs(self, cfg: ModelConfig, precision: str) -> tuple[Tensor, ...]:
         table = step_inputs(cfg, precision)
         table["step_table"] = Tensor("step_table", "float32", (STEP_TABLE_ROWS, len(self.columns)))
-        return tuple(table[n] for n in STEP_INPUTS + SAMPLER_STATE + self.extra_inputs)
+        return tuple(table[n] for n in step_input_names(cfg) + SAMPLER_STATE + self.extra_inputs)
 
     def outputs(self, cfg: ModelConfig) -> tuple[Tensor, ...]:
         latent = ("batch", cfg.latent_channels, "latent_h", "latent_w")
@@ -432,7 +489,8 @@ class Step:
     def of_unet(cfg: ModelConfig) -> tuple["Step", ...]:
         """The steps an export of this UNet has (a 9-channel UNet can only inpaint); with
         ControlNets, each of them also with the ControlNets."""
-        return tuple(s for s in Step.every(cfg.controlnets) if s.spec.inpainting_unet == cfg.inpainting_unet)
+        return tuple(s for s in Step.every(cfg.controlnets) if s.spec.fits(cfg) and (cfg.can_guide or not s.guidance)
+                     and any(t in tasks_with_decoder(cfg) for t in s.spec.tasks))
 
     @staticmethod
     def for_task(cfg: ModelConfig, task: Task, guidance: bool, where: str = "this export",
@@ -449,17 +507,25 @@ class Step:
         return next((s for s in Step.every() if s.name == name), None)
 
 
+def tasks_with_decoder(cfg: ModelConfig) -> tuple[Task, ...]:
+    """The tasks this autoencoder allows: image to image and inpainting encode an image (the KL
+    VAE's encoder); the LDM pipelines' VQ models are used to decode only."""
+    return tuple(Task) if cfg.decoder == "kl" else (Task.text_to_image, Task.upscaling)
+
+
 def tasks_of_unet(cfg: ModelConfig) -> tuple[Task, ...]:
     """What an export of this UNet can generate, in Task order."""
-    return tuple(t for t in Task if any(t in s.spec.tasks for s in Step.of_unet(cfg)))
+    return tuple(t for t in tasks_with_decoder(cfg) if any(t in s.spec.tasks for s in Step.of_unet(cfg)))
 
 
 def task_models(cfg: ModelConfig, task: Task, guidance: bool, control: bool = False) -> tuple[str, ...]:
     """The models one generation of `task` runs, in order: text encoder, its step (with the
     ControlNets when `control`), the VAE encoder (image inputs), the VAE decoder. UserError when
     this UNet cannot do `task`."""
-    encoder = () if task is Task.text_to_image else ("vae_encoder",)
-    return ("text_encoder", Step.for_task(cfg, task, guidance, control=control).name, *encoder, "vae_decoder")
+    encoder = ("vae_encoder",) if task in (Task.image_to_image, Task.inpainting) else ()
+    text = ("text_encoder",) if cfg.has_text else ()
+    return (*text, Step.for_task(cfg, task, guidance and cfg.can_guide, control=control).name, *encoder,
+            "vae_decoder")
 
 
 def engine_tasks(cfg: ModelConfig, inpaint: bool = False, image_inputs: bool = True) -> tuple[Task, ...]:
@@ -467,7 +533,7 @@ def engine_tasks(cfg: ModelConfig, inpaint: bool = False, image_inputs: bool = T
     inpainting with a 4-channel UNet only when asked (`inpaint`: a second step engine); image
     inputs only in exports that have a VAE encoder (older exports do not)."""
     tasks = tasks_of_unet(cfg)
-    return tuple(t for t in tasks if (t is Task.text_to_image or image_inputs)
+    return tuple(t for t in tasks if (t in (Task.text_to_image, Task.upscaling) or image_inputs)
                  and (t is not Task.inpainting or inpaint or tasks == (Task.inpainting,)))
 
 
@@ -504,8 +570,9 @@ def step_models(cfg: ModelConfig, precision: str) -> list[Model]:
 
 
 def all_models(cfg: ModelConfig, precision: str) -> dict[str, Model]:
-    models = [text_encoder(cfg, precision), unet(cfg, precision), vae_decoder(cfg, precision),
-              vae_encoder(cfg, precision), *step_models(cfg, precision)]
+    text = [text_encoder(cfg, precision)] if cfg.has_text else []
+    encoder = [vae_encoder(cfg, precision)] if cfg.decoder == "kl" else []   # LDM pipelines never encode
+    models = [*text, unet(cfg, precision), vae_decoder(cfg, precision), *encoder, *step_models(cfg, precision)]
     return {m.name: m for m in models}
 
 

@@ -52,7 +52,7 @@ def cmd_generate(a):
                               vae_batch=a.vae_batch, prompt_syntax=a.prompt_syntax, sampler=a.sampler,
                               schedule=a.schedule, noise=load_latents(a.noise, "noise"),
                               cfg_cutoff=a.cfg_cutoff, control=a.control or None,
-                              control_preprocess=a.control_preprocess)
+                              control_preprocess=a.control_preprocess, class_label=a.class_label)
     generate_files(a.work_dir, request, a.out, backend=a.backend, timings=a.timings)
 
 
@@ -384,7 +384,8 @@ def parser() -> argparse.ArgumentParser:
 
 def add_generate_args(s) -> None:
     s.add_argument("work_dir", type=Path)
-    s.add_argument("prompt")
+    s.add_argument("prompt", nargs="?", help="the text (leave out for models without a text encoder: "
+                   "unconditional, class-conditional and super-resolution LDMs)")
     s.add_argument("--negative", default="")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--guidance", type=float, default=7.5)
@@ -403,7 +404,10 @@ def add_generate_args(s) -> None:
                    help="the stochastic samplers' per-step noise, [steps, B, C, H/f, W/f] (default: from --seed)")
     s.add_argument("--cfg-cutoff", type=float, metavar="F",
                    help="after this fraction of the steps, run without the unconditional half (half the UNet work)")
-    s.add_argument("--image", type=Path, help="input image: image to image, or inpainting with --mask")
+    s.add_argument("--image", type=Path, help="input image: image to image, or inpainting with --mask; "
+                   "super-resolution models: the low-resolution image")
+    s.add_argument("--class-label", type=int, metavar="N",
+                   help="class-conditional UNets: the class (guidance against the null class where the model has one)")
     s.add_argument("--mask", type=Path, help="inpainting mask, the image's size: white = repaint")
     s.add_argument("--strength", type=float,
                    help="0 < S <= 1: share of the steps run on the noised image (default 0.75; inpainting 1.0)")

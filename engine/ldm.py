@@ -5,7 +5,8 @@
                                     once per call (the step concatenates it to x_t); the output is
                                     the latent size x the VQ factor
     class-conditional               class_labels [text_batch] int32, bound once per call:
-                                    CFG rows [null class] * B + [class] * B, else [class] * B
+                                    CFG rows [null class] * B + [class] * B (a text
+                                    model without a null class: [class] * 2B), else [class] * B
 
 The low-resolution image is taken at its own size when its sides are multiples of the UNet's
 downsampling; with resize, rounded down to multiples of 32 with Lanczos, as diffusers' LDM-SR
@@ -48,7 +49,10 @@ def class_labels(config, work_dir, label, batch: int, guided: bool) -> np.ndarra
             null = f" (row {config.classes} is the null class)" if config.null_class else ""
             raise RequestError("class_label", f"{{class_label}} {c} is out of range: this model has classes "
                                               f"0..{config.classes - 1}{null}")
-    rows = ([config.class_embeds - 1] * batch if guided else []) + list(labels)
+    if not guided:
+        return np.array(labels, np.int32)
+    uncond = [config.class_embeds - 1] * batch if config.null_class else list(labels)   # text models: the class
+    return np.array(uncond + list(labels), np.int32)
     return np.array(rows, np.int32)
 
 

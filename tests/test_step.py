@@ -14,16 +14,26 @@ from sdrt.contract import (RUNTIME_MODELS, Model, ModelConfig, Step, Task, Varia
 from sdrt.errors import UserError
 
 UNET4, UNET9 = ModelConfig(), ModelConfig(unet_channels=9)
+# the LDM family (sdrt.export.ldm): no text encoder, a VQ decoder, a UNet2DModel
+LDM = ModelConfig(text_encoder="none", decoder="vq", unet_kind="unconditional", latent_channels=3, unet_channels=3)
+LDM_SR = ModelConfig(text_encoder="none", decoder="vq", unet_kind="unconditional", latent_channels=3,
+                     unet_channels=6, image_channels=3)
+LDM_CLASS = ModelConfig(text_encoder="none", decoder="vq", unet_kind="unconditional", class_embeds=11,
+                        null_class=True)
 
 
 def test_step_names_and_inputs_are_those_exports_have_on_disk():
     names = {(s.variant.value, s.guidance): s.name for s in Step.every()}
     assert names == {("plain", True): "denoise_step_cfg", ("plain", False): "denoise_step",
                      ("blend", True): "denoise_step_blend_cfg", ("blend", False): "denoise_step_blend",
-                     ("concat", True): "denoise_step_inpaint_cfg", ("concat", False): "denoise_step_inpaint"}
+                     ("concat", True): "denoise_step_inpaint_cfg", ("concat", False): "denoise_step_inpaint",
+                     ("superres", True): "denoise_step_superres_cfg", ("superres", False): "denoise_step_superres"}
     common = ["latents", "text_embeddings", "step_table", "step_index", "x0_prev", "step_noise"]
-    extra = {"plain": [], "blend": ["mask", "image_latents", "noise"], "concat": ["mask", "masked_image_latents"]}
+    extra = {"plain": [], "blend": ["mask", "image_latents", "noise"], "concat": ["mask", "masked_image_latents"],
+             "superres": ["low_res_image"]}
     for s in Step.every():
+        if s.variant is Variant.superres:
+            continue                           # no text: its inputs in test_ldm_steps
         m = denoise_step(UNET9 if s.variant is Variant.concat else UNET4, "fp16", s.guidance, s.variant)
         assert (m.name, m.onnx, m.step) == (s.name, s.name + ".onnx", s)
         assert [t.name for t in m.inputs] == common + extra[s.variant.value] == common + list(s.extra_inputs)
@@ -61,7 +71,7 @@ def test_what_build_and_memory_cover():
     """`sdrt build` (and `sdrt memory`): the UNet's tasks, inpainting with a 4-channel UNet only when
     asked, image inputs only in exports with a VAE encoder; models in run order, each once."""
     assert engine_tasks(UNET4) == (Task.text_to_image, Task.image_to_image)
-    assert engine_tasks(UNET4, inpaint=True) == tuple(Task)
+    assert engine_tasks(UNET4, inpaint=True) == (Task.text_to_image, Task.image_to_image, Task.inpainting)
     assert engine_tasks(UNET4, inpaint=True, image_inputs=False) == (Task.text_to_image,)
     assert engine_tasks(UNET9) == engine_tasks(UNET9, inpaint=True) == (Task.inpainting,)
     assert models_of_tasks(UNET4, engine_tasks(UNET4, inpaint=True), False) == (
@@ -76,7 +86,35 @@ def test_build_flags_say_how_to_build_each_step():
     flags = {s.name: s.build_flags for s in Step.every()}
     assert flags == {"denoise_step_cfg": (), "denoise_step": ("--no-guidance",),
                      "denoise_step_blend_cfg": ("--inpaint",), "denoise_step_blend": ("--no-guidance", "--inpaint"),
-                     "denoise_step_inpaint_cfg": (), "denoise_step_inpaint": ("--no-guidance",)}
+                     "denoise_step_inpaint_cfg": (), "denoise_step_inpaint": ("--no-guidance",),
+                     "denoise_step_superres_cfg": (), "denoise_step_superres": ("--no-guidance",)}
+
+
+def test_ldm_steps():
+    """Models without a text encoder: no text embeddings in; no guided step without a null class;
+    class labels [text_batch] in a class-conditional UNet's steps; the low-resolution image in LDM-SR's.
+    No VAE encoder: text to image (and upscaling) only."""
+    assert [s.name for s in Step.of_unet(LDM)] == ["denoise_step"]
+    assert [s.name for s in Step.of_unet(LDM_SR)] == ["denoise_step_superres"]
+    assert [s.name for s in Step.of_unet(LDM_CLASS)] == ["denoise_step_cfg", "denoise_step"]
+    state = ["x0_prev", "step_noise"]
+    assert [t.name for t in denoise_step(LDM, "fp32", False).inputs] == ["latents", "step_table", "step_index", *state]
+    sr = denoise_step(LDM_SR, "fp32", False, Variant.superres)
+    assert [t.name for t in sr.inputs] == ["latents", "step_table", "step_index", *state, "low_res_image"]
+    assert sr.tensor("low_res_image").shape == ("batch", 3, "latent_h", "latent_w")
+    cls = denoise_step(LDM_CLASS, "fp32", True)
+    assert [t.name for t in cls.inputs] == ["latents", "step_table", "step_index", "class_labels", *state]
+    assert cls.tensor("class_labels").dtype == "int32" and cls.tensor("class_labels").shape == ("text_batch",)
+    assert list(all_models(LDM, "fp32")) == ["unet", "vae_decoder", "denoise_step"]
+    assert [t.name for t in all_models(LDM_CLASS, "fp32")["unet"].inputs] == ["sample", "timestep", "class_labels"]
+    assert task_models(LDM, Task.text_to_image, True) == ("denoise_step", "vae_decoder")
+    assert task_models(LDM_CLASS, Task.text_to_image, True) == ("denoise_step_cfg", "vae_decoder")
+    assert task_models(LDM_SR, Task.upscaling, False) == ("denoise_step_superres", "vae_decoder")
+    assert Task.of(image=True, mask=False, upscaling=True) is Task.upscaling
+    assert engine_tasks(LDM, inpaint=True) == (Task.text_to_image,) and engine_tasks(LDM_SR) == (Task.upscaling,)
+    with pytest.raises(UserError, match="super-resolution UNet"):
+        task_models(LDM_SR, Task.text_to_image, False)
+    assert ModelConfig.from_json({"latent_channels": 4}) == UNET4        # older manifests: the defaults
 
 
 def test_the_step_is_recorded_but_not_part_of_the_engine_key():

@@ -62,9 +62,9 @@ def export_fp32(folder, out):
     return export(folder, out, precision="fp32")
 
 
-def sdrt_images(work, **kw) -> np.ndarray:
+def sdrt_images(work, steps=STEPS, **kw) -> np.ndarray:
     from sdrt.engine.pipeline import Pipeline
-    return Pipeline(work, backend="onnxruntime-cpu").generate(steps=STEPS, **kw).images
+    return Pipeline(work, backend="onnxruntime-cpu").generate(steps=steps, **kw).images
 
 
 def randn(shape, seed=0):
@@ -234,3 +234,39 @@ def test_class_conditional_sd_layout_matches_diffusers(tmp_path):
     assert psnr(got, ref) >= 50
     assert psnr(sdrt_images(work, prompt="a red square", latents=latents, class_label=2, guidance=5.0,
                             prompt_syntax="plain"), ref) < 50
+
+
+# ---- the server ----------------------------------------------------------------------------------
+
+def test_server_jobs_run_an_unconditional_model_and_refuse_the_others(uncond, class_uncond, superres):
+    """The jobs API runs an unconditional LDM (an empty prompt: the same image as Pipeline.generate
+    with that seed); a prompt fails its job naming the field; class-conditional and
+    super-resolution exports, and --batching step without text, are refused at start in one line."""
+    pytest.importorskip("fastapi")
+    import time
+
+    from sdrt.errors import UserError
+    from sdrt.serve import server as srv
+    from sdrt.serve import spec as sp
+    _, work = uncond
+    app, server = srv.build(work, "onnxruntime-cpu", max_batch=2, warmup=False)
+    sched = server.scheduler
+    jobs = [sched.submit(sp.make(server.limits, prompt=p, steps=3, seed=4, width=16, height=16)) for p in ("", "a cat")]
+    server.worker.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not all(j.done for j in jobs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [j.state for j in jobs] == ["succeeded", "failed"], [j.error for j in jobs]
+        assert "no text encoder" in jobs[1].error and jobs[1].error_status == 400
+        want = sdrt_images(work, steps=3, seed=4, height=16, width=16)
+        assert psnr(np.asarray(jobs[0].images[0]), want[0]) == float("inf")
+    finally:
+        sched.drain()
+        sched.stop()
+        server.worker.join(10)
+    for w, what in ((class_uncond[1], "class-conditional"), (superres[1], "super-resolution")):
+        with pytest.raises(UserError, match=what):
+            srv.build(w, "onnxruntime-cpu", warmup=False)
+    with pytest.raises(UserError, match="--batching step"):
+        srv.build(work, "onnxruntime-cpu", batching="step", warmup=False)

@@ -97,6 +97,21 @@ def test_unconditional_matches_ldm_pipeline(uncond):
     assert psnr(sdrt_images(work, latents=latents * 1.05, batch=2), ref) < 50    # other noise: another image
 
 
+def test_fp16_export_validates_and_keeps_the_quantisation_in_fp32(uncond, tmp_path):
+    """FP16: the UNet2DModel and the VQ decoder validate within FP16's tolerance; the codebook and
+    the nearest-code search stay FP32, so the FP16 image stays near the FP32 one."""
+    from sdrt import manifest as mf
+    from sdrt.export.export import export
+    folder, work32 = uncond
+    work = export(folder, tmp_path / "fp16", precision="fp16")
+    man = mf.load(work)
+    assert {n: r["precision"] for n, r in man["models"].items()} == {"unet": "fp16", "vae_decoder": "fp16",
+                                                                     "denoise_step": "fp16"}
+    assert all(r["validation"]["rel_l2"] < 1e-2 for r in man["models"].values())
+    latents = randn((1, 4, 8, 8), 9).numpy()
+    assert psnr(sdrt_images(work, latents=latents), sdrt_images(work32, latents=latents)) >= 30
+
+
 def test_unconditional_bad_inputs(uncond):
     _, work = uncond
     assert_user_error(run_cli("generate", work, "a cat", "--steps", "1"), "no text encoder", "PROMPT")

@@ -117,6 +117,7 @@ def test_unconditional_bad_inputs(uncond):
     assert_user_error(run_cli("generate", work, "a cat", "--steps", "1"), "no text encoder", "PROMPT")
     assert_user_error(run_cli("generate", work, "--class-label", "1", "--steps", "1"), "--class-label")
     assert_user_error(run_cli("generate", work, "--height", "20", "--steps", "1"), "--height", "multiple of 8")
+    assert_user_error(run_cli("bench", work, "--no-reference"), "no text encoder")
     from sdrt.engine.request import RequestError
     with pytest.raises(RequestError, match="no text encoder") as e:
         sdrt_images(work, prompt="a cat")

@@ -56,12 +56,6 @@ def class_labels(config, work_dir, label, batch: int, guided: bool) -> np.ndarra
     return np.array(rows, np.int32)
 
 
-def guided(config, guidance: float) -> bool:
-    """Classifier-free guidance runs where the model has an unconditional row (a text encoder's
-    negative prompt, or a null class) and guidance > 1; otherwise the UNet runs once per step."""
-    return config.can_guide and guidance > 1.0
-
-
 def low_res_image(config, image, resize: bool):
     """(y [1, 3, h, w] in [-1, 1], h, w) of a super-resolution call; RequestError naming image."""
     from sdrt.engine import image_input

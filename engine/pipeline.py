@@ -151,12 +151,16 @@ class Pipeline:
         if r.loras is not None and [(Path(p), s) for p, s in r.loras] != list(self.loras.applied):
             self.set_loras(r.loras)           # only when the set differs: a switch re-makes sessions
         ldm.check_prompts(self.config, self.work_dir, r.prompt, r.negative)
-        guidance = r.guidance if ldm.guided(self.config, r.guidance) else 1.0
+        guidance = r.guidance if self.config.can_guide else 1.0   # no unconditional row: no guidance
         labels = ldm.class_labels(self.config, self.work_dir, r.class_label, r.batch, guidance > 1.0)
         if self.config.image_channels:          # super-resolution: the image is the one to upscale
             source, (low_res, lh, lw) = None, ldm.low_res_image(self.config, r.image, r.resize)
             variant = self.variant(source, upscaling=True)
             height, width = lh * self.config.vae_factor, lw * self.config.vae_factor
+            for what, asked, got in (("height", r.height, height), ("width", r.width, width)):
+                if asked is not None and asked != got:
+                    raise RequestError(what, f"{{{what}}} {asked}: the output is the low-resolution image's size x "
+                                             f"{self.config.vae_factor} ({width}x{height}); leave {{height}}/{{width}} out")
         else:
             source = self.source(r.image, r.mask, r.resize, r.height, r.width)
             variant = self.variant(source)

@@ -171,6 +171,9 @@ def test_superres_matches_ldm_sr_pipeline(superres, sampler):
 def test_superres_bad_inputs(superres, tmp_path):
     _, work = superres
     assert_user_error(run_cli("generate", work, "--steps", "1"), "--image", "low-resolution")
+    low_res().save(tmp_path / "low.png")
+    assert_user_error(run_cli("generate", work, "--image", tmp_path / "low.png", "--height", "64", "--steps", "1"),
+                      "--height 64", "128x128")
     from PIL import Image
     Image.new("RGB", (31, 32)).save(tmp_path / "odd.png")
     assert_user_error(run_cli("generate", work, "--image", tmp_path / "odd.png", "--steps", "1"), "multiple", "--resize")
@@ -286,3 +289,21 @@ def test_server_jobs_run_an_unconditional_model_and_refuse_the_others(uncond, cl
             srv.build(w, "onnxruntime-cpu", warmup=False)
     with pytest.raises(UserError, match="--batching step"):
         srv.build(work, "onnxruntime-cpu", batching="step", warmup=False)
+
+
+# ---- engines -------------------------------------------------------------------------------------
+
+def test_tensorrt_rtx_builds_the_ldm_exports_on_cpu(uncond, superres, class_uncond, tmp_path):
+    """`sdrt build` on each member (TensorRT-RTX's builder runs on a CPU): the step graph its task
+    runs (the guided one where there is a null class) and the VQ decoder; no text encoder."""
+    import importlib.util
+    import shutil
+    if importlib.util.find_spec("tensorrt_rtx") is None:
+        pytest.skip("tensorrt_rtx not installed (pip install 'sdrt[tensorrt-rtx]')")
+    from sdrt.export import build as B
+    want = {"uncond": ["denoise_step", "vae_decoder"], "superres": ["denoise_step_superres", "vae_decoder"],
+            "class": ["denoise_step_cfg", "vae_decoder"]}
+    for name, (_, work) in (("uncond", uncond), ("superres", superres), ("class", class_uncond)):
+        copy = tmp_path / name
+        shutil.copytree(work, copy)              # the module's exports stay engine-free
+        assert sorted(B.build(copy, "tensorrt-rtx", progress=False)["built"]) == want[name]

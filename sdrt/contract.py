@@ -356,10 +356,12 @@ class VariantSpec:
     tasks: tuple[Task, ...]            # the generations it serves
     build_flags: tuple[str, ...] = ()  # what `sdrt build` needs to make its engine
     image_unet: bool = False           # runs on a UNet that takes an image beside the latents
+    text: bool | None = None           # only on UNets with (True) / without (False) text; None: either
 
     def fits(self, cfg: ModelConfig) -> bool:
         """This variant's UNet input is the one of cfg's UNet."""
-        return self.inpainting_unet == cfg.inpainting_unet and self.image_unet == bool(cfg.image_channels)
+        return (self.inpainting_unet == cfg.inpainting_unet and self.image_unet == bool(cfg.image_channels)
+                and self.text in (None, cfg.has_text))
 
 
 VARIANTS = {
@@ -369,7 +371,7 @@ VARIANTS = {
     Variant.concat: VariantSpec("denoise_step_inpaint", ("mask", "masked_image_latents"), True,
                                 (Task.inpainting,)),
     Variant.superres: VariantSpec("denoise_step_superres", ("low_res_image",), False, (Task.upscaling,),
-                                  image_unet=True),
+                                  image_unet=True, text=False),
 }
 
 

@@ -149,6 +149,9 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     say(f"loading {model_dir} ...")
     folder = pipeline_folder.load(model_dir)
     cfg = folder.config = replace(folder.config, controlnets=len(cns))
+    if ort_fusion and cfg.unet_kind == "unconditional":
+        raise UserError(f"{model_dir}: --ort-fusion fuses UNet2DConditionModel attention; this is a UNet2DModel "
+                        f"(an LDM folder): export without --ort-fusion")
     models = all_models(cfg, precision)
     cn_models = [contract.controlnet(cfg, precision, k, lay) for k, lay in enumerate(layouts)]
     models.update({m.name: m for m in cn_models})

@@ -243,6 +243,9 @@ def test_class_conditional_sd_layout_matches_diffusers(tmp_path):
         pipe.unet.class_embedding.weight.normal_(0, 1)
     pipe.save_pretrained(tmp_path / "sd")
     work = export_fp32(tmp_path / "sd", tmp_path / "sd-work")
+    from sdrt.engine.request import RequestError
+    with pytest.raises(RequestError, match="text-to-image model: give a prompt"):
+        sdrt_images(work, class_label=3)
     forward = pipe.unet.forward
     pipe.unet.forward = lambda *a, **k: forward(*a, **k, class_labels=torch.tensor([3, 3]))
     latents = randn((1, 4, 8, 8), 2).numpy()

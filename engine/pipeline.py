@@ -345,6 +345,8 @@ class Pipeline:
         """Step-level batching over one shape plan: each of `batch` slots its own request, rows,
         guidance, embeddings and noise, at its own step (sdrt.engine.step_slots.StepSlots)."""
         from sdrt.engine.step_slots import StepSlots
+        if not self.config.has_text:
+            raise UserError(f"{self.work_dir} has no text encoder: step slots run text models only")
         return StepSlots(self, batch, height, width, guidance, noise_steps, variant)
 
     def decode(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -34,7 +34,13 @@ def check_prompts(config, work_dir, prompt, negative) -> None:
 
 
 def class_labels(config, work_dir, label, batch: int, guided: bool) -> np.ndarray | None:
-    """[text_batch] int32 for the step's class_labels input, or None for a UNet without classes."""
+    """[text_batch] int32 for the step's class_labels input, or None for a UNet without classes (and
+    for the x4 upscaler, whose class labels are its noise level: sdrt.engine.upscaler)."""
+    if config.upscaler:
+        if label is not None:
+            raise RequestError("class_label", f"{work_dir} is an upscaler: its class labels are the noise level; "
+                                              f"leave out {{class_label}} and set {{noise_level}}")
+        return None
     if not config.class_embeds:
         if label is not None:
             raise RequestError("class_label", f"{work_dir} has no class embedding (num_class_embeds): "
@@ -53,7 +59,6 @@ def class_labels(config, work_dir, label, batch: int, guided: bool) -> np.ndarra
         return np.array(labels, np.int32)
     uncond = [config.class_embeds - 1] * batch if config.null_class else list(labels)   # text models: the class
     return np.array(uncond + list(labels), np.int32)
-    return np.array(rows, np.int32)
 
 
 def low_res_image(config, image, resize: bool):

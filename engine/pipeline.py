@@ -8,6 +8,10 @@ the loop; decode. Over any backend.
     image to image:  s = steps - int(steps·strength),    x = sqrt(ᾱ_s) vae_encoder(image) + sqrt(1-ᾱ_s) ε
     inpainting:      as image to image (strength 1: x = ε); the step graph also reads the latent
                      mask and the (masked-)image latents, bound once per call
+    upscaling:       x = init_noise_sigma ε at the low-res image's size; the step graph also reads
+                     the low-res image, bound once per call: the x4 upscaler's noised, with the noise
+                     level as class labels (sdrt.engine.upscaler); LDM-SR's as it is (sdrt.engine.ldm)
+    without text:    no prompt (sdrt.engine.ldm); a class table's labels bound once per call
     for i in range(s, steps): launch(step graph i % 2)          UNet + CFG + DDIM, in one graph
     image   = vae_decoder(x_0)                                 in slices of the batch if asked
 
@@ -33,6 +37,7 @@ from sdrt.engine.lora import LoraState
 from sdrt.engine.request import GenerateRequest, RequestError, StepCallback, noise as seeded_noise, resolve_seed
 from sdrt.engine.timing import Clock
 from sdrt.engine.tokenizer import ClipTokenizer
+from sdrt.engine.upscaler import Upscaler
 from sdrt.errors import UserError
 
 
@@ -91,6 +96,7 @@ class Pipeline:
         self.decoders: dict = {}               # Pipeline.decode's VAE bindings
         self.graph: tuple[str, str] = ("", "")  # (path, error) of the last generation's step
         self.loras = LoraState(self.work_dir, self.manifest)
+        self.upscaler = Upscaler(self.manifest["upscaler"]) if self.config.upscaler else None
         if loras:
             self.set_loras(loras)
 
@@ -120,18 +126,20 @@ class Pipeline:
                  batch=None, seed=None, latents=None, vae_batch=None, clip_skip=1, embeddings=None, image=None,
                  mask=None, strength=None, resize=False, loras=None, prompt_syntax="webui",
                  sampler="DDIM", schedule=None, noise=None, cfg_cutoff=None, on_step=None, control=None,
-                 control_preprocess=None, class_label=None) -> Result:
+                 control_preprocess=None, noise_level=None, image_noise=None, class_label=None) -> Result:
         """`run(GenerateRequest(...))`: the request's fields as keywords (see sdrt.engine.request).
         Text to image; with `image` (path, PIL image or uint8 array), image to image (strength
         default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0).
         control: one entry per exported ControlNet, "IMAGE[:SCALE[:START:END]]" or (IMAGE, SCALE,
-        START, END) (sdrt.engine.request.Control). Models without a text encoder (sdrt.engine.ldm): no
-        prompt; class_label for class-conditional UNets; image for super-resolution (the low-resolution
-        image)."""
+        START, END) (sdrt.engine.request.Control). On an upscaler export, `image` is the low-resolution
+        image: the output is 4x its size; noise_level (default 20) and image_noise (its noise
+        [1 | B, 3, h, w] instead of the seed's) apply (sdrt.engine.upscaler). Models without a text
+        encoder (sdrt.engine.ldm): no prompt; class_label for class-conditional UNets; image for
+        super-resolution (the low-resolution image)."""
         return self.run(GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed, latents,
                                         image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
                                         prompt_syntax, sampler, schedule, noise, cfg_cutoff, control,
-                                        control_preprocess, class_label),
+                                        control_preprocess, noise_level, image_noise, class_label),
                         on_step=on_step)
 
     def run(self, request: GenerateRequest, on_step: StepCallback | None = None) -> Result:
@@ -150,19 +158,29 @@ class Pipeline:
         r = request
         if r.loras is not None and [(Path(p), s) for p, s in r.loras] != list(self.loras.applied):
             self.set_loras(r.loras)           # only when the set differs: a switch re-makes sessions
+        seed = r.used_seed()
         ldm.check_prompts(self.config, self.work_dir, r.prompt, r.negative)
         guidance = r.guidance if self.config.can_guide else 1.0   # no unconditional row: no guidance
+        low = self.upscaler.prepare(r, self.config.vae_factor, r.batch, seed) if self.upscaler else None
+        for field in ("noise_level", "image_noise"):
+            if not low and getattr(r, field) is not None:
+                raise RequestError(field, f"{{{field}}} is for upscaler exports (StableDiffusionUpscalePipeline): "
+                                          f"{self.work_dir} is not one")
         labels = ldm.class_labels(self.config, self.work_dir, r.class_label, r.batch, guidance > 1.0)
-        if self.config.image_channels:          # super-resolution: the image is the one to upscale
-            source, (low_res, lh, lw) = None, ldm.low_res_image(self.config, r.image, r.resize)
-            variant = self.variant(source, upscaling=True)
+        if low:                                 # the x4 upscaler: the noise level is every row's class label
+            labels = low.class_labels(r.batch * (2 if guidance > 1.0 else 1))
+            source, low_res, variant = None, low.image, self.variant(None, upscaling=True)
+            height, width = low.height, low.width
+        elif self.config.image_channels:        # LDM super-resolution: the image is the one to upscale
+            source, (y, lh, lw) = None, ldm.low_res_image(self.config, r.image, r.resize)
+            low_res, variant = np.repeat(y, r.batch, 0), self.variant(source, upscaling=True)
             height, width = lh * self.config.vae_factor, lw * self.config.vae_factor
             for what, asked, got in (("height", r.height, height), ("width", r.width, width)):
                 if asked is not None and asked != got:
                     raise RequestError(what, f"{{{what}}} {asked}: the output is the low-resolution image's size x "
                                              f"{self.config.vae_factor} ({width}x{height}); leave {{height}}/{{width}} out")
         else:
-            source = self.source(r.image, r.mask, r.resize, r.height, r.width)
+            source, low_res = self.source(r.image, r.mask, r.resize, r.height, r.width), None
             variant = self.variant(source)
             height, width = (source.height, source.width) if source is not None else (r.height, r.width)
         controls = self.controls(r.control, r.control_preprocess)
@@ -184,7 +202,6 @@ class Pipeline:
         dims = self.dims(height, width, r.batch, guidance, chunks=chunks)
         if table.stochastic:
             dims = replace(dims, noise_steps=steps)
-        seed = r.used_seed()
         noise = self.initial_latents(dims, seed, r.latents)            # ε (x_T for text to image)
         z = self.step_noise(dims, steps, seed, r) if table.stochastic or r.noise is not None else None
         z = z if table.stochastic else None
@@ -209,8 +226,8 @@ class Pipeline:
             self.write_sampler_inputs(p, table, start, z)
             if labels is not None:             # bound once per call (the unguided plan: the class rows)
                 p.buf["class_labels"].write(labels[-p.buf["class_labels"].shape[0]:])
-            if self.config.image_channels:
-                p.buf["low_res_image"].write(np.repeat(low_res, dims.batch, 0))
+            if low_res is not None:            # the low-resolution image (the upscaler's noised), once per call
+                p.buf["low_res_image"].write(low_res)
             for k, (_, pil) in enumerate(controls):   # bound once per call, repeated over the batch
                 image = image_input.control_array(pil, height, width)
                 p.buf[control_image(k)].write(np.repeat(image, dims.batch, 0))

@@ -16,6 +16,10 @@ The UNet input u and the output differ per variant (sdrt.contract.Variant), a pa
 each (GRAPHS; the step model's Step says which):
     plain    u = x_t                                    latents_next = x_{t-1}
     concat   u = concat(x_t, mask, masked-image latents) (9-channel inpainting UNet)
+    upscale  u = concat(x_t, low-res image), the UNet's class labels = the step's class_labels
+             (the x4 upscaler: the image noised to the noise level, which is the class label)
+    superres u = c concat(x_t, y) (LDM-SR: the low-res image scaled with the latents)
+A UNet with a class table reads the step's class_labels input (bound once per call) in any variant.
     blend    u = x_t, then the known region (mask 0) is put back, re-noised to the next timestep:
              latents_next = (1 - mask) (sqrt(ᾱ_next) x0_img + sqrt(1 - ᾱ_next) ε) + mask x_{t-1}
 The mask, image latents and noise are graph inputs bound once per call, not copied per step.
@@ -244,6 +248,14 @@ def unet_input_concat(node, col):
     return [node("Concat", ["x_in", "mask", "masked_image_latents"], ["u"], axis=1)]
 
 
+def unet_input_upscale(node, col):
+    """u = concat(x_in, low_res_image) on channels: the x4 upscaler's UNet. The model-input scale
+    applies to x_t only (diffusers scales, then concatenates); the UNet's class labels are the
+    step's class_labels input (the noise level, text_batch rows: CFG-duplicated by the runtime),
+    wired in compose like every class-table UNet's."""
+    return [node("Concat", ["x_in", "low_res_image"], ["u"], axis=1)]
+
+
 def unet_input_superres(node, col):
     """u = c concat(x_t, y): LDM super-resolution scales the low-resolution image y with the latents
     (diffusers' LDMSuperResolutionPipeline: scale_model_input(concat(latents, image)))."""
@@ -293,6 +305,7 @@ def blend_known_region(node, col):
 GRAPHS = {Variant.plain: (unet_input_plain, finish_plain),
           Variant.blend: (unet_input_plain, blend_known_region),
           Variant.concat: (unet_input_concat, finish_plain),
+          Variant.upscale: (unet_input_upscale, finish_plain),
           Variant.superres: (unet_input_superres, finish_plain)}
 
 

@@ -22,7 +22,7 @@ from sdrt.contract import (MAX_CONTROLNETS, STEP_COLUMNS, Dims, ModelConfig, Var
 from sdrt.errors import UserError
 from sdrt.fileio import default_mode_tree, temp_dir_beside, write_json_atomic
 from sdrt.export import (attention, compose_step, controlnet, ldm, lora_targets, pipeline_folder, scheduler_config,
-                         single_file, to_onnx, validate)
+                         single_file, to_onnx, upscaler, validate)
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 TOKEN_TABLE = "token_embedding.npy"
@@ -134,7 +134,8 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     precision = precisions["unet"]
     index = pipeline_folder.read_model_index(model_dir)
     text = not ldm.is_ldm(index["_class_name"])      # LDM folders: no text encoder, no tokenizer
-    sched, updated = scheduler_config.effective_config(model_dir / "scheduler", index["scheduler"][1], update=text)
+    sched, updated = scheduler_config.effective_config(model_dir / "scheduler", index["scheduler"][1],
+                                                       rewrite=text and not upscaler.is_upscaler(index))
     scheduler_config.warn_if_updated(updated)
     if text:
         pipeline_folder.check_tokenizer(model_dir / "tokenizer", pipeline_folder.text_vocab_size(model_dir))
@@ -152,6 +153,9 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     if ort_fusion and cfg.unet_kind == "unconditional":
         raise UserError(f"{model_dir}: --ort-fusion fuses UNet2DConditionModel attention; this is a UNet2DModel "
                         f"(an LDM folder): export without --ort-fusion")
+    if cfg.upscaler and cns:
+        raise UserError("--controlnet applies to text-to-image UNets: this folder holds an upscaler's UNet")
+    extra = {upscaler.KEY: upscaler.record(model_dir, index, cfg.class_embeds)} if cfg.upscaler else {}
     models = all_models(cfg, precision)
     cn_models = [contract.controlnet(cfg, precision, k, lay) for k, lay in enumerate(layouts)]
     models.update({m.name: m for m in cn_models})
@@ -209,7 +213,7 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     write_json_atomic(out / mf.NAME, {
         "format": mf.FORMAT, "precision": precision, "opset": opset, "attention": form,
         "config": cfg.to_json(), "scheduler": {"config": sched, "updated": updated}, "models": records, "variants": variants, "engines": {},
-        "token_embedding": token_embedding,
+        "token_embedding": token_embedding, **extra,
         "source": source or {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
         "versions": _versions(), "export_s": round(time.perf_counter() - t0, 1)})
     say(f"export done in {time.perf_counter() - t0:.1f} s")
@@ -334,8 +338,7 @@ def _step_reference(folder, step, dims: Dims, sched_config: dict, controlnets=()
     table = samplers.step_table(sched_config, samplers.Sampler("dpmpp_2m_sde"), steps,
                                 7.5 if guidance else 1.0).rows
     table[:, STEP_COLUMNS.index("model_in_scale")] = 0.8
-    inputs = to_onnx.example_inputs(step, d, folder.config.vocab_size, seed=2,
-                                    classes=folder.config.class_embeds)
+    inputs = to_onnx.example_inputs(step, d, folder.config.vocab_size, seed=2, classes=folder.config.class_embeds)
     inputs["step_table"], inputs["step_index"] = table, ks
     n_cn = step.step.controlnets
     scales = [np.array([0.8, 0.5]) - 0.3 * i for i in range(n_cn)]   # per ControlNet, per sample's row
@@ -388,6 +391,12 @@ def unet_input_concat(inputs: dict) -> np.ndarray:
     return np.concatenate([inputs["latents"], inputs["mask"], inputs["masked_image_latents"]], 1)
 
 
+def unet_input_upscale(inputs: dict) -> np.ndarray:
+    """u = concat(x_t, noised low-resolution image): the x4 upscaler's UNet (the sampler's input
+    scale applies to x_t only, as diffusers' pipeline orders it)."""
+    return np.concatenate([inputs["latents"], inputs["low_res_image"]], 1)
+
+
 def finish_plain(inputs: dict, row: dict, x_prev: np.ndarray) -> np.ndarray:
     """latents_next = x_{t-1}"""
     return x_prev
@@ -408,6 +417,7 @@ def unet_input_superres(inputs: dict) -> np.ndarray:
 REFERENCES = {Variant.plain: (unet_input_latents, finish_plain),
               Variant.blend: (unet_input_latents, finish_blend),
               Variant.concat: (unet_input_concat, finish_plain),
+              Variant.upscale: (unet_input_upscale, finish_plain),
               Variant.superres: (unet_input_superres, finish_plain)}
 
 

@@ -9,7 +9,8 @@ from sdrt.contract import ModelConfig
 from sdrt.errors import UserError
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline")
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline",
+             "StableDiffusionUpscalePipeline")
 
 
 @dataclass
@@ -66,11 +67,11 @@ def load(path: Path) -> PipelineFolder:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    from sdrt.export import ldm, upscaler
     path = Path(path)
-    name = read_model_index(path)["_class_name"]
-    from sdrt.export import ldm
-    if ldm.is_ldm(name):
-        return ldm.load(path, name)
+    index = read_model_index(path)
+    if ldm.is_ldm(index["_class_name"]):
+        return ldm.load(path, index["_class_name"])
     quiet()
     try:
         # eager attention traces to plain MatMul/Softmax; sdpa's mask handling traces poorly
@@ -80,7 +81,10 @@ def load(path: Path) -> PipelineFolder:
         vae = AutoencoderKL.from_pretrained(path / "vae", dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"cannot load the models in {path}: {str(e).splitlines()[0]}") from None
-    return PipelineFolder(path, model_config(text, unet, vae, path), text.eval(), unet.eval(), vae.eval())
+    if upscaler.is_upscaler(index):
+        upscaler.check_vae_scaling(vae)
+    return PipelineFolder(path, model_config(text, unet, vae, path, upscaler.is_upscaler(index)), text.eval(),
+                          unet.eval(), vae.eval())
 
 
 def check_tokenizer(path: Path, vocab_size: int, flag: str = "the tokenizer folder") -> None:
@@ -108,10 +112,14 @@ def text_vocab_size(path: Path) -> int:
     return size
 
 
-def model_config(text, unet, vae, path: Path = Path(".")) -> ModelConfig:
+def model_config(text, unet, vae, path: Path = Path("."), upscaler: bool = False) -> ModelConfig:
+    """upscaler: a StableDiffusionUpscalePipeline's UNet (latents + low-resolution image in, the
+    noise level as class labels: sdrt.export.upscaler)."""
+    from sdrt.export import upscaler as sr
     u, v, t = unet.config, vae.config, text.config
     c = v.latent_channels
-    if u.in_channels not in (c, 2 * c + 1) or u.out_channels != c:
+    image_channels = sr.check_unet(unet, c) if upscaler else 0
+    if not image_channels and (u.in_channels not in (c, 2 * c + 1) or u.out_channels != c):
         raise UserError(f"UNet has {u.in_channels} input / {u.out_channels} output channels for a {c}-channel "
                         f"VAE: sdrt supports {c} in (text-to-image) or {2 * c + 1} in (inpainting: latents, "
                         f"mask, masked-image latents), {c} out")
@@ -126,7 +134,7 @@ def model_config(text, unet, vae, path: Path = Path(".")) -> ModelConfig:
                        text_layers=t.num_hidden_layers,
                        vocab_size=t.vocab_size, latent_channels=c, unet_channels=u.in_channels,
                        vae_factor=2 ** (len(v.block_out_channels) - 1),
-                       sample_size=sample_size(u.sample_size), **classes)
+                       sample_size=sample_size(u.sample_size), image_channels=image_channels, **classes)
 
 
 def sample_size(value) -> int | tuple:

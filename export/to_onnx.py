@@ -95,7 +95,7 @@ def wrap(name: str, folder) -> object:
     """The torch module that computes contract model `name` (float32, eval)."""
     TextEncoder, UNet, VaeDecoder, VaeEncoder = _modules()
     cfg = folder.config
-    if name == "unet" and (cfg.class_embeds or cfg.unet_kind == "unconditional"):
+    if name == "unet" and (cfg.class_embeds or cfg.unet_kind == "unconditional"):   # x4 upscaler, LDM: by name
         from sdrt.contract import unet
         from sdrt.export import ldm
         return ldm.modules()[0](folder.unet, [t.name for t in unet(cfg, "fp32").inputs])

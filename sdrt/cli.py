@@ -52,7 +52,8 @@ def cmd_generate(a):
                               vae_batch=a.vae_batch, prompt_syntax=a.prompt_syntax, sampler=a.sampler,
                               schedule=a.schedule, noise=load_latents(a.noise, "noise"),
                               cfg_cutoff=a.cfg_cutoff, control=a.control or None,
-                              control_preprocess=a.control_preprocess, class_label=a.class_label)
+                              control_preprocess=a.control_preprocess, noise_level=a.noise_level,
+                              image_noise=load_latents(a.image_noise, "image noise"), class_label=a.class_label)
     generate_files(a.work_dir, request, a.out, backend=a.backend, timings=a.timings)
 
 
@@ -164,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
                                     "or copy the trained demo model (--arch demo)")
     s.add_argument("dir", type=Path)
     s.add_argument("--arch", choices=("tiny", "sd15", "demo", "tiny-inpaint", "sd15-inpaint", "tiny-controlnet", "sd15-controlnet",
-                                       "tiny-ldm", "tiny-ldm-sr", "tiny-class-ldm"), default="tiny")
+                                       "tiny-upscaler", "tiny-ldm", "tiny-ldm-sr", "tiny-class-ldm"), default="tiny")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace DIR if it exists")
     s.set_defaults(fn=cmd_init)
@@ -404,8 +405,13 @@ def add_generate_args(s) -> None:
                    help="the stochastic samplers' per-step noise, [steps, B, C, H/f, W/f] (default: from --seed)")
     s.add_argument("--cfg-cutoff", type=float, metavar="F",
                    help="after this fraction of the steps, run without the unconditional half (half the UNet work)")
-    s.add_argument("--image", type=Path, help="input image: image to image, or inpainting with --mask; "
-                   "super-resolution models: the low-resolution image")
+    s.add_argument("--image", type=Path, help="input image: image to image, inpainting with --mask, or the "
+                                              "low-resolution image of a super-resolution export (output: its "
+                                              "size x the VAE factor)")
+    s.add_argument("--noise-level", type=int, metavar="N",
+                   help="upscaler: noise added to --image, 0..the model's max_noise_level (default 20)")
+    s.add_argument("--image-noise", type=Path, metavar="FILE.npy",
+                   help="upscaler: that noise, [1, 3, h, w] of the low-resolution image (default: from --seed)")
     s.add_argument("--class-label", type=int, metavar="N",
                    help="class-conditional UNets: the class (guidance against the null class where the model has one)")
     s.add_argument("--mask", type=Path, help="inpainting mask, the image's size: white = repaint")

@@ -113,12 +113,15 @@ class ModelConfig:
     sample_size: int | tuple = 64  # UNet's native latent size (512 px for SD 1.5): an int, or
                                    # (height, width) as diffusers allows ([64, 96]: 512x768 px)
     controlnets: int = 0           # ControlNets exported beside the UNet (their steps: Step.controlnets)
-    # The latent-diffusion family (sdrt.export.ldm): what conditions the UNet and what decodes.
+    # The latent-diffusion family (sdrt.export.ldm) and the x4 upscaler (sdrt.export.upscaler): what
+    # conditions the UNet and what decodes.
     text_encoder: str = "clip"     # "clip" | "bert" (LDM-BERT) | "none": no text conditioning
     decoder: str = "kl"            # "kl" AutoencoderKL | "vq" VQModel (decode quantises first)
     unet_kind: str = "conditional"  # "conditional" UNet2DConditionModel | "unconditional" UNet2DModel
-    class_embeds: int = 0          # the UNet's num_class_embeds (class-table rows); 0 = none
+    class_embeds: int = 0          # the UNet's num_class_embeds (class-table rows; 0 = none): step input
+                                   # class_labels (a class, or the x4 upscaler's noise level)
     image_channels: int = 0        # channels of a low-resolution image concatenated to the UNet's input
+                                   # (3 for the x4 upscaler and LDM-SR; 0 = none): Task.upscaling
     null_class: bool = False       # the last class row is the null class: guidance runs against it
     latent_multiple: int = 1       # latent sides must be multiples of this (UNet2DModel: 2^downsamplers)
 
@@ -160,6 +163,13 @@ class ModelConfig:
     def inpainting_unet(self) -> bool:
         """A dedicated inpainting UNet: latents, mask and masked-image latents in, concatenated."""
         return self.unet_channels == 2 * self.latent_channels + 1
+
+    @property
+    def upscaler(self) -> bool:
+        """The x4 upscaler (StableDiffusionUpscalePipeline): a text UNet with the low-resolution image
+        concatenated and its noise level as class labels (Variant.upscale). A super-resolution UNet
+        without text (LDM-SR, Variant.superres) is not one."""
+        return self.image_channels > 0 and self.has_text
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -307,7 +317,7 @@ class Task(str, Enum):
     text_to_image = "text to image"
     image_to_image = "image to image"          # an image
     inpainting = "inpainting"                  # an image and a mask (white = repaint)
-    upscaling = "upscaling"                    # a low-resolution image concatenated to the UNet's input
+    upscaling = "upscaling"                    # a low-resolution image, on a super-resolution UNet
 
     @staticmethod
     def of(image: bool, mask: bool, upscaling: bool = False) -> "Task":
@@ -323,8 +333,11 @@ class Variant(str, Enum):
     blend = "blend"      # inpainting with a 4-channel UNet: the known region, re-noised to the next
                          # timestep, replaces the step's output outside the mask
     concat = "concat"    # inpainting with a 9-channel UNet: concat(x_t, mask, masked-image latents) in
-    superres = "superres"  # LDM super-resolution: concat(x_t, low-res image), scaled together (diffusers'
-                           # LDMSuperResolutionPipeline scales the concatenation by the sampler's input scale)
+    upscale = "upscale"  # the x4 upscaler (a text UNet): concat(x_t, noised low-resolution image) in, the
+                         # noise level as the UNet's class labels (the step's class_labels input)
+    superres = "superres"  # LDM super-resolution (no text): concat(x_t, low-res image), scaled together
+                           # (diffusers' LDMSuperResolutionPipeline scales the concatenation by the
+                           # sampler's input scale)
 
     @property
     def spec(self) -> "VariantSpec":
@@ -337,8 +350,8 @@ class Variant(str, Enum):
             if v.spec.fits(cfg) and task in v.spec.tasks:
                 return v
         if cfg.image_channels:
-            raise UserError(f"{where} holds a super-resolution UNet (a {cfg.image_channels}-channel image "
-                            f"concatenated to the latents): it needs --image, the low-resolution image")
+            raise UserError(f"{where} holds a super-resolution UNet ({cfg.unet_channels} input channels): it "
+                            f"needs --image (the low-resolution image) and upscales it; it has no {task.value}")
         if cfg.inpainting_unet:
             raise UserError(f"{where} holds an inpainting UNet ({cfg.unet_channels} input channels): it needs "
                             f"--image and --mask; text to image and image to image need an export of an "
@@ -355,11 +368,11 @@ class VariantSpec:
     inpainting_unet: bool              # runs on a 9-channel inpainting UNet, else a 4-channel one
     tasks: tuple[Task, ...]            # the generations it serves
     build_flags: tuple[str, ...] = ()  # what `sdrt build` needs to make its engine
-    image_unet: bool = False           # runs on a UNet that takes an image beside the latents
+    image_unet: bool = False           # runs on a UNet that takes a low-resolution image beside the latents
     text: bool | None = None           # only on UNets with (True) / without (False) text; None: either
 
     def fits(self, cfg: ModelConfig) -> bool:
-        """This variant's UNet input is the one of cfg's UNet."""
+        """Whether this variant runs on the export's UNet (its input is the one of cfg's UNet)."""
         return (self.inpainting_unet == cfg.inpainting_unet and self.image_unet == bool(cfg.image_channels)
                 and self.text in (None, cfg.has_text))
 
@@ -370,6 +383,8 @@ VARIANTS = {
                                (Task.inpainting,), ("--inpaint",)),
     Variant.concat: VariantSpec("denoise_step_inpaint", ("mask", "masked_image_latents"), True,
                                 (Task.inpainting,)),
+    Variant.upscale: VariantSpec("denoise_step_upscale", ("low_res_image",), False, (Task.upscaling,),
+                                 image_unet=True, text=True),
     Variant.superres: VariantSpec("denoise_step_superres", ("low_res_image",), False, (Task.upscaling,),
                                   image_unet=True, text=False),
 }
@@ -389,8 +404,9 @@ def step_inputs(cfg: ModelConfig, precision: str) -> dict[str, Tensor]:
         Tensor("image_latents", "float32", latent),
         Tensor("noise", "float32", latent),
         Tensor("masked_image_latents", "float32", latent),
-        Tensor("low_res_image", "float32", ("batch", cfg.image_channels, "latent_h", "latent_w")),
-        Tensor("class_labels", "int32", ("text_batch",)),
+        # the low-resolution image (the x4 upscaler's noised), at the latent size
+        Tensor("low_res_image", "float32", ("batch", cfg.image_channels or 3, "latent_h", "latent_w")),
+        Tensor("class_labels", "int32", ("text_batch",)),      # the UNet's class labels (class or noise level)
         *(Tensor(control_image(k), "float32", ("batch", 3, "height", "width")) for k in range(MAX_CONTROLNETS)))}
 
 

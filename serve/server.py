@@ -33,9 +33,10 @@ def importable(module: str) -> bool:
 
 
 def check_servable(work_dir: Path, cfg, batching: str) -> None:
-    """The server runs text models and unconditional LDMs (requests with an empty prompt); class
-    labels and LDM super-resolution have no request fields yet: refused at start, in one line."""
-    if cfg.class_embeds or cfg.image_channels:
+    """The server runs text models (the x4 upscaler with its image and noise level) and
+    unconditional LDMs (requests with an empty prompt); class labels and LDM super-resolution have
+    no request fields yet: refused at start, in one line."""
+    if not cfg.upscaler and (cfg.class_embeds or cfg.image_channels):
         what = "class-conditional" if cfg.class_embeds else "super-resolution"
         raise UserError(f"{work_dir} is a {what} model: sdrt serve has no request field for it yet; "
                         f"use `sdrt generate` or Pipeline.generate")
@@ -68,7 +69,8 @@ def make_limits(work_dir: Path, max_batch: int, loras: dict, embeddings: list, b
                   multiple=cfg.size_multiple, min_size=min_size, max_size=max_size, max_pixels=max_pixels,
                   max_batch=max_batch, max_steps=min(MAX_STEPS, sched.num_train_timesteps),
                   clip_skip_max=cfg.text_layers, loras=loras, embeddings=tuple(t for _, t in embeddings),
-                  inpainting_unet=cfg.inpainting_unet)
+                  inpainting_unet=cfg.inpainting_unet,
+                  max_noise_level=manifest["upscaler"]["max_noise_level"] if cfg.upscaler else None)
 
 
 def engine_profile(manifest: dict, backend: str, vae_factor: int) -> dict | None:

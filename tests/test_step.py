@@ -20,6 +20,11 @@ LDM_SR = ModelConfig(text_encoder="none", decoder="vq", unet_kind="unconditional
                      unet_channels=6, image_channels=3)
 LDM_CLASS = ModelConfig(text_encoder="none", decoder="vq", unet_kind="unconditional", class_embeds=11,
                         null_class=True)
+UNET_SR = ModelConfig(unet_channels=7, vae_factor=4, class_embeds=1000, image_channels=3)   # the x4 upscaler's
+
+
+def config_of(variant: Variant) -> ModelConfig:
+    return {Variant.concat: UNET9, Variant.upscale: UNET_SR, Variant.superres: LDM_SR}.get(variant, UNET4)
 
 
 def test_step_names_and_inputs_are_those_exports_have_on_disk():
@@ -27,16 +32,20 @@ def test_step_names_and_inputs_are_those_exports_have_on_disk():
     assert names == {("plain", True): "denoise_step_cfg", ("plain", False): "denoise_step",
                      ("blend", True): "denoise_step_blend_cfg", ("blend", False): "denoise_step_blend",
                      ("concat", True): "denoise_step_inpaint_cfg", ("concat", False): "denoise_step_inpaint",
+                     ("upscale", True): "denoise_step_upscale_cfg", ("upscale", False): "denoise_step_upscale",
                      ("superres", True): "denoise_step_superres_cfg", ("superres", False): "denoise_step_superres"}
     common = ["latents", "text_embeddings", "step_table", "step_index", "x0_prev", "step_noise"]
     extra = {"plain": [], "blend": ["mask", "image_latents", "noise"], "concat": ["mask", "masked_image_latents"],
-             "superres": ["low_res_image"]}
+             "upscale": ["low_res_image"], "superres": ["low_res_image"]}
     for s in Step.every():
         if s.variant is Variant.superres:
             continue                           # no text: its inputs in test_ldm_steps
-        m = denoise_step(UNET9 if s.variant is Variant.concat else UNET4, "fp16", s.guidance, s.variant)
+        cfg = config_of(s.variant)
+        m = denoise_step(cfg, "fp16", s.guidance, s.variant)
+        # a UNet with a class table (the upscaler's noise level) reads one class_labels, after the first four
+        first = common[:4] + (["class_labels"] if cfg.class_embeds else []) + common[4:]
         assert (m.name, m.onnx, m.step) == (s.name, s.name + ".onnx", s)
-        assert [t.name for t in m.inputs] == common + extra[s.variant.value] == common + list(s.extra_inputs)
+        assert [t.name for t in m.inputs] == first + extra[s.variant.value] == first + list(s.extra_inputs)
         assert [t.name for t in m.outputs] == ["latents_next", "step_index_next", "x0_next"]
         assert Step.named(s.name) == s and Step.from_json(json.loads(json.dumps(s.to_json()))) == s
     assert Step.named("unet") is None and Step("blend", True).variant is Variant.blend
@@ -47,6 +56,7 @@ def test_the_steps_an_export_has():
     assert [s.name for s in Step.of_unet(UNET4)] == ["denoise_step_cfg", "denoise_step", "denoise_step_blend_cfg",
                                                     "denoise_step_blend"]
     assert [s.name for s in Step.of_unet(UNET9)] == ["denoise_step_inpaint_cfg", "denoise_step_inpaint"]
+    assert [s.name for s in Step.of_unet(UNET_SR)] == ["denoise_step_upscale_cfg", "denoise_step_upscale"]
     assert [n for n, m in all_models(UNET4, "fp32").items() if m.step] == [s.name for s in Step.of_unet(UNET4)]
     assert all(m.step is None for n, m in all_models(UNET4, "fp32").items() if n in
                ("text_encoder", "unet", "vae_decoder", "vae_encoder"))
@@ -65,6 +75,12 @@ def test_which_models_a_generation_runs():
     for task in (Task.text_to_image, Task.image_to_image):
         with pytest.raises(UserError, match="inpainting UNet .9 input channels.: it needs --image and --mask"):
             task_models(UNET9, task, True)
+    assert task_models(UNET_SR, Task.upscaling, True) == ("text_encoder", "denoise_step_upscale_cfg", "vae_decoder")
+    for task in (Task.text_to_image, Task.image_to_image, Task.inpainting):
+        with pytest.raises(UserError, match="super-resolution UNet .7 input channels.: it needs --image"):
+            task_models(UNET_SR, task, True)
+    with pytest.raises(UserError, match="no denoising step for upscaling"):
+        task_models(UNET4, Task.upscaling, True)
 
 
 def test_what_build_and_memory_cover():
@@ -72,6 +88,9 @@ def test_what_build_and_memory_cover():
     asked, image inputs only in exports with a VAE encoder; models in run order, each once."""
     assert engine_tasks(UNET4) == (Task.text_to_image, Task.image_to_image)
     assert engine_tasks(UNET4, inpaint=True) == (Task.text_to_image, Task.image_to_image, Task.inpainting)
+    assert engine_tasks(UNET_SR) == engine_tasks(UNET_SR, image_inputs=False) == (Task.upscaling,)
+    assert models_of_tasks(UNET_SR, engine_tasks(UNET_SR), True) == (
+        "text_encoder", "denoise_step_upscale_cfg", "vae_decoder")
     assert engine_tasks(UNET4, inpaint=True, image_inputs=False) == (Task.text_to_image,)
     assert engine_tasks(UNET9) == engine_tasks(UNET9, inpaint=True) == (Task.inpainting,)
     assert models_of_tasks(UNET4, engine_tasks(UNET4, inpaint=True), False) == (
@@ -87,6 +106,7 @@ def test_build_flags_say_how_to_build_each_step():
     assert flags == {"denoise_step_cfg": (), "denoise_step": ("--no-guidance",),
                      "denoise_step_blend_cfg": ("--inpaint",), "denoise_step_blend": ("--no-guidance", "--inpaint"),
                      "denoise_step_inpaint_cfg": (), "denoise_step_inpaint": ("--no-guidance",),
+                     "denoise_step_upscale_cfg": (), "denoise_step_upscale": ("--no-guidance",),
                      "denoise_step_superres_cfg": (), "denoise_step_superres": ("--no-guidance",)}
 
 
@@ -114,6 +134,11 @@ def test_ldm_steps():
     assert engine_tasks(LDM, inpaint=True) == (Task.text_to_image,) and engine_tasks(LDM_SR) == (Task.upscaling,)
     with pytest.raises(UserError, match="super-resolution UNet"):
         task_models(LDM_SR, Task.text_to_image, False)
+    # Task.upscaling: the x4 upscaler's variant on a text UNet, LDM-SR's on one without text
+    assert Variant.for_task(UNET_SR, Task.upscaling) is Variant.upscale
+    assert Variant.for_task(LDM_SR, Task.upscaling) is Variant.superres
+    assert not Variant.superres.spec.fits(UNET_SR) and not Variant.upscale.spec.fits(LDM_SR)
+    assert [t.name for t in denoise_step(UNET_SR, "fp32", True, Variant.upscale).inputs].count("class_labels") == 1
     assert ModelConfig.from_json({"latent_channels": 4}) == UNET4        # older manifests: the defaults
 
 

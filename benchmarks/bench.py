@@ -430,6 +430,10 @@ def bench(work_dirs: list | None = None, reference=None, backends: str = "availa
     work_dirs, reference = demo_defaults(work_dirs, reference, no_reference)
     manifests = load_exports(work_dirs)
     cfg = mf.config(manifests[0])
+    for w, m in zip(work_dirs, manifests):
+        if not mf.config(m).has_text:
+            raise UserError(f"{w} has no text encoder (an LDM export): sdrt bench times text-to-image models only; "
+                            f"time it with `sdrt generate {w} --timings`")
     size_list = parse_sizes(sizes or f"{cfg.default_height}x{cfg.default_width}")
     batch_list = parse_ints(batches, "batches")
     if steps <= 0 or runs <= 0 or warmup < 0:

@@ -149,12 +149,12 @@ def estimate(work_dir: Path, height: int, width: int, batch: int, backend: str =
     work_dir = Path(work_dir)
     man = mf.load(work_dir)
     cfg, contracts = mf.config(man), mf.models(man)
-    check_size(height, width, cfg.vae_factor)
+    check_size(height, width, cfg.size_multiple)
     if batch <= 0:
         raise UserError(f"batch {batch} must be positive")
     if vae_batch is not None and vae_batch <= 0:
         raise UserError(f"vae batch {vae_batch} must be positive")
-    dims = Dims(batch=batch, height=height, width=width, cfg=True, vae_factor=cfg.vae_factor,
+    dims = Dims(batch=batch, height=height, width=width, cfg=cfg.can_guide, vae_factor=cfg.vae_factor,
                 text_len=cfg.text_len)   # a one-chunk prompt (77 tokens)
     vae_n = min(vae_batch or batch, batch)
     names = runtime_models(man)
@@ -192,7 +192,7 @@ def table(estimates: list[dict]) -> str:
     for e in estimates:
         m = e["models"]
         row = [export_label(e), f"{e['height']}x{e['width']}", str(e["batch"]),
-               f"{e['weights_bytes'] / MB:.0f}", f"{m['text_encoder']['activation_bytes'] / MB:.0f}",
+               f"{e['weights_bytes'] / MB:.0f}", f"{m['text_encoder']['activation_bytes'] / MB:.0f}" if "text_encoder" in m else "-",
                f"{m[e['step']]['activation_bytes'] / MB:.0f}", str(e.get("vae_batch", e["batch"])),
                f"{m['vae_decoder']['activation_bytes'] / MB:.0f}",
                f"{m['vae_encoder']['activation_bytes'] / MB:.0f}" if "vae_encoder" in m else "-",
@@ -220,7 +220,7 @@ def main(work_dirs: list, sizes: str = "512x512", batches: str = "1,4", backend:
     for work_dir in work_dirs:       # every mistake before any work
         man = mf.load(work_dir)
         for h, w in size_list:
-            check_size(h, w, mf.config(man).vae_factor)
+            check_size(h, w, mf.config(man).size_multiple)
         for name in runtime_models(man):
             mf.model_files(work_dir, man, name)
     estimates = []

@@ -9,7 +9,9 @@ the loop; decode. Over any backend.
     inpainting:      as image to image (strength 1: x = ε); the step graph also reads the latent
                      mask and the (masked-)image latents, bound once per call
     upscaling:       x = init_noise_sigma ε at the low-res image's size; the step graph also reads
-                     the noised low-res image and the noise level (sdrt.engine.upscaler)
+                     the low-res image, bound once per call: the x4 upscaler's noised, with the noise
+                     level as class labels (sdrt.engine.upscaler); LDM-SR's as it is (sdrt.engine.ldm)
+    without text:    no prompt (sdrt.engine.ldm); a class table's labels bound once per call
     for i in range(s, steps): launch(step graph i % 2)          UNet + CFG + DDIM, in one graph
     image   = vae_decoder(x_0)                                 in slices of the batch if asked
 
@@ -29,7 +31,7 @@ import numpy as np
 from sdrt import manifest as mf
 from sdrt.contract import (Dims, Step, Task, Variant, control_image, control_weights, has_sampler_state,
                            tasks_of_unet)
-from sdrt.engine import backends, cuda, image_input, samplers, scheduler, vae_slices
+from sdrt.engine import backends, cuda, image_input, ldm, samplers, scheduler, vae_slices
 from sdrt.engine.buffers import DeviceBuffer, HostBuffer, Rows, copy_rows
 from sdrt.engine.conditioning import Conditioning, emphasize, load_tokenizer
 from sdrt.engine.lora import LoraState
@@ -79,11 +81,14 @@ class Pipeline:
         self.manifest = mf.load(self.work_dir)
         self.config = mf.config(self.manifest)
         self.models = mf.models(self.manifest)
-        self.tokenizer = load_tokenizer(self.work_dir / "tokenizer", self.config.text_encoder)
-        self.token_table = load_token_table(self.work_dir, self.manifest)
         self.conditionings: dict[tuple, Conditioning] = {}
         self.embeddings = tuple(embeddings)
-        self.conditioning(self.embeddings)               # bad files fail here, before any session
+        if self.config.has_text:
+            self.tokenizer = load_tokenizer(self.work_dir / "tokenizer", self.config.text_encoder)
+            self.token_table = load_token_table(self.work_dir, self.manifest)
+            self.conditioning(self.embeddings)           # bad files fail here, before any session
+        elif self.embeddings:
+            raise RequestError("embeddings", f"{self.work_dir} has no text encoder: leave out {{embeddings}}")
         self.scheduler_config = scheduler.read_config_json(self.work_dir / "scheduler" / "scheduler_config.json")
         self.scheduler = scheduler.DDIMConfig.from_json(self.scheduler_config)
         self.backend = backends.open_backend(backend, self.work_dir, self.manifest, ort_fusion)
@@ -117,11 +122,12 @@ class Pipeline:
                                                    embeddings)
         return self.conditionings[key]
 
-    def generate(self, prompt, negative="", steps=50, guidance=7.5, height=None, width=None,
+    def generate(self, prompt=None, negative="", steps=50, guidance=7.5, height=None, width=None,
                  batch=None, seed=None, latents=None, vae_batch=None, clip_skip=1, embeddings=None, image=None,
                  mask=None, strength=None, resize=False, loras=None, prompt_syntax="webui",
                  sampler="DDIM", schedule=None, noise=None, cfg_cutoff=None, on_step=None, control=None,
-                 control_preprocess=None, noise_level=None, image_noise=None, guess_mode=False) -> Result:
+                 control_preprocess=None, noise_level=None, image_noise=None, guess_mode=False,
+                 class_label=None) -> Result:
         """`run(GenerateRequest(...))`: the request's fields as keywords (see sdrt.engine.request).
         Text to image; with `image` (path, PIL image or uint8 array), image to image (strength
         default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0).
@@ -130,11 +136,14 @@ class Pipeline:
         image: the output is 4x its size; noise_level (default 20) and image_noise (its noise
         [1 | B, 3, h, w] instead of the seed's) apply (sdrt.engine.upscaler).
         guess_mode: diffusers' guess mode (the ControlNets steer the conditional half only, their
-        residuals weighted 0.1 .. 1 from shallow to deep)."""
+        residuals weighted 0.1 .. 1 from shallow to deep). Models without a text encoder (sdrt.engine.ldm): no
+        prompt; class_label for class-conditional UNets; image for super-resolution (the
+        low-resolution image)."""
         return self.run(GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed, latents,
                                         image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
                                         prompt_syntax, sampler, schedule, noise, cfg_cutoff, control,
-                                        control_preprocess, noise_level, image_noise, guess_mode),
+                                        control_preprocess, noise_level, image_noise, guess_mode,
+                                        class_label),
                         on_step=on_step)
 
     def run(self, request: GenerateRequest, on_step: StepCallback | None = None) -> Result:
@@ -154,34 +163,53 @@ class Pipeline:
         if r.loras is not None and [(Path(p), s) for p, s in r.loras] != list(self.loras.applied):
             self.set_loras(r.loras)           # only when the set differs: a switch re-makes sessions
         seed = r.used_seed()
+        ldm.check_prompts(self.config, self.work_dir, r.prompt, r.negative)
+        guidance = r.guidance if self.config.can_guide else 1.0   # no unconditional row: no guidance
         low = self.upscaler.prepare(r, self.config.vae_factor, r.batch, seed) if self.upscaler else None
         for field in ("noise_level", "image_noise"):
             if not low and getattr(r, field) is not None:
                 raise RequestError(field, f"{{{field}}} is for upscaler exports (StableDiffusionUpscalePipeline): "
                                           f"{self.work_dir} is not one")
-        source = None if low else self.source(r.image, r.mask, r.resize, r.height, r.width)
-        variant = Variant.upscale if low else self.variant(source)
+        labels = ldm.class_labels(self.config, self.work_dir, r.class_label, r.batch, guidance > 1.0)
+        if low:                                 # the x4 upscaler: the noise level is every row's class label
+            labels = low.class_labels(r.batch * (2 if guidance > 1.0 else 1))
+            source, low_res, variant = None, low.image, self.variant(None, upscaling=True)
+            height, width = low.height, low.width
+        elif self.config.image_channels:        # LDM super-resolution: the image is the one to upscale
+            source, (y, lh, lw) = None, ldm.low_res_image(self.config, r.image, r.resize)
+            low_res, variant = np.repeat(y, r.batch, 0), self.variant(source, upscaling=True)
+            height, width = lh * self.config.vae_factor, lw * self.config.vae_factor
+            for what, asked, got in (("height", r.height, height), ("width", r.width, width)):
+                if asked is not None and asked != got:
+                    raise RequestError(what, f"{{{what}}} {asked}: the output is the low-resolution image's size x "
+                                             f"{self.config.vae_factor} ({width}x{height}); leave {{height}}/{{width}} out")
+        else:
+            source, low_res = self.source(r.image, r.mask, r.resize, r.height, r.width), None
+            variant = self.variant(source)
+            height, width = (source.height, source.width) if source is not None else (r.height, r.width)
         controls = self.controls(r.control, r.control_preprocess)
-        height, width = (source.height, source.width) if source is not None else \
-            (low.height, low.width) if low else (r.height, r.width)
         if controls and source is None and (height, width) == (None, None):
             height, width = image_input.default_size(controls[0][1], self.config.vae_factor)
-        cond = self.conditioning(self.embeddings if r.embeddings is None else r.embeddings)
-        layers = self.check_clip_skip(r.clip_skip)
         steps = r.steps
         strength = self.strength(source, r.strength)
         start = self.start_index(steps, strength) if source is not None else 0
-        table = self.step_table(r.sampler, steps, r.guidance, start)
+        table = self.step_table(r.sampler, steps, guidance, start)
         table = replace(table, rows=self.control_columns(table.rows, [c for c, _ in controls], steps, start))
-        rows = r.rows()
-        text = cond.rows(rows, r.prompt_syntax)   # ids, weights [rows * k, 77]
-        dims = self.dims(height, width, r.batch, r.guidance, chunks=len(text.ids) // len(rows))
+        if self.config.has_text:
+            cond = self.conditioning(self.embeddings if r.embeddings is None else r.embeddings)
+            layers = self.check_clip_skip(r.clip_skip)
+            rows = r.rows()
+            text = cond.rows(rows, r.prompt_syntax)   # ids, weights [rows * k, 77]
+            chunks = len(text.ids) // len(rows)
+        else:
+            text, chunks = None, 1
+        dims = self.dims(height, width, r.batch, guidance, chunks=chunks)
         if table.stochastic:
             dims = replace(dims, noise_steps=steps)
         noise = self.initial_latents(dims, seed, r.latents)            # ε (x_T for text to image)
         z = self.step_noise(dims, steps, seed, r) if table.stochastic or r.noise is not None else None
         z = z if table.stochastic else None
-        embeds = cond.lookup(text.ids)
+        embeds = cond.lookup(text.ids) if text is not None else None
         t_tok = time.perf_counter()
 
         fresh = (dims, variant, len(controls)) not in self.plans
@@ -195,24 +223,27 @@ class Pipeline:
         vae_runs = self.vae_bindings(final, final.dims, vae_size)
         t_plan = time.perf_counter()
         buf, clock = plan.buf, Clock(self.backend.stream)
-        buf["inputs_embeds"].write(embeds)
-        buf["clip_skip"].write(layers)
+        if text is not None:
+            buf["inputs_embeds"].write(embeds)
+            buf["clip_skip"].write(layers)
         for p in (plan, unguided) if unguided else (plan,):
             self.write_sampler_inputs(p, table, start, z)
-            if low:                            # the noised low-res image and the noise level, once per call
-                p.buf["low_res_image"].write(low.image)
-                p.buf["class_labels"].write(low.class_labels(p.buf["class_labels"].shape[0]))
+            if labels is not None:             # bound once per call (the unguided plan: the class rows)
+                p.buf["class_labels"].write(labels[-p.buf["class_labels"].shape[0]:])
+            if low_res is not None:            # the low-resolution image (the upscaler's noised), once per call
+                p.buf["low_res_image"].write(low_res)
             for k, (_, pil) in enumerate(controls):   # bound once per call, repeated over the batch
                 image = image_input.control_array(pil, height, width)
                 p.buf[control_image(k)].write(np.repeat(image, dims.batch, 0))
                 self.write_control_weights(p, k, r.guess_mode)
         clock.mark("start")
-        plan.text.run()
-        if (text.weights != 1.0).any():       # emphasis: a round trip (and sync) of the embeddings
-            e = buf["text_rows"].read()
-            buf["text_rows"].write(emphasize(e, text.weights))
-        if unguided:                           # the conditional half, for the steps after the cut-off
-            copy_rows(unguided.buf["text_embeddings"], Rows(buf["text_embeddings"], r.batch, r.batch))
+        if text is not None:
+            plan.text.run()
+            if (text.weights != 1.0).any():   # emphasis: a round trip (and sync) of the embeddings
+                e = buf["text_rows"].read()
+                buf["text_rows"].write(emphasize(e, text.weights))
+            if unguided:                       # the conditional half, for the steps after the cut-off
+                copy_rows(unguided.buf["text_embeddings"], Rows(buf["text_embeddings"], r.batch, r.batch))
         clock.mark("text_encoder")
         if source is None:                     # x_T = init_noise_sigma ε (1 but for the Euler samplers)
             x = noise if table.init_sigma == 1.0 else (noise * np.float32(table.init_sigma)).astype(np.float32)
@@ -353,6 +384,8 @@ class Pipeline:
         """Step-level batching over one shape plan: each of `batch` slots its own request, rows,
         guidance, embeddings and noise, at its own step (sdrt.engine.step_slots.StepSlots)."""
         from sdrt.engine.step_slots import StepSlots
+        if not self.config.has_text:
+            raise UserError(f"{self.work_dir} has no text encoder: step slots run text models only")
         return StepSlots(self, batch, height, width, guidance, noise_steps, variant)
 
     def decode(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -391,9 +424,13 @@ class Pipeline:
                                          f"({src.width}x{src.height}); leave {{height}}/{{width}} out")
         return src
 
-    def variant(self, source) -> Variant:
+    def variant(self, source, upscaling: bool = False) -> Variant:
         """The step variant this call runs on this export's UNet (sdrt.contract.Variant.for_task)."""
-        task = Task.of(image=source is not None, mask=source is not None and source.mask is not None)
+        task = Task.of(image=source is not None or upscaling, mask=source is not None and source.mask is not None,
+                       upscaling=upscaling)
+        if task not in tasks_of_unet(self.config) and self.config.decoder != "kl":
+            raise RequestError("image", f"{self.work_dir} decodes with a VQ model and has no image encoder: "
+                                        f"image to image and inpainting are not available; leave out {{image}}")
         if task not in tasks_of_unet(self.config):
             raise RequestError("mask" if source is not None else "image",
                                f"{self.work_dir} holds an inpainting UNet ({self.config.unet_channels} input "
@@ -468,7 +505,7 @@ class Pipeline:
         if finite("latents_0"):
             bad = "vae_decoder"
         else:
-            bad = "unet" if finite("text_embeddings") else "text_encoder"
+            bad = "unet" if "text_embeddings" not in buf or finite("text_embeddings") else "text_encoder"
         what, flag = self.FP32_FLAGS[bad]
         precision = mf.model_precision(self.manifest, bad)
         fix = (f"export again with {flag} (sdrt export MODEL {self.work_dir} ... {flag})" if precision == "fp16"
@@ -478,10 +515,11 @@ class Pipeline:
     def dims(self, height, width, batch, guidance, chunks=1) -> Dims:
         height = self.config.default_height if height is None else height
         width = self.config.default_width if width is None else width
+        m = self.config.size_multiple
         for what, v in (("height", height), ("width", width)):
-            if v <= 0 or v % self.config.vae_factor:
-                raise RequestError(what, f"{{{what}}} {v} must be a positive multiple of {self.config.vae_factor} "
-                                         f"(the VAE factor of this model)")
+            if v <= 0 or v % m:
+                why = "the VAE factor" if m == self.config.vae_factor else "the VAE factor x the UNet's downsampling"
+                raise RequestError(what, f"{{{what}}} {v} must be a positive multiple of {m} ({why} of this model)")
         self.check_chunks(chunks)
         return Dims(batch, height, width, cfg=guidance > 1.0, vae_factor=self.config.vae_factor,
                     chunks=chunks, text_len=self.config.text_len)
@@ -534,16 +572,20 @@ class Pipeline:
         be = self.backend
         kind = Step(variant, dims.cfg, controlnets)
         step = self.model(kind.name, "the step graph for " + " and ".join(t.value for t in kind.spec.tasks))
-        te, vae = self.models["text_encoder"], self.models["vae_decoder"]
+        te, vae = self.models.get("text_encoder"), self.models["vae_decoder"]
         Buffer = DeviceBuffer if be.device == "cuda" else HostBuffer
-        shapes = {**te.shapes(dims), **step.shapes(dims), **vae.shapes(dims)}
-        dtypes = {t.name: t.dtype for m in (te, step, vae) for t in m.tensors}
+        text_models = (te,) if self.config.has_text else ()
+        shapes = {k: v for m in (*text_models, step, vae) for k, v in m.shapes(dims).items()}
+        dtypes = {t.name: t.dtype for m in (*text_models, step, vae) for t in m.tensors}
         new = lambda name, key=None: Buffer(shapes[key or name], dtypes[key or name], be.stream)
-        shapes["text_embeddings"] = step.shapes(dims)["text_embeddings"]    # [text_batch, 77 k, D]
+        shapes.update(step.shapes(dims))       # text_embeddings: [text_batch, 77 k, D]
         declared = {t.name for t in step.inputs}    # older exports: without the ControlNets' weights
         extra = [n for n in kind.extra_inputs if n in declared]   # the variant's inputs, bound once per call
-        buf = {n: new(n) for n in ("inputs_embeds", "clip_skip", "text_embeddings", "step_table", "image", *extra)}
-        buf["text_rows"] = buf["text_embeddings"].view(te.shapes(dims)["text_embeddings"])  # [text_batch k, 77, D]
+        per_call = ("class_labels",) if self.config.class_embeds else ()   # bound once per call too
+        text_bufs = ("inputs_embeds", "clip_skip", "text_embeddings") if text_models else ()
+        buf = {n: new(n) for n in (*text_bufs, "step_table", "image", *extra, *per_call)}
+        if text_models:
+            buf["text_rows"] = buf["text_embeddings"].view(te.shapes(dims)["text_embeddings"])  # [text_batch k, 77, D]
         state = has_sampler_state(step)       # exports before the samplers: DDIM only
         if state:
             buf["step_noise"] = new("step_noise")
@@ -554,18 +596,18 @@ class Pipeline:
                 buf[f"x0_{k}"] = new(f"x0_{k}", "x0_prev")
 
         text = be.runner(te, dims).bind({"inputs_embeds": buf["inputs_embeds"], "clip_skip": buf["clip_skip"],
-                                         "text_embeddings": buf["text_rows"]}, te.shapes(dims))
+                                         "text_embeddings": buf["text_rows"]}, te.shapes(dims)) if text_models else None
         step_runner = be.runner(step, dims)
         steps = []
         for k in (0, 1):                      # even steps: 0 -> 1, odd steps: 1 -> 0
             b = step_runner.bind({"latents": buf[f"latents_{k}"], "latents_next": buf[f"latents_{1 - k}"],
                                   "step_index": buf[f"step_index_{k}"],
                                   "step_index_next": buf[f"step_index_{1 - k}"],
-                                  "text_embeddings": buf["text_embeddings"],
+                                  **({"text_embeddings": buf["text_embeddings"]} if text_models else {}),
                                   "step_table": buf["step_table"],
                                   **({"x0_prev": buf[f"x0_{k}"], "x0_next": buf[f"x0_{1 - k}"],
                                       "step_noise": buf["step_noise"]} if state else {}),
-                                  **{n: buf[n] for n in extra}}, step.shapes(dims))
+                                  **{n: buf[n] for n in (*extra, *per_call)}}, step.shapes(dims))
             steps.append(b)
         launches = [be.launcher(b) for b in steps]
         if be.device == "cuda" and launches[0].graph == "none":

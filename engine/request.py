@@ -3,7 +3,7 @@
     GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed | latents,
                     image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
                     prompt_syntax, sampler, schedule, noise, cfg_cutoff, control,
-                    control_preprocess, noise_level, image_noise)
+                    control_preprocess, noise_level, image_noise, class_label)
 
 The CLI (`sdrt generate`), the Python API (`Pipeline.generate(**kwargs)`) and a server build one
 and hand it to `Pipeline.run(request, on_step=...)`. Checks that need no model run when the
@@ -79,7 +79,8 @@ StepCallback = Callable[[int, int], None]
 
 @dataclass
 class GenerateRequest:
-    prompt: str | list[str]                 # one prompt for the batch, or one per sample
+    prompt: str | list[str] | None = None   # one prompt for the batch, or one per sample; None: models
+                                            # without a text encoder (sdrt.engine.ldm)
     negative: str | list[str] = ""          # the same forms as prompt
     steps: int = 50
     guidance: float = 7.5                   # > 1: classifier-free guidance
@@ -107,6 +108,7 @@ class GenerateRequest:
     noise_level: int | None = None          # x4 upscaler: the low-res image's noise level (default 20)
     image_noise: np.ndarray | None = None   # x4 upscaler: that noise [1 | B, 3, h, w] instead of a seed's
     guess_mode: bool = False                # diffusers' guess_mode: ControlNets steer the conditional half only
+    class_label: int | list[int] | None = None  # class-conditional UNets: one class for the batch, or one per sample
 
     def __post_init__(self):
         self.validate()
@@ -162,6 +164,17 @@ class GenerateRequest:
             field = "noise_level" if self.noise_level is not None else "image_noise"
             raise RequestError(field, f"{{{field}}} needs {{image}}: it is the upscaler's low-resolution "
                                       f"image's noise")
+        self.class_label = self._class_labels()
+
+    def _class_labels(self):
+        labels = list(self.class_label) if isinstance(self.class_label, (list, tuple)) else [self.class_label]
+        if self.class_label is None:
+            return None
+        for c in labels:
+            if not isinstance(c, (int, np.integer)) or isinstance(c, bool) or c < 0:
+                raise RequestError("class_label", f"{{class_label}} {c!r} must be an integer >= 0 (a class of the model)")
+        labels = [int(c) for c in labels]
+        return labels if isinstance(self.class_label, (list, tuple)) else labels[0]
 
     def _sampler(self):
         """The sampler and schedule (sdrt.engine.samplers.Sampler); RequestError naming the field."""
@@ -177,7 +190,8 @@ class GenerateRequest:
 
     def _batch(self) -> int:
         lists = [(n, len(v)) for n, v in (("prompt", self.prompt), ("negative", self.negative),
-                                          ("seed", self.seed)) if isinstance(v, (list, tuple))]
+                                          ("seed", self.seed), ("class_label", self.class_label))
+                 if isinstance(v, (list, tuple))]
         batch = self.batch if self.batch is not None else (lists[0][1] if lists else 1)
         positive_int("batch", batch)
         for name, n in lists:
@@ -187,6 +201,8 @@ class GenerateRequest:
         return batch
 
     def _prompts(self, name: str, value):
+        if value is None and name == "prompt":
+            return None
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         if not all(isinstance(p, str) for p in items):
             raise RequestError(name, f"{{{name}}} must be a string or a list of strings")
@@ -249,7 +265,7 @@ class GenerateRequest:
 
     def rows(self) -> list[str]:
         """The text encoder's prompt rows: negatives first (CFG), one per sample."""
-        per_sample = lambda v: list(v) if isinstance(v, list) else [v] * self.batch
+        per_sample = lambda v: list(v) if isinstance(v, list) else [v or ""] * self.batch
         if self.guidance > 1.0:
             return per_sample(self.negative) + per_sample(self.prompt)
         return per_sample(self.prompt)

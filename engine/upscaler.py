@@ -11,8 +11,10 @@
     output    vae_decoder(x_0): [B, 3, 4h, 4w]
 
 The export records the max noise level and the low-res scheduler's config in the manifest
-("upscaler": sdrt.export.upscaler); the step graph's extra inputs are low_res_image ([B, 3, h, w],
-the noised image, repeated over the batch) and class_labels ([text_batch] int32), bound once per call.
+("upscaler": sdrt.export.upscaler); the step graph reads low_res_image ([B, 3, h, w], the noised
+image, repeated over the batch; the upscale variant's extra input) and class_labels ([text_batch]
+int32, the step input of every UNet with a class table: sdrt.contract.step_input_names), both bound
+once per call.
 """
 from __future__ import annotations
 

@@ -18,6 +18,8 @@ each (GRAPHS; the step model's Step says which):
     concat   u = concat(x_t, mask, masked-image latents) (9-channel inpainting UNet)
     upscale  u = concat(x_t, low-res image), the UNet's class labels = the step's class_labels
              (the x4 upscaler: the image noised to the noise level, which is the class label)
+    superres u = c concat(x_t, y) (LDM-SR: the low-res image scaled with the latents)
+A UNet with a class table reads the step's class_labels input (bound once per call) in any variant.
     blend    u = x_t, then the known region (mask 0) is put back, re-noised to the next timestep:
              latents_next = (1 - mask) (sqrt(ᾱ_next) x0_img + sqrt(1 - ᾱ_next) ε) + mask x_{t-1}
 The mask, image latents and noise are graph inputs bound once per call, not copied per step.
@@ -70,9 +72,13 @@ def compose(unet_path: Path, unet: Model, step: Model, out_path: Path, controlne
            helper.make_node("Split", [P + "row", P + "ones"], list(col.values()), axis=1,
                             name=P + "split_row"),
            node("Reshape", [col["timestep"], "minus_one"], ["t_b"]),                  # [B]
-           node("Identity", ["text_embeddings"], ["encoder_hidden_states"]),
            node("Mul", ["latents", col["model_in_scale"]], ["x_in"])]                # Euler: x/sqrt(σ²+1)
-    pre += unet_input(node)
+    unet_inputs = {t.name for t in unet.inputs}
+    if "encoder_hidden_states" in unet_inputs:        # UNets without text (UNet2DModel) have none
+        pre.append(node("Identity", ["text_embeddings"], ["encoder_hidden_states"]))
+    if "class_labels" in unet_inputs:                 # bound once per call: CFG rows [null; class]
+        pre.append(helper.make_node("Identity", ["class_labels"], [P + "class_labels"], name=P + "class_labels_in"))
+    pre += unet_input(node, col)
     if guidance:  # one UNet call at batch 2B: [uncond; cond] rows match the embeddings' order
         pre.append(node("Concat", ["u", "u"], ["u2"], axis=0))
         pre.append(node("Cast", ["u2"], ["sample"], to=f_type))
@@ -254,22 +260,29 @@ def import_graph(g, path: Path, prefix: str, inputs: dict, out: list) -> dict:
     return {o.name: rename[o.name] for o in sub.output}
 
 
-def unet_input_plain(node):
+def unet_input_plain(node, col):
     """u = x_t (scaled: model_in_scale x_t)"""
     return [node("Identity", ["x_in"], ["u"])]
 
 
-def unet_input_concat(node):
+def unet_input_concat(node, col):
     """u = concat(x_t, mask, masked-image latents) on channels: the 9-channel inpainting UNet."""
     return [node("Concat", ["x_in", "mask", "masked_image_latents"], ["u"], axis=1)]
 
 
-def unet_input_upscale(node):
+def unet_input_upscale(node, col):
     """u = concat(x_in, low_res_image) on channels: the x4 upscaler's UNet. The model-input scale
     applies to x_t only (diffusers scales, then concatenates); the UNet's class labels are the
-    step's class_labels input (the noise level, text_batch rows: CFG-duplicated by the runtime)."""
-    return [node("Concat", ["x_in", "low_res_image"], ["u"], axis=1),
-            node("Identity", ["class_labels"], [P + "class_labels"])]
+    step's class_labels input (the noise level, text_batch rows: CFG-duplicated by the runtime),
+    wired in compose like every class-table UNet's."""
+    return [node("Concat", ["x_in", "low_res_image"], ["u"], axis=1)]
+
+
+def unet_input_superres(node, col):
+    """u = c concat(x_t, y): LDM super-resolution scales the low-resolution image y with the latents
+    (diffusers' LDMSuperResolutionPipeline: scale_model_input(concat(latents, image)))."""
+    return [node("Mul", ["low_res_image", col["model_in_scale"]], ["y_in"]),
+            node("Concat", ["x_in", "y_in"], ["u"], axis=1)]
 
 
 def sampler_terms(node, col):
@@ -309,12 +322,13 @@ def blend_known_region(node, col):
             node("Add", ["kept", "repainted"], ["latents_next"])]
 
 
-# Each variant's graph: (UNet input u, latents_next from x_prev); its numpy reference is
+# Each variant's graph: (UNet input u from x_in and the row's columns, latents_next from x_prev); its numpy reference is
 # sdrt.export.export.REFERENCES.
 GRAPHS = {Variant.plain: (unet_input_plain, finish_plain),
           Variant.blend: (unet_input_plain, blend_known_region),
           Variant.concat: (unet_input_concat, finish_plain),
-          Variant.upscale: (unet_input_upscale, finish_plain)}
+          Variant.upscale: (unet_input_upscale, finish_plain),
+          Variant.superres: (unet_input_superres, finish_plain)}
 
 
 def _linear(out, ca, cb, node):

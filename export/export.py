@@ -21,7 +21,8 @@ from sdrt.contract import (MAX_CONTROL_RESIDUALS, MAX_CONTROLNETS, STEP_COLUMNS,
                            control_image, control_weights, step_models)
 from sdrt.errors import UserError
 from sdrt.fileio import default_mode_tree, temp_dir_beside, write_json_atomic
-from sdrt.export import (attention, compose_step, controlnet, ldm_bert, lora_targets, pipeline_folder, scheduler_config,
+from sdrt.export import (attention, compose_step, controlnet, ldm, ldm_bert, lora_targets, pipeline_folder,
+                         scheduler_config,
                          single_file, to_onnx, upscaler, validate)
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -53,6 +54,8 @@ def validation_dims(cfg: ModelConfig) -> Dims:
     """A shape other than the traced one, small enough for 2 CPU cores (at most 15x18 latents:
     120x144 px on SD): an odd latent height and an even latent width, so a graph that only works
     at even sizes fails here."""
+    if cfg.latent_multiple > 1:        # UNet2DModel: multiples of its downsampling, two different ones
+        return ldm.validation_dims(cfg)
     h = min(max(cfg.sample_hw[0] // 2, 4), 14) | 1
     return Dims(batch=1, height=h * cfg.vae_factor, width=(h + 3) * cfg.vae_factor, cfg=True,
                 vae_factor=cfg.vae_factor, chunks=2, text_len=cfg.text_len)  # 2 chunks: a long prompt
@@ -131,21 +134,30 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     t0 = time.perf_counter()
     precision = precisions["unet"]
     index = pipeline_folder.read_model_index(model_dir)
+    text = not ldm.is_ldm(index["_class_name"])      # LDM folders: no text encoder, no tokenizer
     sched, updated = scheduler_config.effective_config(model_dir / "scheduler", index["scheduler"][1],
-                                                       rewrite=not upscaler.is_upscaler(index))
+                                                       rewrite=text and not upscaler.is_upscaler(index))
     scheduler_config.warn_if_updated(updated)
-    class_name = pipeline_folder.read_model_index(model_dir)["_class_name"]
-    pipeline_folder.check_tokenizer(model_dir / "tokenizer", pipeline_folder.text_vocab_size(model_dir),
-                                    text_encoder="bert" if class_name == ldm_bert.PIPELINE else "clip")
-    unet_config, vae_config = (controlnet.read_config(model_dir / c)
-                               for c in ("unet", pipeline_folder.vae_component(class_name)))
-    cns = [controlnet.load(p, unet_config, vae_config.latent_channels)      # refused before the base is loaded
-           for p in controlnets]
-    layouts = [controlnet.check_fits(cn, unet_config, vae_config.latent_channels, p)
-               for cn, p in zip(cns, controlnets)]
+    class_name = index["_class_name"]
+    if text:
+        pipeline_folder.check_tokenizer(model_dir / "tokenizer", pipeline_folder.text_vocab_size(model_dir),
+                                        text_encoder="bert" if class_name == ldm_bert.PIPELINE else "clip")
+    elif controlnets:
+        raise UserError(f"{model_dir} holds a {class_name}: --controlnet applies to Stable Diffusion folders")
+    cns, layouts = [], []
+    if controlnets:
+        unet_config, vae_config = (controlnet.read_config(model_dir / c)
+                                   for c in ("unet", pipeline_folder.vae_component(class_name)))
+        cns = [controlnet.load(p, unet_config, vae_config.latent_channels)      # refused before the base is loaded
+               for p in controlnets]
+        layouts = [controlnet.check_fits(cn, unet_config, vae_config.latent_channels, p)
+                   for cn, p in zip(cns, controlnets)]
     say(f"loading {model_dir} ...")
     folder = pipeline_folder.load(model_dir)
     cfg = folder.config = replace(folder.config, controlnets=len(cns))
+    if ort_fusion and cfg.unet_kind == "unconditional":
+        raise UserError(f"{model_dir}: --ort-fusion fuses UNet2DConditionModel attention; this is a UNet2DModel "
+                        f"(an LDM folder): export without --ort-fusion")
     if cfg.upscaler and cns:
         raise UserError("--controlnet applies to text-to-image UNets: this folder holds an upscaler's UNet")
     extra = {upscaler.KEY: upscaler.record(model_dir, index, cfg.class_embeds)} if cfg.upscaler else {}
@@ -155,9 +167,11 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     cn_files = [(out / "onnx" / m.onnx, m) for m in cn_models]
     (out / "onnx").mkdir()
     vdims = validation_dims(cfg)
-    trace = to_onnx.trace_dims(cfg.sample_hw, folder.unet.num_upsamplers, cfg.text_len)
+    trace = ldm.trace_dims(cfg) if cfg.unet_kind == "unconditional" else \
+        to_onnx.trace_dims(cfg.sample_hw, folder.unet.num_upsamplers, cfg.text_len)
     records = {}
-    for i, name in enumerate(BASE_MODELS + tuple(m.name for m in cn_models) + step_names(cfg), 1):
+    base = tuple(n for n in BASE_MODELS if n in models)
+    for i, name in enumerate(base + tuple(m.name for m in cn_models) + step_names(cfg), 1):
         model, path = models[name], out / "onnx" / models[name].onnx
         precision_of = precisions["unet" if model.step or name not in BASE_MODELS else name]
         t = time.perf_counter()
@@ -194,10 +208,11 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
         elif model in cn_models:
             records[name]["source"] = {"path": str(controlnets[cn_models.index(model)].resolve()),
                                        "layout": layouts[cn_models.index(model)].to_json()}
-    token_embedding = _write_token_table(folder, out, precision)   # the contract's dtype (the UNet's)
+    token_embedding = _write_token_table(folder, out, precision) if text else None   # the UNet's dtype
     variants = {"ort": _export_ort_variant(folder, models, out, precision, opset, form, vdims, sched)} \
         if ort_fusion else {}
-    shutil.copytree(model_dir / "tokenizer", out / "tokenizer")
+    if text:
+        shutil.copytree(model_dir / "tokenizer", out / "tokenizer")
     (out / "scheduler").mkdir()
     write_json_atomic(out / "scheduler" / "scheduler_config.json", sched)
     write_json_atomic(out / mf.NAME, {
@@ -281,7 +296,8 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
             folder.config.vocab_size), "fp32",
             min(opset, attention.TRACE_OPSET_MAX), "decomposed")
     # every torch reference first: the fusion of a 3.4 GB graph needs the memory the modules hold
-    unet_in = to_onnx.example_inputs(unet, vdims, folder.config.vocab_size, seed=1)
+    unet_in = to_onnx.example_inputs(unet, vdims, folder.config.vocab_size, seed=1,
+                                     classes=folder.config.class_embeds)
     refs = {"unet": (unet_in, validate.run_torch(module, unet, unet_in))}
     ort_steps = tuple(n for n in step_names(folder.config) if not models[n].step.controlnets)
     refs.update({n: _step_reference(folder, models[n], vdims, sched) for n in ort_steps})
@@ -304,7 +320,8 @@ def _export_ort_variant(folder, models, out: Path, precision: str, opset: int, f
 
 def _control_inputs(folder, model, dims: Dims, seed: int) -> dict:
     """A ControlNet's inputs: random latents and text, a conditioning image in [0, 1]."""
-    inputs = to_onnx.example_inputs(model, dims, folder.config.vocab_size, seed=seed)
+    inputs = to_onnx.example_inputs(model, dims, folder.config.vocab_size, seed=seed,
+                                    classes=folder.config.class_embeds)
     image = inputs["controlnet_cond"]
     inputs["controlnet_cond"] = np.random.default_rng(seed).random(image.shape).astype(image.dtype)
     return inputs
@@ -344,19 +361,23 @@ def _step_reference(folder, step, dims: Dims, sched_config: dict, controlnets=()
     rows = table[ks]
     row = {c: rows[:, i, None, None, None] for i, c in enumerate(STEP_COLUMNS)}   # per sample
     x = inputs["latents"]
-    u = unet_input({**inputs, "latents": x * row["model_in_scale"]})
-    emb = torch.from_numpy(inputs["text_embeddings"].astype(np.float32))
+    u = unet_input({**inputs, "latents": x * row["model_in_scale"], "model_in_scale": row["model_in_scale"]})
+    cfg = folder.config
+    emb = torch.from_numpy(inputs["text_embeddings"].astype(np.float32)) if cfg.has_text else None
     t = torch.from_numpy(rows[:, 0].astype(np.float32))
     sample = torch.from_numpy(np.concatenate([u, u]) if guidance else u)
-    if n_cn:
+    if cfg.class_embeds or not cfg.has_text:     # the UNet's other inputs by name (either UNet kind)
+        kw = {**({"encoder_hidden_states": emb} if cfg.has_text else {}),
+              **({"class_labels": torch.from_numpy(inputs["class_labels"].astype(np.int64))} if cfg.class_embeds else {})}
+        with torch.no_grad():
+            m = folder.unet(sample, torch.cat([t, t]) if guidance else t, **kw, return_dict=False)[0].numpy()
+    elif n_cn:
         m = controlnet.step_reference(folder.unet, controlnets[:n_cn], u, rows[:, 0], emb.numpy(), images, scales,
                                       guidance, cn_input=x * row["model_in_scale"] if u.shape[1] != x.shape[1] else None,
                                       weights=weights)
     else:
-        labels = torch.from_numpy(inputs["class_labels"]).long() if "class_labels" in inputs else None
         with torch.no_grad():
-            m = folder.unet(sample, torch.cat([t, t]) if guidance else t, emb, class_labels=labels,
-                            return_dict=False)[0].numpy()
+            m = folder.unet(sample, torch.cat([t, t]) if guidance else t, emb, return_dict=False)[0].numpy()
     if guidance:
         uncond, cond = np.split(m, 2)
         m = uncond + row["guidance"] * (cond - uncond)
@@ -395,10 +416,17 @@ def finish_blend(inputs: dict, row: dict, x_prev: np.ndarray) -> np.ndarray:
     return (1 - inputs["mask"]) * known + inputs["mask"] * x_prev
 
 
+def unet_input_superres(inputs: dict) -> np.ndarray:
+    """u = c concat(x_t, y): the low-resolution image scaled with the latents (inputs["latents"] is
+    c x_t here; y's scale is read from the model-input scale c alone)."""
+    return np.concatenate([inputs["latents"], inputs["low_res_image"] * inputs["model_in_scale"]], 1)
+
+
 REFERENCES = {Variant.plain: (unet_input_latents, finish_plain),
               Variant.blend: (unet_input_latents, finish_blend),
               Variant.concat: (unet_input_concat, finish_plain),
-              Variant.upscale: (unet_input_upscale, finish_plain)}
+              Variant.upscale: (unet_input_upscale, finish_plain),
+              Variant.superres: (unet_input_superres, finish_plain)}
 
 
 def external_data_locations(path: Path) -> list[str]:
@@ -410,7 +438,10 @@ def external_data_locations(path: Path) -> list[str]:
 
 def _component_hashes(model_dir: Path) -> dict:
     out = {}
-    for comp in pipeline_folder.components(pipeline_folder.read_model_index(model_dir)["_class_name"]):
+    for comp in dict.fromkeys(pipeline_folder.components(pipeline_folder.read_model_index(model_dir)["_class_name"])
+                              + ("vqvae",)):
+        if not (model_dir / comp).is_dir():
+            continue
         files = sorted(p for p in (model_dir / comp).rglob("*") if p.is_file())
         out[comp] = mf.sha256_bytes("".join(p.name + mf.sha256_file(p) for p in files).encode())
     return out

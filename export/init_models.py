@@ -12,6 +12,8 @@ DIR/controlnet`). `tiny-upscaler` is a small StableDiffusionUpscalePipeline (the
 with other widths and depths: sdrt.export.upscaler).
 `tiny-ldm-bert` is a small LDMTextToImagePipeline (LDM-BERT text encoder,
 BERT WordPiece tokenizer with a small vocab written here: sdrt.export.ldm_bert).
+`tiny-ldm`, `tiny-ldm-sr`, `tiny-class-ldm`: diffusers LDMPipeline / LDMSuperResolutionPipeline
+folders (UNet2DModel + VQModel; the class one with 10 classes and a null class), sdrt.export.ldm.
 """
 from __future__ import annotations
 
@@ -161,11 +163,15 @@ def _tokenizer(tmp: Path, vocab_size: int):
 def init(out_dir: Path, arch: str, seed: int = 0, force: bool = False) -> Path:
     """Write the pipeline folder atomically: a temp folder beside it, renamed at the end."""
     out_dir = Path(out_dir)
-    if arch not in ARCHS:
-        raise UserError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    from sdrt.export import ldm
+    if arch not in ARCHS and arch not in ldm.ARCHS:
+        raise UserError(f"unknown --arch {arch!r}: choose one of {', '.join([*ARCHS, *ldm.ARCHS])}")
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose a new folder or pass --force to replace it")
     with atomic_dir(out_dir) as tmp:
+        if arch in ldm.ARCHS:             # LDMPipeline / LDMSuperResolutionPipeline folders
+            ldm.save(ldm.ARCHS[arch], Path(tmp), seed)
+            return out_dir
         if arch == "tiny-ldm-bert":
             from sdrt.export import ldm_bert
             ldm_bert.init(Path(tmp), seed)

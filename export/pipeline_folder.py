@@ -36,6 +36,7 @@ class PipelineFolder:
     text_encoder: object
     unet: object
     vae: object
+    vq_scaled: bool = True          # a VQ decoder divides by the scaling factor first (LDMPipeline)
 
 
 def quiet() -> None:
@@ -63,8 +64,12 @@ def read_model_index(path: Path) -> dict:
     if "XL" in name:
         raise UserError(f"{path} is an SDXL pipeline ({name}): sdrt supports Stable Diffusion 1.x/2.x "
                         "(StableDiffusionPipeline) only")
+    from sdrt.export import ldm
+    if ldm.is_ldm(name):
+        ldm.check_components(path, data)
+        return data
     if name not in SUPPORTED:
-        raise UserError(f"{path} holds a {name}: sdrt supports {', '.join(SUPPORTED)} only")
+        raise UserError(f"{path} holds a {name}: sdrt supports {', '.join(SUPPORTED + tuple(ldm.PIPELINES))} only")
     needed = components(name)
     for comp in needed:
         if comp not in data or data[comp] in (None, [None, None]) or not (path / comp).is_dir():
@@ -81,9 +86,11 @@ def load(path: Path) -> PipelineFolder:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from sdrt.export import upscaler
+    from sdrt.export import ldm, upscaler
     path = Path(path)
     index = read_model_index(path)
+    if ldm.is_ldm(index["_class_name"]):
+        return ldm.load(path, index["_class_name"])
     quiet()
     if index["_class_name"] == ldm_bert.PIPELINE:
         bert, unet, vae = ldm_bert.load(path)
@@ -98,8 +105,8 @@ def load(path: Path) -> PipelineFolder:
         raise UserError(f"cannot load the models in {path}: {str(e).splitlines()[0]}") from None
     if upscaler.is_upscaler(index):
         upscaler.check_vae_scaling(vae)
-    return PipelineFolder(path, model_config(text, unet, vae, upscaler.is_upscaler(index)), text.eval(), unet.eval(),
-                          vae.eval())
+    return PipelineFolder(path, model_config(text, unet, vae, path, upscaler.is_upscaler(index)), text.eval(),
+                          unet.eval(), vae.eval())
 
 
 def check_tokenizer(path: Path, vocab_size: int, flag: str = "the tokenizer folder",
@@ -129,7 +136,7 @@ def text_vocab_size(path: Path) -> int:
     return size
 
 
-def model_config(text, unet, vae, upscaler: bool = False) -> ModelConfig:
+def model_config(text, unet, vae, path: Path = Path("."), upscaler: bool = False) -> ModelConfig:
     """upscaler: a StableDiffusionUpscalePipeline's UNet (latents + low-resolution image in, the
     noise level as class labels: sdrt.export.upscaler)."""
     from sdrt.export import upscaler as sr
@@ -146,13 +153,13 @@ def model_config(text, unet, vae, upscaler: bool = False) -> ModelConfig:
     if u.cross_attention_dim != text_numbers["text_dim"]:
         raise UserError(f"UNet cross-attention dim {u.cross_attention_dim} != text encoder width "
                         f"{t.hidden_size}: this pipeline is not supported")
-    if (getattr(u, "addition_embed_type", None) or getattr(u, "class_embed_type", None)
-            or (u.num_class_embeds and not image_channels)):
-        raise UserError("UNet has extra conditioning (class/addition embeddings): not supported")
+    if getattr(u, "addition_embed_type", None):
+        raise UserError("UNet has extra conditioning (addition embeddings): not supported")
+    from sdrt.export.ldm import class_config
+    classes = class_config(u, path)     # a plain class table (num_class_embeds) is diffusers' class-label path
     return ModelConfig(**text_numbers, latent_channels=c, unet_channels=u.in_channels,
                        vae_factor=2 ** (len(v.block_out_channels) - 1),
-                       sample_size=sample_size(u.sample_size), class_embeds=int(u.num_class_embeds or 0),
-                       image_channels=image_channels)
+                       sample_size=sample_size(u.sample_size), image_channels=image_channels, **classes)
 
 
 def sample_size(value) -> int | tuple:

@@ -61,9 +61,8 @@ def _modules():
             super().__init__()
             self.m = m
 
-        def forward(self, sample, timestep, encoder_hidden_states, class_labels=None):
-            labels = None if class_labels is None else class_labels.long()   # int32 at the boundary
-            return self.m(sample, timestep, encoder_hidden_states, class_labels=labels, return_dict=False)[0]
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.m(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
     class VaeDecoder(torch.nn.Module):
         """fp32 latents -> fp32 image in [-1, 1], with 1/scaling_factor folded in."""
@@ -98,6 +97,14 @@ def wrap(name: str, folder) -> object:
     if name == "text_encoder" and folder.config.text_encoder == "bert":
         from sdrt.export.ldm_bert import text_encoder_module
         return text_encoder_module(folder.text_encoder)
+    cfg = folder.config
+    if name == "unet" and (cfg.class_embeds or cfg.unet_kind == "unconditional"):   # x4 upscaler, LDM: by name
+        from sdrt.contract import unet
+        from sdrt.export import ldm
+        return ldm.modules()[0](folder.unet, [t.name for t in unet(cfg, "fp32").inputs])
+    if name == "vae_decoder" and cfg.decoder == "vq":
+        from sdrt.export import ldm
+        return ldm.modules()[1](folder.vae, folder.vq_scaled)
     return {"text_encoder": lambda: TextEncoder(folder.text_encoder),
             "unet": lambda: UNet(folder.unet),
             "vae_decoder": lambda: VaeDecoder(folder.vae),
@@ -131,7 +138,7 @@ def example_inputs(model: Model, dims: Dims, vocab_size: int, seed: int = 0, cla
         shape = t.resolve(dims)
         if t.name == "clip_skip":
             out[t.name] = np.ones(1, np.int32)
-        elif t.name == "class_labels":
+        elif t.name == "class_labels":                # rows of the class table
             out[t.name] = rng.integers(0, max(classes, 1), size=shape).astype(np.int32)
         elif t.name == "timestep":
             out[t.name] = np.array([rng.integers(1, 1000)], dtype=np.float32)

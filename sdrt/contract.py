@@ -113,10 +113,17 @@ class ModelConfig:
     sample_size: int | tuple = 64  # UNet's native latent size (512 px for SD 1.5): an int, or
                                    # (height, width) as diffusers allows ([64, 96]: 512x768 px)
     controlnets: int = 0           # ControlNets exported beside the UNet (their steps: Step.controlnets)
-    class_embeds: int = 0          # the UNet's num_class_embeds (0 = none): step input class_labels
+    # The latent-diffusion family (sdrt.export.ldm) and the x4 upscaler (sdrt.export.upscaler): what
+    # conditions the UNet and what decodes.
+    text_encoder: str = "clip"     # "clip" | "bert" (LDM-BERT) | "none": no text conditioning
+    decoder: str = "kl"            # "kl" AutoencoderKL | "vq" VQModel (decode quantises first)
+    unet_kind: str = "conditional"  # "conditional" UNet2DConditionModel | "unconditional" UNet2DModel
+    class_embeds: int = 0          # the UNet's num_class_embeds (class-table rows; 0 = none): step input
+                                   # class_labels (a class, or the x4 upscaler's noise level)
     image_channels: int = 0        # channels of a low-resolution image concatenated to the UNet's input
-                                   # (3 for the x4 upscaler; 0 = none): Task.upscaling
-    text_encoder: str = "clip"     # "clip" (CLIPTextModel) | "bert" (LDMBertModel, LDMTextToImagePipeline)
+                                   # (3 for the x4 upscaler and LDM-SR; 0 = none): Task.upscaling
+    null_class: bool = False       # the last class row is the null class: guidance runs against it
+    latent_multiple: int = 1       # latent sides must be multiples of this (UNet2DModel: 2^downsamplers)
 
     @property
     def sample_hw(self) -> tuple[int, int]:
@@ -133,14 +140,36 @@ class ModelConfig:
         return self.sample_hw[1] * self.vae_factor
 
     @property
+    def has_text(self) -> bool:
+        """A text encoder conditions the UNet (prompts apply)."""
+        return self.text_encoder != "none"
+
+    @property
+    def classes(self) -> int:
+        """Class labels a user may give: 0..classes-1 (the null class, where there is one, is not one)."""
+        return self.class_embeds - int(self.null_class)
+
+    @property
+    def can_guide(self) -> bool:
+        """Classifier-free guidance needs an unconditional row: a negative prompt, or the null class."""
+        return self.has_text or self.null_class
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides the models accept are multiples of this (the VAE factor x the UNet's own)."""
+        return self.vae_factor * self.latent_multiple
+
+    @property
     def inpainting_unet(self) -> bool:
         """A dedicated inpainting UNet: latents, mask and masked-image latents in, concatenated."""
         return self.unet_channels == 2 * self.latent_channels + 1
 
     @property
     def upscaler(self) -> bool:
-        """A super-resolution UNet: latents and the low-resolution image in, concatenated."""
-        return self.image_channels > 0
+        """The x4 upscaler (StableDiffusionUpscalePipeline): a text UNet with the low-resolution image
+        concatenated and its noise level as class labels (Variant.upscale). A super-resolution UNet
+        without text (LDM-SR, Variant.superres) is not one."""
+        return self.image_channels > 0 and self.has_text
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -214,11 +243,11 @@ def text_encoder(cfg: ModelConfig, precision: str) -> Model:
 def unet(cfg: ModelConfig, precision: str) -> Model:
     f = _float(precision)
     c = cfg.latent_channels
+    text = (Tensor("encoder_hidden_states", f, ("text_batch", "text_seq", cfg.text_dim)),) if cfg.has_text else ()
     labels = (Tensor("class_labels", "int32", ("text_batch",)),) if cfg.class_embeds else ()
     return Model("unet", "unet.onnx",
                  (Tensor("sample", f, ("text_batch", cfg.unet_channels, "latent_h", "latent_w")),
-                  Tensor("timestep", "float32", (1,)),
-                  Tensor("encoder_hidden_states", f, ("text_batch", "text_seq", cfg.text_dim)), *labels),
+                  Tensor("timestep", "float32", (1,)), *text, *labels),
                  (Tensor("noise_pred", f, ("text_batch", c, "latent_h", "latent_w")),))
 
 
@@ -291,7 +320,10 @@ class Task(str, Enum):
     upscaling = "upscaling"                    # a low-resolution image, on a super-resolution UNet
 
     @staticmethod
-    def of(image: bool, mask: bool) -> "Task":
+    def of(image: bool, mask: bool, upscaling: bool = False) -> "Task":
+        """upscaling: the UNet takes an image (ModelConfig.image_channels), so an image is the one to upscale."""
+        if image and upscaling:
+            return Task.upscaling
         return Task.inpainting if mask else Task.image_to_image if image else Task.text_to_image
 
 
@@ -301,8 +333,11 @@ class Variant(str, Enum):
     blend = "blend"      # inpainting with a 4-channel UNet: the known region, re-noised to the next
                          # timestep, replaces the step's output outside the mask
     concat = "concat"    # inpainting with a 9-channel UNet: concat(x_t, mask, masked-image latents) in
-    upscale = "upscale"  # super-resolution: concat(x_t, noised low-resolution image) in, the noise
-                         # level as the UNet's class labels
+    upscale = "upscale"  # the x4 upscaler (a text UNet): concat(x_t, noised low-resolution image) in, the
+                         # noise level as the UNet's class labels (the step's class_labels input)
+    superres = "superres"  # LDM super-resolution (no text): concat(x_t, low-res image), scaled together
+                           # (diffusers' LDMSuperResolutionPipeline scales the concatenation by the
+                           # sampler's input scale)
 
     @property
     def spec(self) -> "VariantSpec":
@@ -314,10 +349,9 @@ class Variant(str, Enum):
         for v in Variant:
             if v.spec.fits(cfg) and task in v.spec.tasks:
                 return v
-        if cfg.upscaler:
+        if cfg.image_channels:
             raise UserError(f"{where} holds a super-resolution UNet ({cfg.unet_channels} input channels): it "
-                            f"needs --image (the low-resolution image) and upscales it; it has no "
-                            f"{task.value}")
+                            f"needs --image (the low-resolution image) and upscales it; it has no {task.value}")
         if cfg.inpainting_unet:
             raise UserError(f"{where} holds an inpainting UNet ({cfg.unet_channels} input channels): it needs "
                             f"--image and --mask; text to image and image to image need an export of an "
@@ -334,11 +368,13 @@ class VariantSpec:
     inpainting_unet: bool              # runs on a 9-channel inpainting UNet, else a 4-channel one
     tasks: tuple[Task, ...]            # the generations it serves
     build_flags: tuple[str, ...] = ()  # what `sdrt build` needs to make its engine
-    image_unet: bool = False           # runs on a UNet with a low-resolution image concatenated
+    image_unet: bool = False           # runs on a UNet that takes a low-resolution image beside the latents
+    text: bool | None = None           # only on UNets with (True) / without (False) text; None: either
 
     def fits(self, cfg: ModelConfig) -> bool:
-        """Whether this variant runs on the export's UNet."""
-        return self.inpainting_unet == cfg.inpainting_unet and self.image_unet == cfg.upscaler
+        """Whether this variant runs on the export's UNet (its input is the one of cfg's UNet)."""
+        return (self.inpainting_unet == cfg.inpainting_unet and self.image_unet == bool(cfg.image_channels)
+                and self.text in (None, cfg.has_text))
 
 
 VARIANTS = {
@@ -347,8 +383,10 @@ VARIANTS = {
                                (Task.inpainting,), ("--inpaint",)),
     Variant.concat: VariantSpec("denoise_step_inpaint", ("mask", "masked_image_latents"), True,
                                 (Task.inpainting,)),
-    Variant.upscale: VariantSpec("denoise_step_upscale", ("low_res_image", "class_labels"), False,
-                                 (Task.upscaling,), image_unet=True),
+    Variant.upscale: VariantSpec("denoise_step_upscale", ("low_res_image",), False, (Task.upscaling,),
+                                 image_unet=True, text=True),
+    Variant.superres: VariantSpec("denoise_step_superres", ("low_res_image",), False, (Task.upscaling,),
+                                  image_unet=True, text=False),
 }
 
 
@@ -366,7 +404,7 @@ def step_inputs(cfg: ModelConfig, precision: str) -> dict[str, Tensor]:
         Tensor("image_latents", "float32", latent),
         Tensor("noise", "float32", latent),
         Tensor("masked_image_latents", "float32", latent),
-        # the upscaler's low-resolution image, noised ([-1, 1] + noise), at the latent size
+        # the low-resolution image (the x4 upscaler's noised), at the latent size
         Tensor("low_res_image", "float32", ("batch", cfg.image_channels or 3, "latent_h", "latent_w")),
         Tensor("class_labels", "int32", ("text_batch",)),      # the UNet's class labels (noise level)
         *(Tensor(control_image(k), "float32", ("batch", 3, "height", "width")) for k in range(MAX_CONTROLNETS)),
@@ -398,6 +436,16 @@ def control_columns(n: int) -> tuple[str, ...]:
 
 
 STEP_INPUTS = ("latents", "text_embeddings", "step_table", "step_index")   # every step's first four
+
+
+def step_input_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """A step's first inputs on this UNet: STEP_INPUTS without the text embeddings when nothing
+    reads text (text_encoder "none"), with the class labels (bound once per call: CFG rows
+    [null class; class], else [class]) when the UNet has a class table."""
+    names = tuple(n for n in STEP_INPUTS if cfg.has_text or n != "text_embeddings")
+    return names + (("class_labels",) if cfg.class_embeds else ())
+
+
 # then the sampler state every step made since the samplers has (older exports: DDIM only)
 SAMPLER_STATE = ("x0_prev", "step_noise")
 
@@ -447,7 +495,7 @@ class Step:
     def inputs(self, cfg: ModelConfig, precision: str) -> tuple[Tensor, ...]:
         table = step_inputs(cfg, precision)
         table["step_table"] = Tensor("step_table", "float32", (STEP_TABLE_ROWS, len(self.columns)))
-        return tuple(table[n] for n in STEP_INPUTS + SAMPLER_STATE + self.extra_inputs)
+        return tuple(table[n] for n in step_input_names(cfg) + SAMPLER_STATE + self.extra_inputs)
 
     def outputs(self, cfg: ModelConfig) -> tuple[Tensor, ...]:
         latent = ("batch", cfg.latent_channels, "latent_h", "latent_w")
@@ -472,7 +520,8 @@ class Step:
     def of_unet(cfg: ModelConfig) -> tuple["Step", ...]:
         """The steps an export of this UNet has (a 9-channel UNet can only inpaint); with
         ControlNets, each of them also with the ControlNets."""
-        return tuple(s for s in Step.every(cfg.controlnets) if s.spec.fits(cfg))
+        return tuple(s for s in Step.every(cfg.controlnets) if s.spec.fits(cfg) and (cfg.can_guide or not s.guidance)
+                     and any(t in tasks_with_decoder(cfg) for t in s.spec.tasks))
 
     @staticmethod
     def for_task(cfg: ModelConfig, task: Task, guidance: bool, where: str = "this export",
@@ -489,17 +538,25 @@ class Step:
         return next((s for s in Step.every() if s.name == name), None)
 
 
+def tasks_with_decoder(cfg: ModelConfig) -> tuple[Task, ...]:
+    """The tasks this autoencoder allows: image to image and inpainting encode an image (the KL
+    VAE's encoder); the LDM pipelines' VQ models are used to decode only."""
+    return tuple(Task) if cfg.decoder == "kl" else (Task.text_to_image, Task.upscaling)
+
+
 def tasks_of_unet(cfg: ModelConfig) -> tuple[Task, ...]:
     """What an export of this UNet can generate, in Task order."""
-    return tuple(t for t in Task if any(t in s.spec.tasks for s in Step.of_unet(cfg)))
+    return tuple(t for t in tasks_with_decoder(cfg) if any(t in s.spec.tasks for s in Step.of_unet(cfg)))
 
 
 def task_models(cfg: ModelConfig, task: Task, guidance: bool, control: bool = False) -> tuple[str, ...]:
     """The models one generation of `task` runs, in order: text encoder, its step (with the
     ControlNets when `control`), the VAE encoder (image inputs), the VAE decoder. UserError when
     this UNet cannot do `task`."""
-    encoder = () if task in (Task.text_to_image, Task.upscaling) else ("vae_encoder",)
-    return ("text_encoder", Step.for_task(cfg, task, guidance, control=control).name, *encoder, "vae_decoder")
+    encoder = ("vae_encoder",) if task in (Task.image_to_image, Task.inpainting) else ()
+    text = ("text_encoder",) if cfg.has_text else ()
+    return (*text, Step.for_task(cfg, task, guidance and cfg.can_guide, control=control).name, *encoder,
+            "vae_decoder")
 
 
 def engine_tasks(cfg: ModelConfig, inpaint: bool = False, image_inputs: bool = True) -> tuple[Task, ...]:
@@ -544,8 +601,9 @@ def step_models(cfg: ModelConfig, precision: str) -> list[Model]:
 
 
 def all_models(cfg: ModelConfig, precision: str) -> dict[str, Model]:
-    models = [text_encoder(cfg, precision), unet(cfg, precision), vae_decoder(cfg, precision),
-              vae_encoder(cfg, precision), *step_models(cfg, precision)]
+    text = [text_encoder(cfg, precision)] if cfg.has_text else []
+    encoder = [vae_encoder(cfg, precision)] if cfg.decoder == "kl" else []   # LDM pipelines never encode
+    models = [*text, unet(cfg, precision), vae_decoder(cfg, precision), *encoder, *step_models(cfg, precision)]
     return {m.name: m for m in models}
 
 

@@ -240,6 +240,24 @@ def own_image_and_mask(cfg, height: int | None = None, width: int | None = None)
     return {"image": image, "mask": mask.astype(np.uint8)}
 
 
+def own_conditioning(cfg) -> dict:
+    """generate's conditioning keywords for this model: the live prompt where a text encoder reads
+    one; class 0 for a class-conditional UNet; for LDM super-resolution a low-resolution image of
+    the UNet's native latent size (a colour gradient). The x4 upscaler's image and noise level:
+    own_image_and_mask."""
+    out = {"prompt": LIVE["prompt"], "negative": LIVE["negative"]} if cfg.has_text else {}
+    if cfg.upscaler:
+        return out
+    if cfg.class_embeds:
+        out["class_label"] = 0
+    if cfg.image_channels:
+        h, w = cfg.sample_hw
+        y, x = np.mgrid[0:h, 0:w]
+        image = np.stack([255 * x / max(w - 1, 1), 255 * y / max(h - 1, 1), np.full((h, w), 128.0)], -1)
+        out["image"] = image.astype(np.uint8)
+    return out
+
+
 def fixed_controls(manifest: dict) -> list | None:
     """An export with ControlNets is checked running them: one fixed conditioning image each (a
     grid of lines at the model's default size), scale 1."""
@@ -268,8 +286,8 @@ def run_once(work_dir: Path, backend: str, latents: np.ndarray, ort_fusion: bool
     on_gpu = backend != "onnxruntime-cpu"
     baseline = cuda.mem_used_bytes() if on_gpu else 0
     pipe = Pipeline(work_dir, backend=backend, ort_fusion=ort_fusion)
-    result = pipe.generate(LIVE["prompt"], LIVE["negative"], LIVE["steps"], LIVE["guidance"],
-                           batch=LIVE["batch"], latents=latents, control=control, **own_image_and_mask(pipe.config))
+    result = pipe.generate(steps=LIVE["steps"], guidance=LIVE["guidance"], batch=LIVE["batch"], latents=latents,
+                           control=control, **own_conditioning(pipe.config), **own_image_and_mask(pipe.config))
     t = result.timings
     return {"image": result.images, "backend_name": pipe.backend_name, "graph": t["graph"],
             "graph_error": t["graph_error"] or None, "step_ms": t["unet_step_ms"],

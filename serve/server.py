@@ -32,7 +32,21 @@ def importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def make_limits(work_dir: Path, max_batch: int, loras: dict, embeddings: list, backend: str = "auto"):
+def check_servable(work_dir: Path, cfg, batching: str) -> None:
+    """The server runs text models (the x4 upscaler with its image and noise level) and
+    unconditional LDMs (requests with an empty prompt); class labels and LDM super-resolution have
+    no request fields yet: refused at start, in one line."""
+    if not cfg.upscaler and (cfg.class_embeds or cfg.image_channels):
+        what = "class-conditional" if cfg.class_embeds else "super-resolution"
+        raise UserError(f"{work_dir} is a {what} model: sdrt serve has no request field for it yet; "
+                        f"use `sdrt generate` or Pipeline.generate")
+    if not cfg.has_text and batching == "step":
+        raise UserError(f"{work_dir} has no text encoder: --batching step runs text models only; "
+                        f"use --batching request or none")
+
+
+def make_limits(work_dir: Path, max_batch: int, loras: dict, embeddings: list, backend: str = "auto",
+                batching: str = "request"):
     """The server's limits from the export's manifest (read only: the worker opens the Pipeline);
     on TensorRT, within the built engines' profile."""
     from sdrt.engine import backends
@@ -40,8 +54,9 @@ def make_limits(work_dir: Path, max_batch: int, loras: dict, embeddings: list, b
     from sdrt.serve.spec import Limits
     manifest = mf.load(work_dir)
     cfg = mf.config(manifest)
+    check_servable(work_dir, cfg, batching)
     sched = ddim.DDIMConfig.from_json(work_dir / "scheduler" / "scheduler_config.json")
-    min_size, max_size, max_pixels = cfg.vae_factor, MAX_SIDE, MAX_PIXELS
+    min_size, max_size, max_pixels = cfg.size_multiple, MAX_SIDE, MAX_PIXELS
     name = backends.pick_auto(manifest) if backend == "auto" else backend
     profile = engine_profile(manifest, name, cfg.vae_factor)
     if profile is not None:
@@ -51,7 +66,7 @@ def make_limits(work_dir: Path, max_batch: int, loras: dict, embeddings: list, b
         min_size, max_size = profile["min_size"], profile["max_size"]
         max_pixels = min(max_pixels, max_size * max_size)
     return Limits(model=work_dir.name, default_width=cfg.default_width, default_height=cfg.default_height,
-                  multiple=cfg.vae_factor, min_size=min_size, max_size=max_size, max_pixels=max_pixels,
+                  multiple=cfg.size_multiple, min_size=min_size, max_size=max_size, max_pixels=max_pixels,
                   max_batch=max_batch, max_steps=min(MAX_STEPS, sched.num_train_timesteps),
                   clip_skip_max=cfg.text_layers, loras=loras, embeddings=tuple(t for _, t in embeddings),
                   inpainting_unet=cfg.inpainting_unet, controlnets=cfg.controlnets,
@@ -99,7 +114,7 @@ def build(work_dir: Path, backend: str = "auto", max_batch: int = 4, max_queue: 
     loras, embeddings = sp.lora_files(lora_dir), sp.embedding_files(embedding_dir)
     if max_body_mb <= 0:
         raise UserError(f"--max-body-mb {max_body_mb}: give a positive size")
-    limits = replace(make_limits(work_dir, max_batch, loras, embeddings, backend),
+    limits = replace(make_limits(work_dir, max_batch, loras, embeddings, backend, batching),
                      max_body_bytes=int(max_body_mb * 2**20))
     metrics = metrics or Metrics()
     scheduler = (scheduler_type or Scheduler)(batching, max_batch, max_queue, timeout, metrics)

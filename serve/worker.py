@@ -199,6 +199,11 @@ class EngineWorker(threading.Thread):
         longest, so a short prompt beside a long one would not draw what it draws alone."""
         if len(batch) == 1:
             return [batch]
+        if not self.pipe.config.has_text:     # no text encoder: a job with a prompt fails alone
+            groups: dict[bool, list[Job]] = {}
+            for job in batch:
+                groups.setdefault(bool(job.spec.prompt or job.spec.negative), []).append(job)
+            return list(groups.values())
         cond = self.pipe.conditioning(self.pipe.embeddings)
         guided = batch[0].spec.guidance > 1.0
         groups: dict[int, list[Job]] = {}

@@ -14,11 +14,17 @@ from sdrt.contract import (RUNTIME_MODELS, Model, ModelConfig, Step, Task, Varia
 from sdrt.errors import UserError
 
 UNET4, UNET9 = ModelConfig(), ModelConfig(unet_channels=9)
+# the LDM family (sdrt.export.ldm): no text encoder, a VQ decoder, a UNet2DModel
+LDM = ModelConfig(text_encoder="none", decoder="vq", unet_kind="unconditional", latent_channels=3, unet_channels=3)
+LDM_SR = ModelConfig(text_encoder="none", decoder="vq", unet_kind="unconditional", latent_channels=3,
+                     unet_channels=6, image_channels=3)
+LDM_CLASS = ModelConfig(text_encoder="none", decoder="vq", unet_kind="unconditional", class_embeds=11,
+                        null_class=True)
 UNET_SR = ModelConfig(unet_channels=7, vae_factor=4, class_embeds=1000, image_channels=3)   # the x4 upscaler's
 
 
 def config_of(variant: Variant) -> ModelConfig:
-    return {Variant.concat: UNET9, Variant.upscale: UNET_SR}.get(variant, UNET4)
+    return {Variant.concat: UNET9, Variant.upscale: UNET_SR, Variant.superres: LDM_SR}.get(variant, UNET4)
 
 
 def test_step_names_and_inputs_are_those_exports_have_on_disk():
@@ -26,14 +32,20 @@ def test_step_names_and_inputs_are_those_exports_have_on_disk():
     assert names == {("plain", True): "denoise_step_cfg", ("plain", False): "denoise_step",
                      ("blend", True): "denoise_step_blend_cfg", ("blend", False): "denoise_step_blend",
                      ("concat", True): "denoise_step_inpaint_cfg", ("concat", False): "denoise_step_inpaint",
-                     ("upscale", True): "denoise_step_upscale_cfg", ("upscale", False): "denoise_step_upscale"}
+                     ("upscale", True): "denoise_step_upscale_cfg", ("upscale", False): "denoise_step_upscale",
+                     ("superres", True): "denoise_step_superres_cfg", ("superres", False): "denoise_step_superres"}
     common = ["latents", "text_embeddings", "step_table", "step_index", "x0_prev", "step_noise"]
     extra = {"plain": [], "blend": ["mask", "image_latents", "noise"], "concat": ["mask", "masked_image_latents"],
-             "upscale": ["low_res_image", "class_labels"]}
+             "upscale": ["low_res_image"], "superres": ["low_res_image"]}
     for s in Step.every():
-        m = denoise_step(config_of(s.variant), "fp16", s.guidance, s.variant)
+        if s.variant is Variant.superres:
+            continue                           # no text: its inputs in test_ldm_steps
+        cfg = config_of(s.variant)
+        m = denoise_step(cfg, "fp16", s.guidance, s.variant)
+        # a UNet with a class table (the upscaler's noise level) reads one class_labels, after the first four
+        first = common[:4] + (["class_labels"] if cfg.class_embeds else []) + common[4:]
         assert (m.name, m.onnx, m.step) == (s.name, s.name + ".onnx", s)
-        assert [t.name for t in m.inputs] == common + extra[s.variant.value] == common + list(s.extra_inputs)
+        assert [t.name for t in m.inputs] == first + extra[s.variant.value] == first + list(s.extra_inputs)
         assert [t.name for t in m.outputs] == ["latents_next", "step_index_next", "x0_next"]
         assert Step.named(s.name) == s and Step.from_json(json.loads(json.dumps(s.to_json()))) == s
     assert Step.named("unet") is None and Step("blend", True).variant is Variant.blend
@@ -94,7 +106,40 @@ def test_build_flags_say_how_to_build_each_step():
     assert flags == {"denoise_step_cfg": (), "denoise_step": ("--no-guidance",),
                      "denoise_step_blend_cfg": ("--inpaint",), "denoise_step_blend": ("--no-guidance", "--inpaint"),
                      "denoise_step_inpaint_cfg": (), "denoise_step_inpaint": ("--no-guidance",),
-                     "denoise_step_upscale_cfg": (), "denoise_step_upscale": ("--no-guidance",)}
+                     "denoise_step_upscale_cfg": (), "denoise_step_upscale": ("--no-guidance",),
+                     "denoise_step_superres_cfg": (), "denoise_step_superres": ("--no-guidance",)}
+
+
+def test_ldm_steps():
+    """Models without a text encoder: no text embeddings in; no guided step without a null class;
+    class labels [text_batch] in a class-conditional UNet's steps; the low-resolution image in LDM-SR's.
+    No VAE encoder: text to image (and upscaling) only."""
+    assert [s.name for s in Step.of_unet(LDM)] == ["denoise_step"]
+    assert [s.name for s in Step.of_unet(LDM_SR)] == ["denoise_step_superres"]
+    assert [s.name for s in Step.of_unet(LDM_CLASS)] == ["denoise_step_cfg", "denoise_step"]
+    state = ["x0_prev", "step_noise"]
+    assert [t.name for t in denoise_step(LDM, "fp32", False).inputs] == ["latents", "step_table", "step_index", *state]
+    sr = denoise_step(LDM_SR, "fp32", False, Variant.superres)
+    assert [t.name for t in sr.inputs] == ["latents", "step_table", "step_index", *state, "low_res_image"]
+    assert sr.tensor("low_res_image").shape == ("batch", 3, "latent_h", "latent_w")
+    cls = denoise_step(LDM_CLASS, "fp32", True)
+    assert [t.name for t in cls.inputs] == ["latents", "step_table", "step_index", "class_labels", *state]
+    assert cls.tensor("class_labels").dtype == "int32" and cls.tensor("class_labels").shape == ("text_batch",)
+    assert list(all_models(LDM, "fp32")) == ["unet", "vae_decoder", "denoise_step"]
+    assert [t.name for t in all_models(LDM_CLASS, "fp32")["unet"].inputs] == ["sample", "timestep", "class_labels"]
+    assert task_models(LDM, Task.text_to_image, True) == ("denoise_step", "vae_decoder")
+    assert task_models(LDM_CLASS, Task.text_to_image, True) == ("denoise_step_cfg", "vae_decoder")
+    assert task_models(LDM_SR, Task.upscaling, False) == ("denoise_step_superres", "vae_decoder")
+    assert Task.of(image=True, mask=False, upscaling=True) is Task.upscaling
+    assert engine_tasks(LDM, inpaint=True) == (Task.text_to_image,) and engine_tasks(LDM_SR) == (Task.upscaling,)
+    with pytest.raises(UserError, match="super-resolution UNet"):
+        task_models(LDM_SR, Task.text_to_image, False)
+    # Task.upscaling: the x4 upscaler's variant on a text UNet, LDM-SR's on one without text
+    assert Variant.for_task(UNET_SR, Task.upscaling) is Variant.upscale
+    assert Variant.for_task(LDM_SR, Task.upscaling) is Variant.superres
+    assert not Variant.superres.spec.fits(UNET_SR) and not Variant.upscale.spec.fits(LDM_SR)
+    assert [t.name for t in denoise_step(UNET_SR, "fp32", True, Variant.upscale).inputs].count("class_labels") == 1
+    assert ModelConfig.from_json({"latent_channels": 4}) == UNET4        # older manifests: the defaults
 
 
 def test_the_step_is_recorded_but_not_part_of_the_engine_key():

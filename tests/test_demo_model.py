@@ -121,14 +121,14 @@ def test_demo_tokenizer_clip_files_match_tokenizer_json(tmp_path):
 # --- the committed model on ONNX Runtime CPU ----------------------------------------------------
 
 def test_demo_model_draws_what_prompts_say(demo_fp32):
-    """Colour and background of every prompt, shape of the seen ones, read from the pixels."""
+    """Colour and background of every prompt, shape and position of the seen ones, read from the pixels."""
     images = generate_prompts(demo_fp32)
     for img, caption in zip(images, PROMPTS):
         s, got = scene_of(caption), checker.read(img)
         hit = checker.correct(got, s)
         assert hit["colour"] and hit["background"], (caption, got)
         if not s.held_out:
-            assert hit["shape"], (caption, got)
+            assert hit["shape"] and hit["position"], (caption, got)
 
 
 def test_demo_fp16_agrees_with_fp32(demo_fp32, demo_fp16):

@@ -21,7 +21,9 @@ def plot(model_dir: Path, out: Path) -> None:
     ax.plot([10 * i + 5 for i in range(len(loss))], loss, lw=1)
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("Min-SNR-5 weighted ε loss (mean of 10 steps)")
+    pred = rec["settings"].get("prediction", "epsilon")   # older records: the ε loss
+    ax.set_ylabel(("Min-SNR-5 weighted ε loss" if pred == "epsilon" else "(min(SNR,5)+1)-weighted v loss")
+                  + " (mean of 10 steps)", fontsize=8)
     ax.set_title(f"sdrt train-demo --steps {rec['steps']} --seed {rec['seed']} "
                  f"({rec['wall_seconds_since_start'] / 60:.0f} min wall)", fontsize=9)
     ax.grid(alpha=0.3)

@@ -4,10 +4,17 @@ Three stages, each a diffusers / transformers class, so OUT_DIR is an ordinary S
   1. tokenizer  CLIP-format BPE whose merges spell each caption word (one token per word)
   2. VAE        AutoencoderKL, factor 4 (32x32x3 <-> 8x8x4), trained on 16x16 crops (it is
                 convolutional) with L1 + MSE + a small KL term; scaling_factor = 1 / std(latents)
-  3. text + UNet  CLIPTextModel and UNet2DConditionModel trained jointly on the ε-prediction loss
-                (DDPM: L = w(t) ||ε - ε_θ(√ᾱ_t x0 + √(1-ᾱ_t) ε, t, c)||², w = min(SNR, 5) / SNR,
-                Hang et al. 2023), the caption dropped to "" 10% of the time so classifier-free
-                guidance works; sampled with an EMA of the weights.
+  3. text + UNet  CLIPTextModel and UNet2DConditionModel trained jointly on the v-prediction loss
+                (x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε, v = √ᾱ_t ε - √(1-ᾱ_t) x0 (Salimans & Ho 2022);
+                L = w(t) ||v - v_θ(x_t, t, c)||², w = (min(SNR, 5) + 1) / (SNR + 1): in x0 terms
+                min(SNR, 5) + 1, Min-SNR-5's cap (Hang et al. 2023) over the v-loss's floor of 1),
+                the caption dropped to "" 10% of the time so classifier-free guidance works;
+                sampled with an EMA of the weights.
+Why v and not ε: where the image is still almost pure noise the ε-loss weighs the error of x̂0 by
+SNR ≈ 0, so an ε-model never learns what the caption says about the layout; it took the shape's
+position from the noise and ignored the position words (27 % position accuracy after 3800 steps).
+With v and this weight, the same layout steps count fully (on a 144-scene subset: 100 % positions
+after 400 steps, against 4 % for ε after 300).
 Linear betas (DDPM's 1e-4..0.02): ᾱ_T ≈ 4e-5, so the first DDIM step starts from almost pure noise
 and the model cannot lean on a low-frequency leak of the background colour (as it could with SD's
 scaled_linear ᾱ_T ≈ 5e-3).
@@ -47,8 +54,9 @@ UNET = dict(sample_size=scenes.SIZE // 4, in_channels=4, out_channels=4, layers_
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16)
-DEFAULTS = dict(steps=3800, vae_steps=3000, batch=32, vae_batch=32, lr=1e-3, vae_lr=2e-3,
-                drop=0.1, ema=0.998, snr_gamma=5.0, kl=1e-5, snapshot_every=200, warmup=100)
+DEFAULTS = dict(steps=4800, vae_steps=3000, batch=32, vae_batch=32, lr=1e-3, vae_lr=2e-3,
+                drop=0.1, ema=0.998, snr_gamma=5.0, kl=1e-5, snapshot_every=200, warmup=100,
+                prediction="v_prediction")
 # One thread: on 2 shared cores, a 2-thread step measured 7x slower than a 1-thread one
 # (2-thread workers wait on each other whenever another process holds a core).
 THREADS = 1
@@ -155,10 +163,17 @@ def text_model(tokenizer):
     return CLIPTextModel(config)
 
 
-def min_snr_weight(alphas_cumprod, t, gamma: float):
-    """w(t) = min(SNR(t), γ) / SNR(t), SNR = ᾱ_t / (1 - ᾱ_t): ε-loss weights of Min-SNR-γ."""
+def loss_weight(alphas_cumprod, t, gamma: float, prediction: str):
+    """Per-sample loss weights, SNR = ᾱ_t / (1 - ᾱ_t). In x0 terms the ε-loss is SNR ||x̂0 - x0||² and
+    the v-loss (SNR + 1) ||x̂0 - x0||².
+    epsilon:      w = min(SNR, γ) / SNR (Min-SNR-γ): x0 weight min(SNR, γ), which vanishes at high noise
+    v_prediction: w = (min(SNR, γ) + 1) / (SNR + 1): x0 weight min(SNR, γ) + 1, Min-SNR-γ's cap with the
+                  v-loss's floor of 1 (Salimans & Ho's "SNR+1"): the high-noise steps, where the layout
+                  (the position words) is decided, keep their weight."""
     snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-    return snr.clamp(max=gamma) / snr
+    if prediction == "epsilon":
+        return snr.clamp(max=gamma) / snr
+    return (snr.clamp(max=gamma) + 1) / (snr + 1)
 
 
 def ema_update(ema, model, decay: float) -> None:
@@ -177,7 +192,7 @@ def train_denoiser(latents, ids, empty_ids, tokenizer, steps: int, seed: int, cf
     torch.manual_seed(seed + 2)
     text, unet = text_model(tokenizer), UNet2DConditionModel(**UNET)
     ema_text, ema_unet = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
-    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "set_alpha_to_one"})
+    noise_sched = DDPMScheduler(**{k: v for k, v in scheduler_config(cfg).items() if k != "set_alpha_to_one"})
     a_bar = noise_sched.alphas_cumprod
     params = [*text.parameters(), *unet.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01)
@@ -193,9 +208,10 @@ def train_denoiser(latents, ids, empty_ids, tokenizer, steps: int, seed: int, cf
         t = torch.randint(0, len(a_bar), (B,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         xt = noise_sched.add_noise(x0, eps, t)                          # √ᾱ_t x0 + √(1-ᾱ_t) ε
-        pred = unet(xt, t, text(c)[0]).sample                           # ε_θ(x_t, t, c)
-        per_sample = (pred - eps).pow(2).mean(dim=(1, 2, 3))
-        loss = (min_snr_weight(a_bar, t, cfg["snr_gamma"]) * per_sample).mean()
+        pred = unet(xt, t, text(c)[0]).sample                           # ε_θ(x_t, t, c) or v_θ
+        target = eps if cfg["prediction"] == "epsilon" else noise_sched.get_velocity(x0, eps, t)  # v = √ᾱ ε - √(1-ᾱ) x0
+        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
+        loss = (loss_weight(a_bar, t, cfg["snr_gamma"], cfg["prediction"]) * per_sample).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -214,10 +230,14 @@ def train_denoiser(latents, ids, empty_ids, tokenizer, steps: int, seed: int, cf
 
 # --- the pipeline folder -------------------------------------------------------------------------
 
-def save_pipeline(out: Path, vae, text, unet, tokenizer) -> None:
+def scheduler_config(cfg: dict) -> dict:
+    return {**SCHEDULER, "prediction_type": cfg["prediction"]}
+
+
+def save_pipeline(out: Path, vae, text, unet, tokenizer, cfg: dict) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
+                                   scheduler=DDIMScheduler(**scheduler_config(cfg)), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     # transformers saves tokenizer.json only; CLIP's own files go beside it (same BPE, any reader)
@@ -294,12 +314,12 @@ def train(out_dir: Path, steps: int | None = None, seed: int = 0, vae_steps: int
         empty = token_ids(tokenizer, [""])[0]
         snapshot_dir = out_dir.parent / f".{out_dir.name}.snapshot"
         def snapshot(text, unet, losses):  # what `--steps len(losses)` writes, to look at while training
-            save_pipeline(snapshot_dir, vae, text, unet, tokenizer)
+            save_pipeline(snapshot_dir, vae, text, unet, tokenizer, cfg)
             write_record(snapshot_dir, record(seed, len(losses), vae_steps, cfg, losses, t0, psnr_db))
         text, unet, losses = train_denoiser(latents * vae.config.scaling_factor, ids, empty, tokenizer, steps,
                                             seed, cfg, snapshot)
         log(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, text encoder "
             f"{sum(p.numel() for p in text.parameters()) / 1e6:.2f} M parameters")
-        save_pipeline(tmp, vae, text, unet, tokenizer)
+        save_pipeline(tmp, vae, text, unet, tokenizer, cfg)
         write_record(tmp, record(seed, steps, vae_steps, cfg, losses, t0, psnr_db))
     return out_dir

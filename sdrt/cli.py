@@ -366,7 +366,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train-demo", help="train the demo model (shapes on backgrounds, 32x32) into a pipeline "
                                           "folder (export extra; about an hour on 2 CPU cores)")
     s.add_argument("out_dir", type=Path)
-    s.add_argument("--steps", type=int, help="text encoder + UNet steps (default 3800: the shipped model)")
+    s.add_argument("--steps", type=int, help="text encoder + UNet steps (default 4800: the shipped model)")
     s.add_argument("--vae-steps", type=int, help="VAE steps (default 3000: the shipped model)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")

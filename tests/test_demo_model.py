@@ -121,14 +121,14 @@ def test_demo_tokenizer_clip_files_match_tokenizer_json(tmp_path):
 # --- the committed model on ONNX Runtime CPU ----------------------------------------------------
 
 def test_demo_model_draws_what_prompts_say(demo_fp32):
-    """Colour and background of every prompt, shape of the seen ones, read from the pixels."""
+    """Colour and background of every prompt, shape and position of the seen ones, read from the pixels."""
     images = generate_prompts(demo_fp32)
     for img, caption in zip(images, PROMPTS):
         s, got = scene_of(caption), checker.read(img)
         hit = checker.correct(got, s)
         assert hit["colour"] and hit["background"], (caption, got)
         if not s.held_out:
-            assert hit["shape"], (caption, got)
+            assert hit["shape"] and hit["position"], (caption, got)
 
 
 def test_demo_fp16_agrees_with_fp32(demo_fp32, demo_fp16):
@@ -252,3 +252,19 @@ def test_train_demo_smoke_reproducible_and_loads_in_diffusers(tmp_path):
     assert out.images.shape == (1, scenes.SIZE, scenes.SIZE, 3)
     assert_user_error(run_cli("train-demo", tmp_path / "b", "--steps", "3"), "already exists")
     assert_user_error(run_cli("train-demo", tmp_path / "c", "--steps", "0"), "--steps")
+
+
+def test_train_demo_loss_weight_keeps_the_high_noise_steps():
+    """In x0 terms the v-loss weight is min(SNR, γ) + 1: 1 at pure noise (where the layout is decided),
+    γ + 1 at low noise; the ε weight (Min-SNR-γ) is min(SNR, γ), ~0 at pure noise."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from sdrt.export.train_demo import SCHEDULER, loss_weight
+    a_bar = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "set_alpha_to_one"}).alphas_cumprod
+    t = torch.tensor([0, 300, 600, 999])
+    snr = a_bar[t] / (1 - a_bar[t])
+    x0_v = loss_weight(a_bar, t, 5.0, "v_prediction") * (snr + 1)      # ||v̂ - v||² = (SNR + 1) ||x̂0 - x0||²
+    x0_eps = loss_weight(a_bar, t, 5.0, "epsilon") * snr                # ||ε̂ - ε||² = SNR ||x̂0 - x0||²
+    assert torch.allclose(x0_v, snr.clamp(max=5.0) + 1) and torch.allclose(x0_eps, snr.clamp(max=5.0))
+    assert x0_v[-1] > 0.99 and x0_eps[-1] < 1e-3 and x0_v[0] == 6.0

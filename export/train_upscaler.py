@@ -58,7 +58,7 @@ UNET = dict(sample_size=scenes.SIZE, in_channels=7, out_channels=4, layers_per_b
             num_class_embeds=MAX_NOISE_LEVEL + 1)
 DEFAULTS = dict(upscaler_steps=10000, upscaler_vae_steps=1500, batch=16, crop=16, vae_batch=16, vae_crop=32,
                 lr=1e-3, vae_lr=2e-3, drop=0.1, ema=0.999, snr_gamma=5.0, kl=1e-6, snapshot_every=500,
-                warmup=100, render_low_res=0.5)
+                warmup=100, render_low_res=0.5, scenes=None)   # scenes: the first N training scenes (tests)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def train(out_dir: Path, base: Path, steps: int | None = None, seed: int = 0, va
     t0 = time.perf_counter()
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
-    train_scenes = scenes.split(held_out=False)
+    train_scenes = scenes.split(held_out=False)[:cfg["scenes"]]
     log(f"upscaler: {len(train_scenes)} training scenes at {HIGH}x{HIGH}, seed {seed}, base {base}")
     high = high_images(train_scenes)
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")

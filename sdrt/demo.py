@@ -100,17 +100,16 @@ def grid(images, captions: list[str]):
     return out
 
 
-def stage_rows(results: list, label: str) -> list[tuple[str, float]]:
+def stage_rows(results: list) -> list[tuple[str, float]]:
     """One stage's rows: setup from its first run (sessions, buffers, bindings, graphs: later runs
     reuse them), the rest as the median over all the images."""
     first = results[0].timings
     med = {k: float(np.median([r.timings[k] for r in results]))
            for k in ("tokenize_ms", "text_encoder_ms", "denoise_ms", "unet_step_ms", "vae_ms", "total_ms")}
-    size = "x".join(map(str, results[0].images.shape[1:3]))
-    return [(f"{label}: setup (first image)", first["setup_ms"]), ("  tokenize", med["tokenize_ms"]),
+    return [("  setup (first image)", first["setup_ms"]), ("  tokenize", med["tokenize_ms"]),
             ("  text encoder", med["text_encoder_ms"]),
             (f"  denoise ({len(first['steps_ms'])} steps)", med["denoise_ms"]),
-            ("    per step", med["unet_step_ms"]), (f"  vae decoder ({size})", med["vae_ms"]),
+            ("    per step", med["unet_step_ms"]), ("  vae decoder", med["vae_ms"]),
             ("  total per image", med["total_ms"])]
 
 
@@ -119,13 +118,14 @@ def timing_table(results: list, wall_s: float, upscaled: list | None = None) -> 
     median over all the images, and the wall time of the whole run. No VAE encoder row: neither
     stage encodes an image."""
     n = len(results)
-    rows = stage_rows(results, "text to image 32x32")
-    if upscaled:
-        rows += stage_rows(upscaled, "x4 upscaler -> 128x128")
-    rows.append((f"all {n} images (wall)", wall_s * 1e3))
+    size = lambda rs: "x".join(map(str, rs[0].images.shape[1:3]))
     lines = [f"backend: {results[0].timings['backend']}; per-image stages: median over {n} image(s)",
-             f"{'stage':<34}{'ms':>12}"]
-    lines += [f"{name:<34}{v:>12.2f}" for name, v in rows]
+             f"{'stage':<28}{'ms':>12}", f"text to image ({size(results)})"]
+    lines += [f"{name:<28}{v:>12.2f}" for name, v in stage_rows(results)]
+    if upscaled:
+        lines.append(f"x4 upscaler ({size(results)} -> {size(upscaled)})")
+        lines += [f"{name:<28}{v:>12.2f}" for name, v in stage_rows(upscaled)]
+    lines.append(f"{f'all {n} images (wall)':<28}{wall_s * 1e3:>12.2f}")
     return "\n".join(lines)
 
 

@@ -158,7 +158,7 @@ def test_cli_demo_grid_and_own_prompt(demo_root):
     grid = Image.open(demo_root / "sdrt-demo" / "demo.png")
     assert grid.size[0] > 4 * 128 and grid.size[1] > 2 * 128
     assert "vae encoder" not in p.stdout and "median over 8 image(s)" in p.stdout   # text to image, all 8
-    setup = next(line for line in p.stdout.splitlines() if line.startswith("setup (first image)"))
+    setup = next(line for line in p.stdout.splitlines() if line.strip().startswith("setup (first image)"))
     assert float(setup.split()[-1]) > 0                          # the first image's, not the last one's
     before = (demo_root / "sdrt-demo" / "demo.png").read_bytes()
     p = run_cli("demo", "--dir", demo_root / "sdrt-demo", "--steps", "5", "--prompt", "a large red square on a "

@@ -4,7 +4,8 @@ A model of the SD ×4 upscaler's kind (diffusers' StableDiffusionUpscalePipeline
 sdrt.scenes drawn at 4x scale (`scenes.render(scene, scale=4)`):
   1. VAE        AutoencoderKL, factor 4 (128x128x3 <-> 32x32x4), the demo VAE's architecture retrained
                 on 32x32 crops of the 128x128 renders (the demo VAE, trained on 32x32 scenes, turns
-                the large flat interiors of a 128x128 scene into the wrong colour). Its latents are
+                the large flat interiors of a 128x128 scene into the wrong colour), then its decoder
+                alone on whole 128x128 scenes (finetune_decoder). Its latents are
                 then rescaled (quant_conv x k, post_quant_conv / k: the same autoencoder) so that
                 z * 0.08333 has unit standard deviation: diffusers' upscale pipeline forces the VAE's
                 scaling_factor to 0.08333, as in stabilityai/stable-diffusion-x4-upscaler.
@@ -56,7 +57,8 @@ UNET = dict(sample_size=scenes.SIZE, in_channels=7, out_channels=4, layers_per_b
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
             cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
             num_class_embeds=MAX_NOISE_LEVEL + 1)
-DEFAULTS = dict(upscaler_steps=10000, upscaler_vae_steps=1500, batch=16, crop=16, vae_batch=16, vae_crop=32,
+DEFAULTS = dict(upscaler_steps=10000, upscaler_vae_steps=2500, batch=16, crop=16, vae_batch=16, vae_crop=32,
+                decoder_steps=600, decoder_batch=4, decoder_crop=32, decoder_lr=1e-3,
                 lr=1e-3, vae_lr=2e-3, drop=0.1, ema=0.999, snr_gamma=5.0, kl=1e-6, snapshot_every=500,
                 warmup=100, render_low_res=0.5, scenes=None)   # scenes: the first N training scenes (tests)
 
@@ -107,6 +109,38 @@ def train_vae(high: np.ndarray, steps: int, seed: int, cfg: dict):
     return vae.eval()
 
 
+def finetune_decoder(vae, high: np.ndarray, steps: int, seed: int, cfg: dict):
+    """The decoder (and post_quant_conv) trained further on the frozen encoder's latents: the latent
+    space the UNet learns is unchanged; decoding whole 32x32 latents (crops of decoder_crop), the
+    decoder's mid-block attention learns the extent it runs at (trained on 8x8-latent crops, it
+    shifted flat colours at 32x32). L1 + MSE."""
+    import torch
+    import torch.nn.functional as F
+    latents = encode(vae, high)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg["decoder_lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["decoder_lr"], total_steps=steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(seed + 14)
+    crop, t0, avg = cfg["decoder_crop"], time.perf_counter(), None
+    vae.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(high), (cfg["decoder_batch"],), generator=g)
+        ys = torch.randint(0, latents.shape[2] - crop + 1, (len(idx),), generator=g).tolist()
+        xs = torch.randint(0, latents.shape[3] - crop + 1, (len(idx),), generator=g).tolist()
+        z = torch.stack([latents[i, :, y:y + crop, x:x + crop] for i, y, x in zip(idx.tolist(), ys, xs)])
+        x = torch.cat([to_model(high[i:i + 1, SCALE * y:SCALE * (y + crop), SCALE * x0:SCALE * (x0 + crop)])
+                       for i, y, x0 in zip(idx.tolist(), ys, xs)])
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        progress("upscaler decoder", step, steps, avg, t0)
+    return vae.eval()
+
+
 def encode(vae, high: np.ndarray, batch: int = 32):
     """Posterior means of uint8 images [N, 128, 128, 3]."""
     import torch
@@ -146,7 +180,8 @@ def vae_stage(vae_dir: Path, high: np.ndarray, seed: int, steps: int, cfg: dict)
     from diffusers import AutoencoderKL
     stamp = {"seed": seed, "vae_steps": steps, "vae": {k: list(v) if isinstance(v, tuple) else v
                                                         for k, v in VAE.items()},
-             "settings": {k: cfg[k] for k in ("vae_batch", "vae_crop", "vae_lr", "kl")}}
+             "settings": {k: cfg[k] for k in ("vae_batch", "vae_crop", "vae_lr", "kl", "decoder_steps",
+                                              "decoder_batch", "decoder_crop", "decoder_lr")}}
     stamp_file = vae_dir / "trained_with.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         log(f"reusing the upscaler VAE in {vae_dir}")
@@ -156,6 +191,9 @@ def vae_stage(vae_dir: Path, high: np.ndarray, seed: int, steps: int, cfg: dict)
     vae = train_vae(high, steps, seed, cfg)
     z = encode(vae, high[:512])
     rescale_latents(vae, 1.0 / (VAE_SCALING * float(z.std())))
+    log(f"upscaler VAE decoder: {cfg['decoder_steps']} more steps on the frozen encoder's latents of whole "
+        f"128x128 scenes (the decoder's attention then sees the latent size it decodes)")
+    vae = finetune_decoder(vae, high, cfg["decoder_steps"], seed, cfg)
     with atomic_dir(vae_dir) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
         (tmp / "trained_with.json").write_text(json.dumps(stamp))

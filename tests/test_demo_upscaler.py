@@ -10,7 +10,7 @@ import pytest
 from conftest import assert_user_error, run_cli
 from sdrt import scenes
 from sdrt.benchmarks import checker, upscale_eval
-from sdrt.demo import DEMO_UPSCALER
+from sdrt.demo import DEMO_UPSCALER, runtime_upscales
 
 
 # --- the world at 4x scale ----------------------------------------------------------------------
@@ -53,7 +53,7 @@ def test_train_upscaler_smoke_reproducible_and_loads_in_diffusers(tmp_path):
 
     from sdrt.demo import DEMO_MODEL
     from sdrt.export.train_upscaler import train
-    small = dict(vae_steps=2, batch=2, vae_batch=2, warmup=1, snapshot_every=3, scenes=12)
+    small = dict(vae_steps=2, decoder_steps=2, batch=2, vae_batch=2, warmup=1, snapshot_every=3, scenes=12)
     train(tmp_path / "a", DEMO_MODEL, steps=6, seed=5, **small)
     train(tmp_path / "b", DEMO_MODEL, steps=3, seed=5, **small)
     record = json.loads((tmp_path / "a" / "train_demo.json").read_text())
@@ -127,3 +127,59 @@ def test_cli_demo_one_image_out(demo_root, tmp_path):
                       "--out")
     assert_user_error(run_cli("demo", "--dir", tmp_path / "d", "--no-upscale", "--steps", "0"), "steps")
     assert not (tmp_path / "d").exists()
+
+
+# --- the shipped model on sdrt's runtime --------------------------------------------------------
+
+needs_runtime = pytest.mark.skipif(not (runtime_upscales() and (DEMO_UPSCALER / "model_index.json").is_file()),
+                                   reason="this runtime runs no x4 upscaler exports, or no shipped upscaler")
+
+
+@pytest.fixture(scope="session")
+def demo_upscaler_fp32(demo_root):
+    """The shipped upscaler's FP32 export, where `sdrt demo` makes it."""
+    from sdrt.demo import UPSCALER_EXPORT_NAME, demo_export
+    return demo_export(demo_root / "sdrt-demo", DEMO_UPSCALER, UPSCALER_EXPORT_NAME)
+
+
+def diffusers_upscaled(monkeypatch, low, prompt, latents, image_noise, steps, guidance, noise_level):
+    """diffusers' StableDiffusionUpscalePipeline on the shipped folder with these latents and image noise."""
+    import torch
+    from diffusers import StableDiffusionUpscalePipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_upscale as mod
+    from PIL import Image
+    monkeypatch.setattr(mod, "randn_tensor", lambda shape, **kw: torch.from_numpy(image_noise).reshape(shape))
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(DEMO_UPSCALER, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=prompt, image=Image.fromarray(low), num_inference_steps=steps, guidance_scale=guidance,
+               noise_level=noise_level, latents=torch.from_numpy(latents), output_type="np")
+    return (out.images * 255).round().astype(np.uint8)
+
+
+@needs_runtime
+@pytest.mark.parametrize("steps,guidance,noise_level", [(6, 1.0, 20), (4, 4.0, 100)])
+def test_shipped_upscaler_sdrt_matches_diffusers(monkeypatch, demo_upscaler_fp32, steps, guidance, noise_level):
+    from sdrt.engine.pipeline import Pipeline
+    s = scenes.Scene("triangle", "yellow", "black", "large", "top left")
+    low = scenes.render(s)
+    rng = np.random.default_rng(4)
+    latents = rng.standard_normal((1, 4, scenes.SIZE, scenes.SIZE)).astype(np.float32)
+    image_noise = rng.standard_normal((1, 3, scenes.SIZE, scenes.SIZE)).astype(np.float32)
+    ref = diffusers_upscaled(monkeypatch, low, s.caption, latents, image_noise, steps, guidance, noise_level)
+    res = Pipeline(demo_upscaler_fp32, backend="onnxruntime-cpu").generate(
+        s.caption, image=low, latents=latents, image_noise=image_noise, steps=steps, guidance=guidance,
+        noise_level=noise_level)
+    assert res.images.shape == ref.shape == (1, 128, 128, 3)
+    assert upscale_eval.psnr(res.images, ref) >= 50, upscale_eval.psnr(res.images, ref)
+
+
+@needs_runtime
+def test_cli_demo_upscales_to_128(demo_root, demo_upscaler_fp32, tmp_path):
+    from PIL import Image
+    p = run_cli("demo", "--dir", demo_root / "sdrt-demo", "--steps", "5", "--prompt",
+                "a large yellow triangle on a black background", "--out", tmp_path / "one.png", cwd=demo_root)
+    assert p.returncode == 0, p.stderr
+    img = np.asarray(Image.open(tmp_path / "one.png").convert("RGB"))
+    assert img.shape == (128, 128, 3)
+    assert checker.read(img).background == "black"
+    assert "x4 upscaler (32x32 -> 128x128)" in p.stdout and "text to image (32x32)" in p.stdout

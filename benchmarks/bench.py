@@ -197,7 +197,7 @@ class SdrtContender:
         self.held_bytes += max(mem_used() - before, 0)
         t = r.timings
         stages = {"tokenize": t["tokenize_ms"], "text_encoder": t["text_encoder_ms"],
-                  "vae_encoder": t["vae_encoder_ms"] if inputs.get("image") is not None else None,
+                  "vae_encoder": t["vae_encoder_ms"] if mode_of(inputs) in ("img2img", "inpaint") else None,
                   "denoise": float(sum(t["steps_ms"])), "vae_decoder": t["vae_ms"], "total": t["total_ms"]}
         return Sample(r.images, stages, list(t["steps_ms"]), {"graph": t["graph"], "graph_error": t["graph_error"]})
 
@@ -325,6 +325,8 @@ def versions() -> dict:
 
 
 def mode_of(inputs: dict) -> str:
+    if inputs.get("noise_level") is not None:
+        return "upscale"
     if inputs.get("mask") is not None:
         return "inpaint"
     return "img2img" if inputs.get("image") is not None else "txt2img"
@@ -338,12 +340,27 @@ def image_inputs(image, mask, strength, steps: int, cfg) -> tuple[dict, tuple[in
         return {}, None
     from sdrt.engine import image_input
     from sdrt.engine.scheduler import start_index
+    if cfg.upscaler:
+        return upscale_inputs(image, mask, strength, cfg)
     image = image_input.load(image, "image").convert("RGB")
     mask = image_input.load(mask, "mask") if mask is not None else None
     src = image_input.prepare(image, mask, cfg.vae_factor)        # size and mask checks, one line each
     if strength is not None:
         start_index(steps, strength)
     return {"image": image, "mask": mask, "strength": strength}, (src.height, src.width)
+
+
+def upscale_inputs(image, mask, strength, cfg) -> tuple[dict, tuple[int, int]]:
+    """An upscaler export: the low-resolution image, the default noise level and fixed image noise
+    (the same for sdrt and the reference); the size is the output's (vae_factor x the image's)."""
+    from sdrt.engine import image_input, upscaler
+    if mask is not None or strength is not None:
+        raise UserError("--mask and --strength do not apply to an upscaler export: give --image alone")
+    image = image_input.load(image, "image").convert("RGB")
+    h, w = image_input.target_size(image, cfg.vae_factor, False)
+    noise = np.random.default_rng(4321).standard_normal((1, 3, h, w), dtype=np.float32)
+    return ({"image": image, "noise_level": upscaler.DEFAULT_NOISE_LEVEL, "image_noise": noise},
+            (h * cfg.vae_factor, w * cfg.vae_factor))
 
 
 def load_exports(work_dirs: list) -> list[dict]:

@@ -1,7 +1,8 @@
 """The eager PyTorch reference: diffusers' StableDiffusionPipeline with DDIM (FP16 + SDPA on a
 GPU, FP32 on CPU), timed per stage with CUDA events recorded by forward hooks on its modules.
 With an input image: StableDiffusionImg2ImgPipeline, with a mask StableDiffusionInpaintPipeline,
-on the same modules, given sdrt's noise and the posterior mean (sdrt's deterministic encoder)."""
+on the same modules, given sdrt's noise and the posterior mean (sdrt's deterministic encoder).
+An upscaler folder: StableDiffusionUpscalePipeline, given sdrt's latents and low-res image noise."""
 from __future__ import annotations
 
 import time
@@ -23,7 +24,14 @@ class Reference:
         self.cuda = torch.cuda.is_available()
         dtype = torch.float16 if self.cuda else torch.float32
         self.description = "diffusers eager " + ("FP16, SDPA" if self.cuda else "FP32, CPU")
-        pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype)
+        from sdrt.export.pipeline_folder import read_model_index
+        from sdrt.export.upscaler import is_upscaler
+        self.upscaler = is_upscaler(read_model_index(model_dir))
+        if self.upscaler:
+            from diffusers import StableDiffusionUpscalePipeline
+            pipe = StableDiffusionUpscalePipeline.from_pretrained(model_dir, dtype=dtype)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to("cuda" if self.cuda else "cpu")
@@ -63,7 +71,7 @@ class Reference:
         return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
     def run(self, prompt, negative, steps, guidance, height, width, latents: np.ndarray,
-            image=None, mask=None, strength=None):
+            image=None, mask=None, strength=None, noise_level=None, image_noise=None):
         """Images (uint8 NHWC) and per-stage timings of one full pipeline call (the tokenizer on the
         host clock, the modules on CUDA events on a GPU; denoise: the UNet calls). With `image`
         (a PIL image), `latents` is the noise added to its latents."""
@@ -76,10 +84,19 @@ class Reference:
         noise = torch.from_numpy(latents).to(self.pipe.device, self.pipe.unet.dtype)
         common = dict(prompt=[prompt] * b, negative_prompt=[negative] * b, num_inference_steps=steps,
                       guidance_scale=guidance, output_type="np")
-        if image is not None:   # built (once) outside the timed call
+        if image is not None and not self.upscaler:   # built (once) outside the timed call
             pipe, module = self.image_pipeline(mask is not None)
         t0 = time.perf_counter()
-        if image is None:
+        if self.upscaler:        # sdrt's latents, and its image noise drawn by the pipeline
+            from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_upscale as up
+            saved, per_image = up.randn_tensor, torch.from_numpy(np.repeat(image_noise, b, 0))
+            up.randn_tensor = lambda shape, generator=None, device=None, dtype=None, layout=None: \
+                per_image.to(device=device, dtype=dtype).reshape(shape)
+            try:
+                out = self.pipe(image=[image] * b, noise_level=noise_level, latents=noise, **common)
+            finally:
+                up.randn_tensor = saved
+        elif image is None:
             out = self.pipe(height=height, width=width, latents=noise, **common)
         else:
             with same_noise(module, noise):
@@ -95,7 +112,8 @@ class Reference:
                  for name, m in self.marks.items()}
         timings = {"e2e_ms": e2e, "text_encoder_ms": sum(stage["text_encoder"]),
                    "tokenize_ms": self.tokenize_ms,
-                   "vae_encoder_ms": sum(stage.get("vae_encoder", [])) if image is not None else None,
+                   "vae_encoder_ms": sum(stage.get("vae_encoder", [])) if image is not None and not self.upscaler
+                   else None,
                    "unet_step_ms": float(np.median(stage["unet"])), "denoise_ms": sum(stage["unet"]),
                    "steps_ms": stage["unet"], "vae_ms": sum(stage["vae"]),
                    "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if self.cuda else None}

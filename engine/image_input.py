@@ -114,18 +114,19 @@ def target_size(img, vae_factor: int, resize: bool) -> tuple[int, int]:
     return rh, rw
 
 
-def _resized(img, h: int, w: int):
+def _resized(img, h: int, w: int, resample: str = RESAMPLE):
     from PIL import Image
     if img.size == (w, h):
         return img
-    return img.resize((w, h), resample=getattr(Image.Resampling, RESAMPLE))
+    return img.resize((w, h), resample=getattr(Image.Resampling, resample))
 
 
-def image_array(img, h: int, w: int) -> np.ndarray:
-    """[1, 3, H, W] float32 in [-1, 1] (pil_to_numpy then normalize)."""
+def image_array(img, h: int, w: int, resample: str = RESAMPLE) -> np.ndarray:
+    """[1, 3, H, W] float32 in [-1, 1] (pil_to_numpy then normalize); resized with `resample`
+    (the upscaler's image processor: BICUBIC)."""
     if img.mode != "RGB":
         img = img.convert("RGB")
-    x = np.asarray(_resized(img, h, w)).astype(np.float32) / 255.0
+    x = np.asarray(_resized(img, h, w, resample)).astype(np.float32) / 255.0
     return np.ascontiguousarray((2.0 * x - 1.0).transpose(2, 0, 1)[None])
 
 

@@ -8,6 +8,8 @@ the loop; decode. Over any backend.
     image to image:  s = steps - int(steps·strength),    x = sqrt(ᾱ_s) vae_encoder(image) + sqrt(1-ᾱ_s) ε
     inpainting:      as image to image (strength 1: x = ε); the step graph also reads the latent
                      mask and the (masked-)image latents, bound once per call
+    upscaling:       x = init_noise_sigma ε at the low-res image's size; the step graph also reads
+                     the noised low-res image and the noise level (sdrt.engine.upscaler)
     for i in range(s, steps): launch(step graph i % 2)          UNet + CFG + DDIM, in one graph
     image   = vae_decoder(x_0)                                 in slices of the batch if asked
 
@@ -33,6 +35,7 @@ from sdrt.engine.lora import LoraState
 from sdrt.engine.request import GenerateRequest, RequestError, StepCallback, noise as seeded_noise, resolve_seed
 from sdrt.engine.timing import Clock
 from sdrt.engine.tokenizer import ClipTokenizer
+from sdrt.engine.upscaler import Upscaler
 from sdrt.errors import UserError
 
 
@@ -88,6 +91,7 @@ class Pipeline:
         self.decoders: dict = {}               # Pipeline.decode's VAE bindings
         self.graph: tuple[str, str] = ("", "")  # (path, error) of the last generation's step
         self.loras = LoraState(self.work_dir, self.manifest)
+        self.upscaler = Upscaler(self.manifest["upscaler"]) if self.config.upscaler else None
         if loras:
             self.set_loras(loras)
 
@@ -117,16 +121,18 @@ class Pipeline:
                  batch=None, seed=None, latents=None, vae_batch=None, clip_skip=1, embeddings=None, image=None,
                  mask=None, strength=None, resize=False, loras=None, prompt_syntax="webui",
                  sampler="DDIM", schedule=None, noise=None, cfg_cutoff=None, on_step=None, control=None,
-                 control_preprocess=None) -> Result:
+                 control_preprocess=None, noise_level=None, image_noise=None) -> Result:
         """`run(GenerateRequest(...))`: the request's fields as keywords (see sdrt.engine.request).
         Text to image; with `image` (path, PIL image or uint8 array), image to image (strength
         default 0.75); with `image` and `mask` (white = repaint), inpainting (strength default 1.0).
         control: one entry per exported ControlNet, "IMAGE[:SCALE[:START:END]]" or (IMAGE, SCALE,
-        START, END) (sdrt.engine.request.Control)."""
+        START, END) (sdrt.engine.request.Control). On an upscaler export, `image` is the low-resolution
+        image: the output is 4x its size; noise_level (default 20) and image_noise (its noise
+        [1 | B, 3, h, w] instead of the seed's) apply (sdrt.engine.upscaler)."""
         return self.run(GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed, latents,
                                         image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
                                         prompt_syntax, sampler, schedule, noise, cfg_cutoff, control,
-                                        control_preprocess),
+                                        control_preprocess, noise_level, image_noise),
                         on_step=on_step)
 
     def run(self, request: GenerateRequest, on_step: StepCallback | None = None) -> Result:
@@ -145,10 +151,17 @@ class Pipeline:
         r = request
         if r.loras is not None and [(Path(p), s) for p, s in r.loras] != list(self.loras.applied):
             self.set_loras(r.loras)           # only when the set differs: a switch re-makes sessions
-        source = self.source(r.image, r.mask, r.resize, r.height, r.width)
-        variant = self.variant(source)
+        seed = r.used_seed()
+        low = self.upscaler.prepare(r, self.config.vae_factor, r.batch, seed) if self.upscaler else None
+        for field in ("noise_level", "image_noise"):
+            if not low and getattr(r, field) is not None:
+                raise RequestError(field, f"{{{field}}} is for upscaler exports (StableDiffusionUpscalePipeline): "
+                                          f"{self.work_dir} is not one")
+        source = None if low else self.source(r.image, r.mask, r.resize, r.height, r.width)
+        variant = Variant.upscale if low else self.variant(source)
         controls = self.controls(r.control, r.control_preprocess)
-        height, width = (source.height, source.width) if source is not None else (r.height, r.width)
+        height, width = (source.height, source.width) if source is not None else \
+            (low.height, low.width) if low else (r.height, r.width)
         if controls and source is None and (height, width) == (None, None):
             height, width = image_input.default_size(controls[0][1], self.config.vae_factor)
         cond = self.conditioning(self.embeddings if r.embeddings is None else r.embeddings)
@@ -163,7 +176,6 @@ class Pipeline:
         dims = self.dims(height, width, r.batch, r.guidance, chunks=len(text.ids) // len(rows))
         if table.stochastic:
             dims = replace(dims, noise_steps=steps)
-        seed = r.used_seed()
         noise = self.initial_latents(dims, seed, r.latents)            # ε (x_T for text to image)
         z = self.step_noise(dims, steps, seed, r) if table.stochastic or r.noise is not None else None
         z = z if table.stochastic else None
@@ -185,6 +197,9 @@ class Pipeline:
         buf["clip_skip"].write(layers)
         for p in (plan, unguided) if unguided else (plan,):
             self.write_sampler_inputs(p, table, start, z)
+            if low:                            # the noised low-res image and the noise level, once per call
+                p.buf["low_res_image"].write(low.image)
+                p.buf["class_labels"].write(low.class_labels(p.buf["class_labels"].shape[0]))
             for k, (_, pil) in enumerate(controls):   # bound once per call, repeated over the batch
                 image = image_input.control_array(pil, height, width)
                 p.buf[control_image(k)].write(np.repeat(image, dims.batch, 0))

@@ -3,7 +3,7 @@
     GenerateRequest(prompt, negative, steps, guidance, height, width, batch, seed | latents,
                     image, mask, strength, resize, clip_skip, embeddings, loras, vae_batch,
                     prompt_syntax, sampler, schedule, noise, cfg_cutoff, control,
-                    control_preprocess)
+                    control_preprocess, noise_level, image_noise)
 
 The CLI (`sdrt generate`), the Python API (`Pipeline.generate(**kwargs)`) and a server build one
 and hand it to `Pipeline.run(request, on_step=...)`. Checks that need no model run when the
@@ -104,6 +104,8 @@ class GenerateRequest:
     control: list | None = None             # per ControlNet, in export order: "IMAGE[:SCALE[:START:END]]",
                                             # (IMAGE, SCALE[, START, END]), an image, or a Control
     control_preprocess: str | None = None   # "canny[:LOW:HIGH]": edge maps made from the control images
+    noise_level: int | None = None          # x4 upscaler: the low-res image's noise level (default 20)
+    image_noise: np.ndarray | None = None   # x4 upscaler: that noise [1 | B, 3, h, w] instead of a seed's
 
     def __post_init__(self):
         self.validate()
@@ -150,6 +152,10 @@ class GenerateRequest:
             raise RequestError("cfg_cutoff", str(e).replace("cfg cutoff", "{cfg_cutoff}", 1)) from None
         if self.noise is not None:
             self.noise = np.asarray(self.noise)
+        if self.image is None and (self.noise_level is not None or self.image_noise is not None):
+            field = "noise_level" if self.noise_level is not None else "image_noise"
+            raise RequestError(field, f"{{{field}}} needs {{image}}: it is the upscaler's low-resolution "
+                                      f"image's noise")
 
     def _sampler(self):
         """The sampler and schedule (sdrt.engine.samplers.Sampler); RequestError naming the field."""

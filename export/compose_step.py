@@ -16,6 +16,8 @@ The UNet input u and the output differ per variant (sdrt.contract.Variant), a pa
 each (GRAPHS; the step model's Step says which):
     plain    u = x_t                                    latents_next = x_{t-1}
     concat   u = concat(x_t, mask, masked-image latents) (9-channel inpainting UNet)
+    upscale  u = concat(x_t, low-res image), the UNet's class labels = the step's class_labels
+             (the x4 upscaler: the image noised to the noise level, which is the class label)
     blend    u = x_t, then the known region (mask 0) is put back, re-noised to the next timestep:
              latents_next = (1 - mask) (sqrt(ᾱ_next) x0_img + sqrt(1 - ᾱ_next) ε) + mask x_{t-1}
 The mask, image latents and noise are graph inputs bound once per call, not copied per step.
@@ -240,6 +242,14 @@ def unet_input_concat(node):
     return [node("Concat", ["x_in", "mask", "masked_image_latents"], ["u"], axis=1)]
 
 
+def unet_input_upscale(node):
+    """u = concat(x_in, low_res_image) on channels: the x4 upscaler's UNet. The model-input scale
+    applies to x_t only (diffusers scales, then concatenates); the UNet's class labels are the
+    step's class_labels input (the noise level, text_batch rows: CFG-duplicated by the runtime)."""
+    return [node("Concat", ["x_in", "low_res_image"], ["u"], axis=1),
+            node("Identity", ["class_labels"], [P + "class_labels"])]
+
+
 def sampler_terms(node, col):
     """After DDIM's arithmetic, unchanged (zero coefficients add exact zeros for DDIM):
         x' = x_ddim + c_x x + c_x0_prev x̂0_prev + c_noise z,   z = step_noise[b, min(step_index[b], N - 1)]"""
@@ -281,7 +291,8 @@ def blend_known_region(node, col):
 # sdrt.export.export.REFERENCES.
 GRAPHS = {Variant.plain: (unet_input_plain, finish_plain),
           Variant.blend: (unet_input_plain, blend_known_region),
-          Variant.concat: (unet_input_concat, finish_plain)}
+          Variant.concat: (unet_input_concat, finish_plain),
+          Variant.upscale: (unet_input_upscale, finish_plain)}
 
 
 def _linear(out, ca, cb, node):

@@ -22,7 +22,7 @@ from sdrt.contract import (MAX_CONTROLNETS, STEP_COLUMNS, Dims, ModelConfig, Var
 from sdrt.errors import UserError
 from sdrt.fileio import default_mode_tree, temp_dir_beside, write_json_atomic
 from sdrt.export import (attention, compose_step, controlnet, lora_targets, pipeline_folder, scheduler_config, single_file,
-                         to_onnx, validate)
+                         to_onnx, upscaler, validate)
 
 BASE_MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 TOKEN_TABLE = "token_embedding.npy"
@@ -130,8 +130,9 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
                  form: str, source: dict | None = None, controlnets=()) -> None:
     t0 = time.perf_counter()
     precision = precisions["unet"]
-    sched, updated = scheduler_config.effective_config(
-        model_dir / "scheduler", pipeline_folder.read_model_index(model_dir)["scheduler"][1])
+    index = pipeline_folder.read_model_index(model_dir)
+    sched, updated = scheduler_config.effective_config(model_dir / "scheduler", index["scheduler"][1],
+                                                       rewrite=not upscaler.is_upscaler(index))
     scheduler_config.warn_if_updated(updated)
     pipeline_folder.check_tokenizer(model_dir / "tokenizer", pipeline_folder.text_vocab_size(model_dir))
     cns = [controlnet.load(p) for p in controlnets]          # refused before the base is loaded
@@ -141,6 +142,9 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     say(f"loading {model_dir} ...")
     folder = pipeline_folder.load(model_dir)
     cfg = folder.config = replace(folder.config, controlnets=len(cns))
+    if cfg.upscaler and cns:
+        raise UserError("--controlnet applies to text-to-image UNets: this folder holds an upscaler's UNet")
+    extra = {upscaler.KEY: upscaler.record(model_dir, index, cfg.class_embeds)} if cfg.upscaler else {}
     models = all_models(cfg, precision)
     cn_models = [contract.controlnet(cfg, precision, k, lay) for k, lay in enumerate(layouts)]
     models.update({m.name: m for m in cn_models})
@@ -195,7 +199,7 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
     write_json_atomic(out / mf.NAME, {
         "format": mf.FORMAT, "precision": precision, "opset": opset, "attention": form,
         "config": cfg.to_json(), "scheduler": {"config": sched, "updated": updated}, "models": records, "variants": variants, "engines": {},
-        "token_embedding": token_embedding,
+        "token_embedding": token_embedding, **extra,
         "source": source or {"path": str(model_dir.resolve()), "sha256": _component_hashes(model_dir)},
         "versions": _versions(), "export_s": round(time.perf_counter() - t0, 1)})
     say(f"export done in {time.perf_counter() - t0:.1f} s")
@@ -203,7 +207,8 @@ def _export_into(model_dir: Path, out: Path, precisions: dict, opset: int, ort_f
 
 def _inputs(folder, model, dims: Dims, seed: int, precision: str) -> dict:
     """Random contract inputs; the text encoder gets rows of its own token table (real inputs)."""
-    inputs = to_onnx.example_inputs(model, dims, folder.config.vocab_size, seed=seed)
+    inputs = to_onnx.example_inputs(model, dims, folder.config.vocab_size, seed=seed,
+                                    classes=folder.config.class_embeds)
     if model.name == "text_encoder":
         table = to_onnx.token_table(folder.text_encoder, precision)
         inputs["inputs_embeds"] = to_onnx.token_embeddings(table, dims, seed)
@@ -317,7 +322,7 @@ def _step_reference(folder, step, dims: Dims, sched_config: dict, controlnets=()
     table = samplers.step_table(sched_config, samplers.Sampler("dpmpp_2m_sde"), steps,
                                 7.5 if guidance else 1.0).rows
     table[:, STEP_COLUMNS.index("model_in_scale")] = 0.8
-    inputs = to_onnx.example_inputs(step, d, folder.config.vocab_size, seed=2)
+    inputs = to_onnx.example_inputs(step, d, folder.config.vocab_size, seed=2, classes=folder.config.class_embeds)
     inputs["step_table"], inputs["step_index"] = table, ks
     n_cn = step.step.controlnets
     scales = [np.array([0.8, 0.5]) - 0.3 * i for i in range(n_cn)]   # per ControlNet, per sample's row
@@ -341,8 +346,10 @@ def _step_reference(folder, step, dims: Dims, sched_config: dict, controlnets=()
         m = controlnet.step_reference(folder.unet, controlnets[:n_cn], u, rows[:, 0], emb.numpy(), images, scales,
                                       guidance, cn_input=x * row["model_in_scale"] if u.shape[1] != x.shape[1] else None)
     else:
+        labels = torch.from_numpy(inputs["class_labels"]).long() if "class_labels" in inputs else None
         with torch.no_grad():
-            m = folder.unet(sample, torch.cat([t, t]) if guidance else t, emb, return_dict=False)[0].numpy()
+            m = folder.unet(sample, torch.cat([t, t]) if guidance else t, emb, class_labels=labels,
+                            return_dict=False)[0].numpy()
     if guidance:
         uncond, cond = np.split(m, 2)
         m = uncond + row["guidance"] * (cond - uncond)
@@ -364,6 +371,12 @@ def unet_input_concat(inputs: dict) -> np.ndarray:
     return np.concatenate([inputs["latents"], inputs["mask"], inputs["masked_image_latents"]], 1)
 
 
+def unet_input_upscale(inputs: dict) -> np.ndarray:
+    """u = concat(x_t, noised low-resolution image): the x4 upscaler's UNet (the sampler's input
+    scale applies to x_t only, as diffusers' pipeline orders it)."""
+    return np.concatenate([inputs["latents"], inputs["low_res_image"]], 1)
+
+
 def finish_plain(inputs: dict, row: dict, x_prev: np.ndarray) -> np.ndarray:
     """latents_next = x_{t-1}"""
     return x_prev
@@ -377,7 +390,8 @@ def finish_blend(inputs: dict, row: dict, x_prev: np.ndarray) -> np.ndarray:
 
 REFERENCES = {Variant.plain: (unet_input_latents, finish_plain),
               Variant.blend: (unet_input_latents, finish_blend),
-              Variant.concat: (unet_input_concat, finish_plain)}
+              Variant.concat: (unet_input_concat, finish_plain),
+              Variant.upscale: (unet_input_upscale, finish_plain)}
 
 
 def external_data_locations(path: Path) -> list[str]:

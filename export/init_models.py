@@ -1,4 +1,4 @@
-"""`sdrt init DIR --arch tiny|sd15|tiny-inpaint|sd15-inpaint`: random-weight pipeline folders in
+"""`sdrt init DIR --arch tiny|sd15|tiny-inpaint|sd15-inpaint|tiny-upscaler|...`: random-weight pipeline folders in
 the diffusers layout.
 
 No real weights can be fetched here, so tests, the demo and speed work run on these. `sd15` has
@@ -8,7 +8,8 @@ diffusers' `StableDiffusionPipeline.from_pretrained`. The `-inpaint` archs are t
 9-channel UNet (latents, mask, masked-image latents; SD 1.5 inpainting's layout), saved as a
 `StableDiffusionInpaintPipeline`. `tiny-controlnet` is `tiny` with a random-weight ControlNet for its
 UNet in DIR/controlnet (a diffusers ControlNetModel folder: `sdrt export DIR WORK --controlnet
-DIR/controlnet`).
+DIR/controlnet`). `tiny-upscaler` is a small StableDiffusionUpscalePipeline (the x4 upscaler's layout
+with other widths and depths: sdrt.export.upscaler).
 """
 from __future__ import annotations
 
@@ -72,6 +73,21 @@ ARCHS["sd15-inpaint"] = _inpaint("sd15")
 ARCHS["tiny-controlnet"] = {**ARCHS["tiny"], "controlnet": (8, 8, 16, 16)}
 ARCHS["sd15-controlnet"] = {**ARCHS["sd15"], "controlnet": (16, 32, 96, 256)}
 CONTROLNET_DIR = "controlnet"            # where init writes the ControlNet of a -controlnet arch
+# The x4 upscaler's layout (StableDiffusionUpscalePipeline, sdrt.export.upscaler), small: a 3-level
+# VAE (factor 4: latents at the low-resolution image's size), a 7-channel UNet whose class
+# embeddings take the noise level, first level without attention, DDIM v-prediction.
+ARCHS["tiny-upscaler"] = dict(
+    vocab_size=1000,
+    text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=77, hidden_act="gelu", projection_dim=32),
+    unet=dict(sample_size=16, in_channels=7, out_channels=4, layers_per_block=1, block_out_channels=(32, 48, 64),
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+              cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16, num_class_embeds=1000),
+    vae=dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, block_out_channels=(32, 32, 64),
+             layers_per_block=1, norm_num_groups=16, down_block_types=("DownEncoderBlock2D",) * 3,
+             up_block_types=("UpDecoderBlock2D",) * 3),
+    dtype="float32", pipeline="StableDiffusionUpscalePipeline")
 
 
 def random_controlnet(unet, seed: int = 1, scale: float = 0.05, embedding_channels=(8, 8, 16, 16),
@@ -94,8 +110,13 @@ def random_controlnet(unet, seed: int = 1, scale: float = 0.05, embedding_channe
 
 def build_pipeline(arch: str, seed: int = 0):
     """A diffusers StableDiffusionPipeline (or StableDiffusionInpaintPipeline for the -inpaint
-    archs) with random weights of the given architecture."""
-    return pipeline_from_spec(ARCHS[arch], seed)
+    archs, StableDiffusionUpscalePipeline for tiny-upscaler) with random weights of the given
+    architecture."""
+    spec = ARCHS[arch]
+    if spec.get("pipeline") == "StableDiffusionUpscalePipeline":
+        from sdrt.export.upscaler import build_pipeline as upscaler_pipeline
+        return upscaler_pipeline(spec, seed)
+    return pipeline_from_spec(spec, seed)
 
 
 def pipeline_from_spec(spec: dict, seed: int = 0, scheduler: dict | None = None):

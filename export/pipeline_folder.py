@@ -9,7 +9,8 @@ from sdrt.contract import ModelConfig
 from sdrt.errors import UserError
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline")
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline",
+             "StableDiffusionUpscalePipeline")
 
 
 @dataclass
@@ -61,8 +62,9 @@ def load(path: Path) -> PipelineFolder:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    from sdrt.export import upscaler
     path = Path(path)
-    read_model_index(path)
+    index = read_model_index(path)
     quiet()
     try:
         # eager attention traces to plain MatMul/Softmax; sdpa's mask handling traces poorly
@@ -72,7 +74,10 @@ def load(path: Path) -> PipelineFolder:
         vae = AutoencoderKL.from_pretrained(path / "vae", dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"cannot load the models in {path}: {str(e).splitlines()[0]}") from None
-    return PipelineFolder(path, model_config(text, unet, vae), text.eval(), unet.eval(), vae.eval())
+    if upscaler.is_upscaler(index):
+        upscaler.check_vae_scaling(vae)
+    return PipelineFolder(path, model_config(text, unet, vae, upscaler.is_upscaler(index)), text.eval(), unet.eval(),
+                          vae.eval())
 
 
 def check_tokenizer(path: Path, vocab_size: int, flag: str = "the tokenizer folder") -> None:
@@ -100,23 +105,29 @@ def text_vocab_size(path: Path) -> int:
     return size
 
 
-def model_config(text, unet, vae) -> ModelConfig:
+def model_config(text, unet, vae, upscaler: bool = False) -> ModelConfig:
+    """upscaler: a StableDiffusionUpscalePipeline's UNet (latents + low-resolution image in, the
+    noise level as class labels: sdrt.export.upscaler)."""
+    from sdrt.export import upscaler as sr
     u, v, t = unet.config, vae.config, text.config
     c = v.latent_channels
-    if u.in_channels not in (c, 2 * c + 1) or u.out_channels != c:
+    image_channels = sr.check_unet(unet, c) if upscaler else 0
+    if not image_channels and (u.in_channels not in (c, 2 * c + 1) or u.out_channels != c):
         raise UserError(f"UNet has {u.in_channels} input / {u.out_channels} output channels for a {c}-channel "
                         f"VAE: sdrt supports {c} in (text-to-image) or {2 * c + 1} in (inpainting: latents, "
                         f"mask, masked-image latents), {c} out")
     if u.cross_attention_dim != t.hidden_size:
         raise UserError(f"UNet cross-attention dim {u.cross_attention_dim} != text encoder width "
                         f"{t.hidden_size}: this pipeline is not supported")
-    if getattr(u, "addition_embed_type", None) or getattr(u, "class_embed_type", None):
+    if (getattr(u, "addition_embed_type", None) or getattr(u, "class_embed_type", None)
+            or (u.num_class_embeds and not image_channels)):
         raise UserError("UNet has extra conditioning (class/addition embeddings): not supported")
     return ModelConfig(text_len=t.max_position_embeddings, text_dim=t.hidden_size,
                        text_layers=t.num_hidden_layers,
                        vocab_size=t.vocab_size, latent_channels=c, unet_channels=u.in_channels,
                        vae_factor=2 ** (len(v.block_out_channels) - 1),
-                       sample_size=sample_size(u.sample_size))
+                       sample_size=sample_size(u.sample_size), class_embeds=int(u.num_class_embeds or 0),
+                       image_channels=image_channels)
 
 
 def sample_size(value) -> int | tuple:

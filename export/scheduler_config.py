@@ -26,9 +26,10 @@ def _scheduler_class(name: str | None):
     return diffusers.DDIMScheduler
 
 
-def effective_config(scheduler_dir: Path, class_name: str | None) -> tuple[dict, dict]:
+def effective_config(scheduler_dir: Path, class_name: str | None, rewrite: bool = True) -> tuple[dict, dict]:
     """(config, updated): the config diffusers' pipeline would run with, and {key: [old, new]}
-    for what was rewritten."""
+    for what was rewritten. rewrite False: the pipeline takes the config as it is
+    (StableDiffusionUpscalePipeline does not rewrite it)."""
     path = Path(scheduler_dir) / "scheduler_config.json"
     raw = read_config_json(path)
     cls = _scheduler_class(class_name or raw.get("_class_name"))   # needs diffusers: the export extra
@@ -39,6 +40,8 @@ def effective_config(scheduler_dir: Path, class_name: str | None) -> tuple[dict,
     config = {k: v for k, v in dict(sched.config).items() if not k.startswith("_")}
     config["_class_name"] = type(sched).__name__
     updated = {}
+    if not rewrite:
+        return config, updated
     if getattr(sched.config, "steps_offset", 1) != 1:          # as StableDiffusionPipeline.__init__
         updated["steps_offset"] = [sched.config.steps_offset, 1]
     if getattr(sched.config, "clip_sample", False) is True:

@@ -61,8 +61,9 @@ def _modules():
             super().__init__()
             self.m = m
 
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.m(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        def forward(self, sample, timestep, encoder_hidden_states, class_labels=None):
+            labels = None if class_labels is None else class_labels.long()   # int32 at the boundary
+            return self.m(sample, timestep, encoder_hidden_states, class_labels=labels, return_dict=False)[0]
 
     class VaeDecoder(torch.nn.Module):
         """fp32 latents -> fp32 image in [-1, 1], with 1/scaling_factor folded in."""
@@ -118,8 +119,8 @@ def image_trace_dims(trace: Dims, vae_factor: int) -> Dims:
                 vae_factor=vae_factor, text_len=trace.text_len)
 
 
-def example_inputs(model: Model, dims: Dims, vocab_size: int, seed: int = 0) -> dict:
-    """Random inputs of the contract's names, shapes and dtypes (numpy)."""
+def example_inputs(model: Model, dims: Dims, vocab_size: int, seed: int = 0, classes: int = 1) -> dict:
+    """Random inputs of the contract's names, shapes and dtypes (numpy); class labels in 0..classes-1."""
     import numpy as np
     rng = np.random.default_rng(seed)
     out = {}
@@ -127,6 +128,8 @@ def example_inputs(model: Model, dims: Dims, vocab_size: int, seed: int = 0) -> 
         shape = t.resolve(dims)
         if t.name == "clip_skip":
             out[t.name] = np.ones(1, np.int32)
+        elif t.name == "class_labels":
+            out[t.name] = rng.integers(0, max(classes, 1), size=shape).astype(np.int32)
         elif t.name == "timestep":
             out[t.name] = np.array([rng.integers(1, 1000)], dtype=np.float32)
         else:

@@ -52,7 +52,8 @@ def cmd_generate(a):
                               vae_batch=a.vae_batch, prompt_syntax=a.prompt_syntax, sampler=a.sampler,
                               schedule=a.schedule, noise=load_latents(a.noise, "noise"),
                               cfg_cutoff=a.cfg_cutoff, control=a.control or None,
-                              control_preprocess=a.control_preprocess)
+                              control_preprocess=a.control_preprocess, noise_level=a.noise_level,
+                              image_noise=load_latents(a.image_noise, "image noise"))
     generate_files(a.work_dir, request, a.out, backend=a.backend, timings=a.timings)
 
 
@@ -188,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="write a random-weight pipeline folder (tiny or SD 1.5 shaped), "
                                     "or copy the trained demo model (--arch demo)")
     s.add_argument("dir", type=Path)
-    s.add_argument("--arch", choices=("tiny", "sd15", "demo", "tiny-inpaint", "sd15-inpaint", "tiny-controlnet", "sd15-controlnet"), default="tiny")
+    s.add_argument("--arch", choices=("tiny", "sd15", "demo", "tiny-inpaint", "sd15-inpaint", "tiny-controlnet", "sd15-controlnet", "tiny-upscaler"), default="tiny")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace DIR if it exists")
     s.set_defaults(fn=cmd_init)
@@ -447,7 +448,12 @@ def add_generate_args(s) -> None:
                    help="the stochastic samplers' per-step noise, [steps, B, C, H/f, W/f] (default: from --seed)")
     s.add_argument("--cfg-cutoff", type=float, metavar="F",
                    help="after this fraction of the steps, run without the unconditional half (half the UNet work)")
-    s.add_argument("--image", type=Path, help="input image: image to image, or inpainting with --mask")
+    s.add_argument("--image", type=Path, help="input image: image to image, inpainting with --mask, or the "
+                                              "low-resolution image of an upscaler export (output: 4x its size)")
+    s.add_argument("--noise-level", type=int, metavar="N",
+                   help="upscaler: noise added to --image, 0..the model's max_noise_level (default 20)")
+    s.add_argument("--image-noise", type=Path, metavar="FILE.npy",
+                   help="upscaler: that noise, [1, 3, h, w] of the low-resolution image (default: from --seed)")
     s.add_argument("--mask", type=Path, help="inpainting mask, the image's size: white = repaint")
     s.add_argument("--strength", type=float,
                    help="0 < S <= 1: share of the steps run on the noised image (default 0.75; inpainting 1.0)")

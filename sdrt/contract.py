@@ -113,6 +113,9 @@ class ModelConfig:
     sample_size: int | tuple = 64  # UNet's native latent size (512 px for SD 1.5): an int, or
                                    # (height, width) as diffusers allows ([64, 96]: 512x768 px)
     controlnets: int = 0           # ControlNets exported beside the UNet (their steps: Step.controlnets)
+    class_embeds: int = 0          # the UNet's num_class_embeds (0 = none): step input class_labels
+    image_channels: int = 0        # channels of a low-resolution image concatenated to the UNet's input
+                                   # (3 for the x4 upscaler; 0 = none): Task.upscaling
 
     @property
     def sample_hw(self) -> tuple[int, int]:
@@ -132,6 +135,11 @@ class ModelConfig:
     def inpainting_unet(self) -> bool:
         """A dedicated inpainting UNet: latents, mask and masked-image latents in, concatenated."""
         return self.unet_channels == 2 * self.latent_channels + 1
+
+    @property
+    def upscaler(self) -> bool:
+        """A super-resolution UNet: latents and the low-resolution image in, concatenated."""
+        return self.image_channels > 0
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -205,10 +213,11 @@ def text_encoder(cfg: ModelConfig, precision: str) -> Model:
 def unet(cfg: ModelConfig, precision: str) -> Model:
     f = _float(precision)
     c = cfg.latent_channels
+    labels = (Tensor("class_labels", "int32", ("text_batch",)),) if cfg.class_embeds else ()
     return Model("unet", "unet.onnx",
                  (Tensor("sample", f, ("text_batch", cfg.unet_channels, "latent_h", "latent_w")),
                   Tensor("timestep", "float32", (1,)),
-                  Tensor("encoder_hidden_states", f, ("text_batch", "text_seq", cfg.text_dim))),
+                  Tensor("encoder_hidden_states", f, ("text_batch", "text_seq", cfg.text_dim)), *labels),
                  (Tensor("noise_pred", f, ("text_batch", c, "latent_h", "latent_w")),))
 
 
@@ -278,6 +287,7 @@ class Task(str, Enum):
     text_to_image = "text to image"
     image_to_image = "image to image"          # an image
     inpainting = "inpainting"                  # an image and a mask (white = repaint)
+    upscaling = "upscaling"                    # a low-resolution image, on a super-resolution UNet
 
     @staticmethod
     def of(image: bool, mask: bool) -> "Task":
@@ -290,6 +300,8 @@ class Variant(str, Enum):
     blend = "blend"      # inpainting with a 4-channel UNet: the known region, re-noised to the next
                          # timestep, replaces the step's output outside the mask
     concat = "concat"    # inpainting with a 9-channel UNet: concat(x_t, mask, masked-image latents) in
+    upscale = "upscale"  # super-resolution: concat(x_t, noised low-resolution image) in, the noise
+                         # level as the UNet's class labels
 
     @property
     def spec(self) -> "VariantSpec":
@@ -299,8 +311,12 @@ class Variant(str, Enum):
     def for_task(cfg: ModelConfig, task: Task, where: str = "this export") -> "Variant":
         """The variant a generation of `task` runs on this UNet; UserError when the UNet cannot."""
         for v in Variant:
-            if v.spec.inpainting_unet == cfg.inpainting_unet and task in v.spec.tasks:
+            if v.spec.fits(cfg) and task in v.spec.tasks:
                 return v
+        if cfg.upscaler:
+            raise UserError(f"{where} holds a super-resolution UNet ({cfg.unet_channels} input channels): it "
+                            f"needs --image (the low-resolution image) and upscales it; it has no "
+                            f"{task.value}")
         if cfg.inpainting_unet:
             raise UserError(f"{where} holds an inpainting UNet ({cfg.unet_channels} input channels): it needs "
                             f"--image and --mask; text to image and image to image need an export of an "
@@ -317,6 +333,11 @@ class VariantSpec:
     inpainting_unet: bool              # runs on a 9-channel inpainting UNet, else a 4-channel one
     tasks: tuple[Task, ...]            # the generations it serves
     build_flags: tuple[str, ...] = ()  # what `sdrt build` needs to make its engine
+    image_unet: bool = False           # runs on a UNet with a low-resolution image concatenated
+
+    def fits(self, cfg: ModelConfig) -> bool:
+        """Whether this variant runs on the export's UNet."""
+        return self.inpainting_unet == cfg.inpainting_unet and self.image_unet == cfg.upscaler
 
 
 VARIANTS = {
@@ -325,6 +346,8 @@ VARIANTS = {
                                (Task.inpainting,), ("--inpaint",)),
     Variant.concat: VariantSpec("denoise_step_inpaint", ("mask", "masked_image_latents"), True,
                                 (Task.inpainting,)),
+    Variant.upscale: VariantSpec("denoise_step_upscale", ("low_res_image", "class_labels"), False,
+                                 (Task.upscaling,), image_unet=True),
 }
 
 
@@ -342,6 +365,9 @@ def step_inputs(cfg: ModelConfig, precision: str) -> dict[str, Tensor]:
         Tensor("image_latents", "float32", latent),
         Tensor("noise", "float32", latent),
         Tensor("masked_image_latents", "float32", latent),
+        # the upscaler's low-resolution image, noised ([-1, 1] + noise), at the latent size
+        Tensor("low_res_image", "float32", ("batch", cfg.image_channels or 3, "latent_h", "latent_w")),
+        Tensor("class_labels", "int32", ("text_batch",)),      # the UNet's class labels (noise level)
         *(Tensor(control_image(k), "float32", ("batch", 3, "height", "width")) for k in range(MAX_CONTROLNETS)))}
 
 
@@ -432,7 +458,7 @@ class Step:
     def of_unet(cfg: ModelConfig) -> tuple["Step", ...]:
         """The steps an export of this UNet has (a 9-channel UNet can only inpaint); with
         ControlNets, each of them also with the ControlNets."""
-        return tuple(s for s in Step.every(cfg.controlnets) if s.spec.inpainting_unet == cfg.inpainting_unet)
+        return tuple(s for s in Step.every(cfg.controlnets) if s.spec.fits(cfg))
 
     @staticmethod
     def for_task(cfg: ModelConfig, task: Task, guidance: bool, where: str = "this export",
@@ -458,7 +484,7 @@ def task_models(cfg: ModelConfig, task: Task, guidance: bool, control: bool = Fa
     """The models one generation of `task` runs, in order: text encoder, its step (with the
     ControlNets when `control`), the VAE encoder (image inputs), the VAE decoder. UserError when
     this UNet cannot do `task`."""
-    encoder = () if task is Task.text_to_image else ("vae_encoder",)
+    encoder = () if task in (Task.text_to_image, Task.upscaling) else ("vae_encoder",)
     return ("text_encoder", Step.for_task(cfg, task, guidance, control=control).name, *encoder, "vae_decoder")
 
 
@@ -467,7 +493,7 @@ def engine_tasks(cfg: ModelConfig, inpaint: bool = False, image_inputs: bool = T
     inpainting with a 4-channel UNet only when asked (`inpaint`: a second step engine); image
     inputs only in exports that have a VAE encoder (older exports do not)."""
     tasks = tasks_of_unet(cfg)
-    return tuple(t for t in tasks if (t is Task.text_to_image or image_inputs)
+    return tuple(t for t in tasks if (t in (Task.text_to_image, Task.upscaling) or image_inputs)
                  and (t is not Task.inpainting or inpaint or tasks == (Task.inpainting,)))
 
 

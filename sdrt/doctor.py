@@ -219,16 +219,22 @@ def fixed_latents(manifest: dict) -> np.ndarray:
 
 
 def own_image_and_mask(cfg, height: int | None = None, width: int | None = None) -> dict:
-    """An inpainting UNet needs an image and a mask for any generation: doctor and bench-lora make
-    their own (a smooth colour gradient; the right half repainted) at the given size (default:
-    the model's). Returns generate's image/mask keywords, empty for other UNets."""
-    if not cfg.inpainting_unet:
+    """An inpainting UNet needs an image and a mask for any generation, an upscaler a low-resolution
+    image: doctor and bench-lora make their own (a smooth colour gradient; the right half
+    repainted; an upscaler's at 1/vae_factor of the size, with fixed image noise) at the given
+    output size (default: the model's). Returns generate's keywords, empty for other UNets."""
+    if not (cfg.inpainting_unet or cfg.upscaler):
         return {}
     h, w = height or cfg.default_height, width or cfg.default_width
+    if cfg.upscaler:
+        h, w = h // cfg.vae_factor, w // cfg.vae_factor
     y, x = np.mgrid[0:h, 0:w]
-    image = np.stack([255 * x / max(w - 1, 1), 255 * y / max(h - 1, 1), np.full((h, w), 128.0)], -1)
+    image = np.stack([255 * x / max(w - 1, 1), 255 * y / max(h - 1, 1), np.full((h, w), 128.0)], -1).astype(np.uint8)
+    if cfg.upscaler:
+        noise = np.random.default_rng(LIVE["seed"] + 1).standard_normal((1, 3, h, w), dtype=np.float32)
+        return {"image": image, "image_noise": noise}
     mask = np.where(x >= w // 2, 255, 0)
-    return {"image": image.astype(np.uint8), "mask": mask.astype(np.uint8)}
+    return {"image": image, "mask": mask.astype(np.uint8)}
 
 
 def fixed_controls(manifest: dict) -> list | None:

@@ -46,6 +46,8 @@ class JobRequest(BaseModel):
     image: str | None = Field(None, description="base64 image: image to image (or inpainting with mask)")
     mask: str | None = Field(None, description="base64 mask, white = repaint")
     strength: float | None = None
+    noise_level: int | None = Field(None, description="x4 upscaler models: the low-resolution image's noise "
+                                                       "level, 0..max (GET /v1/info), default 20")
 
 
 def job_spec(server, req: JobRequest) -> sp.Spec:
@@ -54,15 +56,16 @@ def job_spec(server, req: JobRequest) -> sp.Spec:
     if req.mask is not None and req.image is None:
         raise sp.bad("mask", "needs an image (inpainting repaints the white part of the mask in the image)")
     if req.image is not None:
-        image = sp.fit(lim, sp.open_image(lim, "image", sp.decode_base64("image", req.image)), "image",
-                       req.width, req.height)
+        scale = lim.multiple if lim.upscaler else 1     # an upscaler's width/height are the output's
+        w, h = (None if v is None else max(v // scale, 1) for v in (req.width, req.height))
+        image = sp.fit(lim, sp.open_image(lim, "image", sp.decode_base64("image", req.image)), "image", w, h)
     if req.mask is not None:
         mask = sp.binary_mask(sp.open_image(lim, "mask", sp.decode_base64("mask", req.mask)))
         mask = mask.resize(image.size) if mask.size != image.size else mask
     return sp.make(lim, prompt=req.prompt, negative=req.negative_prompt, steps=req.steps,
                    guidance=req.guidance_scale, width=req.width, height=req.height, n=req.n, seed=req.seed,
                    sampler_name=req.sampler, schedule=req.schedule, clip_skip=req.clip_skip, lora_list=req.loras, image=image, mask=mask,
-                   strength=req.strength)
+                   strength=req.strength, noise_level=req.noise_level, upscale_route=True)
 
 
 @router.post("/v1/jobs", status_code=202)

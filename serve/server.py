@@ -54,7 +54,8 @@ def make_limits(work_dir: Path, max_batch: int, loras: dict, embeddings: list, b
                   multiple=cfg.vae_factor, min_size=min_size, max_size=max_size, max_pixels=max_pixels,
                   max_batch=max_batch, max_steps=min(MAX_STEPS, sched.num_train_timesteps),
                   clip_skip_max=cfg.text_layers, loras=loras, embeddings=tuple(t for _, t in embeddings),
-                  inpainting_unet=cfg.inpainting_unet)
+                  inpainting_unet=cfg.inpainting_unet,
+                  max_noise_level=manifest["upscaler"]["max_noise_level"] if cfg.upscaler else None)
 
 
 def engine_profile(manifest: dict, backend: str, vae_factor: int) -> dict | None:

@@ -18,6 +18,7 @@ from sdrt.errors import UserError, first_line
 AUTOMATIC = ("", "automatic")   # the web UI's scheduler "automatic": the sampler's own schedule
 MAX_SEED = 2**53 - 1            # seeds stay exact in JavaScript clients
 TASKS = ("txt2img", "img2img", "inpaint")
+UPSCALE = "upscale"             # the task of an x4 upscaler export (POST /v1/jobs with image and noise_level)
 
 
 class ApiError(Exception):
@@ -54,6 +55,11 @@ class Limits:
     max_image_pixels: int = 4096 * 4096   # an uploaded image (decompression bombs are refused)
     max_body_bytes: int = 32 << 20
     inpainting_unet: bool = False
+    max_noise_level: int | None = None    # an x4 upscaler export: noise levels 0..this; None: not one
+
+    @property
+    def upscaler(self) -> bool:
+        return self.max_noise_level is not None
 
     def info(self) -> dict:
         return {"model": self.model, "default_width": self.default_width, "default_height": self.default_height,
@@ -62,7 +68,9 @@ class Limits:
                 "max_batch": self.max_batch, "steps": {"min": 1, "max": self.max_steps},
                 "clip_skip": {"min": 1, "max": self.clip_skip_max},
                 "samplers": list(SAMPLER_NAMES), "schedules": list(SCHEDULES), "loras": sorted(self.loras), "embeddings": list(self.embeddings),
-                "tasks": ["inpaint"] if self.inpainting_unet else list(TASKS),
+                "tasks": [UPSCALE] if self.upscaler else ["inpaint"] if self.inpainting_unet else list(TASKS),
+                **({"noise_level": {"min": 0, "max": self.max_noise_level, "default": DEFAULT_NOISE_LEVEL}}
+                   if self.upscaler else {}),
                 "defaults": dict(DEFAULTS, width=self.default_width, height=self.default_height),
                 "max_image_pixels": self.max_image_pixels, "max_body_bytes": self.max_body_bytes}
 
@@ -90,9 +98,11 @@ class Spec:
     mask: object = None              # PIL "L" image, white = repaint
     strength: float | None = None
     not_applied: list = field(default_factory=list)   # accepted fields sdrt does not apply
+    noise_level: int | None = None   # an x4 upscaler's (then image is the low-resolution image)
 
     def __post_init__(self):
-        self.task = "txt2img" if self.image is None else "img2img" if self.mask is None else "inpaint"
+        self.task = UPSCALE if self.noise_level is not None else \
+            "txt2img" if self.image is None else "img2img" if self.mask is None else "inpaint"
 
     @property
     def method(self) -> Sampler:
@@ -122,7 +132,8 @@ class Spec:
                 "seeds": list(self.seeds), "sampler": self.sampler,
                 "schedule": self.schedule, "clip_skip": self.clip_skip,
                 "loras": [{"name": n, "scale": s} for n, s in self.loras], "task": self.task,
-                "strength": self.strength, "not_applied": list(self.not_applied)}
+                "strength": self.strength, "not_applied": list(self.not_applied),
+                **({"noise_level": self.noise_level} if self.noise_level is not None else {})}
 
 
 # ---- checks, one per field -------------------------------------------------------------------------
@@ -231,8 +242,9 @@ def loras(lim: Limits, items, field: str = "loras") -> tuple:
 
 def make(lim: Limits, *, prompt, negative=None, steps=None, guidance=None, width=None, height=None, n=None,
          seed=None, sampler_name=None, schedule=None, clip_skip=None, lora_list=None, image=None, mask=None, strength=None,
-         not_applied=(), fields=None) -> Spec:
-    """A Spec from the common fields; fields: {common name: the route's own name} for messages."""
+         not_applied=(), fields=None, noise_level=None, upscale_route: bool = False) -> Spec:
+    """A Spec from the common fields; fields: {common name: the route's own name} for messages.
+    upscale_route: the route takes an upscaler's image and noise_level (the native jobs API)."""
     f = {"prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "guidance": "guidance_scale",
          "width": "width", "height": "height", "n": "n", "seed": "seed", "sampler": "sampler", "schedule": "schedule",
          "clip_skip": "clip_skip", "loras": "loras", "strength": "strength", **(fields or {})}
@@ -241,8 +253,10 @@ def make(lim: Limits, *, prompt, negative=None, steps=None, guidance=None, width
     steps = integer(f["steps"], DEFAULTS["steps"] if steps is None else steps, 1, lim.max_steps)
     guidance = number(f["guidance"], DEFAULTS["guidance_scale"] if guidance is None else guidance, 0.0, 50.0)
     n = integer(f["n"], 1 if n is None else n, 1, lim.max_batch)
-    if image is not None:
-        width, height = image.width, image.height
+    noise_level = upscale_inputs(lim, image, mask, strength, noise_level, upscale_route)
+    if image is not None:           # an upscaler's output is vae_factor x its image
+        scale = lim.multiple if lim.upscaler else 1
+        width, height = image.width * scale, image.height * scale
     width, height = size(lim, lim.default_width if width is None else width,
                          lim.default_height if height is None else height, f["width"], f["height"])
     if image is None and strength is not None:
@@ -262,7 +276,28 @@ def make(lim: Limits, *, prompt, negative=None, steps=None, guidance=None, width
                 n=n, seeds=seeds(seed, n, f["seed"]), sampler=name, schedule=schedule,
                 clip_skip=integer(f["clip_skip"], 1 if clip_skip is None else clip_skip, 1, lim.clip_skip_max),
                 loras=loras(lim, lora_list, f["loras"]), image=image, mask=mask, strength=strength,
-                not_applied=list(not_applied))
+                not_applied=list(not_applied), noise_level=noise_level)
+
+
+DEFAULT_NOISE_LEVEL = 20        # diffusers' StableDiffusionUpscalePipeline default (sdrt.engine.upscaler)
+
+
+def upscale_inputs(lim: Limits, image, mask, strength, noise_level, route: bool) -> int | None:
+    """The noise level of an upscaler request (None for other models); 400s for what does not fit."""
+    if not lim.upscaler:
+        if noise_level is not None:
+            raise bad("noise_level", "applies to an x4 upscaler model; this model is not one")
+        return None
+    if not route:
+        raise ApiError(400, "this model is an x4 upscaler: POST /v1/jobs with image (the low-resolution image) "
+                            "and noise_level", "image")
+    if image is None:
+        raise bad("image", "this model is an x4 upscaler: give the low-resolution image to upscale")
+    if mask is not None:
+        raise bad("mask", "an x4 upscaler takes no mask")
+    if strength is not None:
+        raise bad("strength", "an x4 upscaler runs every step: set noise_level instead")
+    return integer("noise_level", DEFAULT_NOISE_LEVEL if noise_level is None else noise_level, 0, lim.max_noise_level)
 
 
 # ---- images --------------------------------------------------------------------------------------

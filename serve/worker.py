@@ -64,9 +64,12 @@ class EngineWorker(threading.Thread):
             from PIL import Image
             image = Image.new("RGB", (cfg.default_width, cfg.default_height))
             mask = Image.new("L", image.size, 255)
+        if cfg.upscaler:                          # its low-resolution image
+            from PIL import Image
+            image = Image.new("RGB", (cfg.default_width // cfg.vae_factor, cfg.default_height // cfg.vae_factor))
         runner.run(self.pipe, [runner.Sample("", "", 0)], 1, 5.0, cfg.default_height, cfg.default_width,
-                   image=image, mask=mask)
-        if self.scheduler.policy == "step" and not cfg.inpainting_unet:
+                   image=image, mask=mask, noise_level=0 if cfg.upscaler else None)
+        if self.scheduler.policy == "step" and not (cfg.inpainting_unet or cfg.upscaler):
             slots = self.slot_set(cfg.default_height, cfg.default_width, True)
             slots.advance()                       # every slot parked: one step on zeros
 
@@ -236,7 +239,8 @@ class EngineWorker(threading.Thread):
         t0 = time.perf_counter()
         result = runner.run(self.pipe, samples, spec.steps, spec.guidance, spec.height, spec.width,
                             clip_skip=spec.clip_skip, image=spec.image, mask=spec.mask, strength=spec.strength,
-                            sampler=spec.sampler, schedule=spec.schedule, on_step=on_step)
+                            sampler=spec.sampler, schedule=spec.schedule, on_step=on_step,
+                            noise_level=spec.noise_level)
         if self.metrics:
             self.metrics.batches.inc()
         t = result.timings

@@ -14,17 +14,24 @@ from sdrt.contract import (RUNTIME_MODELS, Model, ModelConfig, Step, Task, Varia
 from sdrt.errors import UserError
 
 UNET4, UNET9 = ModelConfig(), ModelConfig(unet_channels=9)
+UNET_SR = ModelConfig(unet_channels=7, vae_factor=4, class_embeds=1000, image_channels=3)   # the x4 upscaler's
+
+
+def config_of(variant: Variant) -> ModelConfig:
+    return {Variant.concat: UNET9, Variant.upscale: UNET_SR}.get(variant, UNET4)
 
 
 def test_step_names_and_inputs_are_those_exports_have_on_disk():
     names = {(s.variant.value, s.guidance): s.name for s in Step.every()}
     assert names == {("plain", True): "denoise_step_cfg", ("plain", False): "denoise_step",
                      ("blend", True): "denoise_step_blend_cfg", ("blend", False): "denoise_step_blend",
-                     ("concat", True): "denoise_step_inpaint_cfg", ("concat", False): "denoise_step_inpaint"}
+                     ("concat", True): "denoise_step_inpaint_cfg", ("concat", False): "denoise_step_inpaint",
+                     ("upscale", True): "denoise_step_upscale_cfg", ("upscale", False): "denoise_step_upscale"}
     common = ["latents", "text_embeddings", "step_table", "step_index", "x0_prev", "step_noise"]
-    extra = {"plain": [], "blend": ["mask", "image_latents", "noise"], "concat": ["mask", "masked_image_latents"]}
+    extra = {"plain": [], "blend": ["mask", "image_latents", "noise"], "concat": ["mask", "masked_image_latents"],
+             "upscale": ["low_res_image", "class_labels"]}
     for s in Step.every():
-        m = denoise_step(UNET9 if s.variant is Variant.concat else UNET4, "fp16", s.guidance, s.variant)
+        m = denoise_step(config_of(s.variant), "fp16", s.guidance, s.variant)
         assert (m.name, m.onnx, m.step) == (s.name, s.name + ".onnx", s)
         assert [t.name for t in m.inputs] == common + extra[s.variant.value] == common + list(s.extra_inputs)
         assert [t.name for t in m.outputs] == ["latents_next", "step_index_next", "x0_next"]
@@ -37,6 +44,7 @@ def test_the_steps_an_export_has():
     assert [s.name for s in Step.of_unet(UNET4)] == ["denoise_step_cfg", "denoise_step", "denoise_step_blend_cfg",
                                                     "denoise_step_blend"]
     assert [s.name for s in Step.of_unet(UNET9)] == ["denoise_step_inpaint_cfg", "denoise_step_inpaint"]
+    assert [s.name for s in Step.of_unet(UNET_SR)] == ["denoise_step_upscale_cfg", "denoise_step_upscale"]
     assert [n for n, m in all_models(UNET4, "fp32").items() if m.step] == [s.name for s in Step.of_unet(UNET4)]
     assert all(m.step is None for n, m in all_models(UNET4, "fp32").items() if n in
                ("text_encoder", "unet", "vae_decoder", "vae_encoder"))
@@ -55,13 +63,22 @@ def test_which_models_a_generation_runs():
     for task in (Task.text_to_image, Task.image_to_image):
         with pytest.raises(UserError, match="inpainting UNet .9 input channels.: it needs --image and --mask"):
             task_models(UNET9, task, True)
+    assert task_models(UNET_SR, Task.upscaling, True) == ("text_encoder", "denoise_step_upscale_cfg", "vae_decoder")
+    for task in (Task.text_to_image, Task.image_to_image, Task.inpainting):
+        with pytest.raises(UserError, match="super-resolution UNet .7 input channels.: it needs --image"):
+            task_models(UNET_SR, task, True)
+    with pytest.raises(UserError, match="no denoising step for upscaling"):
+        task_models(UNET4, Task.upscaling, True)
 
 
 def test_what_build_and_memory_cover():
     """`sdrt build` (and `sdrt memory`): the UNet's tasks, inpainting with a 4-channel UNet only when
     asked, image inputs only in exports with a VAE encoder; models in run order, each once."""
     assert engine_tasks(UNET4) == (Task.text_to_image, Task.image_to_image)
-    assert engine_tasks(UNET4, inpaint=True) == tuple(Task)
+    assert engine_tasks(UNET4, inpaint=True) == (Task.text_to_image, Task.image_to_image, Task.inpainting)
+    assert engine_tasks(UNET_SR) == engine_tasks(UNET_SR, image_inputs=False) == (Task.upscaling,)
+    assert models_of_tasks(UNET_SR, engine_tasks(UNET_SR), True) == (
+        "text_encoder", "denoise_step_upscale_cfg", "vae_decoder")
     assert engine_tasks(UNET4, inpaint=True, image_inputs=False) == (Task.text_to_image,)
     assert engine_tasks(UNET9) == engine_tasks(UNET9, inpaint=True) == (Task.inpainting,)
     assert models_of_tasks(UNET4, engine_tasks(UNET4, inpaint=True), False) == (
@@ -76,7 +93,8 @@ def test_build_flags_say_how_to_build_each_step():
     flags = {s.name: s.build_flags for s in Step.every()}
     assert flags == {"denoise_step_cfg": (), "denoise_step": ("--no-guidance",),
                      "denoise_step_blend_cfg": ("--inpaint",), "denoise_step_blend": ("--no-guidance", "--inpaint"),
-                     "denoise_step_inpaint_cfg": (), "denoise_step_inpaint": ("--no-guidance",)}
+                     "denoise_step_inpaint_cfg": (), "denoise_step_inpaint": ("--no-guidance",),
+                     "denoise_step_upscale_cfg": (), "denoise_step_upscale": ("--no-guidance",)}
 
 
 def test_the_step_is_recorded_but_not_part_of_the_engine_key():

@@ -5,6 +5,10 @@ seeds, on one backend; reads each back with benchmarks/checker.py and reports, p
 accuracy of colour, background, shape, size and position, and the FID on this domain's features
 (benchmarks/scene_features.py: not Inception-FID) between the generated images and the dataset's
 images of the same captions. torch-free: numpy and the chosen backend.
+
+With --upscaler (the ×4 upscaler: an sdrt export, or its diffusers folder run on diffusers), every
+generated image is also upscaled to 128x128 and read by the checker again ("upscaled" rows), and
+the upscaler's super-resolution is measured against bicubic (benchmarks/upscale_eval.py).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt import scenes
-from sdrt.benchmarks import checker, scene_features
+from sdrt.benchmarks import checker, scene_features, upscale_eval
 from sdrt.errors import UserError
 from sdrt.fileio import write_json_atomic
 
@@ -66,9 +70,26 @@ def save_grid(path: Path, images: dict, scene_lists: dict, per_split: int = 8) -
     save_images([grid(tiles, captions)], [path])
 
 
+def open_upscaler_for(path: Path | None, backend: str, steps: int | None, noise_level: int | None):
+    """The ×4 upscaler to run after text to image (None without --upscaler), with the demo's settings."""
+    from sdrt import demo
+    if path is None:
+        if steps is not None or noise_level is not None:
+            raise UserError("--upscaler-steps and --noise-level need --upscaler (the ×4 upscaler's export or folder)")
+        return None
+    steps = demo.UPSCALE_STEPS if steps is None else steps
+    noise_level = demo.NOISE_LEVEL if noise_level is None else noise_level
+    if steps < 1:
+        raise UserError(f"--upscaler-steps {steps}: give at least 1")
+    if not 0 <= noise_level <= demo.MAX_NOISE_LEVEL:
+        raise UserError(f"--noise-level {noise_level}: give 0..{demo.MAX_NOISE_LEVEL} (the demo upscaler's max_noise_level)")
+    return upscale_eval.open_upscaler(path, backend, steps, demo.UPSCALE_GUIDANCE, noise_level)
+
+
 def evaluate(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 25,
              guidance: float = 5.0, seed: int = 0, grid_path: Path | None = None, sampler: str = "DDIM",
-             schedule: str | None = None, cfg_cutoff: float | None = None) -> dict:
+             schedule: str | None = None, cfg_cutoff: float | None = None, upscaler: Path | None = None,
+             upscaler_steps: int | None = None, noise_level: int | None = None) -> dict:
     from sdrt.engine.pipeline import Pipeline
     from sdrt.engine.request import resolve_seed
     seed = resolve_seed(seed)                 # -1: a random one, recorded in the report
@@ -77,6 +98,7 @@ def evaluate(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 2
     GenerateRequest("x", **sampling)         # bad sampler options fail before any model loads
     if n < 2:
         raise UserError(f"--n must be at least 2 (FID needs a covariance), got {n}")
+    up = open_upscaler_for(upscaler, backend, upscaler_steps, noise_level)
     pipe = Pipeline(work_dir, backend=backend)
     if pipe.tokenizer.backend.token_to_id("triangle</w>") is None:
         raise UserError(f"{work_dir} is not an export of the demo model (its tokenizer has no 'triangle'): "
@@ -84,6 +106,9 @@ def evaluate(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 2
     weights = scene_features.load()
     report = {"work_dir": str(work_dir), "backend": pipe.backend_name, "n": n, "steps": steps,
               "guidance": guidance, "seed": seed, "precision": pipe.manifest.get("precision"), **sampling}
+    if up:
+        report["upscaler"] = {"path": str(upscaler), "runs_on": up.name, "steps": up.steps,
+                              "guidance": up.guidance, "noise_level": up.noise_level}
     images, scene_lists = {}, {}
     for name, held_out in (("seen", False), ("held_out", True)):
         scene_lists[name] = pick(held_out, n, seed)
@@ -91,6 +116,13 @@ def evaluate(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 2
         images[name] = generate_all(pipe, scene_lists[name], steps, guidance, seed, **sampling)
         report[name] = {**accuracies(images[name], scene_lists[name]),
                         "fid": fid(images[name], scene_lists[name], weights), "n": len(scene_lists[name])}
+        if up:
+            images[name] = upscale_eval.upscale_all(up, images[name], [s.caption for s in scene_lists[name]],
+                                                    seed, f"{name} images")
+            report[name]["upscaled"] = accuracies(images[name], scene_lists[name])
+    if up:
+        report["super_resolution"] = upscale_eval.super_resolution(
+            up, scene_lists["seen"] + scene_lists["held_out"], seed)
     if grid_path:
         save_grid(grid_path, images, scene_lists)
     return report
@@ -106,18 +138,32 @@ def table(report: dict) -> str:
         r = report[split]
         lines.append(f"{split:<10}{r['n']:>5}" + "".join(
             f"{r[c]:>12.2f}" if c == "fid" else f"{r[c]:>11.1f}%" for c in cols))
+    if "upscaler" in report:
+        u = report["upscaler"]
+        lines.append(f"upscaled x4 to 128x128 ({u['runs_on']}, {u['steps']} steps, guidance {u['guidance']}, "
+                     f"noise level {u['noise_level']}):")
+        for split in ("seen", "held_out"):
+            r = report[split]["upscaled"]
+            lines.append(f"{split:<10}{report[split]['n']:>5}" + "".join(
+                f"{'':>12}" if c == "fid" else f"{r[c]:>11.1f}%" for c in cols))
+        sr = report["super_resolution"]
+        lines.append(f"super-resolution, {sr['n']} renders 128 -> 32 -> 128: upscaler PSNR "
+                     f"{sr['upscaler']['psnr_db']:.2f} dB SSIM {sr['upscaler']['ssim']:.4f}; bicubic PSNR "
+                     f"{sr['bicubic']['psnr_db']:.2f} dB SSIM {sr['bicubic']['ssim']:.4f}")
     return "\n".join(lines)
 
 
 def main(work_dir: Path, backend: str = "auto", n: int = 200, steps: int = 25, guidance: float = 5.0,
-         seed: int = 0, out: Path | None = None, grid_path: Path | None = None, **sampling) -> dict:
+         seed: int = 0, out: Path | None = None, grid_path: Path | None = None, upscaler: Path | None = None,
+         upscaler_steps: int | None = None, noise_level: int | None = None, **sampling) -> dict:
     """Evaluate, print the table, write the JSON report and the grid if asked."""
     from sdrt.fileio import image_format
     if out is not None and Path(out).suffix.lower() != ".json":
         raise UserError(f"--out {out}: give a .json path (the report is written as JSON)")
     if grid_path is not None:
         image_format(grid_path, "--grid")
-    report = evaluate(work_dir, backend, n, steps, guidance, seed, grid_path, **sampling)
+    upscaling = dict(upscaler=upscaler, upscaler_steps=upscaler_steps, noise_level=noise_level)
+    report = evaluate(work_dir, backend, n, steps, guidance, seed, grid_path, **sampling, **upscaling)
     print(table(report))
     print(f"seed {report['seed']}")
     if out:

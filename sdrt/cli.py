@@ -109,19 +109,44 @@ def cmd_doctor(a):
 
 def cmd_demo(a):
     from sdrt.demo import main
-    main(a.dir, a.prompt, backend=a.backend, steps=a.steps, guidance=a.guidance, seed=a.seed, out=a.out)
+    main(a.dir, a.prompt, backend=a.backend, steps=a.steps, guidance=a.guidance, seed=a.seed, out=a.out,
+         upscale_images=not a.no_upscale)
 
 
 def cmd_train_demo(a):
-    from sdrt.export.train_demo import train
-    out = train(a.out_dir, steps=a.steps, seed=a.seed, vae_steps=a.vae_steps, force=a.force)
-    print(f"wrote {out}")
+    for name in ("steps", "vae_steps", "upscaler_steps", "upscaler_vae_steps"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(a, name)}: give at least 1")
+    if a.stage != "upscaler" and a.base is not None:
+        raise UserError("--base is the upscaler stage's base model: use it with --stage upscaler")
+    if a.stage == "upscaler" and (a.steps is not None or a.vae_steps is not None):
+        raise UserError("--steps and --vae-steps train the base model: with --stage upscaler give "
+                        "--upscaler-steps / --upscaler-vae-steps")
+    if a.stage == "base" and (a.upscaler_steps is not None or a.upscaler_vae_steps is not None):
+        raise UserError("--upscaler-steps and --upscaler-vae-steps need --stage upscaler or all")
+    up_dir = a.out_dir if a.stage == "upscaler" else a.out_dir.with_name(a.out_dir.name + "-upscaler")
+    for d in (a.out_dir, up_dir) if a.stage == "all" else ():
+        if d.exists() and not a.force:     # before an hour of training the base model
+            raise UserError(f"{d} already exists: choose a new OUT_DIR or pass --force to replace it")
+    require("export", "training the demo model")
+    from sdrt.export import train_demo, train_upscaler
+    base = a.out_dir
+    if a.stage in ("base", "all"):
+        base = train_demo.train(a.out_dir, steps=a.steps, seed=a.seed, vae_steps=a.vae_steps, force=a.force)
+        print(f"wrote {base}")
+    if a.stage in ("upscaler", "all"):
+        from sdrt.demo import DEMO_MODEL
+        out = train_upscaler.train(up_dir, base=(a.base or DEMO_MODEL) if a.stage == "upscaler" else base,
+                                   steps=a.upscaler_steps, vae_steps=a.upscaler_vae_steps, seed=a.seed,
+                                   force=a.force)
+        print(f"wrote {out}")
 
 
 def cmd_eval(a):
     from sdrt.benchmarks.eval import main
     main(a.work_dir, backend=a.backend, n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed, out=a.out,
-         grid_path=a.grid, sampler=a.sampler, schedule=a.schedule, cfg_cutoff=a.cfg_cutoff)
+         grid_path=a.grid, sampler=a.sampler, schedule=a.schedule, cfg_cutoff=a.cfg_cutoff,
+         upscaler=a.upscaler, upscaler_steps=a.upscaler_steps, noise_level=a.noise_level)
 
 
 def cmd_serve(a):
@@ -317,7 +342,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=5.0)
     s.add_argument("--seed", type=int, default=0, help="first image's seed (-1: a random one, printed)")
     s.add_argument("--out", type=Path, metavar="FILE",
-                   help="the grid (.png, .jpg, .webp); default DIR/demo.png, or DIR/prompts.png with --prompt")
+                   help="the grid (.png, .jpg, .webp); default DIR/demo.png, or DIR/prompts.png with --prompt; "
+                        "with one --prompt: that image alone, no caption")
+    s.add_argument("--no-upscale", action="store_true",
+                   help="skip the x4 upscaler: the 32x32 images (shown 4x, nearest neighbour)")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("serve", help="HTTP server: jobs API with progress and cancel, OpenAI images API, the web "
@@ -363,11 +391,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, help="results folder (default: ./sdrt-results)")
     s.set_defaults(fn=cmd_bench_ray)
 
-    s = sub.add_parser("train-demo", help="train the demo model (shapes on backgrounds, 32x32) into a pipeline "
-                                          "folder (export extra; about an hour on 2 CPU cores)")
-    s.add_argument("out_dir", type=Path)
+    s = sub.add_parser("train-demo", help="train the demo model (shapes on backgrounds, 32x32) and its x4 "
+                                          "upscaler (32x32 -> 128x128) into pipeline folders (export extra; "
+                                          "about an hour each on 2 CPU cores)")
+    s.add_argument("out_dir", type=Path, help="the base model's folder (the upscaler's with --stage upscaler; "
+                                              "with all, the upscaler goes to OUT_DIR-upscaler)")
+    s.add_argument("--stage", default="all", choices=("all", "base", "upscaler"),
+                   help="base: the text-to-image model; upscaler: the x4 upscaler on --base's text encoder")
     s.add_argument("--steps", type=int, help="text encoder + UNet steps (default 4800: the shipped model)")
     s.add_argument("--vae-steps", type=int, help="VAE steps (default 3000: the shipped model)")
+    s.add_argument("--upscaler-steps", type=int, metavar="N",
+                   help="upscaler UNet steps (default 10000: the shipped upscaler)")
+    s.add_argument("--upscaler-vae-steps", type=int, metavar="N",
+                   help="upscaler VAE steps (default 2500: the shipped upscaler), then 600 of its decoder alone")
+    s.add_argument("--base", type=Path, metavar="DIR",
+                   help="--stage upscaler: the demo model whose tokenizer and text encoder it uses "
+                        "(default: the shipped one)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     s.set_defaults(fn=cmd_train_demo)
@@ -384,6 +423,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="DDIM", help="as sdrt generate's (DDIM, Euler a, DPM++ 2M Karras, ...)")
     s.add_argument("--schedule", metavar="{uniform,trailing,karras}")
     s.add_argument("--cfg-cutoff", type=float, metavar="F")
+    s.add_argument("--upscaler", type=Path, metavar="UP",
+                   help="also upscale every image x4 with this upscaler (an sdrt export, or a diffusers "
+                        "StableDiffusionUpscalePipeline folder run on diffusers) and measure it against bicubic")
+    s.add_argument("--upscaler-steps", type=int, metavar="N", help="the upscaler's steps (default: the demo's)")
+    s.add_argument("--noise-level", type=int, metavar="N",
+                   help="noise level added to the 32x32 images before upscaling (default: the demo's)")
     s.set_defaults(fn=cmd_eval)
     return p
 

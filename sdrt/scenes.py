@@ -78,18 +78,28 @@ def centre_xy(size: str, position: str) -> tuple[int, int]:
     return x, y
 
 
-def render(scene: Scene) -> np.ndarray:
-    """uint8 [SIZE, SIZE, 3]: the background filled, the shape drawn with hard edges."""
-    image = Image.new("RGB", (SIZE, SIZE), PALETTE[scene.background])
+def render(scene: Scene, scale: int = 1) -> np.ndarray:
+    """uint8 [SIZE * scale, SIZE * scale, 3]: the background filled, the shape drawn with hard edges.
+    scale > 1 draws the same scene at a higher resolution (the ×4 upscaler's targets); scale 1 is the
+    demo model's world."""
+    side = SIZE * scale
+    image = Image.new("RGB", (side, side), PALETTE[scene.background])
     draw = ImageDraw.Draw(image)
     x, y = centre_xy(scene.size, scene.position)
     half = SIZES[scene.size] // 2
-    box = (x - half, y - half, x + half - 1, y + half - 1)
+    box = ((x - half) * scale, (y - half) * scale, (x + half) * scale - 1, (y + half) * scale - 1)
     fill = PALETTE[scene.colour]
     if scene.shape == "circle":
         draw.ellipse(box, fill=fill)
     elif scene.shape == "square":
         draw.rectangle(box, fill=fill)
     else:  # upright triangle: apex at the top centre, base along the bottom of the box
-        draw.polygon([(x - 0.5, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+        draw.polygon([(x * scale - 0.5, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
     return np.asarray(image)
+
+
+def downsample(image: np.ndarray, factor: int) -> np.ndarray:
+    """uint8 [H / factor, W / factor, 3]: bicubic (pillow's, antialiased), e.g. a 4x render down to the
+    demo's size: the ×4 upscaler's low-resolution input in training and evaluation."""
+    h, w = image.shape[:2]
+    return np.asarray(Image.fromarray(image).resize((w // factor, h // factor), Image.BICUBIC))

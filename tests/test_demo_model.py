@@ -158,7 +158,7 @@ def test_cli_demo_grid_and_own_prompt(demo_root):
     grid = Image.open(demo_root / "sdrt-demo" / "demo.png")
     assert grid.size[0] > 4 * 128 and grid.size[1] > 2 * 128
     assert "vae encoder" not in p.stdout and "median over 8 image(s)" in p.stdout   # text to image, all 8
-    setup = next(line for line in p.stdout.splitlines() if line.startswith("setup (first image)"))
+    setup = next(line for line in p.stdout.splitlines() if line.strip().startswith("setup (first image)"))
     assert float(setup.split()[-1]) > 0                          # the first image's, not the last one's
     before = (demo_root / "sdrt-demo" / "demo.png").read_bytes()
     p = run_cli("demo", "--dir", demo_root / "sdrt-demo", "--steps", "5", "--prompt", "a large red square on a "
@@ -176,7 +176,8 @@ def test_demo_reuses_its_export(demo_fp32, tmp_path, monkeypatch):
     shutil.copytree(demo_fp32, tmp_path / EXPORT_NAME)
     monkeypatch.setattr(export, "export", lambda *a, **k: pytest.fail("export ran again"))
     assert demo.demo_export(tmp_path) == tmp_path / EXPORT_NAME
-    p = run_cli("demo", "--dir", tmp_path, "--steps", "3", "--prompt", "a small red circle on a blue background")
+    p = run_cli("demo", "--dir", tmp_path, "--steps", "3", "--no-upscale", "--prompt",
+                "a small red circle on a blue background")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "prompts.png").is_file() and "[demo] sdrt export" not in p.stderr
 
@@ -213,7 +214,7 @@ def test_cli_eval_small(demo_fp32, tmp_path):
 def test_cli_demo_and_eval_random_seed(demo_root, demo_fp32, tmp_path):
     """--seed -1: a random seed, reported (demo: the seeds line; eval: the report and stdout)."""
     import re
-    p = run_cli("demo", "--dir", demo_root / "sdrt-demo", "--steps", "2", "--seed", "-1", "--prompt",
+    p = run_cli("demo", "--dir", demo_root / "sdrt-demo", "--steps", "2", "--seed", "-1", "--no-upscale", "--prompt",
                 "a small red circle on a blue background", cwd=demo_root)
     assert p.returncode == 0, p.stderr
     assert re.search(r"seeds (\d+)\.\.\1\b", p.stderr), p.stderr

@@ -213,7 +213,7 @@ def test_engine_fault_in_the_slots_fails_that_job_only(demo_fp32, monkeypatch):
     app, server = srv.build(demo_fp32, "onnxruntime-cpu", max_batch=SLOTS, batching="step", warmup=False)
     sched = server.scheduler
     mk = lambda prompt, steps: sp.make(server.limits, prompt=prompt, steps=steps, seed=1)
-    jobs = [sched.submit(mk(p, s)) for p, s in (("fault", 3), (RED, 5), (BLUE, 8))]
+    jobs = [sched.submit(mk(p, s)) for p, s in (("fault", 3), (RED, 10), (BLUE, 12))]
     server.worker.start()
     try:
         wait_done(jobs)

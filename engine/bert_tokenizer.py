@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 
-from sdrt.engine.tokenizer import read_json, token_content
+from sdrt.engine.tokenizer import backend_with_tokens, read_json, token_content
 from sdrt.errors import UserError, first_line
 
 BERT_TOKENS = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
@@ -64,13 +64,8 @@ class BertTokenizer:
     def with_added_tokens(self, tokens: list[str]) -> "BertTokenizer":
         """A copy that also knows `tokens` (textual inversion), each a new id after the vocab, as
         transformers' add_tokens makes them; UserError for a token the vocab already has."""
-        backend = Tokenizer.from_str(self.backend.to_str())
-        for token in tokens:
-            if backend.token_to_id(token) is not None:
-                raise UserError(f"embedding token {token!r} is already in the tokenizer's vocabulary: "
-                                f"give another token with FILE:TOKEN")
-            backend.add_tokens([AddedToken(token, normalized=True, special=False)])
-        return BertTokenizer(backend, self.bos_id, self.eos_id, self.pad_id, self.model_max_length)
+        return BertTokenizer(backend_with_tokens(self.backend, tokens), self.bos_id, self.eos_id, self.pad_id,
+                             self.model_max_length)
 
 
 def read_config(path: Path) -> dict:

@@ -50,13 +50,21 @@ class ClipTokenizer:
         """A copy that also knows `tokens`, each a new id after the vocab, as transformers'
         add_tokens makes them (normalized, not special); this tokenizer and its files are left as
         they are. UserError for a token the vocab already has."""
-        backend = Tokenizer.from_str(self.backend.to_str())
-        for token in tokens:
-            if backend.token_to_id(token) is not None:
-                raise UserError(f"embedding token {token!r} is already in the tokenizer's vocabulary: "
-                                f"give another token with FILE:TOKEN")
-            backend.add_tokens([AddedToken(token, normalized=True, special=False)])
-        return ClipTokenizer(backend, self.bos_id, self.eos_id, self.pad_id, self.model_max_length)
+        return ClipTokenizer(backend_with_tokens(self.backend, tokens), self.bos_id, self.eos_id, self.pad_id,
+                             self.model_max_length)
+
+
+def backend_with_tokens(backend: Tokenizer, tokens: list[str]) -> Tokenizer:
+    """A copy of `backend` that also knows `tokens` (textual inversion), each a new id after the
+    vocab, as transformers' add_tokens makes them (normalized, not special); UserError for a token
+    the vocab already has. Shared by the CLIP and BERT tokenizers."""
+    backend = Tokenizer.from_str(backend.to_str())
+    for token in tokens:
+        if backend.token_to_id(token) is not None:
+            raise UserError(f"embedding token {token!r} is already in the tokenizer's vocabulary: "
+                            f"give another token with FILE:TOKEN")
+        backend.add_tokens([AddedToken(token, normalized=True, special=False)])
+    return backend
 
 
 def read_config(path: Path) -> dict:

@@ -49,7 +49,7 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, bet
 LOW_RES_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                          beta_schedule="scaled_linear", clip_sample=False)  # SD ×4's low_res_scheduler
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=HIGH,
-           block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+           block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
 UNET = dict(sample_size=scenes.SIZE, in_channels=7, out_channels=4, layers_per_block=1,
             block_out_channels=(32, 64, 64),
@@ -57,8 +57,9 @@ UNET = dict(sample_size=scenes.SIZE, in_channels=7, out_channels=4, layers_per_b
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
             cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
             num_class_embeds=MAX_NOISE_LEVEL + 1)
-DEFAULTS = dict(upscaler_steps=10000, upscaler_vae_steps=2500, batch=16, crop=16, vae_batch=16, vae_crop=32,
-                decoder_steps=600, decoder_batch=4, decoder_crop=32, decoder_lr=1e-3,
+DEFAULTS = dict(upscaler_steps=14000, upscaler_vae_steps=5000, batch=8, crop=32, vae_batch=16, vae_crop=32,
+                decoder_steps=400, decoder_batch=4, decoder_crop=32, decoder_lr=1e-3, low_noise_share=0.5,
+                low_noise_max=50,
                 lr=1e-3, vae_lr=2e-3, drop=0.1, ema=0.999, snr_gamma=5.0, kl=1e-6, snapshot_every=500,
                 warmup=100, render_low_res=0.5, scenes=None)   # scenes: the first N training scenes (tests)
 
@@ -208,6 +209,16 @@ def min_snr_v_weight(alphas_cumprod, t, gamma: float):
     return snr.clamp(max=gamma) / (snr + 1)
 
 
+def noise_levels(n: int, g, cfg: dict):
+    """The noise level s of each sample (the class label): uniform in 0..low_noise_max for a share
+    low_noise_share of the samples (where the upscaler runs: 20 by default), uniform in
+    0..max_noise_level for the rest (every level the pipeline accepts stays trained)."""
+    import torch
+    full = torch.randint(0, MAX_NOISE_LEVEL + 1, (n,), generator=g)
+    low = torch.randint(0, cfg["low_noise_max"] + 1, (n,), generator=g)
+    return torch.where(torch.rand(n, generator=g) < cfg["low_noise_share"], low, full)
+
+
 def paired_crops(x0, low, size: int, g):
     """The same random size x size window of the latents and of the low-resolution image (equal sizes)."""
     import torch
@@ -240,7 +251,7 @@ def train_unet(latents, lows, caption_idx, embeds, empty, steps: int, seed: int,
         x0, low = paired_crops(latents[idx], low, cfg["crop"], g)
         c = embeds[caption_idx[idx]].clone()
         c[torch.rand(B, generator=g) < cfg["drop"]] = empty                 # CFG: the unconditional caption
-        level = torch.randint(0, MAX_NOISE_LEVEL + 1, (B,), generator=g)    # the noise level s (class label)
+        level = noise_levels(B, g, cfg)                                      # the noise level s (class label)
         low = low_sched.add_noise(low, torch.randn(low.shape, generator=g), level)
         t = torch.randint(0, len(a_bar), (B,), generator=g)
         eps = torch.randn(x0.shape, generator=g)

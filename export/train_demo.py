@@ -112,29 +112,74 @@ def random_crops(x, size: int, g):
     return torch.stack([img[:, y:y + size, x0:x0 + size] for img, y, x0 in zip(x, ys, xs)])
 
 
-def train_vae(data, steps: int, seed: int, cfg: dict):
-    import torch
+def reconstruction_loss(rec, x):
+    """L1 + MSE of a decoded image against the original."""
     import torch.nn.functional as F
+    return F.l1_loss(rec, x) + F.mse_loss(rec, x)
+
+
+def vae_loss(vae, x, kl: float, g):
+    """The autoencoder's loss on images x: decode a sample z ~ q(z|x) (reparameterised, noise from g),
+    reconstruction_loss + kl * KL(q(z|x) || N(0, I))."""
+    import torch
+    posterior = vae.encode(x).latent_dist
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+    return reconstruction_loss(vae.decode(z).sample, x) + kl * posterior.kl().mean()
+
+
+def descend(opt, sched, loss, clip=None) -> None:
+    """One optimiser step on loss (the gradient norm of the parameters `clip` capped at 1), then the
+    learning-rate schedule's step."""
+    import torch
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    sched.step()
+
+
+def running_mean(avg: float | None, value: float) -> float:
+    """The progress bar's loss: an exponential moving average (0.98)."""
+    return value if avg is None else 0.98 * avg + 0.02 * value
+
+
+def snapshot_due(cfg: dict, step: int, steps: int) -> bool:
+    """Whether a snapshot is written after this step (every cfg["snapshot_every"], not after the last)."""
+    return bool(cfg.get("snapshot_every")) and (step + 1) % cfg["snapshot_every"] == 0 and step + 1 < steps
+
+
+def noised(x0, noise_sched, g):
+    """The forward process at a random timestep per sample: (x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε, t, ε)."""
+    import torch
+    t = torch.randint(0, len(noise_sched.alphas_cumprod), (len(x0),), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    return noise_sched.add_noise(x0, eps, t), t, eps
+
+
+def weighted_mse(pred, target, weight):
+    """Mean over the batch of weight x the per-sample mean squared error."""
+    return (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
+def train_vae(data, steps: int, seed: int, cfg: dict, config: dict | None = None, crop: int = 16,
+              stage: str = "vae "):
+    """An AutoencoderKL (config: VAE's by default) trained on random crop x crop crops of data (float
+    NCHW in [-1, 1]): cfg's vae_batch, vae_lr (one-cycle), kl."""
+    import torch
     from diffusers import AutoencoderKL
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE)
+    vae = AutoencoderKL(**(config or VAE))
     g = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg["vae_lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["vae_lr"], total_steps=steps, pct_start=0.05)
     t0, avg = time.perf_counter(), None
     for step in range(steps):
         idx = torch.randint(0, len(data), (cfg["vae_batch"],), generator=g)
-        x = random_crops(data[idx], 16, g)
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
-        rec = vae.decode(z).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg["kl"] * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
-        progress("vae ", step, steps, avg, t0)
+        loss = vae_loss(vae, random_crops(data[idx], crop, g), cfg["kl"], g)
+        descend(opt, sched, loss)
+        avg = running_mean(avg, loss.item())
+        progress(stage, step, steps, avg, t0)
     return vae.eval()
 
 
@@ -182,6 +227,11 @@ def ema_update(ema, model, decay: float) -> None:
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
+def ema_decay(cfg: dict, step: int) -> float:
+    """cfg["ema"], lower over the first steps (a warm start: the EMA follows the model early on)."""
+    return min(cfg["ema"], (1 + step) / (10 + step))
+
+
 def train_denoiser(latents, ids, empty_ids, tokenizer, steps: int, seed: int, cfg: dict, snapshot=None):
     """Joint CLIPTextModel + UNet2DConditionModel training; returns their EMA copies and the losses.
     snapshot(text, unet, losses) is called with the EMA models every cfg["snapshot_every"] steps."""
@@ -205,25 +255,18 @@ def train_denoiser(latents, ids, empty_ids, tokenizer, steps: int, seed: int, cf
         idx = torch.randint(0, len(latents), (B,), generator=g)
         x0, c = latents[idx], ids[idx].clone()
         c[torch.rand(B, generator=g) < cfg["drop"]] = empty_ids        # CFG: the unconditional caption
-        t = torch.randint(0, len(a_bar), (B,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        xt = noise_sched.add_noise(x0, eps, t)                          # √ᾱ_t x0 + √(1-ᾱ_t) ε
+        xt, t, eps = noised(x0, noise_sched, g)                         # √ᾱ_t x0 + √(1-ᾱ_t) ε
         pred = unet(xt, t, text(c)[0]).sample                           # ε_θ(x_t, t, c) or v_θ
         target = eps if cfg["prediction"] == "epsilon" else noise_sched.get_velocity(x0, eps, t)  # v = √ᾱ ε - √(1-ᾱ) x0
-        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
-        loss = (loss_weight(a_bar, t, cfg["snr_gamma"], cfg["prediction"]) * per_sample).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(cfg["ema"], (1 + step) / (10 + step))                # warm EMA start
+        loss = weighted_mse(pred, target, loss_weight(a_bar, t, cfg["snr_gamma"], cfg["prediction"]))
+        descend(opt, sched, loss, clip=params)
+        decay = ema_decay(cfg, step)
         ema_update(ema_text, text, decay)
         ema_update(ema_unet, unet, decay)
         losses.append(loss.item())
-        avg = losses[-1] if avg is None else 0.98 * avg + 0.02 * losses[-1]
+        avg = running_mean(avg, losses[-1])
         progress("unet", step, steps, avg, t0)
-        if snapshot and cfg.get("snapshot_every") and (step + 1) % cfg["snapshot_every"] == 0 and step + 1 < steps:
+        if snapshot and snapshot_due(cfg, step, steps):
             snapshot(ema_text, ema_unet, losses)
     return ema_text, ema_unet, losses
 
@@ -265,22 +308,39 @@ def write_record(dir: Path, data: dict) -> None:
     (dir / "train_demo.json").write_text(json.dumps(data, indent=1) + "\n")
 
 
-def vae_stage(vae_dir: Path, data, seed: int, steps: int, cfg: dict):
-    """Train the VAE, or reuse the one a previous run with the same seed and steps saved."""
+def vae_stamp(seed: int, steps: int, config: dict, **more) -> dict:
+    """What a cached VAE was trained with (seed, steps, architecture and `more` settings)."""
+    return {"seed": seed, "vae_steps": steps, "vae": {k: list(v) if isinstance(v, tuple) else v
+                                                      for k, v in config.items()}, **more}
+
+
+def cached_vae(vae_dir: Path, stamp: dict):
+    """The VAE a previous run saved in vae_dir with this same stamp, or None."""
     from diffusers import AutoencoderKL
-    stamp = {"seed": seed, "vae_steps": steps, "vae": {k: list(v) if isinstance(v, tuple) else v
-                                                        for k, v in VAE.items()}}
     stamp_file = vae_dir / "trained_with.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         log(f"reusing the VAE in {vae_dir}")
         return AutoencoderKL.from_pretrained(vae_dir).eval()
-    log(f"VAE: {sum(p.numel() for p in AutoencoderKL(**VAE).parameters()) / 1e6:.2f} M parameters, "
-        f"{steps} steps of {cfg['vae_batch']} crops")
-    vae = train_vae(data, steps, seed, cfg)
+    return None
+
+
+def save_vae(vae_dir: Path, vae, stamp: dict):
+    """vae and its stamp written atomically to vae_dir (the cache cached_vae reads); returns vae."""
     with atomic_dir(vae_dir) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
         (tmp / "trained_with.json").write_text(json.dumps(stamp))
     return vae
+
+
+def vae_stage(vae_dir: Path, data, seed: int, steps: int, cfg: dict):
+    """Train the VAE, or reuse the one a previous run with the same seed and steps saved."""
+    from diffusers import AutoencoderKL
+    stamp = vae_stamp(seed, steps, VAE)
+    if (vae := cached_vae(vae_dir, stamp)) is not None:
+        return vae
+    log(f"VAE: {sum(p.numel() for p in AutoencoderKL(**VAE).parameters()) / 1e6:.2f} M parameters, "
+        f"{steps} steps of {cfg['vae_batch']} crops")
+    return save_vae(vae_dir, train_vae(data, steps, seed, cfg), stamp)
 
 
 def train(out_dir: Path, steps: int | None = None, seed: int = 0, vae_steps: int | None = None,

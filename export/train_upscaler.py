@@ -27,7 +27,6 @@ a constant learning rate after warmup, so a k-step snapshot (`.OUT_DIR.snapshot/
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +35,10 @@ import numpy as np
 
 from sdrt import scenes
 from sdrt.errors import UserError
-from sdrt.export.train_demo import THREADS, ema_update, log, progress, random_crops, write_record
+from sdrt.export.train_demo import (THREADS, cached_vae, descend, ema_decay, ema_update, log, noised, progress,
+                                    random_crops, reconstruction_loss, running_mean, save_vae, snapshot_due,
+                                    vae_stamp, weighted_mse, write_record)
+from sdrt.export.train_demo import train_vae as train_demo_vae
 from sdrt.fileio import atomic_dir
 
 SCALE = 4
@@ -85,29 +87,9 @@ def to_model(x: np.ndarray):
 # --- stage 1: VAE --------------------------------------------------------------------------------
 
 def train_vae(high: np.ndarray, steps: int, seed: int, cfg: dict):
-    import torch
-    import torch.nn.functional as F
-    from diffusers import AutoencoderKL
-    torch.manual_seed(seed + 10)
-    vae = AutoencoderKL(**VAE)
-    g = torch.Generator().manual_seed(seed + 11)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg["vae_lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["vae_lr"], total_steps=steps, pct_start=0.05)
-    t0, avg = time.perf_counter(), None
-    for step in range(steps):
-        idx = torch.randint(0, len(high), (cfg["vae_batch"],), generator=g).numpy()
-        x = random_crops(to_model(high[idx]), cfg["vae_crop"], g)
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
-        rec = vae.decode(z).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg["kl"] * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
-        progress("upscaler vae ", step, steps, avg, t0)
-    return vae.eval()
+    """The factor-4 VAE on vae_crop x vae_crop crops of the 128x128 renders (train_demo's VAE loop)."""
+    return train_demo_vae(to_model(high), steps, seed + 10, cfg, config=VAE, crop=cfg["vae_crop"],
+                          stage="upscaler vae ")
 
 
 def finetune_decoder(vae, high: np.ndarray, steps: int, seed: int, cfg: dict):
@@ -116,7 +98,6 @@ def finetune_decoder(vae, high: np.ndarray, steps: int, seed: int, cfg: dict):
     decoder's mid-block attention learns the extent it runs at (trained on 8x8-latent crops, it
     shifted flat colours at 32x32). L1 + MSE."""
     import torch
-    import torch.nn.functional as F
     latents = encode(vae, high)
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg["decoder_lr"], weight_decay=0.0)
@@ -131,13 +112,9 @@ def finetune_decoder(vae, high: np.ndarray, steps: int, seed: int, cfg: dict):
         z = torch.stack([latents[i, :, y:y + crop, x:x + crop] for i, y, x in zip(idx.tolist(), ys, xs)])
         x = torch.cat([to_model(high[i:i + 1, SCALE * y:SCALE * (y + crop), SCALE * x0:SCALE * (x0 + crop)])
                        for i, y, x0 in zip(idx.tolist(), ys, xs)])
-        rec = vae.decode(z).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        loss = reconstruction_loss(vae.decode(z).sample, x)
+        descend(opt, sched, loss)
+        avg = running_mean(avg, loss.item())
         progress("upscaler decoder", step, steps, avg, t0)
     return vae.eval()
 
@@ -179,14 +156,10 @@ def decode_uint8(vae, latents, batch: int = 32) -> np.ndarray:
 def vae_stage(vae_dir: Path, high: np.ndarray, seed: int, steps: int, cfg: dict):
     """Train the VAE and rescale its latents, or reuse one a previous run with the same settings saved."""
     from diffusers import AutoencoderKL
-    stamp = {"seed": seed, "vae_steps": steps, "vae": {k: list(v) if isinstance(v, tuple) else v
-                                                        for k, v in VAE.items()},
-             "settings": {k: cfg[k] for k in ("vae_batch", "vae_crop", "vae_lr", "kl", "decoder_steps",
-                                              "decoder_batch", "decoder_crop", "decoder_lr")}}
-    stamp_file = vae_dir / "trained_with.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
-        log(f"reusing the upscaler VAE in {vae_dir}")
-        return AutoencoderKL.from_pretrained(vae_dir).eval()
+    stamp = vae_stamp(seed, steps, VAE, settings={k: cfg[k] for k in (
+        "vae_batch", "vae_crop", "vae_lr", "kl", "decoder_steps", "decoder_batch", "decoder_crop", "decoder_lr")})
+    if (vae := cached_vae(vae_dir, stamp)) is not None:
+        return vae
     log(f"upscaler VAE: {sum(p.numel() for p in AutoencoderKL(**VAE).parameters()) / 1e6:.2f} M parameters, "
         f"{steps} steps of {cfg['vae_batch']} {cfg['vae_crop']}x{cfg['vae_crop']} crops of 128x128 scenes")
     vae = train_vae(high, steps, seed, cfg)
@@ -194,11 +167,7 @@ def vae_stage(vae_dir: Path, high: np.ndarray, seed: int, steps: int, cfg: dict)
     rescale_latents(vae, 1.0 / (VAE_SCALING * float(z.std())))
     log(f"upscaler VAE decoder: {cfg['decoder_steps']} more steps on the frozen encoder's latents of whole "
         f"128x128 scenes (the decoder's attention then sees the latent size it decodes)")
-    vae = finetune_decoder(vae, high, cfg["decoder_steps"], seed, cfg)
-    with atomic_dir(vae_dir) as tmp:
-        vae.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "trained_with.json").write_text(json.dumps(stamp))
-    return vae
+    return save_vae(vae_dir, finetune_decoder(vae, high, cfg["decoder_steps"], seed, cfg), stamp)
 
 
 # --- stage 2: the upscaling UNet -----------------------------------------------------------------
@@ -253,23 +222,16 @@ def train_unet(latents, lows, caption_idx, embeds, empty, steps: int, seed: int,
         c[torch.rand(B, generator=g) < cfg["drop"]] = empty                 # CFG: the unconditional caption
         level = noise_levels(B, g, cfg)                                      # the noise level s (class label)
         low = low_sched.add_noise(low, torch.randn(low.shape, generator=g), level)
-        t = torch.randint(0, len(a_bar), (B,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        xt = sched_train.add_noise(x0, eps, t)                              # √ᾱ_t x0 + √(1-ᾱ_t) ε
+        xt, t, eps = noised(x0, sched_train, g)                             # √ᾱ_t x0 + √(1-ᾱ_t) ε
         v = sched_train.get_velocity(x0, eps, t)                            # √ᾱ_t ε - √(1-ᾱ_t) x0
         pred = unet(torch.cat([xt, low], dim=1), t, c, class_labels=level).sample
-        per_sample = (pred - v).pow(2).mean(dim=(1, 2, 3))
-        loss = (min_snr_v_weight(a_bar, t, cfg["snr_gamma"]) * per_sample).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema_update(ema, unet, min(cfg["ema"], (1 + step) / (10 + step)))
+        loss = weighted_mse(pred, v, min_snr_v_weight(a_bar, t, cfg["snr_gamma"]))
+        descend(opt, sched, loss, clip=unet.parameters())
+        ema_update(ema, unet, ema_decay(cfg, step))
         losses.append(loss.item())
-        avg = losses[-1] if avg is None else 0.98 * avg + 0.02 * losses[-1]
+        avg = running_mean(avg, losses[-1])
         progress("upscaler unet", step, steps, avg, t0)
-        if snapshot and cfg.get("snapshot_every") and (step + 1) % cfg["snapshot_every"] == 0 and step + 1 < steps:
+        if snapshot and snapshot_due(cfg, step, steps):
             snapshot(ema, losses)
     return ema, losses
 

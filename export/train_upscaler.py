@@ -2,9 +2,10 @@
 
 A model of the SD ×4 upscaler's kind (diffusers' StableDiffusionUpscalePipeline folder), trained on
 sdrt.scenes drawn at 4x scale (`scenes.render(scene, scale=4)`):
-  1. VAE        AutoencoderKL, factor 4 (128x128x3 <-> 32x32x4), the demo VAE's architecture retrained
-                on 32x32 crops of the 128x128 renders (the demo VAE, trained on 32x32 scenes, turns
-                the large flat interiors of a 128x128 scene into the wrong colour), then its decoder
+  1. VAE        AutoencoderKL, factor 4 (128x128x3 <-> 32x32x4), the demo VAE's layout at twice its
+                width (32, 64, 64), trained on 32x32 crops of the 128x128 renders (the demo VAE,
+                trained on 32x32 scenes, turns the large flat interiors of a 128x128 scene into the
+                wrong colour; at the demo VAE's width it reconstructed at 29.6 dB), then its decoder
                 alone on whole 128x128 scenes (finetune_decoder). Its latents are
                 then rescaled (quant_conv x k, post_quant_conv / k: the same autoencoder) so that
                 z * 0.08333 has unit standard deviation: diffusers' upscale pipeline forces the VAE's
@@ -14,8 +15,10 @@ sdrt.scenes drawn at 4x scale (`scenes.render(scene, scale=4)`):
                 the noise level added to the low-resolution image by `low_res_scheduler` (DDPM,
                 SD ×4's scaled_linear betas). Trained on the v-prediction loss (Salimans & Ho 2022:
                 v = √ᾱ_t ε - √(1-ᾱ_t) x0; L = w(t) ||v - v_θ(x_t, t, c, y, s)||², Min-SNR-5 weights
-                w = min(SNR, 5) / (SNR + 1)), on 16x16 latent crops (it is convolutional), the noise
-                level s uniform in 0..max_noise_level, the caption dropped to "" 10% of the time.
+                w = min(SNR, 5) / (SNR + 1)), on whole 32x32 latents (trained on 16x16 crops, its
+                attention never saw the whole scene: flat colours drifted and square corners rounded),
+                the noise level s uniform in 0..50 for half the samples (the demo runs at 20) and
+                in 0..max_noise_level for the rest, the caption dropped to "" 10% of the time.
                 The low-resolution input y is the 128x128 render downsampled (bicubic) or, half of
                 the time, the 32x32 render itself (what the demo's text-to-image model draws).
 The tokenizer and the CLIP text encoder are the base demo model's, frozen (the caption conditions

@@ -401,9 +401,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, help="text encoder + UNet steps (default 4800: the shipped model)")
     s.add_argument("--vae-steps", type=int, help="VAE steps (default 3000: the shipped model)")
     s.add_argument("--upscaler-steps", type=int, metavar="N",
-                   help="upscaler UNet steps (default 10000: the shipped upscaler)")
+                   help="upscaler UNet steps (default 14000: the shipped upscaler)")
     s.add_argument("--upscaler-vae-steps", type=int, metavar="N",
-                   help="upscaler VAE steps (default 2500: the shipped upscaler), then 600 of its decoder alone")
+                   help="upscaler VAE steps (default 5000: the shipped upscaler), then 400 of its decoder alone")
     s.add_argument("--base", type=Path, metavar="DIR",
                    help="--stage upscaler: the demo model whose tokenizer and text encoder it uses "
                         "(default: the shipped one)")

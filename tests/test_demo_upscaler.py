@@ -76,16 +76,16 @@ def test_train_upscaler_smoke_reproducible_and_loads_in_diffusers(tmp_path):
 @pytest.mark.skipif(not (DEMO_UPSCALER / "model_index.json").is_file(), reason="no shipped demo upscaler")
 def test_shipped_upscaler_on_diffusers_keeps_the_scene():
     """Downsampled renders upscaled by the shipped model on diffusers' own pipeline: every field read
-    right by the checker at 128x128, and about as close to the originals as bicubic (it measured
-    below bicubic in PSNR on n=200, benchmarks/results/demo-upscaler-eval.md; a regression shows
-    as a larger gap)."""
+    right by the checker at 128x128, and closer to the originals than bicubic upscaling (here by
+    4.7 dB PSNR and 0.04 SSIM; by 3.9 dB and 0.027 on n=400, benchmarks/results/demo-upscaler-eval.md;
+    the first upscaler, trained on latent crops, was 2.4 dB below bicubic there)."""
     up = upscale_eval.open_upscaler(DEMO_UPSCALER, steps=10)
     sc = [scenes.Scene("circle", "red", "blue", "large", "top left"),
           scenes.Scene("triangle", "yellow", "black", "small", "bottom right"),
           scenes.Scene("square", "white", "green", "large")]
     r = upscale_eval.super_resolution(up, sc, seed=0)
-    assert r["upscaler"]["psnr_db"] > r["bicubic"]["psnr_db"] - 2, r
-    assert r["upscaler"]["ssim"] > r["bicubic"]["ssim"] - 0.02, r
+    assert r["upscaler"]["psnr_db"] > r["bicubic"]["psnr_db"] + 2, r
+    assert r["upscaler"]["ssim"] > r["bicubic"]["ssim"] + 0.02, r
     high = upscale_eval.upscale_all(up, np.stack([scenes.render(s) for s in sc]), [s.caption for s in sc], 0, "")
     for img, s in zip(high, sc):
         assert all(checker.correct(checker.read(img), s).values()), s

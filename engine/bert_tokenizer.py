@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 
-from sdrt.engine.tokenizer import backend_with_tokens, read_json, token_content
+from sdrt.engine.tokenizer import TextTokenizer, read_json, token_content
 from sdrt.errors import UserError, first_line
 
 BERT_TOKENS = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
@@ -23,14 +23,8 @@ BERT_TOKENS = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
 BERT_FLAGS = {"do_lower_case": True, "strip_accents": None, "tokenize_chinese_chars": True}
 
 
-class BertTokenizer:
-    """WordPiece ids of a text, and the ids the conditioning frames a chunk with: bos_id = [CLS],
-    eos_id = [SEP], pad_id = [PAD] (the names Conditioning reads; ClipTokenizer has the same)."""
-
-    def __init__(self, backend: Tokenizer, bos_id: int, eos_id: int, pad_id: int, model_max_length: int = 77):
-        self.backend = backend
-        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self.model_max_length = model_max_length
+class BertTokenizer(TextTokenizer):
+    """WordPiece ids of a text; bos_id = [CLS], eos_id = [SEP], pad_id = [PAD]."""
 
     @classmethod
     def from_dir(cls, path) -> "BertTokenizer":
@@ -56,16 +50,6 @@ class BertTokenizer:
                                 f"{key}): the tokenizer files are mismatched, re-save the tokenizer folder")
         # LDMTextToImagePipeline pads to 77 whatever the config says (often 512 or unbounded)
         return cls(backend, ids["cls_token"], ids["sep_token"], ids["pad_token"], 77)
-
-    def token_ids(self, text: str) -> list[int]:
-        """WordPiece ids of `text`, no [CLS]/[SEP]."""
-        return self.backend.encode(text, add_special_tokens=False).ids
-
-    def with_added_tokens(self, tokens: list[str]) -> "BertTokenizer":
-        """A copy that also knows `tokens` (textual inversion), each a new id after the vocab, as
-        transformers' add_tokens makes them; UserError for a token the vocab already has."""
-        return BertTokenizer(backend_with_tokens(self.backend, tokens), self.bos_id, self.eos_id, self.pad_id,
-                             self.model_max_length)
 
 
 def read_config(path: Path) -> dict:

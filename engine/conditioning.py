@@ -21,14 +21,14 @@ import numpy as np
 
 from sdrt.engine import embedding_files, prompt_parser
 from sdrt.engine.bert_tokenizer import BertTokenizer
-from sdrt.engine.tokenizer import ClipTokenizer
+from sdrt.engine.tokenizer import ClipTokenizer, TextTokenizer
 from sdrt.errors import UserError
 
 
 TOKENIZERS = {"clip": ClipTokenizer, "bert": BertTokenizer}   # by ModelConfig.text_encoder
 
 
-def load_tokenizer(path, text_encoder: str = "clip") -> ClipTokenizer | BertTokenizer:
+def load_tokenizer(path, text_encoder: str = "clip") -> TextTokenizer:
     """The tokenizer folder of an export whose text encoder is `text_encoder` (ModelConfig's)."""
     if text_encoder not in TOKENIZERS:
         raise UserError(f"this export's text encoder is {text_encoder!r}: this sdrt knows "
@@ -48,7 +48,7 @@ class Chunks:
 class Conditioning:
     """A tokenizer and the token table it indexes, with any textual-inversion tokens added."""
 
-    def __init__(self, tokenizer: ClipTokenizer | BertTokenizer, table: np.ndarray, text_len: int, embeddings=()):
+    def __init__(self, tokenizer: TextTokenizer, table: np.ndarray, text_len: int, embeddings=()):
         self.text_len = text_len
         self.embeddings = [embedding_files.load(e) for e in embeddings]
         self.table = table                   # the model's rows, shared (never copied)
@@ -132,7 +132,7 @@ def vector_tokens(e) -> list[str]:
     return [e.token] + [f"{e.token}_{i}" for i in range(1, len(e.vectors))]
 
 
-def add_embeddings(tokenizer: ClipTokenizer | BertTokenizer, table: np.ndarray, embeddings: list):
+def add_embeddings(tokenizer: TextTokenizer, table: np.ndarray, embeddings: list):
     """(tokenizer with the new tokens, {new id: vector in the table's dtype})."""
     if not embeddings:
         return tokenizer, {}

@@ -17,13 +17,34 @@ DEFAULT_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
 ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")
 
 
-class ClipTokenizer:
-    """BPE ids of a text, and the bos, eos and pad ids the conditioning frames them with."""
+class TextTokenizer:
+    """Token ids of a text, and the bos, eos and pad ids the conditioning frames each chunk with
+    (CLIP's <|startoftext|> / <|endoftext|>, BERT's [CLS] / [SEP] / [PAD]); the subclass reads its folder."""
 
     def __init__(self, backend: Tokenizer, bos_id: int, eos_id: int, pad_id: int, model_max_length: int = 77):
         self.backend = backend
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.model_max_length = model_max_length
+
+    def token_ids(self, text: str) -> list[int]:
+        """Ids of `text`, no bos/eos (added tokens match whole, as in transformers)."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def with_added_tokens(self, tokens: list[str]):
+        """A copy that also knows `tokens` (textual inversion), each a new id after the vocab, as
+        transformers' add_tokens makes them (normalized, not special); this tokenizer and its files
+        are left as they are. UserError for a token the vocab already has."""
+        backend = Tokenizer.from_str(self.backend.to_str())
+        for token in tokens:
+            if backend.token_to_id(token) is not None:
+                raise UserError(f"embedding token {token!r} is already in the tokenizer's vocabulary: "
+                                f"give another token with FILE:TOKEN")
+            backend.add_tokens([AddedToken(token, normalized=True, special=False)])
+        return type(self)(backend, self.bos_id, self.eos_id, self.pad_id, self.model_max_length)
+
+
+class ClipTokenizer(TextTokenizer):
+    """BPE ids of a text (a CLIPTokenizer folder)."""
 
     @classmethod
     def from_dir(cls, path) -> "ClipTokenizer":
@@ -41,30 +62,6 @@ class ClipTokenizer:
         bos, eos, pad = (backend.token_to_id(token_content(config[key]))
                          for key in ("bos_token", "eos_token", "pad_token"))
         return cls(backend, bos, eos, pad, config["model_max_length"])
-
-    def token_ids(self, text: str) -> list[int]:
-        """BPE ids of `text`, no bos/eos (added tokens match whole, as in transformers)."""
-        return self.backend.encode(text, add_special_tokens=False).ids
-
-    def with_added_tokens(self, tokens: list[str]) -> "ClipTokenizer":
-        """A copy that also knows `tokens`, each a new id after the vocab, as transformers'
-        add_tokens makes them (normalized, not special); this tokenizer and its files are left as
-        they are. UserError for a token the vocab already has."""
-        return ClipTokenizer(backend_with_tokens(self.backend, tokens), self.bos_id, self.eos_id, self.pad_id,
-                             self.model_max_length)
-
-
-def backend_with_tokens(backend: Tokenizer, tokens: list[str]) -> Tokenizer:
-    """A copy of `backend` that also knows `tokens` (textual inversion), each a new id after the
-    vocab, as transformers' add_tokens makes them (normalized, not special); UserError for a token
-    the vocab already has. Shared by the CLIP and BERT tokenizers."""
-    backend = Tokenizer.from_str(backend.to_str())
-    for token in tokens:
-        if backend.token_to_id(token) is not None:
-            raise UserError(f"embedding token {token!r} is already in the tokenizer's vocabulary: "
-                            f"give another token with FILE:TOKEN")
-        backend.add_tokens([AddedToken(token, normalized=True, special=False)])
-    return backend
 
 
 def read_config(path: Path) -> dict:
